@@ -1,0 +1,1 @@
+"""gemma-mlx: a native MLX runtime for Gemma 4 12B."""

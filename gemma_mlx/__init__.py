@@ -1,1 +1,36 @@
-"""gemma-mlx: a native MLX runtime for Gemma 4 12B."""
+"""gemma-mlx: a native MLX runtime for Gemma 4 12B (and Gemma 3 text)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlx.core as mx
+
+from .cache import KVCache, RingKVCache
+from .checkpoint import CheckpointError, load_model
+from .config import ConfigError, ModelConfig, load_config
+from .models.gemma import Model, ModelOutput
+
+__version__ = "0.1.0"
+
+
+def load(path: str | Path, dtype: str | mx.Dtype | None = None, lazy: bool = False) -> tuple[Model, Processor | None]:
+    """Load a checkpoint directory (Hugging Face or converted) -> `(model, processor)`.
+
+    The processor is None when the directory has no tokenizer files (weights-only checks).
+    `dtype` ("bfloat16", "float16", "float32") casts the unquantized weights; default: as stored.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a directory (expected a checkpoint with config.json)")
+    return load_model(path, dtype, lazy), None
+
+
+__all__ = [
+    "CheckpointError", "ConfigError", "GenerationChunk", "GenerationResult", "KVCache", "Model",
+    "ModelConfig", "ModelOutput", "Processor", "RingKVCache", "generate", "load", "load_config",
+    "make_cache", "stream_generate", "__version__",
+]
+
+def make_cache(model, slack=128):
+    return model.make_cache(slack)

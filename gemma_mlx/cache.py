@@ -1,0 +1,174 @@
+"""KV caches: a growing cache for global layers and a sliding-window ring with rollback slack.
+
+Both caches hand back, with the keys and values, the absolute position of every returned key
+(`key_positions`), so the model builds exact masks (window, causality, image blocks) without
+caring where in a ring a key lives. Key order does not matter to attention once masked.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+Positions = mx.array  # int32 [K]; -1 marks an empty slot
+
+
+class KVCache:
+    """Growing cache for full-attention layers, preallocated in `step`-token blocks."""
+
+    step = 256
+
+    def __init__(self) -> None:
+        self.keys: mx.array | None = None
+        self.values: mx.array | None = None
+        self.offset = 0
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        """Append `[B, H, L, D]` keys/values; return all cached ones up to the new offset."""
+        prev, n = self.offset, keys.shape[2]
+        if self.keys is None or prev + n > self.keys.shape[2]:
+            grow = ((n + self.step - 1) // self.step) * self.step
+            new_k = mx.zeros((*keys.shape[:2], grow, keys.shape[3]), keys.dtype)
+            new_v = mx.zeros((*values.shape[:2], grow, values.shape[3]), values.dtype)
+            if self.keys is None:
+                self.keys, self.values = new_k, new_v
+            else:
+                self.keys = mx.concatenate([self.keys[..., :prev, :], new_k], axis=2)
+                self.values = mx.concatenate([self.values[..., :prev, :], new_v], axis=2)
+        self.offset += n
+        self.keys[..., prev : self.offset, :] = keys
+        self.values[..., prev : self.offset, :] = values
+        return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
+
+    def key_positions(self, n: int) -> Positions:
+        """Positions of the keys the next `update_and_fetch` of `n` tokens will return."""
+        return mx.arange(self.offset + n, dtype=mx.int32)
+
+    def trim(self, n: int) -> int:
+        """Forget the last `n` tokens (O(1)); returns how many were removed."""
+        n = min(self.offset, n)
+        self.offset -= n
+        return n
+
+    @property
+    def max_trim(self) -> int:
+        return self.offset
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+
+    @property
+    def state(self) -> tuple[mx.array, mx.array, int] | None:
+        if self.keys is None:
+            return None
+        return self.keys[..., : self.offset, :], self.values[..., : self.offset, :], self.offset
+
+    @state.setter
+    def state(self, s: tuple[mx.array, mx.array, int] | None) -> None:
+        if s is None:
+            self.keys = self.values = None
+            self.offset = 0
+        else:
+            self.keys, self.values, self.offset = s[0], s[1], int(s[2])
+
+
+class RingKVCache:
+    """Sliding-window cache: a ring of `window + slack` slots.
+
+    Slot `s` holds the most recent position `p` with `p % capacity == s`. The extra `slack`
+    slots keep the keys that left the window, so `trim(n)` for `n <= slack` restores exactly
+    the state before the last `n` tokens even after the ring has wrapped (speculative decoding
+    rolls back rejected drafts this way). mlx-lm's rotating cache overwrites the oldest slot and
+    cannot do this safely.
+
+    A one-token update writes into the ring and attends over it; a multi-token update attends
+    over the ring's old contents plus the new chunk (whose early tokens may need keys the chunk
+    itself overwrites), then stores the chunk's tail.
+    """
+
+    def __init__(self, window: int, slack: int = 128) -> None:
+        self.window, self.slack = window, slack
+        self.capacity = window + slack
+        self.keys: mx.array | None = None
+        self.values: mx.array | None = None
+        self.offset = 0
+        self.written = 0  # furthest offset ever written: trimmed slots stay overwritten until passed
+
+    def _slot_positions(self, last: int) -> Positions:
+        """Position held by each slot when the newest stored position is `last`."""
+        s = mx.arange(self.capacity, dtype=mx.int32)
+        return last - mx.remainder(last - s, self.capacity)
+
+    def _write(self, keys: mx.array, values: mx.array, start: int) -> None:
+        n, cap = keys.shape[2], self.capacity
+        if n > cap:  # only the newest `cap` tokens can be kept
+            keys, values, start, n = keys[..., -cap:, :], values[..., -cap:, :], start + n - cap, cap
+        s = start % cap
+        first = min(n, cap - s)
+        self.keys[..., s : s + first, :] = keys[..., :first, :]
+        self.values[..., s : s + first, :] = values[..., :first, :]
+        if first < n:  # wrap around
+            self.keys[..., : n - first, :] = keys[..., first:, :]
+            self.values[..., : n - first, :] = values[..., first:, :]
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        prev, n = self.offset, keys.shape[2]
+        if self.keys is None:
+            self.keys = mx.zeros((*keys.shape[:2], self.capacity, keys.shape[3]), keys.dtype)
+            self.values = mx.zeros((*values.shape[:2], self.capacity, values.shape[3]), values.dtype)
+        self.offset += n
+        self.written = max(self.written, self.offset)
+        if n == 1:
+            self._write(keys, values, prev)
+            stored = min(self.offset, self.capacity)
+            return self.keys[..., :stored, :], self.values[..., :stored, :]
+        stored = min(prev, self.capacity)
+        if stored == 0:
+            out_k, out_v = keys, values
+        else:
+            out_k = mx.concatenate([self.keys[..., :stored, :], keys], axis=2)
+            out_v = mx.concatenate([self.values[..., :stored, :], values], axis=2)
+        self._write(keys, values, prev)
+        return out_k, out_v
+
+    def key_positions(self, n: int) -> Positions:
+        """Positions of the keys the next `update_and_fetch` of `n` tokens will return."""
+        prev = self.offset
+        if n == 1:
+            return self._slot_positions(prev)[: min(prev + 1, self.capacity)]
+        new = mx.arange(prev, prev + n, dtype=mx.int32)
+        stored = min(prev, self.capacity)
+        return new if stored == 0 else mx.concatenate([self._slot_positions(prev - 1)[:stored], new])
+
+    def trim(self, n: int) -> int:
+        """Forget the last `n` tokens; exact for `n <= max_trim`."""
+        if n > self.max_trim:
+            raise ValueError(f"RingKVCache.trim({n}) exceeds its rollback slack ({self.max_trim} tokens)")
+        self.offset -= n
+        return n
+
+    @property
+    def max_trim(self) -> int:
+        # Writes up to `written` destroyed the keys `capacity` positions earlier; those keys stay
+        # outside every future query's window while `written - offset <= slack + 1` (keep `slack`).
+        return max(0, min(self.offset, self.slack - (self.written - self.offset)))
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+
+    @property
+    def state(self) -> tuple[mx.array, mx.array, int] | None:
+        return None if self.keys is None else (self.keys, self.values, self.offset)
+
+    @state.setter
+    def state(self, s: tuple[mx.array, mx.array, int] | None) -> None:
+        if s is None:
+            self.keys = self.values = None
+            self.offset = self.written = 0
+        else:
+            self.keys, self.values, self.offset = s[0], s[1], int(s[2])
+            self.written = self.offset
+
+
+Cache = KVCache | RingKVCache

@@ -1,0 +1,130 @@
+"""Reading checkpoint directories: config, lazily loaded safetensors shards, name mapping, checks.
+
+Only safetensors are read (never pickles) and no code from a checkpoint is ever executed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from .config import ModelConfig, load_config
+from .models.gemma import Model
+
+DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded; the message names the file or tensors."""
+
+
+def _shard_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: malformed index ({e!r})") from None
+        files = sorted({path / f for f in weight_map.values()})
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise CheckpointError(f"{index}: names shard(s) that do not exist: {', '.join(missing)}")
+        return files
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{path}: no *.safetensors weight files")
+    return files
+
+
+def read_weights(path: str | Path) -> dict[str, mx.array]:
+    """All tensors of a checkpoint directory, loaded lazily (memory-mapped until evaluated)."""
+    weights: dict[str, mx.array] = {}
+    for f in _shard_files(Path(path)):
+        try:
+            weights.update(mx.load(str(f)))
+        except Exception as e:  # MLX raises RuntimeError/ValueError for bad headers and truncation
+            raise CheckpointError(f"{f}: not a readable safetensors file ({e})") from None
+    return weights
+
+
+def sanitize(weights: dict[str, mx.array]) -> dict[str, mx.array]:
+    """Map on-disk names to ours: drop the leading `model.`; a bare text checkpoint's
+    `model.layers...` become `language_model.layers...`; the tied `lm_head.weight` is dropped."""
+    out = {}
+    for k, v in weights.items():
+        if k == "lm_head.weight" or k.startswith("lm_head."):
+            continue
+        if k.startswith("model."):
+            k = k[len("model.") :]
+            if not k.startswith(("language_model.", "vision_embedder.", "embed_vision.", "embed_audio.")):
+                k = "language_model." + k
+        out[k] = v
+    return out
+
+
+def _listing(names: list[str], limit: int = 12) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" ... (+{len(names) - limit} more)" if len(names) > limit else "")
+
+
+def _quantize_skeleton(model: Model, config: ModelConfig, weights: dict[str, mx.array]) -> None:
+    """Turn the layers that have quantized tensors on disk into quantized layers (mlx-lm schema:
+    global `group_size`/`bits`/`mode`, per-layer overrides keyed by module path)."""
+    q = config.quantization
+    default = {k: q[k] for k in ("group_size", "bits", "mode") if k in q}
+
+    def predicate(path: str, module: nn.Module):
+        if f"{path}.scales" not in weights:
+            return False
+        override = q.get(path)
+        return override if isinstance(override, dict) else default
+
+    nn.quantize(
+        model,
+        group_size=default.get("group_size", 64),
+        bits=default.get("bits", 4),
+        mode=default.get("mode", "affine"),
+        class_predicate=predicate,
+    )
+
+
+def load_model(path: str | Path, dtype: str | mx.Dtype | None = None, lazy: bool = False) -> Model:
+    """Build the model from `path/config.json` and load its weights (checked by name and shape)."""
+    path = Path(path)
+    config = load_config(path)
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+        dtype = DTYPES[dtype]
+    weights = sanitize(read_weights(path))
+    model = Model(config)
+    if config.quantization:
+        _quantize_skeleton(model, config, weights)
+    expected = dict(tree_flatten(model.parameters()))
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    wrong = sorted(
+        f"{k} {tuple(weights[k].shape)} (expected {tuple(expected[k].shape)})"
+        for k in set(expected) & set(weights)
+        if weights[k].shape != expected[k].shape
+    )
+    if missing or unexpected or wrong:
+        parts = [
+            f"{label}: {_listing(names)}"
+            for label, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
+            if names
+        ]
+        raise CheckpointError(f"{path}: weights do not match config.json; " + "; ".join(parts))
+    if dtype is not None:
+        weights = {
+            k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()
+        }
+    model.load_weights(list(weights.items()), strict=True)
+    if not lazy:
+        mx.eval(model.parameters())
+    model.eval()
+    return model

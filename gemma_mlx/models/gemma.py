@@ -1,0 +1,276 @@
+"""The Gemma text backbone (Gemma 4 12B and Gemma 3 by configuration) and the unified 12B model.
+
+Shapes: `B` batch, `L` new tokens, `H` heads, `D` head dim, `K` keys attended.
+Reference: transformers `gemma4_unified/modeling_gemma4_unified.py` (and `gemma3`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from ..cache import KVCache, RingKVCache
+from ..config import SLIDING, LayerSpec, ModelConfig, TextConfig
+
+Mask = mx.array | str | None
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm; `offset` 1.0 gives Gemma 3's `(1 + w)`, 0.0 Gemma 4's plain `w`."""
+
+    def __init__(self, dims: int, eps: float, offset: float = 0.0, scale: bool = True):
+        super().__init__()
+        if scale:
+            self.weight = mx.ones((dims,)) if offset == 0 else mx.zeros((dims,))
+        self.eps, self.offset = eps, offset
+
+    def __call__(self, x: mx.array) -> mx.array:
+        w = self.get("weight")
+        if w is not None and self.offset:
+            w = w.astype(mx.float32) + self.offset
+        return mx.fast.rms_norm(x, w, self.eps)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TextConfig, spec: LayerSpec):
+        super().__init__()
+        dim, heads, D, kv = cfg.hidden_size, cfg.num_attention_heads, spec.head_dim, spec.num_kv_heads
+        self.heads, self.kv_heads, self.head_dim, self.scale = heads, kv, D, cfg.query_scale
+        self.q_proj = nn.Linear(dim, heads * D, bias=False)
+        self.k_proj = nn.Linear(dim, kv * D, bias=False)
+        if not spec.k_eq_v:
+            self.v_proj = nn.Linear(dim, kv * D, bias=False)
+        self.o_proj = nn.Linear(heads * D, dim, bias=False)
+        self.q_norm = RMSNorm(D, cfg.rms_norm_eps, cfg.norm_offset)
+        self.k_norm = RMSNorm(D, cfg.rms_norm_eps, cfg.norm_offset)
+        self.v_norm = cfg.v_norm
+        self.eps = cfg.rms_norm_eps
+        self.rope = spec.rope
+        self._freqs = None if spec.rope.freqs is None else mx.array(spec.rope.freqs, dtype=mx.float32)
+
+    def _rope(self, x: mx.array, offset: int) -> mx.array:
+        r = self.rope
+        return mx.fast.rope(
+            x, r.dims, traditional=False, base=r.base, scale=r.scale, offset=offset, freqs=self._freqs
+        )
+
+    def __call__(self, x: mx.array, mask: Mask, cache: KVCache | RingKVCache | None):
+        B, L, _ = x.shape
+        q = self.q_norm(self.q_proj(x).reshape(B, L, self.heads, -1)).transpose(0, 2, 1, 3)
+        k = self.k_proj(x).reshape(B, L, self.kv_heads, -1)
+        # k_eq_v layers take V from the raw K projection, before k_norm and RoPE.
+        v = self.v_proj(x).reshape(B, L, self.kv_heads, -1) if "v_proj" in self else k
+        k = self.k_norm(k).transpose(0, 2, 1, 3)
+        if self.v_norm:
+            v = mx.fast.rms_norm(v, None, self.eps)
+        v = v.transpose(0, 2, 1, 3)
+        offset = 0 if cache is None else cache.offset
+        q, k = self._rope(q, offset), self._rope(k, offset)
+        if cache is not None:
+            k, v = cache.update_and_fetch(k, v)
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1)), (k, v)
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.down_proj(nn.gelu_approx(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: TextConfig, spec: LayerSpec):
+        super().__init__()
+        dim, eps, off = cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset
+        self.self_attn = Attention(cfg, spec)
+        self.mlp = MLP(dim, cfg.intermediate_size)
+        self.input_layernorm = RMSNorm(dim, eps, off)
+        self.post_attention_layernorm = RMSNorm(dim, eps, off)
+        self.pre_feedforward_layernorm = RMSNorm(dim, eps, off)
+        self.post_feedforward_layernorm = RMSNorm(dim, eps, off)
+        if cfg.layer_scalar:
+            self.layer_scalar = mx.ones((1,))
+
+    def __call__(self, x: mx.array, mask: Mask, cache):
+        h, kv = self.self_attn(self.input_layernorm(x), mask, cache)
+        x = x + self.post_attention_layernorm(h)
+        x = x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        if "layer_scalar" in self:  # Gemma 4 scales the whole residual stream, after both adds
+            x = x * self.layer_scalar
+        return x, kv
+
+
+def attention_mask(
+    cache: KVCache | RingKVCache | None, n: int, window: int | None, block_ids: mx.array | None = None
+) -> Mask:
+    """Mask for `n` new tokens attending to what `cache.update_and_fetch` will return.
+
+    Causal, limited to `window` keys back (sliding layers) and, where `block_ids` (`[n]`, -1 =
+    none) is given, bidirectional within each block of new tokens (image soft tokens). Returns
+    None or "causal" where the fast kernel's own masking is exact.
+    """
+    start = 0 if cache is None else cache.offset
+    if block_ids is None:
+        if n == 1 and (window is None or start < window):
+            return None
+        if start == 0 and (window is None or n <= window):
+            return "causal"
+        if window is None:
+            return "causal"  # MLX aligns the causal mask to the end of the keys
+    kpos = mx.arange(n, dtype=mx.int32) if cache is None else cache.key_positions(n)
+    qpos = mx.arange(start, start + n, dtype=mx.int32)[:, None]
+    keep = kpos[None] <= qpos
+    if block_ids is not None:
+        kblock = mx.concatenate([mx.full((kpos.shape[0] - n,), -1, mx.int32), block_ids.astype(mx.int32)])
+        keep = keep | ((block_ids[:, None] == kblock[None]) & (block_ids[:, None] >= 0))
+    if window is not None:
+        keep = keep & (kpos[None] > qpos - window)
+    return keep & (kpos[None] >= 0)
+
+
+@dataclass
+class ModelOutput:
+    """`logits [B, L', V]`; `hidden [B, L, dim]` after the final norm; `shared_kv` maps a layer type
+    to the K/V (`[B, Hkv, K, D]`) its last layer attended to, for the MTP drafter."""
+
+    logits: mx.array
+    hidden: mx.array
+    shared_kv: dict[str, tuple[mx.array, mx.array]]
+
+
+class TextModel(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = [DecoderLayer(cfg, spec) for spec in cfg.layers]
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset)
+
+    def embed(self, ids: mx.array) -> mx.array:
+        h = self.embed_tokens(ids)
+        # HF casts sqrt(hidden) to the weight dtype first (62.0 in bf16 for the 12B).
+        return h * mx.array(self.config.embed_scale, dtype=h.dtype)
+
+    def __call__(self, h: mx.array, cache: list | None = None, block_ids: mx.array | None = None):
+        cfg, n = self.config, h.shape[1]
+        cache = cache or [None] * len(self.layers)
+        first = {t: cfg.layer_types.index(t) for t in set(cfg.layer_types)}
+        masks = {
+            t: attention_mask(
+                cache[i], n, cfg.sliding_window if t == SLIDING else None, block_ids if t == SLIDING else None
+            )
+            for t, i in first.items()
+        }
+        last = {t: len(cfg.layer_types) - 1 - cfg.layer_types[::-1].index(t) for t in first}
+        shared = {}
+        for i, (layer, c) in enumerate(zip(self.layers, cache, strict=True)):
+            t = cfg.layer_types[i]
+            h, kv = layer(h, masks[t], c)
+            if i == last[t]:
+                shared[t] = kv
+        return self.norm(h), shared
+
+
+class VisionEmbedder(nn.Module):
+    """Raw 48x48 patches -> LN -> Linear -> LN -> + factorized (x, y) position table -> LN."""
+
+    def __init__(self, patch_dim: int, dim: int, posemb_size: int):
+        super().__init__()
+        self.patch_ln1 = nn.LayerNorm(patch_dim, eps=1e-5)
+        self.patch_dense = nn.Linear(patch_dim, dim)
+        self.patch_ln2 = nn.LayerNorm(dim, eps=1e-5)
+        self.pos_embedding = mx.zeros((posemb_size, 2, dim))
+        self.pos_norm = nn.LayerNorm(dim, eps=1e-5)
+
+    def __call__(self, patches: mx.array, positions: mx.array) -> mx.array:
+        """`patches [n, P, patch_dim]`, `positions [n, P, 2]` (x, y; -1 = padding) -> `[n, P, dim]`."""
+        h = self.patch_ln2(self.patch_dense(self.patch_ln1(patches.astype(self.patch_dense.weight.dtype))))
+        valid = (positions >= 0)[..., None].astype(h.dtype)
+        pos = mx.maximum(positions, 0)
+        h = (
+            h
+            + self.pos_embedding[pos[..., 0], 0] * valid[..., 0, :]
+            + self.pos_embedding[pos[..., 1], 1] * valid[..., 1, :]
+        )
+        return self.pos_norm(h)
+
+
+class MultimodalEmbedder(nn.Module):
+    """Weightless RMSNorm -> Linear into the text width (shared by vision and audio)."""
+
+    def __init__(self, in_dims: int, out_dims: int, eps: float):
+        super().__init__()
+        self.embedding_projection = nn.Linear(in_dims, out_dims, bias=False)
+        self.eps = eps
+
+    def __call__(self, x: mx.array) -> mx.array:
+        x = x.astype(self.embedding_projection.weight.dtype)
+        return self.embedding_projection(mx.fast.rms_norm(x, None, self.eps))
+
+
+class Model(nn.Module):
+    """Gemma text model, or the unified 12B (text + encoder-free vision and audio embedders).
+
+    Parameter names follow the checkpoint files with the leading `model.` dropped.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        text = config.text
+        self.language_model = TextModel(text)
+        if config.vision is not None:
+            v = config.vision
+            self.vision_embedder = VisionEmbedder(v.patch_dim, v.mm_embed_dim, v.mm_posemb_size)
+            self.embed_vision = MultimodalEmbedder(v.output_proj_dims, text.hidden_size, v.rms_norm_eps)
+        if config.audio is not None:
+            a = config.audio
+            self.embed_audio = MultimodalEmbedder(a.audio_embed_dim, text.hidden_size, a.rms_norm_eps)
+
+    @property
+    def layers(self) -> list[DecoderLayer]:
+        return self.language_model.layers
+
+    def make_cache(self, slack: int = 128) -> list[KVCache | RingKVCache]:
+        """One cache per layer: a ring of `window + slack` slots on sliding layers, else growing."""
+        w = self.config.text.sliding_window
+        return [RingKVCache(w, slack) if s.sliding else KVCache() for s in self.config.text.layers]
+
+    def logits(self, hidden: mx.array) -> mx.array:
+        out = self.language_model.embed_tokens.as_linear(hidden)  # tied head, not scaled
+        cap = self.config.text.final_logit_softcapping
+        return out if cap is None else mx.tanh(out / cap) * cap
+
+    def __call__(
+        self,
+        input_ids: mx.array | None = None,
+        cache: list | None = None,
+        *,
+        inputs_embeds: mx.array | None = None,
+        block_ids: mx.array | None = None,
+        logits_to_keep: int = 0,
+        return_hidden: bool = False,
+    ) -> mx.array | ModelOutput:
+        """`input_ids [B, L]` (or `inputs_embeds [B, L, dim]`) -> logits `[B, L, vocab]`.
+
+        `logits_to_keep` > 0 computes logits for the last that many positions only (prefill needs
+        one). `return_hidden` returns a `ModelOutput` with the final hidden state and shared K/V.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            if input_ids.ndim == 1:
+                input_ids = input_ids[None]
+            inputs_embeds = self.language_model.embed(input_ids)
+        if cache is not None and len(cache) != len(self.layers):
+            raise ValueError(f"cache has {len(cache)} entries, the model has {len(self.layers)} layers")
+        hidden, shared = self.language_model(inputs_embeds, cache, block_ids)
+        logits = self.logits(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
+        return ModelOutput(logits, hidden, shared) if return_hidden else logits

@@ -9,12 +9,16 @@ import mlx.core as mx
 from .cache import KVCache, RingKVCache
 from .checkpoint import CheckpointError, load_model
 from .config import ConfigError, ModelConfig, load_config
+from .generate import GenerationChunk, GenerationResult, generate, make_cache, stream_generate
 from .models.gemma import Model, ModelOutput
+from .processor import Processor
 
 __version__ = "0.1.0"
 
 
-def load(path: str | Path, dtype: str | mx.Dtype | None = None, lazy: bool = False) -> tuple[Model, Processor | None]:
+def load(
+    path: str | Path, dtype: str | mx.Dtype | None = None, lazy: bool = False
+) -> tuple[Model, Processor | None]:
     """Load a checkpoint directory (Hugging Face or converted) -> `(model, processor)`.
 
     The processor is None when the directory has no tokenizer files (weights-only checks).
@@ -23,14 +27,24 @@ def load(path: str | Path, dtype: str | mx.Dtype | None = None, lazy: bool = Fal
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a directory (expected a checkpoint with config.json)")
-    return load_model(path, dtype, lazy), None
+    return load_model(path, dtype, lazy), Processor.from_dir(path)
 
 
 __all__ = [
-    "CheckpointError", "ConfigError", "GenerationChunk", "GenerationResult", "KVCache", "Model",
-    "ModelConfig", "ModelOutput", "Processor", "RingKVCache", "generate", "load", "load_config",
-    "make_cache", "stream_generate", "__version__",
+    "CheckpointError",
+    "ConfigError",
+    "GenerationChunk",
+    "GenerationResult",
+    "KVCache",
+    "Model",
+    "ModelConfig",
+    "ModelOutput",
+    "Processor",
+    "RingKVCache",
+    "generate",
+    "load",
+    "load_config",
+    "make_cache",
+    "stream_generate",
+    "__version__",
 ]
-
-def make_cache(model, slack=128):
-    return model.make_cache(slack)

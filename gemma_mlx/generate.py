@@ -1,0 +1,187 @@
+"""Generation: chunked prefill, a pipelined decode loop, streaming text with stop handling."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+
+from .cache import KVCache, RingKVCache
+from .models.gemma import Model
+from .processor import Processor
+from .sample import make_logits_processor, make_sampler
+from .text import StreamingDetokenizer
+
+Prompt = str | Sequence[int] | Sequence[dict]
+
+
+@dataclass
+class GenerationChunk:
+    """One streamed step: the token, the text it completed (may be empty), running stats."""
+
+    token: int
+    text: str
+    prompt_tokens: int
+    generation_tokens: int
+    prompt_tps: float
+    generation_tps: float
+    peak_memory_gb: float
+    finish_reason: str | None = None  # "stop" (EOS or stop string) or "length" on the last chunk
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    tokens: list[int] = field(default_factory=list)
+    prompt_tokens: int = 0
+    prompt_tps: float = 0.0
+    generation_tps: float = 0.0
+    peak_memory_gb: float = 0.0
+    finish_reason: str | None = None
+
+
+def make_cache(model: Model, slack: int = 128) -> list[KVCache | RingKVCache]:
+    """Per-layer KV caches for `model`; `slack` is the rollback room of the sliding-window rings."""
+    return model.make_cache(slack)
+
+
+def prefill(model: Model, ids: mx.array, cache: list, step: int = 512) -> None:
+    """Run `ids [L]` through the model in chunks of `step` tokens, filling `cache`."""
+    for i in range(0, ids.shape[0], step):
+        model(ids[None, i : i + step], cache, logits_to_keep=1)
+        mx.eval([c.state for c in cache])
+
+
+def generate_tokens(
+    model: Model,
+    ids: mx.array,
+    cache: list,
+    sampler,
+    logits_processor=None,
+    key: mx.array | None = None,
+    prefill_step_size: int = 512,
+) -> Iterator[int]:
+    """Yield sampled token ids forever, given prompt `ids [L]` (L >= 1) not yet in `cache`.
+
+    The next step is queued with `mx.async_eval` before the current token is handed out, so the
+    host work of the caller overlaps the device computing the next token.
+    """
+    prefill(model, ids[:-1], cache, prefill_step_size)
+    key = mx.random.key(secrets.randbits(32)) if key is None else key
+
+    def step(tok: mx.array) -> mx.array:
+        nonlocal key
+        logits = model(tok.reshape(1, -1), cache, logits_to_keep=1)[:, -1]
+        if logits_processor is not None:
+            logits = logits_processor(logits)
+        key, sub = mx.random.split(key)
+        return sampler(logits, sub)
+
+    y = step(ids[-1:])
+    mx.async_eval(y)
+    while True:
+        nxt = step(y)
+        mx.async_eval(nxt)
+        yield y.item()
+        y = nxt
+
+
+def _held_back(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest suffix of `text` that may still grow into a stop string."""
+    return max(
+        (k for s in stops for k in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:k])),
+        default=0,
+    )
+
+
+def stream_generate(
+    model: Model,
+    processor: Processor,
+    prompt: Prompt,
+    *,
+    max_tokens: int = 256,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
+    seed: int | None = None,
+    stop: Sequence[str] = (),
+    cache: list | None = None,
+    prefill_step_size: int = 512,
+) -> Iterator[GenerationChunk]:
+    """Stream a completion of `prompt` (text, token ids, or chat messages).
+
+    Stops at `max_tokens`, on the processor's EOS ids, or when a `stop` string appears (the
+    stop string itself is not emitted). A `cache` already holding earlier tokens is continued:
+    only `prompt`'s tokens are prefilled.
+    """
+    ids = processor.encode_prompt(prompt)
+    if not ids:
+        raise ValueError("prompt is empty")
+    cache = make_cache(model) if cache is None else cache
+    context = model.config.text.max_position_embeddings
+    used = cache[0].offset if cache else 0
+    if used + len(ids) >= context:
+        raise ValueError(
+            f"prompt has {len(ids)} tokens (+{used} already cached); the model's context is {context} tokens"
+        )
+    max_tokens = min(max_tokens, context - used - len(ids))
+    vocab = model.config.text.vocab_size
+    suppress = [i for i in processor.suppress_token_ids if i < vocab]
+    if model.config.multimodal:  # never generate the end-of-image/audio markers
+        suppress += [i for i in (model.config.eoi_token_id, model.config.eoa_token_id) if i < vocab]
+    sampler = make_sampler(temperature, top_k, top_p, min_p)
+    key = None if seed is None else mx.random.key(seed)
+    eos = set(processor.eos_token_ids)
+    detok = StreamingDetokenizer(processor.tokenizer)
+    text, emitted = "", 0
+
+    mx.reset_peak_memory()
+    tic = time.perf_counter()
+    tokens = generate_tokens(
+        model,
+        mx.array(ids, dtype=mx.int32),
+        cache,
+        sampler,
+        make_logits_processor(sorted(set(suppress))) if suppress else None,
+        key,
+        prefill_step_size,
+    )
+    prompt_tps = gen_tps = 0.0
+    n = 0
+    for n, tok in enumerate(tokens, 1):
+        now = time.perf_counter()
+        if n == 1:
+            prompt_tps, tic = len(ids) / (now - tic), now
+        gen_tps = (n - 1) / (now - tic) if n > 1 else 0.0
+        finish = "stop" if tok in eos else ("length" if n >= max_tokens else None)
+        if tok not in eos:
+            text += detok.add_token(tok)
+        if finish:
+            text += detok.finalize()
+        cut = next((text.find(s) for s in stop if s in text), -1) if stop else -1
+        if cut >= 0:
+            text, finish = text[:cut], "stop"
+        safe = len(text) if finish else len(text) - _held_back(text, stop)
+        delta, emitted = text[emitted:safe], max(emitted, safe)
+        yield GenerationChunk(
+            tok, delta, len(ids), n, prompt_tps, gen_tps, mx.get_peak_memory() / 1e9, finish
+        )
+        if finish:
+            break
+    tokens.close()
+
+
+def generate(model: Model, processor: Processor, prompt: Prompt, **kwargs) -> GenerationResult:
+    """Generate a completion; takes the keyword arguments of `stream_generate`."""
+    result = GenerationResult(text="")
+    for chunk in stream_generate(model, processor, prompt, **kwargs):
+        result.text += chunk.text
+        result.tokens.append(chunk.token)
+        result.prompt_tokens, result.prompt_tps = chunk.prompt_tokens, chunk.prompt_tps
+        result.generation_tps, result.peak_memory_gb = chunk.generation_tps, chunk.peak_memory_gb
+        result.finish_reason = chunk.finish_reason
+    return result

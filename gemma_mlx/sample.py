@@ -35,14 +35,14 @@ def top_k_filter(logits: mx.array, k: int) -> mx.array:
 
 def top_p_filter(logits: mx.array, p: float) -> mx.array:
     """Keep the smallest set of most likely tokens whose probability mass reaches `p`
-    (`TopPLogitsWarper`: drop tokens whose ascending cumulative mass is <= 1 - p)."""
-    order = mx.argsort(logits, axis=-1)
-    sorted_logits = mx.take_along_axis(logits, order, axis=-1)
+    (`TopPLogitsWarper`: drop tokens whose ascending cumulative mass is <= 1 - p). Tokens tied
+    with the last kept one are kept too, so the result does not depend on sort order."""
+    sorted_logits = mx.sort(logits, axis=-1)
     cum = mx.cumsum(mx.softmax(sorted_logits, axis=-1), axis=-1)
-    drop_sorted = cum <= 1 - p
-    drop_sorted[..., -1] = False  # min_tokens_to_keep = 1
-    drop = mx.put_along_axis(mx.zeros_like(drop_sorted), order, drop_sorted, axis=-1)
-    return mx.where(drop, NEG_INF, logits)
+    first_kept = mx.sum(cum <= 1 - p, axis=-1, keepdims=True)
+    first_kept = mx.minimum(first_kept, logits.shape[-1] - 1)  # min_tokens_to_keep = 1
+    threshold = mx.take_along_axis(sorted_logits, first_kept, axis=-1)
+    return mx.where(logits < threshold, NEG_INF, logits)
 
 
 def min_p_filter(logits: mx.array, min_p: float) -> mx.array:

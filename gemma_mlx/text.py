@@ -36,9 +36,14 @@ class Tokenizer:
             self._special_re = re.compile(
                 "|".join(map(re.escape, sorted(filter(None, specials), key=len, reverse=True)))
             )
-        self.bos_token = _token_str(config.get("bos_token")) or "<bos>"
-        self.eos_token = _token_str(config.get("eos_token")) or "<eos>"
-        self.pad_token = _token_str(config.get("pad_token")) or "<pad>"
+
+        def piece(name: str) -> str:  # sentencepiece knows its own bos/eos/pad pieces
+            i = getattr(backend, f"{name}_id")() if self._sp else -1
+            return backend.id_to_piece(i) if i >= 0 else f"<{name}>"
+
+        self.bos_token = _token_str(config.get("bos_token")) or piece("bos")
+        self.eos_token = _token_str(config.get("eos_token")) or piece("eos")
+        self.pad_token = _token_str(config.get("pad_token")) or piece("pad")
         self.bos_token_id = self.token_to_id(self.bos_token)
         self.eos_token_id = self.token_to_id(self.eos_token)
         self.pad_token_id = self.token_to_id(self.pad_token)

@@ -87,21 +87,35 @@ def save_tokenizer(path: Path) -> None:
     base = Tokenizer(models.BPE(unk_token="<unk>"))
     base.normalizer = normalizers.Replace(" ", "▁")
     text = ["The quick brown fox jumps over the lazy dog. " * 3, "Hello world, this is a tiny tokenizer."]
-    base.train_from_iterator(text, trainers.BpeTrainer(vocab_size=150, special_tokens=SPECIAL, show_progress=False))
+    base.train_from_iterator(
+        text, trainers.BpeTrainer(vocab_size=150, special_tokens=SPECIAL, show_progress=False)
+    )
     d = json.loads(base.to_str())
     learned = [t for t, _ in sorted(d["model"]["vocab"].items(), key=lambda kv: kv[1]) if t not in SPECIAL]
     byte_tokens = [f"<0x{i:02X}>" for i in range(256)]  # regular vocab entries, as in Gemma's tokenizer
     vocab = {t: i for i, t in enumerate(SPECIAL + byte_tokens + learned)}
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in d["model"]["merges"]]
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok = Tokenizer(
+        models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True)
+    )
     tok.normalizer = normalizers.Replace(" ", "▁")
     tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
     extra = ["<|turn>", "<turn|>", "<|think|>", "<|channel>", "<channel|>", "<|image|>", "<|audio|>"]
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL + extra])
     assert tok.get_vocab_size() <= VOCAB
     tok.save(str(path / "tokenizer.json"))
-    (path / "tokenizer_config.json").write_text(json.dumps(
-        {"add_bos_token": True, "bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "<unk>"}
-    ))
+    (path / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "add_bos_token": True,
+                "bos_token": "<bos>",
+                "eos_token": "<eos>",
+                "pad_token": "<pad>",
+                "unk_token": "<unk>",
+            }
+        )
+    )
     end_of_turn = tok.token_to_id("<turn|>")
-    (path / "generation_config.json").write_text(json.dumps({"bos_token_id": 2, "eos_token_id": [1, end_of_turn]}))
+    (path / "generation_config.json").write_text(
+        json.dumps({"bos_token_id": 2, "eos_token_id": [1, end_of_turn]})
+    )

@@ -28,19 +28,28 @@ def test_greedy_matches_transformers_generate(chat_model):
     prompt = list(np.random.default_rng(0).integers(5, 300, size=12))
     result = generate(model, processor, prompt, max_tokens=48)
     with torch.no_grad():
-        expected = ref.generate(torch.tensor([prompt]), max_new_tokens=48, do_sample=False,
-                                eos_token_id=processor.eos_token_ids, pad_token_id=0)[0, 12:].tolist()
+        expected = ref.generate(
+            torch.tensor([prompt]),
+            max_new_tokens=48,
+            do_sample=False,
+            eos_token_id=processor.eos_token_ids,
+            pad_token_id=0,
+        )[0, 12:].tolist()
     assert result.tokens == expected
     assert result.finish_reason == ("stop" if expected[-1] in processor.eos_token_ids else "length")
 
 
 def test_stream_text_is_the_decoded_tokens(chat_model):
     _, model, processor, _ = chat_model
-    chunks = list(stream_generate(model, processor, "The quick brown fox", max_tokens=30, temperature=1.0, seed=3))
+    chunks = list(
+        stream_generate(model, processor, "The quick brown fox", max_tokens=30, temperature=1.0, seed=3)
+    )
     tokens = [c.token for c in chunks if c.token not in processor.eos_token_ids]
     assert "".join(c.text for c in chunks) == processor.tokenizer.decode(tokens)
     assert [c.generation_tokens for c in chunks] == list(range(1, len(chunks) + 1))
-    assert chunks[-1].finish_reason in ("stop", "length") and all(c.finish_reason is None for c in chunks[:-1])
+    assert chunks[-1].finish_reason in ("stop", "length") and all(
+        c.finish_reason is None for c in chunks[:-1]
+    )
     assert chunks[0].prompt_tokens == len(processor.encode_prompt("The quick brown fox"))
 
 
@@ -79,9 +88,10 @@ def test_chat_messages(chat_model):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}]
     ids = processor.encode_prompt(messages)
     assert ids[0] == 2 and processor.tokenizer.token_to_id("<|turn>") in ids
-    assert generate(model, processor, messages, max_tokens=5).tokens == generate(
-        model, processor, ids, max_tokens=5
-    ).tokens
+    assert (
+        generate(model, processor, messages, max_tokens=5).tokens
+        == generate(model, processor, ids, max_tokens=5).tokens
+    )
 
 
 def test_prompt_longer_than_context(chat_model, tmp_path):
@@ -93,6 +103,8 @@ def test_prompt_longer_than_context(chat_model, tmp_path):
     with pytest.raises(ValueError, match="context is 32 tokens"):
         generate(model, processor, list(range(5, 45)), max_tokens=4)
     result = generate(model, processor, list(range(5, 25)), max_tokens=100)
-    assert len(result.tokens) <= 12 and (result.finish_reason == "length" or result.tokens[-1] in processor.eos_token_ids)
+    assert len(result.tokens) <= 12 and (
+        result.finish_reason == "length" or result.tokens[-1] in processor.eos_token_ids
+    )
     with pytest.raises(ValueError, match="empty"):
         generate(model, processor, [], max_tokens=4)

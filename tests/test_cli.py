@@ -1,0 +1,52 @@
+"""The command line, run in-process with Typer's CliRunner."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+from reference import save_tokenizer
+from typer.testing import CliRunner
+
+from gemma_mlx import generate, load
+from gemma_mlx.cli.app import app
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def model_dir(unified, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "ckpt"
+    shutil.copytree(unified[0], out)
+    save_tokenizer(out)
+    return out
+
+
+def test_generate_greedy_prints_completion(model_dir):
+    result = runner.invoke(app, ["generate", "--model", str(model_dir), "--max-tokens", "12", "--temperature", "0",
+                                 "The quick brown fox"])
+    assert result.exit_code == 0, result.output
+    model, processor = load(model_dir)
+    expected = generate(model, processor, "The quick brown fox", max_tokens=12).text
+    assert result.stdout.startswith(expected)
+    assert "generated at" in result.stderr
+
+
+def test_generate_reads_stdin_and_seeds(model_dir):
+    args = ["generate", "--model", str(model_dir), "-n", "10", "--temperature", "1.0", "--seed", "7"]
+    a = runner.invoke(app, args, input="Hello world")
+    b = runner.invoke(app, [*args, "Hello world"])
+    assert a.exit_code == b.exit_code == 0 and a.stdout == b.stdout
+
+
+def test_user_errors_exit_nonzero_without_traceback(tmp_path):
+    result = runner.invoke(app, ["generate", "--model", str(tmp_path / "missing"), "hi"])
+    assert result.exit_code != 0 and "no such checkpoint directory" in result.stderr
+    assert "Traceback" not in result.output
+    result = runner.invoke(app, ["generate", "--model", str(tmp_path), "--top-p", "2", "hi"])
+    assert result.exit_code == 2  # Typer's own range check
+
+
+def test_version():
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.stdout.startswith("gemma-mlx ")

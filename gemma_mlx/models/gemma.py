@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 from ..cache import KVCache, RingKVCache
 from ..config import SLIDING, LayerSpec, ModelConfig, TextConfig
@@ -112,24 +113,24 @@ def attention_mask(
 ) -> Mask:
     """Mask for `n` new tokens attending to what `cache.update_and_fetch` will return.
 
-    Causal, limited to `window` keys back (sliding layers) and, where `block_ids` (`[n]`, -1 =
-    none) is given, bidirectional within each block of new tokens (image soft tokens). Returns
-    None or "causal" where the fast kernel's own masking is exact.
+    Causal, limited to `window` keys back (sliding layers) and, where `block_ids` (`[B, n]`, -1 =
+    none) is given, bidirectional within each block of new tokens (image soft tokens); then the
+    mask is `[B, 1, n, K]`. Returns None or "causal" where the fast kernel's own masking is exact.
     """
     start = 0 if cache is None else cache.offset
     if block_ids is None:
         if n == 1 and (window is None or start < window):
             return None
-        if start == 0 and (window is None or n <= window):
-            return "causal"
-        if window is None:
+        if window is None or (start == 0 and n <= window):
             return "causal"  # MLX aligns the causal mask to the end of the keys
     kpos = mx.arange(n, dtype=mx.int32) if cache is None else cache.key_positions(n)
     qpos = mx.arange(start, start + n, dtype=mx.int32)[:, None]
     keep = kpos[None] <= qpos
     if block_ids is not None:
-        kblock = mx.concatenate([mx.full((kpos.shape[0] - n,), -1, mx.int32), block_ids.astype(mx.int32)])
-        keep = keep | ((block_ids[:, None] == kblock[None]) & (block_ids[:, None] >= 0))
+        old = mx.full((block_ids.shape[0], kpos.shape[0] - n), -1, mx.int32)
+        kblock = mx.concatenate([old, block_ids.astype(mx.int32)], axis=1)[:, None, None, :]
+        qblock = block_ids[:, None, :, None]
+        keep = keep | ((qblock == kblock) & (qblock >= 0))
     if window is not None:
         keep = keep & (kpos[None] > qpos - window)
     return keep & (kpos[None] >= 0)
@@ -248,6 +249,58 @@ class Model(nn.Module):
         cap = self.config.text.final_logit_softcapping
         return out if cap is None else mx.tanh(out / cap) * cap
 
+    def _scatter(self, h: mx.array, slots: np.ndarray, features: mx.array, valid: np.ndarray, what: str):
+        """Write the valid rows of `features [n, T, dim]` into the `slots` of `h [B, L, dim]`."""
+        rows = np.flatnonzero(valid.reshape(-1))
+        if len(rows) != len(slots):
+            raise ValueError(
+                f"{what}: {len(rows)} soft tokens for {len(slots)} placeholder tokens in the prompt"
+            )
+        flat = h.reshape(-1, h.shape[-1])
+        flat[mx.array(slots)] = features.reshape(-1, features.shape[-1])[mx.array(rows)].astype(h.dtype)
+        return flat.reshape(h.shape)
+
+    def embed_inputs(
+        self,
+        input_ids: mx.array,
+        pixel_values: mx.array | None = None,
+        image_position_ids: mx.array | None = None,
+        input_features: mx.array | None = None,
+        input_features_mask: mx.array | None = None,
+    ) -> tuple[mx.array, mx.array | None]:
+        """Token embeddings with image/audio soft tokens scattered into their placeholder slots
+        (not scaled by sqrt(hidden), as in the reference), and the image block id of every
+        position (`[B, L]`, -1 = none) for the bidirectional sliding-layer mask.
+
+        `pixel_values [n, P, 6912]` with `image_position_ids [n, P, 2]` (-1 = padding);
+        `input_features [m, F, 640]` with `input_features_mask [m, F]` (True = valid).
+        """
+        cfg = self.config
+        ids = np.array(input_ids)
+        is_image = (ids == cfg.image_token_id) | (ids == cfg.video_token_id)
+        is_audio = ids == cfg.audio_token_id
+        h = self.language_model.embed(mx.array(np.where(is_image | is_audio, cfg.text.pad_token_id, ids)))
+        if pixel_values is not None:
+            if "vision_embedder" not in self:
+                raise ValueError("pixel_values given, but this model has no vision embedder")
+            positions = np.array(image_position_ids)
+            features = self.embed_vision(self.vision_embedder(pixel_values, mx.array(positions)))
+            h = self._scatter(h, np.flatnonzero(is_image), features, (positions != -1).all(-1), "images")
+        if input_features is not None:
+            if "embed_audio" not in self:
+                raise ValueError("input_features given, but this model has no audio embedder")
+            valid = (
+                np.ones(input_features.shape[:2], bool)
+                if input_features_mask is None
+                else np.array(input_features_mask)
+            )
+            h = self._scatter(h, np.flatnonzero(is_audio), self.embed_audio(input_features), valid, "audio")
+        if not (cfg.text.bidirectional_vision and is_image.any()):
+            return h, None
+        # HF `get_block_sequence_ids_for_mask`: each contiguous run of image/video tokens is a block.
+        starts = is_image & ~np.concatenate([np.zeros_like(is_image[:, :1]), is_image[:, :-1]], axis=1)
+        return h, mx.array(np.where(is_image, np.cumsum(starts, axis=1) - 1, -1).astype(np.int32))
+
     def __call__(
         self,
         input_ids: mx.array | None = None,
@@ -255,19 +308,29 @@ class Model(nn.Module):
         *,
         inputs_embeds: mx.array | None = None,
         block_ids: mx.array | None = None,
+        pixel_values: mx.array | None = None,
+        image_position_ids: mx.array | None = None,
+        input_features: mx.array | None = None,
+        input_features_mask: mx.array | None = None,
         logits_to_keep: int = 0,
         return_hidden: bool = False,
     ) -> mx.array | ModelOutput:
         """`input_ids [B, L]` (or `inputs_embeds [B, L, dim]`) -> logits `[B, L, vocab]`.
 
-        `logits_to_keep` > 0 computes logits for the last that many positions only (prefill needs
-        one). `return_hidden` returns a `ModelOutput` with the final hidden state and shared K/V.
+        Images and audio use the reference's names and shapes (see `embed_inputs`); a prefill
+        chunk must hold whole image blocks. `logits_to_keep` > 0 computes logits for the last that
+        many positions only (prefill needs one). `return_hidden` returns a `ModelOutput` with the
+        final hidden state and the shared K/V.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
-        if inputs_embeds is None:
-            if input_ids.ndim == 1:
-                input_ids = input_ids[None]
+        if input_ids is not None and input_ids.ndim == 1:
+            input_ids = input_ids[None]
+        if pixel_values is not None or input_features is not None:
+            inputs_embeds, block_ids = self.embed_inputs(
+                input_ids, pixel_values, image_position_ids, input_features, input_features_mask
+            )
+        elif inputs_embeds is None:
             inputs_embeds = self.language_model.embed(input_ids)
         if cache is not None and len(cache) != len(self.layers):
             raise ValueError(f"cache has {len(cache)} entries, the model has {len(self.layers)} layers")

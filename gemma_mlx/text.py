@@ -106,10 +106,15 @@ class Tokenizer:
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         ids = [int(i) for i in ids]
-        if self._sp:
-            if skip_special_tokens:
-                ids = [i for i in ids if not self._backend.is_control(i)]
-            return self._backend.decode(ids)
+        if self._sp:  # sentencepiece decodes control pieces to nothing: write them out ourselves
+            sp, out, run = self._backend, [], []
+            for i in ids:
+                if sp.is_control(i):
+                    out += [sp.decode(run), "" if skip_special_tokens else sp.id_to_piece(i)]
+                    run = []
+                else:
+                    run.append(i)
+            return "".join([*out, sp.decode(run)])
         return self._backend.decode(ids, skip_special_tokens=skip_special_tokens)
 
 

@@ -23,8 +23,19 @@ def model_dir(unified, tmp_path_factory):
 
 
 def test_generate_greedy_prints_completion(model_dir):
-    result = runner.invoke(app, ["generate", "--model", str(model_dir), "--max-tokens", "12", "--temperature", "0",
-                                 "The quick brown fox"])
+    result = runner.invoke(
+        app,
+        [
+            "generate",
+            "--model",
+            str(model_dir),
+            "--max-tokens",
+            "12",
+            "--temperature",
+            "0",
+            "The quick brown fox",
+        ],
+    )
     assert result.exit_code == 0, result.output
     model, processor = load(model_dir)
     expected = generate(model, processor, "The quick brown fox", max_tokens=12).text

@@ -57,7 +57,9 @@ def reference_logits(ref, ids, pv=None, pos=None, feats=None, fmask=None):
     if feats is not None:
         kw.update(input_features=torch.tensor(feats), input_features_mask=torch.tensor(fmask))
     with torch.no_grad():
-        return ref(input_ids=ids_t, attention_mask=masks, position_ids=position_ids, **kw).logits.numpy(), masks
+        return ref(
+            input_ids=ids_t, attention_mask=masks, position_ids=position_ids, **kw
+        ).logits.numpy(), masks
 
 
 @pytest.fixture(scope="module")

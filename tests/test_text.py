@@ -101,6 +101,7 @@ def test_special_tokens(hf_dir, sp_dir):
     ids = sp.encode("<bos><start_of_turn>user\nhi<end_of_turn>")
     assert ids[:2] == [2, sp.token_to_id("<start_of_turn>")] and ids[-1] == sp.token_to_id("<end_of_turn>")
     assert sp.decode(ids, skip_special_tokens=True) == "<start_of_turn>user\nhi<end_of_turn>"
+    assert sp.decode(ids) == "<bos><start_of_turn>user\nhi<end_of_turn>"
 
 
 def test_matches_transformers_fast_tokenizer(hf_dir):

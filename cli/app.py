@@ -38,6 +38,14 @@ def resolve_model(model: str | None) -> Path:
     return default_model_path()
 
 
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return ""
+
+
 def version_callback(value: bool) -> None:
     if value:
         from gemma_mlx import __version__
@@ -101,6 +109,87 @@ def generate(
             err=True,
             dim=True,
         )
+
+
+@app.command()
+def convert(
+    src: Annotated[
+        str, typer.Argument(help="Checkpoint directory or Hugging Face repo id (e.g. google/gemma-4-12B-it).")
+    ],
+    out: Annotated[Path, typer.Argument(help="Output directory (written atomically).")],
+    bits: Annotated[
+        int, typer.Option(help="Bits per weight: affine 2/3/4/5/6/8; mxfp4/nvfp4 4; mxfp8 8.")
+    ] = 4,
+    group_size: Annotated[int | None, typer.Option(help="Weights per scale (affine 32/64/128).")] = None,
+    mode: Annotated[str, typer.Option(help="affine, mxfp4, mxfp8 or nvfp4.")] = "affine",
+    recipe: Annotated[
+        str, typer.Option(help="uniform, mixed_3_6, mixed_4_6, mixed_4_8 or mlp_8bit.")
+    ] = "uniform",
+    quantize: Annotated[
+        bool, typer.Option("--quantize/--no-quantize", help="--no-quantize: float conversion.")
+    ] = True,
+    quantize_embedding: Annotated[
+        bool,
+        typer.Option("--quantize-embedding/--keep-embedding", help="Quantize the tied embedding/LM head."),
+    ] = True,
+    quantize_drafter: Annotated[
+        bool,
+        typer.Option("--quantize-drafter/--keep-drafter", help="Quantize an MTP drafter (default: keep)."),
+    ] = False,
+    dtype: Annotated[
+        str | None, typer.Option(help="float32, bfloat16 or float16 for unquantized parts.")
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
+    check: Annotated[bool, typer.Option("--check", help="Compare the result with the source model.")] = False,
+) -> None:
+    """Convert a Hugging Face checkpoint into a (quantized) MLX checkpoint."""
+    import json
+
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn
+    from rich.table import Table
+
+    from gemma_mlx.convert import convert as run_convert
+    from gemma_mlx.convert import convert_drafter, resolve_source
+
+    console = Console(stderr=True)
+    source = resolve_source(src)
+    raw = json.loads((source / "config.json").read_text()) if (source / "config.json").is_file() else {}
+    total = sum(f.stat().st_size for f in source.glob("*.safetensors"))
+    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), MofNCompleteColumn())
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task("converting", total=None)
+        bytes_task = bar.add_task("reading", total=total)
+
+        def progress(name: str, nbytes: int) -> None:
+            bar.update(task, advance=1, description=f"[cyan]{name}")
+            bar.update(bytes_task, advance=nbytes)
+
+        kw = dict(bits=bits, group_size=group_size, mode=mode, dtype=dtype, force=force, progress=progress)
+        if raw.get("model_type") == "gemma4_unified_assistant":
+            report = convert_drafter(source, out, quantize=quantize_drafter, **kw)
+        else:
+            report = run_convert(
+                source,
+                out,
+                recipe=recipe,
+                quantize=quantize,
+                quantize_embedding=quantize_embedding,
+                check=check,
+                **kw,
+            )
+    table = Table(title=f"Converted {src} -> {out}")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    table.add_row("bits per weight", f"{report.bits_per_weight:.3f}")
+    table.add_row("size on disk", human_bytes(report.bytes_on_disk))
+    if report.bytes_per_token:
+        table.add_row("bytes read per decoded token", human_bytes(report.bytes_per_token))
+    if report.kept_float:
+        table.add_row("layers kept in float", str(len(report.kept_float)))
+    for key, value in (report.check or {}).items():
+        table.add_row(f"check: {key.replace('_', ' ')}", f"{value:.4f}")
+    Console().print(table)
 
 
 def main() -> None:

@@ -63,13 +63,19 @@ def generate_tokens(
     logits_processor=None,
     key: mx.array | None = None,
     prefill_step_size: int = 512,
+    media: dict | None = None,
 ) -> Iterator[int]:
     """Yield sampled token ids forever, given prompt `ids [L]` (L >= 1) not yet in `cache`.
 
-    The next step is queued with `mx.async_eval` before the current token is handed out, so the
-    host work of the caller overlaps the device computing the next token.
+    `media` (pixel_values, input_features, ...) go with a single prefill chunk, since an image
+    block must not be split. The next step is queued with `mx.async_eval` before the current
+    token is handed out, so the host work of the caller overlaps the device computing the next token.
     """
-    prefill(model, ids[:-1], cache, prefill_step_size)
+    if media:
+        model(ids[None, :-1], cache, logits_to_keep=1, **media)
+        mx.eval([c.state for c in cache])
+    else:
+        prefill(model, ids[:-1], cache, prefill_step_size)
     key = mx.random.key(secrets.randbits(32)) if key is None else key
 
     def step(tok: mx.array) -> mx.array:
@@ -111,14 +117,24 @@ def stream_generate(
     stop: Sequence[str] = (),
     cache: list | None = None,
     prefill_step_size: int = 512,
+    images: Sequence = (),
+    audio: Sequence = (),
+    enable_thinking: bool = False,
+    max_soft_tokens: int = 280,
 ) -> Iterator[GenerationChunk]:
-    """Stream a completion of `prompt` (text, token ids, or chat messages).
+    """Stream a completion of `prompt` (text, token ids, or chat messages, whose parts may hold
+    images and audio; a text prompt takes `images`/`audio` for its placeholders).
 
     Stops at `max_tokens`, on the processor's EOS ids, or when a `stop` string appears (the
     stop string itself is not emitted). A `cache` already holding earlier tokens is continued:
     only `prompt`'s tokens are prefilled.
     """
-    ids = processor.encode_prompt(prompt)
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens={max_tokens}: must be >= 1")
+    inputs = processor.prepare(
+        prompt, images, audio, enable_thinking=enable_thinking, max_soft_tokens=max_soft_tokens
+    )
+    ids = inputs.ids
     if not ids:
         raise ValueError("prompt is empty")
     cache = make_cache(model) if cache is None else cache
@@ -149,6 +165,7 @@ def stream_generate(
         make_logits_processor(sorted(set(suppress))) if suppress else None,
         key,
         prefill_step_size,
+        inputs.model_kwargs(),
     )
     prompt_tps = gen_tps = 0.0
     n = 0

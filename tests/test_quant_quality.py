@@ -40,6 +40,6 @@ def test_quantized_quality(float_model, tmp_path, bits):
     convert(path, tmp_path / "q", bits=bits, group_size=64)
     q = compare(reference, log_probs(load_model(tmp_path / "q"), ids), ids)
     b = BOUNDS[bits]
-    print(f"{bits}-bit: ppl {q.perplexity:.3f} (float {base:.3f}), top-1 {q.top1_agreement:.3f}, KL {q.mean_kl:.4f}")
+    print(f"{bits}-bit: ppl {q.perplexity:.3f}/{base:.3f} top-1 {q.top1_agreement:.3f} KL {q.mean_kl:.4f}")
     assert q.perplexity <= b["ppl_ratio"] * base
     assert q.top1_agreement >= b["top1"] and q.mean_kl <= b["kl"]

@@ -89,8 +89,11 @@ def test_patches_are_48px_hwc_in_raster_order():
 
 
 def test_pixels_match_reference_processor():
-    """transformers' processor resizes with torchvision (bicubic, antialiased): Pillow differs by a
-    few 8-bit levels. Only where torchvision is installed (not in CI): see README for the figures."""
+    """transformers' processor resizes with torchvision (bicubic, antialiased); Pillow's bicubic
+    differs by at most 2/255 (measured with torch 2.14.1 + torchvision 0.29.1: max 0.0078, mean
+    <= 4e-5 over 14 images incl. 64x2000 and upscaled 37x53). torchvision is not in the CI stack
+    (a 5.5 GB CUDA build here), so this runs where it is installed; token counts and positions are
+    checked in CI against the reference's own size function above."""
     pytest.importorskip("torchvision")
     from transformers import Gemma4UnifiedImageProcessor
 
@@ -105,7 +108,8 @@ def test_pixels_match_reference_processor():
         n = ours.num_soft_tokens
         assert theirs["num_soft_tokens_per_image"][0] == n
         np.testing.assert_array_equal(theirs["image_position_ids"][0][:n], ours.position_ids[:n])
-        assert np.abs(theirs["pixel_values"][0][:n] - ours.pixel_values[:n]).max() <= 0.05
+        diff = np.abs(theirs["pixel_values"][0][:n] - ours.pixel_values[:n])
+        assert diff.max() <= 2.5 / 255 and diff.mean() <= 1e-4
 
 
 def encode(img: Image.Image, fmt: str, **kw) -> bytes:

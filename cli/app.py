@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -64,30 +65,59 @@ def main_options(
     state["debug"] = debug
 
 
+SAMPLING = "Sampling: temperature 0 = greedy."
+
+
+def guard_memory(path: Path, context: int = 8192) -> None:
+    """Warn before loading a model that will not fit the memory available now."""
+    from gemma_mlx.footprint import footprint, memory_warning
+
+    warning = memory_warning(footprint(path, context))
+    if warning:
+        typer.secho(f"warning: {warning}", fg=typer.colors.YELLOW, err=True)
+
+
+def load_checked(path: Path):
+    from gemma_mlx import load
+
+    guard_memory(path)
+    model, processor = load(path)
+    if processor is None:
+        fail(f"{path}: the checkpoint has no tokenizer files")
+    return model, processor
+
+
 @app.command()
 def generate(
     prompt: Annotated[str | None, typer.Argument(help="Prompt text; read from stdin when omitted.")] = None,
     model: Annotated[str | None, typer.Option("--model", "-m", help="Checkpoint directory.")] = None,
     max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", min=1, help="Tokens to generate.")] = 128,
-    temperature: Annotated[float, typer.Option("--temperature", "-t", min=0.0, help="0 = greedy.")] = 0.0,
+    temperature: Annotated[float, typer.Option("--temperature", "-t", min=0.0, help=SAMPLING)] = 0.0,
     top_k: Annotated[
         int, typer.Option("--top-k", min=0, help="Keep the k most likely tokens (0 = off).")
     ] = 0,
     top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling.")] = 1.0,
     min_p: Annotated[float, typer.Option("--min-p", min=0.0, max=1.0, help="Min-p sampling.")] = 0.0,
     seed: Annotated[int | None, typer.Option("--seed", help="Random seed for sampling.")] = None,
+    image: Annotated[list[str] | None, typer.Option("--image", help="An image (repeatable).")] = None,
+    audio: Annotated[list[str] | None, typer.Option("--audio", help="An audio clip (repeatable).")] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print one JSON object with text and speed.")
+    ] = False,
 ) -> None:
     """Complete a prompt and print the text as it is generated."""
     if prompt is None:
         if sys.stdin.isatty():
             fail("give a prompt as an argument or on stdin")
         prompt = sys.stdin.read()
-    from gemma_mlx import load, stream_generate
+    from gemma_mlx import stream_generate
 
-    model_obj, processor = load(resolve_model(model))
-    if processor is None:
-        fail(f"{model}: the checkpoint has no tokenizer files")
-    last = None
+    path = resolve_model(model)
+    model_obj, processor = load_checked(path)
+    images, clips = image or [], audio or []
+    if (images or clips) and "<|image|>" not in prompt and "<|audio|>" not in prompt:
+        prompt = "<|image|>" * len(images) + "<|audio|>" * len(clips) + prompt  # media first
+    last, text = None, []
     for chunk in stream_generate(
         model_obj,
         processor,
@@ -98,17 +128,143 @@ def generate(
         top_p=top_p,
         min_p=min_p,
         seed=seed,
+        images=images,
+        audio=clips,
     ):
-        typer.echo(chunk.text, nl=False)
+        if not as_json:
+            typer.echo(chunk.text, nl=False)
+        text.append(chunk.text)
         last = chunk
+    if as_json:
+        result = {
+            "model": str(path),
+            "text": "".join(text),
+            "prompt_tokens": last.prompt_tokens,
+            "generation_tokens": last.generation_tokens,
+            "prompt_tps": round(last.prompt_tps, 2),
+            "generation_tps": round(last.generation_tps, 2),
+            "peak_memory_gb": round(last.peak_memory_gb, 3),
+            "finish_reason": last.finish_reason,
+        }
+        typer.echo(json.dumps(result, ensure_ascii=False))
+        return
     typer.echo()
-    if last is not None:
-        typer.secho(
-            f"[{last.prompt_tokens} prompt tokens at {last.prompt_tps:.1f} tok/s, {last.generation_tokens} "
-            f"generated at {last.generation_tps:.1f} tok/s, peak memory {last.peak_memory_gb:.2f} GB]",
-            err=True,
-            dim=True,
-        )
+    typer.secho(
+        f"[{last.prompt_tokens} prompt tokens at {last.prompt_tps:.1f} tok/s, {last.generation_tokens} "
+        f"generated at {last.generation_tps:.1f} tok/s, peak memory {last.peak_memory_gb:.2f} GB]",
+        err=True,
+        dim=True,
+    )
+
+
+@app.command()
+def chat(
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Checkpoint directory.")] = None,
+    system: Annotated[str | None, typer.Option("--system", help="System prompt.")] = None,
+    think: Annotated[bool, typer.Option("--think/--no-think", help="Let the model think first.")] = False,
+    image: Annotated[list[str] | None, typer.Option("--image", help="Attach to the first message.")] = None,
+    audio: Annotated[list[str] | None, typer.Option("--audio", help="Attach to the first message.")] = None,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", min=1, help="Tokens per answer.")] = 512,
+    temperature: Annotated[float, typer.Option("--temperature", "-t", min=0.0, help=SAMPLING)] = 1.0,
+    top_k: Annotated[int, typer.Option("--top-k", min=0)] = 64,
+    top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0)] = 0.95,
+    min_p: Annotated[float, typer.Option("--min-p", min=0.0, max=1.0)] = 0.0,
+    seed: Annotated[int | None, typer.Option("--seed")] = None,
+) -> None:
+    """Chat in the terminal: multi-turn with cache reuse, streaming, images and audio, /commands."""
+    from gemma_mlx.chat import ChatSession
+
+    from .chat import repl
+
+    path = resolve_model(model)
+    model_obj, processor = load_checked(path)
+    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed)
+    session = ChatSession(
+        model_obj, processor, system=system, think=think, max_tokens=max_tokens, sampling=sampling
+    )
+    for i in image or []:
+        session.attach_image(i)
+    for a in audio or []:
+        session.attach_audio(a)
+    banner = f"gemma-mlx chat - {path.name} ({model_obj.config.model_type})"
+    if model is None:  # the offline default
+        banner += "\nNote: a base (pre-trained) model: it continues text rather than following instructions."
+    repl(session, banner)
+
+
+@app.command()
+def info(
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Checkpoint directory.")] = None,
+    context: Annotated[int, typer.Option("--context", min=1, help="Context for the memory estimate.")] = 8192,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """What a checkpoint is and costs: parameters, bits per weight, bytes per token, memory."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from gemma_mlx.footprint import footprint, memory_bytes
+
+    path = resolve_model(model)
+    fp = footprint(path, context)
+    total, available = memory_bytes()
+    t, q = fp.config.text, fp.config.quantization
+    quant = "none" if not q else f"{q.get('mode', 'affine')} {q.get('bits')}-bit, group {q.get('group_size')}"
+    rows = {
+        "model type": fp.config.model_type,
+        "layers": f"{t.num_hidden_layers} ({sum(s.sliding for s in t.layers)} sliding, window "
+        f"{t.sliding_window})",
+        "hidden size / vocabulary": f"{t.hidden_size} / {t.vocab_size}",
+        "vision / audio": f"{'yes' if fp.config.vision else 'no'} / {'yes' if fp.config.audio else 'no'}",
+        "parameters": f"{fp.parameters:,}",
+        "quantization": quant,
+        "bits per weight": f"{fp.bits_per_weight:.3f}",
+        "weights": human_bytes(fp.weight_bytes),
+        "bytes read per decoded token": human_bytes(fp.bytes_per_token),
+        f"KV cache at {context} tokens": human_bytes(fp.kv_bytes),
+        "estimated memory": human_bytes(fp.total_bytes),
+        "this machine": f"{human_bytes(available)} available of {human_bytes(total)}: "
+        + ("fits" if fp.total_bytes <= available else "does NOT fit"),
+    }
+    if as_json:
+        typer.echo(json.dumps({"path": str(path), **rows}))
+        return
+    table = Table(title=str(path), show_header=False)
+    for k, v in rows.items():
+        table.add_row(k, v)
+    Console().print(table)
+
+
+@app.command()
+def bench(
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Checkpoint directory.")] = None,
+    prompt_tokens: Annotated[int, typer.Option("--prompt-tokens", "-p", min=1)] = 512,
+    generation_tokens: Annotated[int, typer.Option("--generation-tokens", "-g", min=2)] = 128,
+    trials: Annotated[int, typer.Option("--trials", "-n", min=1)] = 3,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Measure prefill and decode tokens/s and peak memory (random prompt, greedy decode)."""
+    from gemma_mlx import load
+    from gemma_mlx.benchmark import benchmark
+    from gemma_mlx.footprint import footprint
+
+    path = resolve_model(model)
+    model_obj, _ = load(path)
+    result = benchmark(model_obj, prompt_tokens, generation_tokens, trials)
+    per_token = footprint(path).bytes_per_token
+    data = {
+        "model": str(path),
+        **result.as_dict(),
+        "bytes_per_token": per_token,
+        "weights_gb_per_s": round(per_token * result.generation_tps / 1e9, 2),
+    }
+    if as_json:
+        typer.echo(json.dumps(data))
+        return
+    typer.echo(
+        f"{path.name}: prefill {result.prompt_tps:.1f} tok/s ({prompt_tokens} tokens), decode "
+        f"{result.generation_tps:.1f} tok/s ({generation_tokens} tokens; {data['weights_gb_per_s']} GB/s "
+        f"of weights read), peak memory {result.peak_memory_gb:.2f} GB, mean of {trials} trials"
+    )
 
 
 @app.command()
@@ -196,7 +352,7 @@ def main() -> None:
     """Console entry point: user errors become one red line and a non-zero exit code."""
     try:
         app()
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, RuntimeError) as e:
         if state["debug"]:
             raise
         typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)

@@ -11,11 +11,11 @@ import mlx.core as mx
 
 from .cache import KVCache, RingKVCache
 from .models.gemma import Model
-from .processor import Processor
+from .processor import Inputs, Processor
 from .sample import make_logits_processor, make_sampler
 from .text import StreamingDetokenizer
 
-Prompt = str | Sequence[int] | Sequence[dict]
+Prompt = str | Sequence[int] | Sequence[dict] | Inputs
 
 
 @dataclass
@@ -131,9 +131,12 @@ def stream_generate(
     """
     if max_tokens < 1:
         raise ValueError(f"max_tokens={max_tokens}: must be >= 1")
-    inputs = processor.prepare(
-        prompt, images, audio, enable_thinking=enable_thinking, max_soft_tokens=max_soft_tokens
-    )
+    if isinstance(prompt, Inputs):  # already prepared (e.g. by a chat session)
+        inputs = prompt
+    else:
+        inputs = processor.prepare(
+            prompt, images, audio, enable_thinking=enable_thinking, max_soft_tokens=max_soft_tokens
+        )
     ids = inputs.ids
     if not ids:
         raise ValueError("prompt is empty")

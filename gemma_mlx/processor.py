@@ -111,12 +111,13 @@ class Processor:
         *,
         enable_thinking: bool = False,
         max_soft_tokens: int = 280,
+        add_bos: bool = True,
     ) -> Inputs:
         """Token ids plus image/audio tensors. Media come as parts of chat messages
         (`{"type": "image", "image": path | PIL image | array}`, `{"type": "audio", "audio": path |
         array, "sampling_rate": 16000}`) or, for a text prompt with `<|image|>`/`<|audio|>`
-        placeholders, as `images` / `audio` in order. Audio longer than 30 s becomes consecutive
-        30 s blocks."""
+        placeholders, as `images` / `audio` in order (`add_bos=False` for a text that continues a
+        cached conversation). Audio longer than 30 s becomes consecutive 30 s blocks."""
         images, audio = list(images), list(audio)
         if not isinstance(prompt, str) and prompt and all(isinstance(m, dict) for m in prompt):
             for message in prompt:
@@ -129,7 +130,7 @@ class Processor:
             text = self.apply_chat_template(prompt, enable_thinking=enable_thinking)
             bos = False
         elif isinstance(prompt, str):
-            text, bos = prompt, True
+            text, bos = prompt, add_bos
             audio = [(a, None) if not isinstance(a, tuple) else a for a in audio]
         else:
             if images or audio:

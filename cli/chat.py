@@ -1,0 +1,141 @@
+"""`gemma-mlx chat`: an interactive terminal session on top of `gemma_mlx.chat.ChatSession`."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import typer
+
+from gemma_mlx.chat import ChatSession
+
+HELP = """Commands:
+  /image PATH     attach an image to your next message
+  /audio PATH     attach an audio clip to your next message
+  /system TEXT    set the system prompt (starts a new conversation)
+  /think on|off   let the model think before answering
+  /reset          forget the conversation
+  /stats          speed, context used, cache reuse of the last turn
+  /save FILE      write the transcript (markdown, or JSON for *.json)
+  /help           this list
+  /quit           leave (Ctrl-D works too); Ctrl-C stops an answer"""
+
+
+def _history_file() -> Path:
+    root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gemma-mlx"
+    root.mkdir(parents=True, exist_ok=True)
+    return root / "chat_history"
+
+
+def save_transcript(session: ChatSession, path: Path) -> None:
+    messages = ([{"role": "system", "content": session.system}] if session.system else []) + session.history
+
+    def text(content) -> str:
+        if isinstance(content, str):
+            return content
+        return " ".join(
+            p["text"] if p["type"] == "text" else f"[{p['type']}: {p.get(p['type'])}]" for p in content
+        )
+
+    if path.suffix == ".json":
+        body = json.dumps(
+            [{"role": m["role"], "content": text(m["content"])} for m in messages],
+            indent=2,
+            ensure_ascii=False,
+        )
+    else:
+        body = "\n\n".join(f"**{m['role']}**: {text(m['content'])}" for m in messages) + "\n"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(body)
+    tmp.replace(path)
+
+
+def command(session: ChatSession, line: str) -> bool:
+    """Run one /command; returns False to quit. Errors are reported, the session goes on."""
+    name, _, arg = line[1:].partition(" ")
+    arg = arg.strip()
+    echo = typer.echo
+    try:
+        if name in ("quit", "exit", "q"):
+            return False
+        elif name == "help":
+            echo(HELP)
+        elif name == "image" and arg:
+            session.attach_image(arg)
+            echo(f"[image attached: {arg}]")
+        elif name == "audio" and arg:
+            session.attach_audio(arg)
+            echo(f"[audio attached: {arg}]")
+        elif name == "system":
+            session.system = arg or None
+            session.reset()
+            echo("[system prompt set; new conversation]")
+        elif name == "think" and arg in ("on", "off"):
+            session.think = arg == "on"
+            echo(f"[thinking {arg}]")
+        elif name == "reset":
+            session.reset()
+            echo("[conversation reset]")
+        elif name == "stats":
+            s = session.stats
+            echo(
+                f"[last turn: {s.prompt_tokens} prompt tokens at {s.prompt_tps:.1f} tok/s"
+                f"{' (cache reused)' if s.reused_cache else ''}, {s.generation_tokens} generated at "
+                f"{s.generation_tps:.1f} tok/s; context {len(session.tokens)}/{session.context} tokens; "
+                "acceptance: no drafter]"
+            )
+        elif name == "save" and arg:
+            save_transcript(session, Path(arg).expanduser())
+            echo(f"[transcript saved to {arg}]")
+        else:
+            echo(f"[unknown command or missing argument: /{name}; /help lists the commands]")
+    except (ValueError, OSError) as e:
+        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+    return True
+
+
+def repl(session: ChatSession, banner: str) -> None:
+    try:
+        import readline  # line editing and history for input()
+
+        history = _history_file()
+        if history.exists():
+            readline.read_history_file(history)
+    except (ImportError, OSError):
+        readline = None
+    typer.secho(banner, fg=typer.colors.CYAN)
+    typer.echo("Type /help for commands.")
+    try:
+        while True:
+            try:
+                line = input(">>> ").strip()
+            except KeyboardInterrupt:
+                typer.echo()
+                continue
+            except EOFError:
+                typer.echo()
+                break
+            if not line:
+                continue
+            if line.startswith("/"):
+                if not command(session, line):
+                    break
+                continue
+            try:
+                for chunk in session.send(line):
+                    typer.echo(chunk.text, nl=False)
+                typer.echo()
+            except KeyboardInterrupt:
+                typer.secho("\n[interrupted]", fg=typer.colors.YELLOW)
+            except (ValueError, OSError) as e:
+                typer.secho(f"\nerror: {e}", fg=typer.colors.RED, err=True)
+            for notice in session.notices:
+                typer.secho(f"[{notice}]", fg=typer.colors.YELLOW)
+            session.notices.clear()
+    finally:
+        if readline is not None:
+            try:
+                readline.write_history_file(_history_file())
+            except OSError:
+                pass

@@ -1,0 +1,141 @@
+"""A multi-turn chat session that keeps its KV cache between turns.
+
+Each turn prefills only what is new: the end of the previous answer's turn and the new user
+turn, rendered by the checkpoint's chat template as the difference between the conversation
+without and with the new message. Earlier turns live in the cache as they were generated.
+When the context is full the oldest turns are dropped and the rest is prefilled again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from .generate import GenerationChunk, make_cache, stream_generate
+from .media import load_audio, load_image
+from .models.gemma import Model
+from .processor import Processor
+
+
+@dataclass
+class TurnStats:
+    prompt_tokens: int = 0  # tokens prefilled for the turn (only the new ones when reusing the cache)
+    generation_tokens: int = 0
+    prompt_tps: float = 0.0
+    generation_tps: float = 0.0
+    reused_cache: bool = False
+
+
+@dataclass
+class ChatSession:
+    model: Model
+    processor: Processor
+    system: str | None = None
+    think: bool = False
+    max_tokens: int = 512
+    max_soft_tokens: int = 280
+    sampling: dict = field(default_factory=dict)
+    history: list[dict] = field(default_factory=list)
+    notices: list[str] = field(default_factory=list)  # context trimming etc., for the front end
+
+    def __post_init__(self) -> None:
+        self.pending: list[dict] = []
+        self.stats = TurnStats()
+        self._reset_cache()
+
+    def _reset_cache(self) -> None:
+        self.cache = make_cache(self.model)
+        self.tokens: list[int] = []  # every token id in the cache, in order
+        self._cached_messages = 0  # how many history messages the cache holds
+
+    def reset(self) -> None:
+        self.history.clear()
+        self.pending.clear()
+        self._reset_cache()
+
+    @property
+    def context(self) -> int:
+        return self.model.config.text.max_position_embeddings
+
+    def attach_image(self, src: Any) -> None:
+        load_image(src)  # fail now, with the file's name, rather than at the next message
+        self.pending.append({"type": "image", "image": src})
+
+    def attach_audio(self, src: Any) -> None:
+        load_audio(src)
+        self.pending.append({"type": "audio", "audio": src})
+
+    def _messages(self, history: list[dict]) -> list[dict]:
+        return ([{"role": "system", "content": self.system}] if self.system else []) + history
+
+    def _new_text(self, user: dict) -> tuple[str, bool]:
+        """The text to feed after what the cache holds, and whether it continues the cache."""
+        render = self.processor.apply_chat_template
+        full = render(self._messages([*self.history, user]), enable_thinking=self.think)
+        if not self.tokens or self._cached_messages != len(self.history):
+            return full, False
+        before = render(self._messages(self.history), add_generation_prompt=False, enable_thinking=self.think)
+        answer = self.history[-1]["content"].strip() if self.history else ""  # templates trim answers
+        if not full.startswith(before) or (answer and answer not in before):
+            return full, False
+        # what the template writes after the last answer ("<turn|>\n"), minus the end-of-turn
+        # token the model generated itself and the cache already holds
+        tail = before[before.rindex(answer) + len(answer) :] if answer else ""
+        last = self.processor.tokenizer.decode(self.tokens[-1:])
+        if last and tail.startswith(last) and self.tokens[-1] in self.processor.eos_token_ids:
+            tail = tail[len(last) :]
+        return tail + full[len(before) :], True
+
+    @staticmethod
+    def _media(messages: list[dict]) -> tuple[list, list]:
+        parts = [p for m in messages if isinstance(m["content"], list) for p in m["content"]]
+        return [p["image"] for p in parts if p["type"] == "image"], [
+            p["audio"] for p in parts if p["type"] == "audio"
+        ]
+
+    def _inputs(self, user: dict):
+        feed, reuse = self._new_text(user)
+        if not reuse:
+            self._reset_cache()
+        images, audio = self._media([user] if reuse else [*self.history, user])
+        return self.processor.prepare(
+            feed, images, audio, add_bos=not reuse, max_soft_tokens=self.max_soft_tokens
+        ), reuse
+
+    def send(self, text: str) -> Iterator[GenerationChunk]:
+        """Stream the answer to `text` (with any attached images/audio)."""
+        user = {
+            "role": "user",
+            "content": [*self.pending, {"type": "text", "text": text}] if self.pending else text,
+        }
+        self.pending = []
+        inputs, reuse = self._inputs(user)
+        while len(self.tokens) + len(inputs.ids) + self.max_tokens > self.context and self.history:
+            self.history = self.history[2:]  # drop the oldest exchange and prefill the rest again
+            self.notices.append("context full: dropped the oldest turn")
+            self._reset_cache()
+            inputs, reuse = self._inputs(user)
+        self.history.append(user)
+        answer = {"role": "assistant", "content": ""}
+        self.stats = TurnStats(prompt_tokens=len(inputs.ids), reused_cache=reuse)
+        self.tokens += inputs.ids
+        try:
+            for chunk in stream_generate(
+                self.model,
+                self.processor,
+                inputs,
+                cache=self.cache,
+                max_tokens=self.max_tokens,
+                **self.sampling,
+            ):
+                self.tokens.append(chunk.token)
+                answer["content"] += chunk.text
+                self.stats.generation_tokens = chunk.generation_tokens
+                self.stats.prompt_tps, self.stats.generation_tps = chunk.prompt_tps, chunk.generation_tps
+                yield chunk
+        finally:
+            self.history.append(answer)
+            self._cached_messages = len(self.history)
+            if len({c.offset for c in self.cache}) != 1 or self.cache[0].offset != len(self.tokens):
+                self._cached_messages = -1  # interrupted mid-step: prefill everything next turn

@@ -1,0 +1,119 @@
+"""What a checkpoint costs before loading it: weights, bytes read per decoded token, KV cache
+for a context length, and whether that fits this machine's memory. Reads only headers."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from .checkpoint import _shard_files, sanitize
+from .config import ModelConfig, load_config
+
+DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "U32": 4, "U8": 1, "I32": 4, "I64": 8, "F64": 8, "I8": 1}
+
+
+def tensor_bytes(path: Path) -> dict[str, int]:
+    """Bytes of every tensor of a checkpoint (our names), from the safetensors headers alone."""
+    sizes: dict[str, int] = {}
+    for f in _shard_files(path):
+        with f.open("rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(n))
+        for name, info in header.items():
+            if name != "__metadata__":
+                start, end = info["data_offsets"]
+                sizes[name] = end - start
+    return sanitize(sizes)
+
+
+@dataclass
+class Footprint:
+    config: ModelConfig
+    parameters: int
+    weight_bytes: int
+    bytes_per_token: int  # text weights, tied embedding once as the LM head
+    kv_bytes_per_token: int  # growing cache of the global layers, per token of context
+    kv_fixed_bytes: int  # sliding-window rings (window + rollback slack)
+    context: int
+
+    @property
+    def kv_bytes(self) -> int:
+        return self.kv_fixed_bytes + self.kv_bytes_per_token * self.context
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weight_bytes + self.kv_bytes
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8 * self.weight_bytes / self.parameters
+
+
+def footprint(path: str | Path, context: int = 8192, kv_dtype_bytes: int = 2, slack: int = 128) -> Footprint:
+    path = Path(path)
+    config = load_config(path)
+    sizes = tensor_bytes(path)
+    text = config.text
+    kv_per_token = fixed = 0
+    for spec in text.layers:
+        per_token = 2 * spec.num_kv_heads * spec.head_dim * kv_dtype_bytes  # K and V (they differ)
+        if spec.sliding:
+            fixed += per_token * min(context, text.sliding_window + slack)
+        else:
+            kv_per_token += per_token
+    from mlx.utils import tree_flatten
+
+    from .models.gemma import Model
+
+    parameters = sum(v.size for _, v in tree_flatten(Model(config).parameters()))  # lazy skeleton
+    return Footprint(
+        config=config,
+        parameters=parameters,
+        weight_bytes=sum(sizes.values()),
+        bytes_per_token=sum(v for k, v in sizes.items() if k.startswith("language_model.")),
+        kv_bytes_per_token=kv_per_token,
+        kv_fixed_bytes=fixed,
+        context=context,
+    )
+
+
+def memory_bytes() -> tuple[int, int]:
+    """(total, available) memory of this machine in bytes (available = total where unknown)."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    available = total
+    if sys.platform == "linux":
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                available = int(line.split()[1]) * 1024
+    elif sys.platform == "darwin":  # free + inactive pages can be reclaimed
+        try:
+            out = subprocess.run(["vm_stat"], capture_output=True, text=True, timeout=5).stdout
+            pages = {
+                k.strip(): int(v.strip(" ."))
+                for k, v in (line.split(":") for line in out.splitlines()[1:] if ":" in line)
+            }
+            available = (pages.get("Pages free", 0) + pages.get("Pages inactive", 0)) * os.sysconf(
+                "SC_PAGE_SIZE"
+            )
+        except (OSError, ValueError, subprocess.SubprocessError):
+            pass
+    return total, available
+
+
+def memory_warning(fp: Footprint) -> str | None:
+    """A suggestion when weights plus the KV cache will not fit the memory available now."""
+    total, available = memory_bytes()
+    if fp.total_bytes <= available:
+        return None
+    return (
+        f"this model needs about {fp.total_bytes / 1e9:.1f} GB (weights {fp.weight_bytes / 1e9:.1f} GB + "
+        f"KV cache "
+        f"{fp.kv_bytes / 1e9:.1f} GB at {fp.context} tokens) but only {available / 1e9:.1f} GB of "
+        f"{total / 1e9:.1f} GB is available: convert with fewer bits (gemma-mlx convert SRC OUT --bits 4) "
+        "or use a shorter context"
+    )

@@ -109,8 +109,8 @@ class ChatSession:
             "role": "user",
             "content": [*self.pending, {"type": "text", "text": text}] if self.pending else text,
         }
+        inputs, reuse = self._inputs(user)  # may raise (bad media): attachments are kept then
         self.pending = []
-        inputs, reuse = self._inputs(user)
         while len(self.tokens) + len(inputs.ids) + self.max_tokens > self.context and self.history:
             self.history = self.history[2:]  # drop the oldest exchange and prefill the rest again
             self.notices.append("context full: dropped the oldest turn")

@@ -150,8 +150,10 @@ def stream_generate(
     max_tokens = min(max_tokens, context - used - len(ids))
     vocab = model.config.text.vocab_size
     suppress = [i for i in processor.suppress_token_ids if i < vocab]
-    if model.config.multimodal:  # never generate the end-of-image/audio markers
-        suppress += [i for i in (model.config.eoi_token_id, model.config.eoa_token_id) if i < vocab]
+    if model.config.multimodal:  # never generate media markers or soft-token placeholders
+        c = model.config
+        marks = (c.eoi_token_id, c.eoa_token_id, c.image_token_id, c.audio_token_id, c.video_token_id)
+        suppress += [i for i in marks if i < vocab]
     sampler = make_sampler(temperature, top_k, top_p, min_p)
     key = None if seed is None else mx.random.key(seed)
     eos = set(processor.eos_token_ids)

@@ -57,14 +57,16 @@ def main() -> None:
         q = compare(reference, log_probs(variant(path, dtype, quant), ids), ids)
         rows.append(f"| {name} | {q.perplexity:.3f} | {q.top1_agreement:.3f} | {q.mean_kl:.4f} |")
         print(rows[-1], f"({time.perf_counter() - t:.0f} s)", flush=True)
-    table = "\n".join([
-        f"Gemma 3 270M (from the Q4_K_M/Q5_0/Q6_K GGUF, dequantized to float32), {len(ids)} tokens of "
-        f"tests/data/public_domain.txt; MLX {mx.__version__}, {platform.machine()} CPU.",
-        "",
-        "| variant | perplexity | top-1 agreement | mean KL (nats) |",
-        "|---|---|---|---|",
-        *rows,
-    ])
+    table = "\n".join(
+        [
+            f"Gemma 3 270M (from the Q4_K_M/Q5_0/Q6_K GGUF, dequantized to float32), {len(ids)} tokens of "
+            f"tests/data/public_domain.txt; MLX {mx.__version__}, {platform.machine()} CPU.",
+            "",
+            "| variant | perplexity | top-1 agreement | mean KL (nats) |",
+            "|---|---|---|---|",
+            *rows,
+        ]
+    )
     print(table)
     if args.out:
         args.out.write_text(table + "\n")

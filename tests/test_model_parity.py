@@ -14,9 +14,9 @@ from gemma_mlx.checkpoint import load_model
 
 TOL = 1e-4
 # bf16 stores ~3 significant digits; errors compound over 8 layers in both implementations.
-# Measured: ~1e-2 relative on these models; the bound leaves margin but still fails on a real bug
-# (a wrong norm offset or a skipped layer scalar gives errors of order 1).
-BF16_TOL = 5e-2
+# Measured ours vs transformers, both in bf16: 0.052 on these small-logit models; a real bug (a
+# wrong norm offset, a skipped layer scalar) gives errors of order 1.
+BF16_TOL = 0.1
 
 
 def ids_for(seed: int, n: int) -> np.ndarray:
@@ -120,14 +120,18 @@ def test_released_schema_loads_identically(causal, tmp_path):
 
 
 def test_bfloat16(unified):
+    """bf16 keeps ~3 significant digits and the two implementations round in different places, so
+    compare both with the float32 truth: ours in bf16 must stay within twice the error of
+    transformers in bf16 (measured: ours 0.061, transformers 0.037, ours vs theirs 0.052)."""
     path, ref = unified
     model = load_model(path, dtype="bfloat16")
     assert model.language_model.embed_tokens.weight.dtype == mx.bfloat16
     ids = ids_for(7, 32)
-    ours = model(mx.array(ids)).astype(mx.float32)
+    ours = np.array(model(mx.array(ids)).astype(mx.float32))
+    truth = ref_logits(ref, ids)
+    bf16_ref = type(ref).from_pretrained(path, dtype=torch.bfloat16)  # the shared fixture stays float32
     with torch.no_grad():
-        expected = ref.to(torch.bfloat16)(input_ids=torch.tensor(ids)).logits.float().numpy()
-    ref.float()
-    assert rel_err(ours, expected) <= BF16_TOL
-    # greedy decode in bf16 still tracks the float32 reference's top choice on most steps
-    assert (np.argmax(np.array(ours), -1) == np.argmax(expected, -1)).mean() >= 0.9
+        theirs = bf16_ref(input_ids=torch.tensor(ids)).logits.float().numpy()
+    assert rel_err(ours, truth) <= 2 * rel_err(theirs, truth)
+    assert rel_err(ours, theirs) <= BF16_TOL
+    assert (np.argmax(ours, -1) == np.argmax(truth, -1)).mean() >= 0.9

@@ -163,29 +163,11 @@ def convert(
         if missing:
             raise CheckpointError(f"{src}: missing tensors: {', '.join(missing[:12])}")
 
-    out = Path(out)
-    report = ConversionReport(out=out)
-    with atomic_directory(out, force=force) as tmp:
-
-        def on_tensor(name: str, a: mx.array) -> None:
-            report.bytes_on_disk += a.nbytes
-            if progress is not None:
-                progress(name, a.nbytes)
-
-        write_shards(tmp, tensors(), shard_bytes, on_tensor)
-        if quantize:
-            block = config_block(layout, spec)
-            raw = {**raw, "quantization": block, "quantization_config": block}
-        write_json(tmp / "config.json", raw)
-        for name in COPIED:
-            if (src / name).is_file():
-                shutil.copy2(src / name, tmp / name)
-        float_bytes = (target or mx.bfloat16).size
-        report.parameters = sum(v.size for _, v in tree_flatten(skeleton.parameters()))
-        report.bytes_per_token = bytes_per_token(skeleton, layout, float_bytes)
-        report.bits_per_weight = 8 * report.bytes_on_disk / report.parameters
-        report.kept_float = sorted(p for p, s in layout.items() if s is None)
-        (tmp / "README.md").write_text(model_card(src, report, spec if quantize else None, recipe))
+    report = ConversionReport(out=Path(out))
+    report.parameters = sum(v.size for _, v in tree_flatten(skeleton.parameters()))
+    report.bytes_per_token = bytes_per_token(skeleton, layout, (target or mx.bfloat16).size)
+    report.kept_float = sorted(p for p, s in layout.items() if s is None)
+    _write(src, report, raw, tensors(), layout, spec, recipe, force, shard_bytes, progress)
     if check:
         report.check = check_conversion(src, out)
     return report
@@ -216,6 +198,7 @@ def convert_drafter(
         for file, shard in _source_tensors(src):
             for name, a in shard.items():
                 _check_dtype(name, a, file)
+                report.parameters += a.size
                 path, _, leaf = name.rpartition(".")
                 linear = leaf == "weight" and a.ndim == 2 and "norm" not in path
                 if quantize and linear and a.shape[-1] % spec.group_size == 0:
@@ -226,18 +209,35 @@ def convert_drafter(
                 else:
                     yield name, a.astype(target or a.dtype)
 
-    out = Path(out)
-    report = ConversionReport(out=out)
-    with atomic_directory(out, force=force) as tmp:
+    report = ConversionReport(out=Path(out))
+    _write(src, report, raw, tensors(), layout, spec, "uniform", force, shard_bytes, progress)
+    return report
+
+
+def _write(
+    src: Path,
+    report: ConversionReport,
+    raw: dict,
+    tensors: Iterator[tuple[str, mx.array]],
+    layout: dict[str, QuantSpec | None],
+    spec: QuantSpec,
+    recipe: str,
+    force: bool,
+    shard_bytes: int,
+    progress: Callable[[str, int], None] | None,
+) -> None:
+    """The output directory of either conversion: shards, config with the quantization block (if
+    anything was quantized), the tokenizer and template files, a model card; atomically."""
+    with atomic_directory(report.out, force=force) as tmp:
 
         def on_tensor(name: str, a: mx.array) -> None:
             report.bytes_on_disk += a.nbytes
-            report.parameters += a.size if not name.endswith((".scales", ".biases")) else 0
             if progress is not None:
                 progress(name, a.nbytes)
 
-        write_shards(tmp, tensors(), shard_bytes, on_tensor)
-        if layout:
+        write_shards(tmp, tensors, shard_bytes, on_tensor)
+        quantized = any(s is not None for s in layout.values())
+        if quantized:
             block = config_block(layout, spec)
             raw = {**raw, "quantization": block, "quantization_config": block}
         write_json(tmp / "config.json", raw)
@@ -245,8 +245,7 @@ def convert_drafter(
             if (src / name).is_file():
                 shutil.copy2(src / name, tmp / name)
         report.bits_per_weight = 8 * report.bytes_on_disk / max(report.parameters, 1)
-        (tmp / "README.md").write_text(model_card(src, report, spec if layout else None, "uniform"))
-    return report
+        (tmp / "README.md").write_text(model_card(src, report, spec if quantized else None, recipe))
 
 
 def model_card(src: Path, report: ConversionReport, spec: QuantSpec | None, recipe: str) -> str:

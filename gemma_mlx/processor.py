@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import json
-from collections.abc import Sequence
+import operator
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import mlx.core as mx
 import numpy as np
 
 from . import media
-from .text import ChatTemplate, Tokenizer
+from .text import ChatTemplate, Tokenizer, read_json
 
 
 @dataclass
@@ -33,6 +33,37 @@ class Inputs:
         return {k: mx.array(v) for k, v in vars(self).items() if k != "ids" and v is not None}
 
 
+PromptKind = Literal["text", "ids", "messages"]
+
+
+def prompt_kind(prompt: Any) -> PromptKind:
+    """What a prompt is: plain text, token ids, or chat messages; anything else is a ValueError."""
+    if isinstance(prompt, str):
+        if not prompt:
+            raise ValueError("prompt is empty")
+        return "text"
+    if isinstance(prompt, (bytes, Mapping)) or not isinstance(prompt, Iterable):
+        raise ValueError(
+            f"prompt must be a string, a list of token ids or a list of chat message dicts, "
+            f"not {type(prompt).__name__}"
+        )
+    items = list(prompt)
+    if not items:
+        raise ValueError("prompt is empty")
+    if all(isinstance(m, Mapping) for m in items):
+        for n, m in enumerate(items):
+            if "role" not in m:
+                raise ValueError(f"chat message {n} has no 'role'")
+        return "messages"
+    for i in items:
+        if isinstance(i, (bool, np.bool_)) or not hasattr(i, "__index__") or operator.index(i) < 0:
+            raise ValueError(
+                f"prompt must be a string, a list of token ids or a list of chat message dicts; "
+                f"{i!r} is not a token id"
+            )
+    return "ids"
+
+
 class Processor:
     """Turns prompts (text, token ids, chat messages) into token ids for one checkpoint."""
 
@@ -45,63 +76,73 @@ class Processor:
 
     @classmethod
     def from_dir(cls, path: str | Path) -> Processor | None:
-        """Load from a checkpoint directory; None when it has no tokenizer files."""
+        """Load from a checkpoint directory; None when it has no tokenizer files. Without a chat
+        template of its own the checkpoint gets ours (Gemma 3's when its vocabulary has
+        <start_of_turn>, else Gemma 4's)."""
         path = Path(path)
         tokenizer = Tokenizer.from_dir(path)
         if tokenizer is None:
             return None
         template = ChatTemplate.from_dir(path)
-        if template is None:  # pick our own template by the turn markers the vocabulary has
+        if template is None:
             family = "gemma3" if tokenizer.token_to_id("<start_of_turn>") is not None else "gemma4"
             template = ChatTemplate.default(family)
         gen_file = path / "generation_config.json"
-        try:
-            gen = json.loads(gen_file.read_text()) if gen_file.is_file() else {}
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{gen_file}: not valid JSON ({e})") from None
+        gen = read_json(gen_file) if gen_file.is_file() else {}
+        if not isinstance(gen, dict):
+            raise ValueError(f"{gen_file}: expected a JSON object")
         return cls(tokenizer, template, gen)
 
     @property
     def eos_token_ids(self) -> list[int]:
-        """Ids that end generation: the generation config's, else EOS and end-of-turn."""
+        """Ids that end generation: the generation config's, else EOS and the end-of-turn token."""
         eos = self.generation_config.get("eos_token_id")
-        if eos is not None:
-            return list(eos) if isinstance(eos, list) else [eos]
-        ids = [
-            self.tokenizer.eos_token_id,
-            self.tokenizer.token_to_id("<turn|>"),
-            self.tokenizer.token_to_id("<end_of_turn>"),
-        ]
-        return [i for i in ids if i is not None]
+        if eos is None:
+            tok = self.tokenizer
+            eos = [tok.eos_token_id, tok.token_to_id("<turn|>"), tok.token_to_id("<end_of_turn>")]
+        ids = eos if isinstance(eos, list) else [eos]
+        return list(dict.fromkeys(int(i) for i in ids if i is not None))
 
     @property
     def suppress_token_ids(self) -> list[int]:
-        return list(self.generation_config.get("suppress_tokens") or [])
+        """Ids never to sample (Gemma 4: the end-of-image/audio markers)."""
+        return [int(i) for i in self.generation_config.get("suppress_tokens") or []]
 
     def apply_chat_template(
         self, messages: Sequence[dict], add_generation_prompt: bool = True, enable_thinking: bool = False
     ) -> str:
+        """The prompt text of a conversation (it starts with BOS: the template writes it)."""
+        tok = self.tokenizer
         return self.chat_template.render(
             messages,
             add_generation_prompt=add_generation_prompt,
             enable_thinking=enable_thinking,
-            bos_token=self.tokenizer.bos_token,
+            bos_token=tok.bos_token if tok.bos_token_id is not None else "",
+            eos_token=tok.eos_token,
+            pad_token=tok.pad_token,
         )
+
+    def encode_text(self, text: str, add_bos: bool = True) -> list[int]:
+        """Token ids of `text`, BOS first (once: not again when the text already starts with it).
+        Gemma always wants BOS, whatever `add_bos_token` says (the IT config says false because
+        its chat template writes it)."""
+        ids = self.tokenizer.encode(text)
+        bos = self.tokenizer.bos_token_id
+        if add_bos and bos is not None and ids[:1] != [bos]:
+            ids.insert(0, bos)
+        return ids
 
     def encode_prompt(
         self, prompt: str | Sequence[int] | Sequence[dict], enable_thinking: bool = False
     ) -> list[int]:
-        """Token ids for plain text (BOS prepended), ready ids, or chat messages (the template
-        writes BOS itself)."""
-        if isinstance(prompt, str):
-            return self.tokenizer.encode(prompt, add_special_tokens=True)
-        prompt = list(prompt)
-        if all(isinstance(p, dict) for p in prompt) and prompt:
-            text = self.apply_chat_template(prompt, enable_thinking=enable_thinking)
-            return self.tokenizer.encode(text, add_special_tokens=False)
-        if all(isinstance(p, int) or hasattr(p, "__index__") for p in prompt):
-            return [int(p) for p in prompt]
-        raise ValueError("prompt must be a string, a list of token ids, or a list of chat message dicts")
+        """Token ids for plain text (BOS prepended), ready ids (as they are), or chat messages
+        (rendered by the chat template, which writes BOS itself)."""
+        kind = prompt_kind(prompt)
+        if kind == "text":
+            return self.encode_text(prompt)
+        if kind == "ids":
+            return [operator.index(i) for i in prompt]
+        return self.tokenizer.encode(self.apply_chat_template(prompt, enable_thinking=enable_thinking))
 
     def prepare(
         self,
@@ -118,26 +159,28 @@ class Processor:
         array, "sampling_rate": 16000}`) or, for a text prompt with `<|image|>`/`<|audio|>`
         placeholders, as `images` / `audio` in order (`add_bos=False` for a text that continues a
         cached conversation). Audio longer than 30 s becomes consecutive 30 s blocks."""
-        images, audio = list(images), list(audio)
-        if not isinstance(prompt, str) and prompt and all(isinstance(m, dict) for m in prompt):
+        kind = prompt_kind(prompt)
+        if kind == "ids":
+            if images or audio:
+                raise ValueError("media need a text or chat prompt with placeholders, not token ids")
+            return Inputs(self.encode_prompt(prompt))
+        images = list(images)
+        audio = [a if isinstance(a, tuple) else (a, None) for a in audio]  # (clip, sampling rate)
+        if kind == "messages":
             for message in prompt:
                 content = message.get("content")
                 for part in content if isinstance(content, list) else []:
+                    if not isinstance(part, Mapping):
+                        continue
                     if part.get("type") == "image":
                         images.append(part.get("image", part.get("path")))
                     elif part.get("type") == "audio":
                         audio.append((part.get("audio", part.get("path")), part.get("sampling_rate")))
-            text = self.apply_chat_template(prompt, enable_thinking=enable_thinking)
-            bos = False
-        elif isinstance(prompt, str):
-            text, bos = prompt, add_bos
-            audio = [(a, None) if not isinstance(a, tuple) else a for a in audio]
+            text, bos = self.apply_chat_template(prompt, enable_thinking=enable_thinking), False
         else:
-            if images or audio:
-                raise ValueError("media need a text or chat prompt with placeholders, not token ids")
-            return Inputs(self.encode_prompt(prompt))
+            text, bos = prompt, add_bos
         if not images and not audio:
-            return Inputs(self.tokenizer.encode(text, add_special_tokens=bos))
+            return Inputs(self.encode_text(text, bos))
         image_inputs = [media.preprocess_image(i, max_soft_tokens) for i in images]
         clips = [
             [media.preprocess_audio(c) for c in media.split_audio(media.load_audio(a, rate))]
@@ -146,7 +189,7 @@ class Processor:
         text = media.expand_media_tokens(
             text, [i.num_soft_tokens for i in image_inputs], [[c.num_frames for c in cs] for cs in clips]
         )
-        out = Inputs(self.tokenizer.encode(text, add_special_tokens=bos))
+        out = Inputs(self.encode_text(text, bos))
         if image_inputs:
             out.pixel_values, out.image_position_ids, _ = media.batch_images(image_inputs)
         if clips:

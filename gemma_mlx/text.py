@@ -2,48 +2,63 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import operator
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import jinja2
+import jinja2.ext
+import jinja2.nodes
+import jinja2.utils
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file's content; a malformed file is a ValueError naming it."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
 
 
 def _token_str(value: Any) -> str | None:
     """tokenizer_config.json spells special tokens as strings or as {"content": ...} dicts."""
-    return value.get("content") if isinstance(value, dict) else value
+    return value.get("content") if isinstance(value, Mapping) else value
 
 
 class Tokenizer:
     """Gemma tokenizer: `tokenizer.json` through `tokenizers`, or `tokenizer.model` through
     `sentencepiece` (GGUF-derived checkpoints). Special-token strings in text map to their ids."""
 
-    def __init__(self, backend: Any, config: dict | None = None):
+    def __init__(self, backend: Any, config: Mapping | None = None):
         self._backend = backend
-        self._sp = not hasattr(backend, "encode_batch")  # sentencepiece vs tokenizers
+        self._sp = type(backend).__module__.startswith("sentencepiece")
+        self._special_re: re.Pattern | None = None
         config = config or {}
-        if self._sp:  # sentencepiece matches user-defined pieces itself, but never control ones
+        if self._sp:
+            # sentencepiece matches user-defined pieces in text itself but never control ones
+            # (Gemma 3 GGUFs make <start_of_turn> a control piece): those we split out ourselves
             specials = [
                 backend.id_to_piece(i)
                 for i in range(backend.get_piece_size())
                 if backend.is_control(i) or backend.is_unknown(i)
             ]
-            self._special_re = re.compile(
-                "|".join(map(re.escape, sorted(filter(None, specials), key=len, reverse=True)))
-            )
+            if specials := sorted(filter(None, specials), key=len, reverse=True):
+                self._special_re = re.compile("|".join(map(re.escape, specials)))
 
-        def piece(name: str) -> str:  # sentencepiece knows its own bos/eos/pad pieces
+        def default(name: str) -> str:  # sentencepiece knows its own bos/eos/pad pieces
             i = getattr(backend, f"{name}_id")() if self._sp else -1
             return backend.id_to_piece(i) if i >= 0 else f"<{name}>"
 
-        self.bos_token = _token_str(config.get("bos_token")) or piece("bos")
-        self.eos_token = _token_str(config.get("eos_token")) or piece("eos")
-        self.pad_token = _token_str(config.get("pad_token")) or piece("pad")
+        self.bos_token: str = _token_str(config.get("bos_token")) or default("bos")
+        self.eos_token: str = _token_str(config.get("eos_token")) or default("eos")
+        self.pad_token: str = _token_str(config.get("pad_token")) or default("pad")
         self.bos_token_id = self.token_to_id(self.bos_token)
         self.eos_token_id = self.token_to_id(self.eos_token)
         self.pad_token_id = self.token_to_id(self.pad_token)
@@ -54,22 +69,24 @@ class Tokenizer:
         """Load from a checkpoint directory; None when it has no tokenizer files."""
         path = Path(path)
         config_file = path / "tokenizer_config.json"
-        config = json.loads(config_file.read_text()) if config_file.is_file() else {}
-        if (path / "tokenizer.json").is_file():
+        config = read_json(config_file) if config_file.is_file() else {}
+        if not isinstance(config, Mapping):
+            raise ValueError(f"{config_file}: expected a JSON object")
+        if (f := path / "tokenizer.json").is_file():
             from tokenizers import Tokenizer as HFTokenizer
 
             try:
-                return cls(HFTokenizer.from_file(str(path / "tokenizer.json")), config)
+                return cls(HFTokenizer.from_file(str(f)), config)
             except Exception as e:  # tokenizers raises a bare Exception on malformed files
-                raise ValueError(f"{path / 'tokenizer.json'}: cannot be read ({e})") from None
-        if (path / "tokenizer.model").is_file():
+                raise ValueError(f"{f}: cannot be read as a tokenizer ({e})") from None
+        if (f := path / "tokenizer.model").is_file():
             import sentencepiece as spm
 
             sp = spm.SentencePieceProcessor()
             try:
-                sp.load(str(path / "tokenizer.model"))
+                sp.load(str(f))
             except (OSError, RuntimeError) as e:
-                raise ValueError(f"{path / 'tokenizer.model'}: cannot be read ({e})") from None
+                raise ValueError(f"{f}: cannot be read as a SentencePiece model ({e})") from None
             return cls(sp, config)
         return None
 
@@ -78,10 +95,10 @@ class Tokenizer:
         return self._backend.get_piece_size() if self._sp else self._backend.get_vocab_size()
 
     def token_to_id(self, token: str) -> int | None:
-        if self._sp:
-            i = self._backend.piece_to_id(token)
-            return None if i == self._backend.unk_id() and token != self._backend.id_to_piece(i) else i
-        return self._backend.token_to_id(token)
+        if not self._sp:
+            return self._backend.token_to_id(token)
+        i = self._backend.piece_to_id(token)  # unknown pieces give unk_id, which may be -1
+        return i if 0 <= i < self.vocab_size and self._backend.id_to_piece(i) == token else None
 
     def id_to_token(self, token_id: int) -> str | None:
         if not 0 <= token_id < self.vocab_size:
@@ -89,132 +106,255 @@ class Tokenizer:
         return self._backend.id_to_piece(token_id) if self._sp else self._backend.id_to_token(token_id)
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        """Token ids of `text`; with `add_special_tokens`, BOS first when the tokenizer wants it."""
-        if self._sp:
-            ids: list[int] = []
-            pos = 0
+        """Token ids of `text`; with `add_special_tokens`, BOS first when `add_bos_token` says so."""
+        if not isinstance(text, str):
+            raise TypeError(f"encode expects a str, got {type(text).__name__}")
+        if not self._sp:  # added (special) tokens are matched in text whatever add_special_tokens says
+            ids = self._backend.encode(text, add_special_tokens=False).ids
+        elif self._special_re is None:
+            ids = self._backend.encode(text)
+        else:
+            ids, pos = [], 0
             for m in self._special_re.finditer(text):
                 ids += self._backend.encode(text[pos : m.start()]) if m.start() > pos else []
                 ids.append(self._backend.piece_to_id(m.group()))
                 pos = m.end()
             ids += self._backend.encode(text[pos:]) if pos < len(text) else []
-        else:
-            ids = self._backend.encode(text, add_special_tokens=False).ids
         if add_special_tokens and self.add_bos_token and self.bos_token_id is not None:
             ids = [self.bos_token_id, *ids]
         return ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
-        ids = [int(i) for i in ids]
-        if self._sp:  # sentencepiece decodes control pieces to nothing: write them out ourselves
-            sp, out, run = self._backend, [], []
-            for i in ids:
-                if sp.is_control(i):
-                    out += [sp.decode(run), "" if skip_special_tokens else sp.id_to_piece(i)]
-                    run = []
-                else:
-                    run.append(i)
-            return "".join([*out, sp.decode(run)])
-        return self._backend.decode(ids, skip_special_tokens=skip_special_tokens)
+        ids = [operator.index(i) for i in ids]
+        if not self._sp:
+            return self._backend.decode(ids, skip_special_tokens=skip_special_tokens)
+        # sentencepiece decodes control pieces to "" and <unk> to " ⁇ ": write them as the text they are
+        sp, out, run = self._backend, [], []
+        for i in ids:
+            if sp.is_control(i) or sp.is_unknown(i):
+                out += [sp.decode(run), "" if skip_special_tokens else sp.id_to_piece(i)]
+                run = []
+            else:
+                run.append(i)
+        return "".join([*out, sp.decode(run)])
 
 
 class StreamingDetokenizer:
     """Turns a stream of token ids into text deltas that are always whole UTF-8 characters.
 
-    Decodes only a short window: the tokens since the last emitted boundary (`prefix`) plus the new
-    ones, and emits what the window added; a window ending in U+FFFD (a character split across
-    byte-fallback tokens) waits for more tokens. The deltas concatenate to `decode(all ids)`.
+    Each step decodes only a short window: the tokens from the previous emission point (kept as
+    left context, so leading-space rules see what the full decode sees) to the newest token, and
+    emits what the newest tokens added. A window ending in U+FFFD (a character split across
+    byte-fallback tokens) waits for more tokens. For valid UTF-8 the deltas concatenate exactly to
+    `tokenizer.decode(all ids)`.
     """
+
+    MAX_HELD = 8  # a UTF-8 character spans <= 4 byte tokens: holding more means the bytes are invalid
 
     def __init__(self, tokenizer: Tokenizer):
         self.tokenizer = tokenizer
         self.reset()
 
     def reset(self) -> None:
-        self.tokens: list[int] = []
-        self._prefix = self._read = 0
-        self.text = ""
+        self.tokens: list[int] = []  # the recent tokens only (the decode window and a little more)
+        self._prefix = self._read = 0  # window start; tokens before _read are emitted
+        self._before: str | None = ""  # decode(tokens[_prefix:_read]), None when not yet computed
+        self._text = ""
+
+    @property
+    def text(self) -> str:
+        """All text emitted so far."""
+        return self._text
 
     def add_token(self, token: int) -> str:
-        self.tokens.append(int(token))
-        decode = self.tokenizer.decode
-        before = decode(self.tokens[self._prefix : self._read])
-        after = decode(self.tokens[self._prefix :])
-        if len(after) <= len(before) or after.endswith("\ufffd"):
+        """Feed one token id; returns the text it completes (often "", or several characters)."""
+        self.tokens.append(operator.index(token))
+        if self._before is None:
+            self._before = self.tokenizer.decode(self.tokens[self._prefix : self._read])
+        window = self.tokenizer.decode(self.tokens[self._prefix :])
+        held = len(self.tokens) - self._read
+        if len(window) <= len(self._before) or (window.endswith("\ufffd") and held < self.MAX_HELD):
             return ""
-        delta = after[len(before) :]
-        self._prefix, self._read = self._read, len(self.tokens)
+        delta = window[len(self._before) :]
+        self._prefix, self._read, self._before = self._read, len(self.tokens), None
         if self._prefix > 64:  # drop history the window no longer needs
-            self.tokens = self.tokens[self._prefix :]
+            del self.tokens[: self._prefix]
             self._read -= self._prefix
             self._prefix = 0
-        self.text += delta
+        self._text += delta
         return delta
 
     def finalize(self) -> str:
         """Flush what is still held back (a trailing incomplete character decodes to U+FFFD)."""
-        before = self.tokenizer.decode(self.tokens[self._prefix : self._read])
-        after = self.tokenizer.decode(self.tokens[self._prefix :])
-        delta = after[len(before) :]
+        delta = ""
+        if self._read < len(self.tokens):
+            before = self._before
+            if before is None:
+                before = self.tokenizer.decode(self.tokens[self._prefix : self._read])
+            delta = self.tokenizer.decode(self.tokens[self._prefix :])[len(before) :]
         self._prefix = self._read = len(self.tokens)
-        self.text += delta
+        self._before = ""
+        self._text += delta
         return delta
 
 
-def _raise(message: str) -> None:
+# --- chat templates -------------------------------------------------------------------------------
+
+
+def _raise_exception(message: str) -> None:
     raise jinja2.exceptions.TemplateError(message)
 
 
+def _tojson(
+    value: Any,
+    ensure_ascii: bool = False,
+    indent: Any = None,
+    separators: Any = None,
+    sort_keys: bool = False,
+) -> str:
+    # jinja's own tojson HTML-escapes; chat templates expect plain JSON (as in transformers)
+    return json.dumps(
+        value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+    )
+
+
+def _check_names(names: Any) -> None:
+    for name in names:
+        if isinstance(name, str) and name.startswith("_"):
+            raise jinja2.exceptions.SecurityError(
+                f"namespace attribute {name!r}: names starting with _ are refused"
+            )
+
+
+class _Namespace(jinja2.utils.Namespace):
+    """`namespace()` that refuses underscore names: no route to Python internals through it."""
+
+    def __init__(*args: Any, **kwargs: Any) -> None:  # noqa: N805 (jinja's own signature trick)
+        _check_names(dict(*args[1:], **kwargs))
+        jinja2.utils.Namespace.__init__(*args, **kwargs)
+
+    def __setitem__(self, name: str, value: Any) -> None:
+        _check_names([name])
+        super().__setitem__(name, value)
+
+
+class _GenerationTag(jinja2.ext.Extension):
+    """`{% generation %}...{% endgeneration %}` (transformers' assistant-mask marker): renders its body."""
+
+    tags = {"generation"}
+
+    def parse(self, parser: Any) -> jinja2.nodes.Node:
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+    def _body(self, caller: Any) -> str:
+        return caller()
+
+
+def _plain(value: Any) -> Any:
+    """Template data rebuilt from plain JSON types: rich objects in messages (PIL images, arrays)
+    have methods the sandbox does not know to be unsafe, so a template only sees a placeholder."""
+    if value is None or type(value) in (str, int, float, bool):
+        return value
+    for kind in (bool, str, int, float):  # subclasses (enums, numpy scalars) back to the base type
+        if isinstance(value, kind):
+            return kind(value)
+    if isinstance(value, Mapping):
+        return {_plain(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if hasattr(value, "dtype") and getattr(value, "shape", None) == ():  # numpy / mlx scalars
+        return _plain(value.item())
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    return f"<{type(value).__name__}>"
+
+
+def _environment() -> ImmutableSandboxedEnvironment:
+    """The sandbox and helpers chat templates are written against (transformers' conventions)."""
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols]
+    )
+    env.filters["tojson"] = _tojson
+    env.globals.update(
+        raise_exception=_raise_exception,
+        strftime_now=lambda fmt: datetime.now().strftime(fmt),
+        namespace=_Namespace,
+    )
+    return env
+
+
+def _pick_template(value: Any, origin: Path) -> str | None:
+    """`chat_template` as a string, or transformers' list of named templates (the "default" one)."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, list) and all(isinstance(t, Mapping) and "template" in t for t in value):
+        named = {t.get("name"): t["template"] for t in value}
+        return named.get("default", value[0]["template"] if value else None)
+    raise ValueError(f"{origin}: chat_template must be a string or a list of named templates")
+
+
 class ChatTemplate:
-    """A chat template rendered in jinja2's sandbox (no access to Python internals)."""
+    """A chat template rendered in jinja2's sandbox (no access to Python internals, no I/O)."""
 
     def __init__(self, source: str, origin: str = "<chat template>"):
-        env = ImmutableSandboxedEnvironment(
-            trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
-        )
-        env.filters["tojson"] = lambda v, indent=None: json.dumps(v, ensure_ascii=False, indent=indent)
-        env.globals.update(raise_exception=_raise, strftime_now=lambda fmt: datetime.now().strftime(fmt))
         self.source, self.origin = source, origin
         try:
-            self._template = env.from_string(source)
+            self._template = _environment().from_string(source)
         except jinja2.TemplateSyntaxError as e:
             raise ValueError(f"{origin}: invalid chat template (line {e.lineno}: {e.message})") from None
 
     @classmethod
     def from_dir(cls, path: str | Path) -> ChatTemplate | None:
-        """The checkpoint's own template: chat_template.jinja, chat_template.json or tokenizer_config.json."""
+        """The checkpoint's own template: chat_template.jinja, chat_template.json or the
+        `chat_template` of tokenizer_config.json; None when it ships none."""
         path = Path(path)
         if (f := path / "chat_template.jinja").is_file():
-            return cls(f.read_text(), str(f))
+            return cls(f.read_text(encoding="utf-8"), str(f))
         for name in ("chat_template.json", "tokenizer_config.json"):
             if (f := path / name).is_file():
-                template = json.loads(f.read_text()).get("chat_template")
-                if isinstance(template, str):
+                data = read_json(f)
+                template = _pick_template(data.get("chat_template") if isinstance(data, Mapping) else None, f)
+                if template is not None:
                     return cls(template, str(f))
         return None
 
     @classmethod
     def default(cls, family: str = "gemma4") -> ChatTemplate:
         """Our own template for `family` ("gemma4" or "gemma3"), for checkpoints that ship none."""
-        source = resources.files("gemma_mlx").joinpath(f"templates/{family}.jinja").read_text()
-        return cls(source, f"gemma_mlx/templates/{family}.jinja")
+        name = f"templates/{family}.jinja"
+        return cls(
+            resources.files("gemma_mlx").joinpath(name).read_text(encoding="utf-8"), f"gemma_mlx/{name}"
+        )
 
     def render(
         self,
-        messages: Sequence[dict],
+        messages: Sequence[Mapping],
         *,
         add_generation_prompt: bool = True,
         enable_thinking: bool = False,
         bos_token: str = "<bos>",
         **extra: Any,
     ) -> str:
-        try:
-            return self._template.render(
-                messages=list(messages),
+        """The prompt text for `messages` (dicts with `role` and `content`: a string or a list of
+        `{"type": "text"|"image"|"audio", ...}` parts). Errors name the template's file."""
+        if isinstance(messages, (str, Mapping)) or not all(isinstance(m, Mapping) for m in messages):
+            raise ValueError("chat messages must be a list of dicts with 'role' and 'content'")
+        # keys set to None are dropped (APIs send content=None; templates test for missing keys)
+        messages = [{k: v for k, v in m.items() if v is not None} for m in messages]
+        data = _plain(
+            dict(
+                extra,
+                messages=messages,
                 add_generation_prompt=add_generation_prompt,
                 enable_thinking=enable_thinking,
                 bos_token=bos_token,
-                **extra,
             )
+        )
+        try:
+            return self._template.render(**data)
         except jinja2.TemplateError as e:
             raise ValueError(f"{self.origin}: {e}") from None
+        except Exception as e:  # a template bug (e.g. str + None): still name the file
+            raise ValueError(f"{self.origin}: rendering failed ({type(e).__name__}: {e})") from e

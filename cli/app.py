@@ -77,6 +77,26 @@ def guard_memory(path: Path, context: int = 8192) -> None:
         typer.secho(f"warning: {warning}", fg=typer.colors.YELLOW, err=True)
 
 
+class PrefillBar:
+    """A progress bar for prompts long enough to make the wait visible (several prefill chunks)."""
+
+    def __init__(self) -> None:
+        self.bar = None
+
+    def __call__(self, done: int, total: int) -> None:
+        from rich.progress import Progress
+
+        if self.bar is None and total > 1024:
+            self.bar = Progress(transient=True, console=None)
+            self.bar.start()
+            self.task = self.bar.add_task("prefill", total=total)
+        if self.bar is not None:
+            self.bar.update(self.task, completed=done)
+            if done >= total:
+                self.bar.stop()
+                self.bar = None
+
+
 def load_checked(path: Path):
     from gemma_mlx import load
 
@@ -130,6 +150,7 @@ def generate(
         seed=seed,
         images=images,
         audio=clips,
+        prefill_progress=PrefillBar(),
     ):
         if not as_json:
             typer.echo(chunk.text, nl=False)
@@ -180,7 +201,13 @@ def chat(
     model_obj, processor = load_checked(path)
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed)
     session = ChatSession(
-        model_obj, processor, system=system, think=think, max_tokens=max_tokens, sampling=sampling
+        model_obj,
+        processor,
+        system=system,
+        think=think,
+        max_tokens=max_tokens,
+        sampling=sampling,
+        prefill_progress=PrefillBar(),
     )
     for i in image or []:
         session.attach_image(i)

@@ -8,7 +8,7 @@ When the context is full the oldest turns are dropped and the rest is prefilled 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +38,7 @@ class ChatSession:
     sampling: dict = field(default_factory=dict)
     history: list[dict] = field(default_factory=list)
     notices: list[str] = field(default_factory=list)  # context trimming etc., for the front end
+    prefill_progress: Callable[[int, int], None] | None = None
 
     def __post_init__(self) -> None:
         self.pending: list[dict] = []
@@ -127,6 +128,7 @@ class ChatSession:
                 inputs,
                 cache=self.cache,
                 max_tokens=self.max_tokens,
+                prefill_progress=self.prefill_progress,
                 **self.sampling,
             ):
                 self.tokens.append(chunk.token)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import mlx.core as mx
@@ -16,6 +16,7 @@ from .sample import make_logits_processor, make_sampler
 from .text import StreamingDetokenizer
 
 Prompt = str | Sequence[int] | Sequence[dict] | Inputs
+Progress = Callable[[int, int], None]
 
 
 @dataclass
@@ -48,11 +49,16 @@ def make_cache(model: Model, slack: int = 128) -> list[KVCache | RingKVCache]:
     return model.make_cache(slack)
 
 
-def prefill(model: Model, ids: mx.array, cache: list, step: int = 512) -> None:
-    """Run `ids [L]` through the model in chunks of `step` tokens, filling `cache`."""
+def prefill(
+    model: Model, ids: mx.array, cache: list, step: int = 512, progress: Progress | None = None
+) -> None:
+    """Run `ids [L]` through the model in chunks of `step` tokens, filling `cache`;
+    `progress(done, total)` after each chunk."""
     for i in range(0, ids.shape[0], step):
         model(ids[None, i : i + step], cache, logits_to_keep=1)
         mx.eval([c.state for c in cache])
+        if progress is not None:
+            progress(min(i + step, ids.shape[0]), ids.shape[0])
 
 
 def generate_tokens(
@@ -64,6 +70,7 @@ def generate_tokens(
     key: mx.array | None = None,
     prefill_step_size: int = 512,
     media: dict | None = None,
+    progress: Progress | None = None,
 ) -> Iterator[int]:
     """Yield sampled token ids forever, given prompt `ids [L]` (L >= 1) not yet in `cache`.
 
@@ -75,7 +82,7 @@ def generate_tokens(
         model(ids[None, :-1], cache, logits_to_keep=1, **media)
         mx.eval([c.state for c in cache])
     else:
-        prefill(model, ids[:-1], cache, prefill_step_size)
+        prefill(model, ids[:-1], cache, prefill_step_size, progress)
     key = mx.random.key(secrets.randbits(32)) if key is None else key
 
     def step(tok: mx.array) -> mx.array:
@@ -121,6 +128,7 @@ def stream_generate(
     audio: Sequence = (),
     enable_thinking: bool = False,
     max_soft_tokens: int = 280,
+    prefill_progress: Progress | None = None,
 ) -> Iterator[GenerationChunk]:
     """Stream a completion of `prompt` (text, token ids, or chat messages, whose parts may hold
     images and audio; a text prompt takes `images`/`audio` for its placeholders).
@@ -171,6 +179,7 @@ def stream_generate(
         key,
         prefill_step_size,
         inputs.model_kwargs(),
+        prefill_progress,
     )
     prompt_tps = gen_tps = 0.0
     n = 0

@@ -1,44 +1,76 @@
-"""Tokenizers (tokenizer.json and SentencePiece), streaming detokenization, chat templates, processor."""
+"""Tokenizers (tokenizer.json and SentencePiece), streaming detokenization, chat templates."""
 
 from __future__ import annotations
 
 import json
+from datetime import datetime
+from pathlib import Path
 
+import numpy as np
 import pytest
-from reference import save_tokenizer
 
-from gemma_mlx.processor import Processor
 from gemma_mlx.text import ChatTemplate, StreamingDetokenizer, Tokenizer
 
+SPECIAL = ["<pad>", "<eos>", "<bos>", "<unk>"]  # ids 0..3, as in Gemma's vocabulary
+ADDED = ["<|turn>", "<turn|>", "<|think|>", "<|channel>", "<channel|>", "<|image|>", "<|audio|>"]
+BYTES = [f"<0x{i:02X}>" for i in range(256)]
 SAMPLES = [
     "The quick brown fox.",
     "  leading and   runs of   spaces  ",
-    "line one\nline two\n\n\ttabbed",
+    "line one\nline two\n\n\ttabbed\r\n",
     "digits 0123456789 and 3.14159",
     "accents: déjà vu, naïve, Ærøskøbing",
     "CJK: 漢字かなカナ한국어",
     "emoji: 😀👍🏽 🇫🇷 and ZWJ 👩‍👩‍👧",
 ]
+# accented letters and two CJK characters are in the training text, so some multi-byte characters
+# are whole tokens and the rest (Korean, kana, emoji) come as byte-fallback tokens
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog. " * 3,
+    "Hello world, this is a tiny tokenizer with digits 0123456789.",
+    "déjà vu, naïve café, Ærøskøbing",
+    "漢字 漢字",
+]
 
 
-@pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tok")
-    save_tokenizer(path)
+def save_gemma_tokenizer(path: Path, add_bos_token: bool = True) -> Path:
+    """A Gemma-like tokenizer.json: Replace(" ", "▁") normalizer, no pre-tokenizer, BPE with byte
+    fallback (the 256 <0xNN> tokens in the vocabulary), decoder Replace + ByteFallback + Fuse."""
+    from tokenizers import AddedToken, decoders, models, normalizers, trainers
+    from tokenizers import Tokenizer as HFTokenizer
+
+    base = HFTokenizer(models.BPE(unk_token="<unk>"))
+    base.normalizer = normalizers.Replace(" ", "▁")
+    base.train_from_iterator(
+        CORPUS, trainers.BpeTrainer(vocab_size=200, special_tokens=SPECIAL, show_progress=False)
+    )
+    trained = json.loads(base.to_str())["model"]
+    learned = [t for t, _ in sorted(trained["vocab"].items(), key=lambda kv: kv[1]) if t not in SPECIAL]
+    vocab = {t: i for i, t in enumerate(SPECIAL + BYTES + learned)}
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in trained["merges"]]
+    tok = HFTokenizer(
+        models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True)
+    )
+    tok.normalizer = normalizers.Replace(" ", "▁")
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL + ADDED])
+    tok.save(str(path / "tokenizer.json"))
+    config = {"add_bos_token": add_bos_token, "bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>"}
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
     return path
 
 
-@pytest.fixture(scope="module")
-def sp_dir(tmp_path_factory):
-    """A SentencePiece model with byte fallback, control tokens and user-defined turn markers."""
-    spm = pytest.importorskip("sentencepiece")
-    path = tmp_path_factory.mktemp("sp")
+def save_sp_tokenizer(path: Path) -> Path:
+    """A SentencePiece tokenizer.model with byte fallback, control pieces (as Gemma 3 GGUFs make
+    <start_of_turn>) and a user-defined piece."""
+    import sentencepiece as spm
+
     corpus = path / "corpus.txt"
-    corpus.write_text("\n".join(["The quick brown fox jumps over the lazy dog."] * 20 + SAMPLES[:4]))
+    corpus.write_text("\n".join(CORPUS * 5 + SAMPLES[:4]))
     spm.SentencePieceTrainer.train(
         input=str(corpus),
         model_prefix=str(path / "tokenizer"),
-        vocab_size=340,
+        vocab_size=360,
         model_type="bpe",
         byte_fallback=True,
         add_dummy_prefix=False,
@@ -50,15 +82,41 @@ def sp_dir(tmp_path_factory):
         eos_piece="<eos>",
         bos_piece="<bos>",
         unk_piece="<unk>",
-        user_defined_symbols=["<start_of_turn>", "<end_of_turn>"],
+        control_symbols=["<start_of_turn>", "<end_of_turn>"],
+        user_defined_symbols=["<|image|>"],
         character_coverage=1.0,
         normalization_rule_name="identity",
         remove_extra_whitespaces=False,
         minloglevel=2,
     )
-    (path / "corpus.txt").unlink()
+    corpus.unlink()
     (path / "tokenizer.vocab").unlink()
     return path
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory) -> Path:
+    return save_gemma_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+@pytest.fixture(scope="module")
+def sp_dir(tmp_path_factory) -> Path:
+    return save_sp_tokenizer(tmp_path_factory.mktemp("sp"))
+
+
+@pytest.fixture(scope="module")
+def tok(hf_dir) -> Tokenizer:
+    return Tokenizer.from_dir(hf_dir)
+
+
+def stream(tokenizer: Tokenizer, ids: list[int]) -> list[str]:
+    detok = StreamingDetokenizer(tokenizer)
+    deltas = [detok.add_token(i) for i in ids] + [detok.finalize()]
+    assert detok.text == "".join(deltas)
+    return deltas
+
+
+# --- tokenizer -------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("kind", ["hf_dir", "sp_dir"])
@@ -67,105 +125,306 @@ def test_round_trip_and_streaming(kind, request):
     for text in SAMPLES:
         ids = tok.encode(text)
         assert tok.decode(ids) == text
-        detok = StreamingDetokenizer(tok)
-        deltas = [detok.add_token(i) for i in ids]
-        deltas.append(detok.finalize())
-        assert "".join(deltas) == text == detok.text
+        deltas = stream(tok, ids)
+        assert "".join(deltas) == text
         assert not any("\ufffd" in d for d in deltas)  # split multi-byte characters come out whole
 
 
-def test_streaming_holds_back_split_characters(hf_dir):
-    tok = Tokenizer.from_dir(hf_dir)
-    ids = tok.encode("😀")
-    assert len(ids) == 4  # four byte-fallback tokens
-    detok = StreamingDetokenizer(tok)
-    assert [detok.add_token(i) for i in ids] == ["", "", "", "😀"]
+def test_vocabulary_and_special_ids(tok, hf_dir):
+    assert tok.vocab_size == len(json.loads((hf_dir / "tokenizer.json").read_text())["model"]["vocab"]) + 7
+    assert (tok.pad_token_id, tok.eos_token_id, tok.bos_token_id) == (0, 1, 2) and tok.add_bos_token
+    assert tok.token_to_id("<0x41>") == 4 + 0x41 and tok.id_to_token(4 + 0xF0) == "<0xF0>"
+    assert tok.token_to_id("no such token") is None
+    assert tok.id_to_token(2) == "<bos>" and tok.id_to_token(-1) is None and tok.id_to_token(10**6) is None
 
 
-def test_long_stream_matches_decode(hf_dir):
-    tok = Tokenizer.from_dir(hf_dir)
-    text = " ".join(SAMPLES * 10)
-    ids = tok.encode(text)
-    detok = StreamingDetokenizer(tok)
-    assert "".join(detok.add_token(i) for i in ids) + detok.finalize() == tok.decode(ids)
-    assert len(detok.tokens) < 100  # the window does not keep the whole history
+def test_special_token_strings_map_to_single_ids(tok):
+    for t in SPECIAL + ADDED:
+        assert tok.encode(t) == [tok.token_to_id(t)]
+        ids = tok.encode(f"a{t}b")
+        assert ids.count(tok.token_to_id(t)) == 1 and tok.decode(ids) == f"a{t}b"
+    ids = tok.encode("<|turn>user\nhi<turn|>")
+    assert ids[0] == tok.token_to_id("<|turn>") and ids[-1] == tok.token_to_id("<turn|>")
+    assert tok.decode(ids, skip_special_tokens=True) == "user\nhi"
+    assert tok.encode("hi", add_special_tokens=True) == [2, *tok.encode("hi")]
+    assert tok.decode(np.array([2, *tok.encode("hi")])) == "<bos>hi"  # numpy ids
 
 
-def test_special_tokens(hf_dir, sp_dir):
-    tok = Tokenizer.from_dir(hf_dir)
-    turn = tok.token_to_id("<|turn>")
-    assert tok.encode("<|turn>user\nhi")[0] == turn
-    assert tok.encode("hi", add_special_tokens=True)[0] == tok.bos_token_id == 2
-    assert tok.eos_token_id == 1 and tok.id_to_token(2) == "<bos>" and tok.id_to_token(10**6) is None
-    sp = Tokenizer.from_dir(sp_dir)
-    ids = sp.encode("<bos><start_of_turn>user\nhi<end_of_turn>")
-    assert ids[:2] == [2, sp.token_to_id("<start_of_turn>")] and ids[-1] == sp.token_to_id("<end_of_turn>")
-    assert sp.decode(ids, skip_special_tokens=True) == "<start_of_turn>user\nhi<end_of_turn>"
-    assert sp.decode(ids) == "<bos><start_of_turn>user\nhi<end_of_turn>"
+def test_byte_fallback_tokens(tok):
+    assert tok.encode("😀") == [tok.token_to_id(f"<0x{b:02X}>") for b in "😀".encode()]
+    assert tok.encode("é") == [tok.token_to_id("é")]  # learned: one token, not two bytes
+    assert len(tok.encode("한")) == 3  # not learned: three byte tokens
 
 
-def test_matches_transformers_fast_tokenizer(hf_dir):
+def test_matches_transformers_fast_tokenizer(tok, hf_dir):
     from transformers import PreTrainedTokenizerFast
 
     ref = PreTrainedTokenizerFast(tokenizer_file=str(hf_dir / "tokenizer.json"))
-    tok = Tokenizer.from_dir(hf_dir)
+    for text in [*SAMPLES, "<bos><|turn>user\nhi <|image|> there<turn|>\n<|turn>model\n"]:
+        ids = tok.encode(text)
+        assert ids == ref.encode(text, add_special_tokens=False)
+        assert tok.decode(ids) == ref.decode(ids)
+        assert tok.decode(ids, skip_special_tokens=True) == ref.decode(ids, skip_special_tokens=True)
+
+
+def test_config_variants(tmp_path):
+    save_gemma_tokenizer(tmp_path, add_bos_token=False)
+    tok = Tokenizer.from_dir(tmp_path)
+    assert not tok.add_bos_token and tok.encode("hi", add_special_tokens=True) == tok.encode("hi")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": {"content": "<bos>"}}))
+    assert Tokenizer.from_dir(tmp_path).bos_token_id == 2  # the {"content": ...} spelling
+    (tmp_path / "tokenizer_config.json").unlink()
+    tok = Tokenizer.from_dir(tmp_path)  # no config: Gemma's token names, BOS wanted
+    assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, tok.add_bos_token) == (2, 1, 0, True)
+
+
+def test_missing_and_malformed_files(tmp_path):
+    assert Tokenizer.from_dir(tmp_path) is None
+    (tmp_path / "tokenizer.model").write_bytes(b"not a model")
+    with pytest.raises(ValueError, match="tokenizer.model: cannot be read"):
+        Tokenizer.from_dir(tmp_path)
+    (tmp_path / "tokenizer.json").write_text('{"model": ')
+    with pytest.raises(ValueError, match="tokenizer.json: cannot be read"):
+        Tokenizer.from_dir(tmp_path)
+    (tmp_path / "tokenizer_config.json").write_text("{")
+    with pytest.raises(ValueError, match="tokenizer_config.json: not valid JSON"):
+        Tokenizer.from_dir(tmp_path)
+
+
+def test_sentencepiece_specials(sp_dir):
+    sp = Tokenizer.from_dir(sp_dir)
+    assert (sp.pad_token_id, sp.eos_token_id, sp.bos_token_id, sp.add_bos_token) == (0, 1, 2, True)
+    sot, eot, image = (sp.token_to_id(t) for t in ("<start_of_turn>", "<end_of_turn>", "<|image|>"))
+    assert None not in (sot, eot, image) and sp.token_to_id("no such piece") is None
+    ids = sp.encode("<bos><start_of_turn>user\nhi <|image|><end_of_turn>")
+    assert ids[:2] == [2, sot] and ids[-2:] == [image, eot]  # control pieces split out by us
+    assert sp.decode(ids) == "<bos><start_of_turn>user\nhi <|image|><end_of_turn>"
+    assert sp.decode(ids, skip_special_tokens=True) == "user\nhi <|image|>"
+    assert sp.decode([3]) == "<unk>"  # not sentencepiece's " ⁇ "
+    assert sp.encode("hi", add_special_tokens=True)[0] == 2
+
+
+def test_sentencepiece_matches_sentencepiece(sp_dir):
+    import sentencepiece as spm
+
+    ref = spm.SentencePieceProcessor(model_file=str(sp_dir / "tokenizer.model"))
+    sp = Tokenizer.from_dir(sp_dir)
     for text in SAMPLES:
-        assert tok.encode(text) == ref.encode(text, add_special_tokens=False)
-        assert tok.decode(tok.encode(text)) == ref.decode(ref.encode(text, add_special_tokens=False))
+        assert sp.encode(text) == ref.encode(text) and sp.decode(ref.encode(text)) == ref.decode(ref.encode(text))
 
 
-GEMMA4 = ChatTemplate.default("gemma4")
+# --- streaming detokenizer -------------------------------------------------------------------------
 
 
-def test_gemma4_template_turns():
-    messages = [
-        {"role": "system", "content": "Be brief."},
-        {"role": "user", "content": "Hi"},
-        {"role": "assistant", "content": "<|channel>thought\nhmm<channel|>Hello!"},
-        {"role": "user", "content": "Bye"},
-    ]
-    assert GEMMA4.render(messages) == (
+@pytest.mark.parametrize("kind", ["hf_dir", "sp_dir"])
+def test_streaming_holds_back_split_characters(kind, request):
+    tok = Tokenizer.from_dir(request.getfixturevalue(kind))
+    ids = tok.encode("😀")
+    assert len(ids) == 4  # four byte-fallback tokens
+    assert stream(tok, ids) == ["", "", "", "😀", ""]
+    ids = tok.encode("a한b")
+    assert stream(tok, ids) == ["a", "", "", "한", "b", ""]
+
+
+@pytest.mark.parametrize("kind", ["hf_dir", "sp_dir"])
+def test_streaming_matches_decode_with_specials_and_spaces(kind, request):
+    tok = Tokenizer.from_dir(request.getfixturevalue(kind))
+    turn = "<|turn>" if kind == "hf_dir" else "<start_of_turn>"
+    for text in [f"<bos>{turn}user\n  two spaces {turn}😀 end", "   ", "\n\n", " 漢 字 "]:
+        ids = tok.encode(text)
+        assert "".join(stream(tok, ids)) == tok.decode(ids)
+
+
+def test_streaming_invalid_bytes(tok):
+    """Invalid UTF-8 still streams out (as U+FFFD, like decode), and is not held forever."""
+    byte = {b: tok.token_to_id(f"<0x{b:02X}>") for b in (0x80, 0xF0)}
+    ids = [byte[0xF0], *tok.encode("a"), byte[0x80], *tok.encode(" b"), byte[0xF0]]
+    deltas = stream(tok, ids)
+    assert "".join(deltas) == tok.decode(ids) == "\ufffda\ufffd b\ufffd" and deltas[-1] == "\ufffd"
+    deltas = stream(tok, [byte[0x80]] * 20)
+    assert "".join(deltas) == tok.decode([byte[0x80]] * 20) and deltas[-1] != "".join(deltas)
+
+
+def test_streaming_window_is_short(tok):
+    """Each step decodes a few tokens, never the whole history."""
+    text = " ".join(SAMPLES * 10)
+    ids = tok.encode(text)
+    calls: list[int] = []
+
+    class Recording:
+        def decode(self, ids, skip_special_tokens=False):
+            calls.append(len(ids))
+            return tok.decode(ids)
+
+    detok = StreamingDetokenizer(Recording())
+    assert "".join(detok.add_token(i) for i in ids) + detok.finalize() == text
+    assert len(ids) > 500 and max(calls) <= 10 and len(calls) <= 2 * len(ids) + 2
+    assert len(detok.tokens) < 100  # the window does not keep the whole history
+
+
+def test_streaming_reset(tok):
+    detok = StreamingDetokenizer(tok)
+    for i in tok.encode("Hello 😀"):
+        detok.add_token(i)
+    detok.finalize()
+    assert detok.text == "Hello 😀"
+    detok.reset()
+    assert detok.text == "" and detok.tokens == []
+    assert "".join(detok.add_token(i) for i in tok.encode("fox")) + detok.finalize() == "fox"
+
+
+# --- chat templates --------------------------------------------------------------------------------
+
+GEMMA4 = ChatTemplate.default()
+SYSTEM = {"role": "system", "content": "Be brief."}
+USER = {"role": "user", "content": "Hi"}
+THINK_OFF = "<|turn>model\n<|channel>thought\n<channel|>"
+
+# (messages, render options, expected text), written by hand from the format in design doc section 6
+CASES = [
+    (
+        [SYSTEM, USER],
+        {},
+        "<bos><|turn>system\nBe brief.<turn|>\n<|turn>user\nHi<turn|>\n" + THINK_OFF,
+    ),
+    ([USER], {}, "<bos><|turn>user\nHi<turn|>\n" + THINK_OFF),
+    ([USER], {"add_generation_prompt": False}, "<bos><|turn>user\nHi<turn|>\n"),
+    (
+        [USER],
+        {"enable_thinking": True},
+        "<bos><|turn>system\n<|think|><turn|>\n<|turn>user\nHi<turn|>\n<|turn>model\n",
+    ),
+    (
+        [SYSTEM, USER],
+        {"enable_thinking": True},
+        "<bos><|turn>system\n<|think|>Be brief.<turn|>\n<|turn>user\nHi<turn|>\n<|turn>model\n",
+    ),
+    (
+        [
+            SYSTEM,
+            USER,
+            {"role": "assistant", "content": "<|channel>thought\nThey greet me.<channel|>Hello!"},
+            {"role": "user", "content": "  Bye \n"},
+            {"role": "assistant", "content": "Sure. <|channel>thought\nhmm<channel|> Bye!"},
+        ],
+        {"add_generation_prompt": False},
         "<bos><|turn>system\nBe brief.<turn|>\n<|turn>user\nHi<turn|>\n<|turn>model\nHello!<turn|>\n"
-        "<|turn>user\nBye<turn|>\n<|turn>model\n<|channel>thought\n<channel|>"
-    )
-    assert GEMMA4.render(messages[1:2], enable_thinking=True) == (
-        "<bos><|turn>system\n<|think|><turn|>\n<|turn>user\nHi<turn|>\n<|turn>model\n"
-    )
-    assert GEMMA4.render(messages[1:2], add_generation_prompt=False) == "<bos><|turn>user\nHi<turn|>\n"
+        "<|turn>user\nBye<turn|>\n<|turn>model\nSure.  Bye!<turn|>\n",
+    ),
+    (
+        [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this? "}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "<|channel>thought\nA cat<channel|>A cat."}]},
+            {"role": "user", "content": [{"type": "text", "text": "And this?"}, {"type": "audio"}]},
+        ],
+        {"enable_thinking": True},
+        "<bos><|turn>system\n<|think|><turn|>\n<|turn>user\n\n\n<|image|>\n\nWhat is this?<turn|>\n"
+        "<|turn>model\nA cat.<turn|>\n<|turn>user\nAnd this?<|audio|><turn|>\n<|turn>model\n",
+    ),
+    (
+        [{"role": "developer", "content": "Rules."}, {"role": "model", "content": "<|channel>thought\ncut off"}],
+        {"add_generation_prompt": False},
+        "<bos><|turn>system\nRules.<turn|>\n<|turn>model\n<turn|>\n",
+    ),
+    ([], {"enable_thinking": True}, "<bos><|turn>system\n<|think|><turn|>\n<|turn>model\n"),
+]
 
 
-def test_gemma4_template_media_parts():
-    parts = [{"type": "image"}, {"type": "text", "text": "What is this?"}, {"type": "audio"}]
-    out = GEMMA4.render([{"role": "user", "content": parts}], add_generation_prompt=False)
-    assert out == "<bos><|turn>user\n\n\n<|image|>\n\nWhat is this?<|audio|><turn|>\n"
+@pytest.mark.parametrize("messages, options, expected", CASES)
+def test_gemma4_template(messages, options, expected):
+    assert GEMMA4.render(messages, **options) == expected
 
 
-def test_template_errors(tmp_path):
-    with pytest.raises(ValueError, match="unsupported role 'tool'"):
+def test_gemma4_template_matches_transformers_rendering(hf_dir):
+    """transformers' own apply_chat_template renders our template string to the same text."""
+    from transformers import PreTrainedTokenizerFast
+
+    ref = PreTrainedTokenizerFast(tokenizer_file=str(hf_dir / "tokenizer.json"), bos_token="<bos>")
+    for messages, options, expected in CASES[:-1]:  # (transformers refuses an empty conversation)
+        kw = {"add_generation_prompt": True, "enable_thinking": False, **options}
+        assert ref.apply_chat_template(messages, chat_template=GEMMA4.source, tokenize=False, **kw) == expected
+
+
+def test_gemma4_template_details():
+    assert GEMMA4.origin.endswith("templates/gemma4.jinja")
+    out = GEMMA4.render([{"role": "user", "content": [{"type": "video"}, "plain part"]}])
+    assert out.startswith("<bos><|turn>user\n\n\n<|video|>\n\nplain part<turn|>\n")
+    # content=None (e.g. an assistant message that only called a tool) renders as empty
+    assert "<|turn>model\n<turn|>\n" in GEMMA4.render([USER, {"role": "assistant", "content": None}])
+    assert GEMMA4.render([USER], bos_token="").startswith("<|turn>user")
+    with pytest.raises(ValueError, match=r"gemma4\.jinja: unsupported role 'tool'"):
         GEMMA4.render([{"role": "tool", "content": "x"}])
-    (tmp_path / "chat_template.jinja").write_text("{% for m in messages %}{{ m.content }")
-    with pytest.raises(ValueError, match="chat_template.jinja: invalid chat template"):
-        ChatTemplate.from_dir(tmp_path)
-    sandboxed = ChatTemplate("{{ messages.__class__.__mro__ }}")
+    with pytest.raises(ValueError, match="list of dicts"):
+        GEMMA4.render("Hi")
+
+
+def test_template_environment(hf_dir):
+    """The helpers and whitespace rules of transformers' template environment."""
+    source = (
+        "{% set ns = namespace(n=0) %}\n"
+        "{% for m in messages %}\n"
+        "    {% set ns.n = ns.n + 1 %}\n"
+        "{% generation %}{{ m.content | tojson }}{% endgeneration %}\n"
+        "{% endfor %}\n"
+        "{{ ns.n }} {{ strftime_now('%Y') }}"
+    )
+    messages = [{"role": "user", "content": 'é "<b>"'}]
+    out = ChatTemplate(source).render(messages)
+    assert out == f'"é \\"<b>\\""1 {datetime.now():%Y}'  # trim_blocks ate the newlines
+    from transformers import PreTrainedTokenizerFast
+
+    ref = PreTrainedTokenizerFast(tokenizer_file=str(hf_dir / "tokenizer.json"))
+    assert ref.apply_chat_template(messages, chat_template=source, tokenize=False) == out
+    with pytest.raises(ValueError, match="<chat template>: no thanks"):
+        ChatTemplate("{{ raise_exception('no thanks') }}").render([])
+
+
+def test_template_sandbox():
     with pytest.raises(ValueError):
-        sandboxed.render([])
+        ChatTemplate("{{ messages.__class__.__mro__[1].__subclasses__() }}").render([])
+    with pytest.raises(ValueError):
+        ChatTemplate("{% set ns = namespace(_hidden=1) %}").render([])
+    with pytest.raises(ValueError):
+        ChatTemplate("{{ messages.append(1) }}").render([])
+
+    class Image:
+        saved = False
+
+        def save(self) -> str:
+            Image.saved = True
+            return "saved"
+
+    messages = [{"role": "user", "content": [{"type": "image", "image": Image()}]}]
+    assert ChatTemplate("{{ messages[0].content[0].image }}").render(messages) == "<Image>"
+    with pytest.raises(ValueError):
+        ChatTemplate("{{ messages[0].content[0].image.save() }}").render(messages)
+    assert not Image.saved  # the template only ever saw a placeholder string
 
 
 def test_template_sources(tmp_path):
     assert ChatTemplate.from_dir(tmp_path) is None
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ bos_token }}x"}))
-    assert ChatTemplate.from_dir(tmp_path).render([]) == "<bos>x"
-    (tmp_path / "chat_template.jinja").write_text("{{ bos_token }}y")
-    assert ChatTemplate.from_dir(tmp_path).render([]) == "<bos>y"
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": True}))
+    assert ChatTemplate.from_dir(tmp_path) is None
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ bos_token }}a"}))
+    assert ChatTemplate.from_dir(tmp_path).render([]) == "<bos>a"
+    named = [{"name": "tool_use", "template": "t"}, {"name": "default", "template": "{{ bos_token }}b"}]
+    (tmp_path / "chat_template.json").write_text(json.dumps({"chat_template": named}))
+    assert ChatTemplate.from_dir(tmp_path).render([]) == "<bos>b"
+    (tmp_path / "chat_template.jinja").write_text("{{ bos_token }}c")
+    template = ChatTemplate.from_dir(tmp_path)
+    assert template.render([]) == "<bos>c" and template.origin == str(tmp_path / "chat_template.jinja")
 
 
-def test_processor(hf_dir, tmp_path):
-    assert Processor.from_dir(tmp_path) is None
-    p = Processor.from_dir(hf_dir)
-    assert p.eos_token_ids == [1, p.tokenizer.token_to_id("<turn|>")]
-    assert p.encode_prompt("Hello")[0] == 2
-    assert p.encode_prompt([5, 6, 7]) == [5, 6, 7]
-    ids = p.encode_prompt([{"role": "user", "content": "Hello"}])
-    assert ids.count(2) == 1 and p.tokenizer.decode(ids).startswith("<bos><|turn>user\nHello")
-    with pytest.raises(ValueError, match="prompt must be"):
-        p.encode_prompt([1.5])
+def test_malformed_templates(tmp_path):
+    (tmp_path / "chat_template.json").write_text('{"chat_template": ')
+    with pytest.raises(ValueError, match="chat_template.json: not valid JSON"):
+        ChatTemplate.from_dir(tmp_path)
+    (tmp_path / "chat_template.json").write_text('{"chat_template": 3}')
+    with pytest.raises(ValueError, match="chat_template.json: chat_template must be"):
+        ChatTemplate.from_dir(tmp_path)
+    (tmp_path / "chat_template.jinja").write_text("{% for m in messages %}\n{{ m.content }")
+    with pytest.raises(ValueError, match=r"chat_template.jinja: invalid chat template \(line 2"):
+        ChatTemplate.from_dir(tmp_path)
+    (tmp_path / "chat_template.jinja").write_text("{{ messages[0].content + 1 }}")
+    with pytest.raises(ValueError, match="chat_template.jinja: rendering failed"):
+        ChatTemplate.from_dir(tmp_path).render([USER])

@@ -97,6 +97,18 @@ class PrefillBar:
                 self.bar = None
 
 
+def load_draft(draft: str | None):
+    """The MTP drafter for --draft (a `gemma4_unified_assistant` checkpoint directory)."""
+    if draft is None:
+        return None
+    from gemma_mlx import load_drafter
+
+    path = Path(draft).expanduser()
+    if not path.is_dir():
+        fail(f"--draft {draft}: no such drafter checkpoint directory")
+    return load_drafter(path)
+
+
 def load_checked(path: Path):
     from gemma_mlx import load
 
@@ -124,6 +136,13 @@ def generate(
     as_json: Annotated[
         bool, typer.Option("--json", help="Print one JSON object with text and speed.")
     ] = False,
+    draft: Annotated[
+        str | None, typer.Option("--draft", help="MTP drafter checkpoint: speculative decoding.")
+    ] = None,
+    draft_block_size: Annotated[
+        int,
+        typer.Option("--draft-block-size", min=2, help="Tokens per speculative round (last token + drafts)."),
+    ] = 4,
 ) -> None:
     """Complete a prompt and print the text as it is generated."""
     if prompt is None:
@@ -151,6 +170,8 @@ def generate(
         images=images,
         audio=clips,
         prefill_progress=PrefillBar(),
+        drafter=load_draft(draft),
+        draft_block_size=draft_block_size,
     ):
         if not as_json:
             typer.echo(chunk.text, nl=False)
@@ -166,13 +187,15 @@ def generate(
             "generation_tps": round(last.generation_tps, 2),
             "peak_memory_gb": round(last.peak_memory_gb, 3),
             "finish_reason": last.finish_reason,
+            "draft_acceptance": round(last.accepted / last.drafted, 3) if last.drafted else None,
         }
         typer.echo(json.dumps(result, ensure_ascii=False))
         return
     typer.echo()
     typer.secho(
         f"[{last.prompt_tokens} prompt tokens at {last.prompt_tps:.1f} tok/s, {last.generation_tokens} "
-        f"generated at {last.generation_tps:.1f} tok/s, peak memory {last.peak_memory_gb:.2f} GB]",
+        f"generated at {last.generation_tps:.1f} tok/s, peak memory {last.peak_memory_gb:.2f} GB"
+        + (f", {last.accepted}/{last.drafted} drafts accepted]" if last.drafted else "]"),
         err=True,
         dim=True,
     )
@@ -191,6 +214,13 @@ def chat(
     top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0)] = 0.95,
     min_p: Annotated[float, typer.Option("--min-p", min=0.0, max=1.0)] = 0.0,
     seed: Annotated[int | None, typer.Option("--seed")] = None,
+    draft: Annotated[
+        str | None, typer.Option("--draft", help="MTP drafter checkpoint: speculative decoding.")
+    ] = None,
+    draft_block_size: Annotated[
+        int,
+        typer.Option("--draft-block-size", min=2, help="Tokens per speculative round (last token + drafts)."),
+    ] = 4,
 ) -> None:
     """Chat in the terminal: multi-turn with cache reuse, streaming, images and audio, /commands."""
     from gemma_mlx.chat import ChatSession
@@ -208,6 +238,8 @@ def chat(
         max_tokens=max_tokens,
         sampling=sampling,
         prefill_progress=PrefillBar(),
+        drafter=load_draft(draft),
+        draft_block_size=draft_block_size,
     )
     for i in image or []:
         session.attach_image(i)

@@ -83,7 +83,11 @@ def command(session: ChatSession, line: str) -> bool:
                 f"[last turn: {s.prompt_tokens} prompt tokens at {s.prompt_tps:.1f} tok/s"
                 f"{' (cache reused)' if s.reused_cache else ''}, {s.generation_tokens} generated at "
                 f"{s.generation_tps:.1f} tok/s; context {len(session.tokens)}/{session.context} tokens; "
-                "acceptance: no drafter]"
+                + (
+                    f"drafts accepted {s.accepted}/{s.drafted} ({s.accepted / s.drafted:.0%})]"
+                    if s.drafted
+                    else "no drafter]"
+                )
             )
         elif name == "save" and arg:
             save_transcript(session, Path(arg).expanduser())

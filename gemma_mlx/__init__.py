@@ -10,6 +10,7 @@ from .cache import KVCache, RingKVCache
 from .checkpoint import CheckpointError, load_model
 from .config import ConfigError, ModelConfig, load_config
 from .generate import GenerationChunk, GenerationResult, generate, make_cache, stream_generate
+from .models.drafter import Drafter, load_drafter
 from .models.gemma import Model, ModelOutput
 from .processor import Processor
 
@@ -32,6 +33,8 @@ def load(
 
 __all__ = [
     "CheckpointError",
+    "Drafter",
+    "load_drafter",
     "ConfigError",
     "GenerationChunk",
     "GenerationResult",

@@ -12,6 +12,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import mlx.core as mx
+
 from .generate import GenerationChunk, make_cache, stream_generate
 from .media import load_audio, load_image
 from .models.gemma import Model
@@ -25,6 +27,8 @@ class TurnStats:
     prompt_tps: float = 0.0
     generation_tps: float = 0.0
     reused_cache: bool = False
+    drafted: int = 0
+    accepted: int = 0
 
 
 @dataclass
@@ -39,6 +43,8 @@ class ChatSession:
     history: list[dict] = field(default_factory=list)
     notices: list[str] = field(default_factory=list)  # context trimming etc., for the front end
     prefill_progress: Callable[[int, int], None] | None = None
+    drafter: Any = None  # an MTP drafter: speculative decoding
+    draft_block_size: int = 4
 
     def __post_init__(self) -> None:
         self.pending: list[dict] = []
@@ -129,15 +135,32 @@ class ChatSession:
                 cache=self.cache,
                 max_tokens=self.max_tokens,
                 prefill_progress=self.prefill_progress,
+                drafter=self.drafter,
+                draft_block_size=self.draft_block_size,
                 **self.sampling,
             ):
                 self.tokens.append(chunk.token)
                 answer["content"] += chunk.text
                 self.stats.generation_tokens = chunk.generation_tokens
                 self.stats.prompt_tps, self.stats.generation_tps = chunk.prompt_tps, chunk.generation_tps
+                self.stats.drafted, self.stats.accepted = chunk.drafted, chunk.accepted
                 yield chunk
         finally:
             self.history.append(answer)
             self._cached_messages = len(self.history)
-            if len({c.offset for c in self.cache}) != 1 or self.cache[0].offset != len(self.tokens):
-                self._cached_messages = -1  # interrupted mid-step: prefill everything next turn
+            self._sync_cache()
+
+    def _sync_cache(self) -> None:
+        """Make the cache hold exactly `self.tokens`: speculative decoding leaves the last token
+        unfed or accepted drafts past a stop; an interrupt can leave layers at different offsets
+        (then the next turn prefills everything)."""
+        offsets = {c.offset for c in self.cache}
+        extra = offsets.pop() - len(self.tokens) if len(offsets) == 1 else None
+        if extra is None or (extra > 0 and extra > min(c.max_trim for c in self.cache)):
+            self._cached_messages = -1
+        elif extra > 0:
+            for c in self.cache:
+                c.trim(extra)
+        elif extra < 0:
+            self.model(mx.array([self.tokens[extra:]]), self.cache, logits_to_keep=1)
+            mx.eval([c.state for c in self.cache])

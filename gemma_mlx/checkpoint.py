@@ -12,7 +12,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .config import ModelConfig, load_config
+from .config import load_config
 from .models.gemma import Model
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
@@ -71,10 +71,9 @@ def _listing(names: list[str], limit: int = 12) -> str:
     return shown + (f" ... (+{len(names) - limit} more)" if len(names) > limit else "")
 
 
-def _quantize_skeleton(model: Model, config: ModelConfig, weights: dict[str, mx.array]) -> None:
-    """Turn the layers that have quantized tensors on disk into quantized layers (mlx-lm schema:
-    global `group_size`/`bits`/`mode`, per-layer overrides keyed by module path)."""
-    q = config.quantization
+def quantize_skeleton(model: nn.Module, q: dict, weights: dict[str, mx.array]) -> None:
+    """Turn the layers that have quantized tensors on disk into quantized layers (mlx-lm schema
+    `q`: global `group_size`/`bits`/`mode`, per-layer overrides keyed by module path)."""
     default = {k: q[k] for k in ("group_size", "bits", "mode") if k in q}
 
     def predicate(path: str, module: nn.Module):
@@ -103,7 +102,7 @@ def load_model(path: str | Path, dtype: str | mx.Dtype | None = None, lazy: bool
     weights = sanitize(read_weights(path))
     model = Model(config)
     if config.quantization:
-        _quantize_skeleton(model, config, weights)
+        quantize_skeleton(model, config.quantization, weights)
     expected = dict(tree_flatten(model.parameters()))
     missing = sorted(set(expected) - set(weights))
     unexpected = sorted(set(weights) - set(expected))

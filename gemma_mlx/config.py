@@ -150,8 +150,9 @@ def _gemma3_rope_parameters(t: dict) -> dict:
     return rp
 
 
-def parse_text_config(t: dict, source: str = "config.json") -> TextConfig:
-    """Parse a `gemma4_unified_text` or `gemma3_text` dict (the released and the 5.24 schemas)."""
+def parse_text_config(t: dict, source: str = "config.json", drafter: bool = False) -> TextConfig:
+    """Parse a `gemma4_unified_text` or `gemma3_text` dict (the released and the 5.24 schemas).
+    `drafter`: the MTP assistant's layers all reuse the target's K/V (num_kv_shared_layers)."""
     where = "text_config" if source.endswith("config.json") else source
     model_type = t.get("model_type")
     if model_type not in TEXT_TYPES:
@@ -185,8 +186,8 @@ def parse_text_config(t: dict, source: str = "config.json") -> TextConfig:
     act = get("hidden_activation", "gelu_pytorch_tanh")
     if act != "gelu_pytorch_tanh":
         raise _fail(f"{where}.hidden_activation", act, "'gelu_pytorch_tanh'", source)
-    for name, ok in (("num_kv_shared_layers", 0), ("hidden_size_per_layer_input", 0)):
-        if get(name, 0):
+    for name, ok in (("num_kv_shared_layers", n if drafter else 0), ("hidden_size_per_layer_input", 0)):
+        if (get(name, 0) or 0) != ok:
             raise _fail(f"{where}.{name}", get(name), f"{ok} (not used by the 12B)", source)
     if get("enable_moe_block", False):
         raise _fail(f"{where}.enable_moe_block", True, "false (dense model)", source)
@@ -295,6 +296,27 @@ def parse_config(raw: dict, source: str = "config.json") -> ModelConfig:
         ids["eoa_token_id"] = raw["eoa_token_index"]
     return ModelConfig(
         model_type=model_type, text=text, vision=vision, audio=audio, quantization=quant, raw=raw, **ids
+    )
+
+
+@dataclass(frozen=True)
+class DrafterConfig:
+    """The MTP assistant (`gemma4_unified_assistant`): query-only layers over the target's K/V."""
+
+    text: TextConfig
+    backbone_hidden_size: int
+
+
+def parse_drafter_config(raw: dict, source: str = "config.json") -> DrafterConfig:
+    if raw.get("model_type") != "gemma4_unified_assistant":
+        raise _fail("model_type", raw.get("model_type"), "'gemma4_unified_assistant'", source)
+    if raw.get("use_ordered_embeddings"):
+        raise _fail("use_ordered_embeddings", True, "false (the 12B drafter's dense head)", source)
+    if not isinstance(raw.get("text_config"), dict):
+        raise ConfigError(f"{source}: 'text_config' is missing")
+    return DrafterConfig(
+        parse_text_config(raw["text_config"], source, drafter=True),
+        int(raw.get("backbone_hidden_size", 3840)),
     )
 
 

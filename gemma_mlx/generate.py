@@ -31,6 +31,14 @@ class GenerationChunk:
     generation_tps: float
     peak_memory_gb: float
     finish_reason: str | None = None  # "stop" (EOS or stop string) or "length" on the last chunk
+    drafted: int = 0  # speculative decoding: draft tokens proposed and accepted so far
+    accepted: int = 0
+
+
+@dataclass
+class DraftStats:
+    drafted: int = 0
+    accepted: int = 0
 
 
 @dataclass
@@ -42,6 +50,8 @@ class GenerationResult:
     generation_tps: float = 0.0
     peak_memory_gb: float = 0.0
     finish_reason: str | None = None
+    drafted: int = 0
+    accepted: int = 0
 
 
 def make_cache(model: Model, slack: int = 128) -> list[KVCache | RingKVCache]:
@@ -102,6 +112,76 @@ def generate_tokens(
         y = nxt
 
 
+def speculative_tokens(
+    model: Model,
+    drafter,
+    ids: mx.array,
+    cache: list,
+    sampler,
+    logits_processor=None,
+    key: mx.array | None = None,
+    block_size: int = 4,
+    prefill_step_size: int = 512,
+    media: dict | None = None,
+    progress: Progress | None = None,
+    stats: DraftStats | None = None,
+) -> Iterator[int]:
+    """Yield tokens forever with MTP speculative decoding (rounds of the design doc §8.4).
+
+    Each round the drafter proposes `block_size - 1` tokens from the last token `t0` and the
+    target's final hidden state, reading the target's cached K/V; the target verifies
+    `[t0, drafts]` in one forward pass and samples its own token at every position; the drafts
+    are accepted while they equal the target's tokens, then the target's token follows. Rejected
+    positions are trimmed from the caches (the rings keep rollback slack). Every emitted token is
+    the target's own choice, so greedy output equals plain decoding.
+    """
+    from .models.drafter import shared_kv
+
+    k = block_size - 1
+    if k < 1 or k > min((c.slack for c in cache if isinstance(c, RingKVCache)), default=k):
+        raise ValueError(f"draft block size {block_size}: must be 2 .. 1 + the caches' rollback slack")
+    if media:
+        model(ids[None, :-1], cache, logits_to_keep=1, **media)
+    else:
+        prefill(model, ids[:-1], cache, prefill_step_size, progress)
+    key = mx.random.key(secrets.randbits(32)) if key is None else key
+    stats = stats if stats is not None else DraftStats()
+    types = model.config.text.layer_types
+
+    def sample(logits: mx.array) -> mx.array:
+        nonlocal key
+        if logits_processor is not None:
+            logits = logits_processor(logits)
+        key, sub = mx.random.split(key)
+        return sampler(logits, sub)
+
+    out = model(ids[None, -1:], cache, return_hidden=True)
+    t0, hidden = int(sample(out.logits[:, -1]).item()), out.hidden[:, -1:]
+    while True:
+        yield t0
+        position = cache[0].offset  # t0's position: the caches hold everything before it
+        kv = shared_kv(cache, types, position)
+        tok, h, drafts = mx.array([[t0]]), hidden, []
+        for _ in range(k):  # drafts stay lazy until the verify pass needs them
+            logits, h = drafter(model.language_model.embed(tok), h, kv, position)
+            tok = mx.argmax(logits[:, -1], axis=-1).reshape(1, 1)
+            drafts.append(tok)
+        block = mx.concatenate([mx.array([[t0]]), *drafts], axis=1)
+        out = model(block, cache, return_hidden=True)
+        targets = sample(out.logits[0])
+        mx.eval(block, targets)
+        proposed, chosen = block[0, 1:].tolist(), targets.tolist()
+        n = 0
+        while n < k and proposed[n] == chosen[n]:
+            n += 1
+        stats.drafted += k
+        stats.accepted += n
+        yield from proposed[:n]
+        for c in cache:
+            c.trim(k - n)
+        t0, hidden = chosen[n], out.hidden[:, n : n + 1]
+
+
 def _held_back(text: str, stops: Sequence[str]) -> int:
     """Length of the longest suffix of `text` that may still grow into a stop string."""
     return max(
@@ -129,13 +209,16 @@ def stream_generate(
     enable_thinking: bool = False,
     max_soft_tokens: int = 280,
     prefill_progress: Progress | None = None,
+    drafter=None,
+    draft_block_size: int = 4,
 ) -> Iterator[GenerationChunk]:
     """Stream a completion of `prompt` (text, token ids, or chat messages, whose parts may hold
     images and audio; a text prompt takes `images`/`audio` for its placeholders).
 
     Stops at `max_tokens`, on the processor's EOS ids, or when a `stop` string appears (the
     stop string itself is not emitted). A `cache` already holding earlier tokens is continued:
-    only `prompt`'s tokens are prefilled.
+    only `prompt`'s tokens are prefilled. With a `drafter` (see `load_drafter`), decoding is
+    speculative with blocks of `draft_block_size` tokens (greedy output is unchanged).
     """
     if max_tokens < 1:
         raise ValueError(f"max_tokens={max_tokens}: must be >= 1")
@@ -170,17 +253,28 @@ def stream_generate(
 
     mx.reset_peak_memory()
     tic = time.perf_counter()
-    tokens = generate_tokens(
-        model,
-        mx.array(ids, dtype=mx.int32),
-        cache,
-        sampler,
-        make_logits_processor(sorted(set(suppress))) if suppress else None,
-        key,
-        prefill_step_size,
-        inputs.model_kwargs(),
-        prefill_progress,
-    )
+    processor_fn = make_logits_processor(sorted(set(suppress))) if suppress else None
+    prompt_ids, media = mx.array(ids, dtype=mx.int32), inputs.model_kwargs()
+    stats = DraftStats()
+    if drafter is None:
+        tokens = generate_tokens(
+            model, prompt_ids, cache, sampler, processor_fn, key, prefill_step_size, media, prefill_progress
+        )
+    else:
+        tokens = speculative_tokens(
+            model,
+            drafter,
+            prompt_ids,
+            cache,
+            sampler,
+            processor_fn,
+            key,
+            draft_block_size,
+            prefill_step_size,
+            media,
+            prefill_progress,
+            stats,
+        )
     prompt_tps = gen_tps = 0.0
     n = 0
     for n, tok in enumerate(tokens, 1):
@@ -199,7 +293,16 @@ def stream_generate(
         safe = len(text) if finish else len(text) - _held_back(text, stop)
         delta, emitted = text[emitted:safe], max(emitted, safe)
         yield GenerationChunk(
-            tok, delta, len(ids), n, prompt_tps, gen_tps, mx.get_peak_memory() / 1e9, finish
+            tok,
+            delta,
+            len(ids),
+            n,
+            prompt_tps,
+            gen_tps,
+            mx.get_peak_memory() / 1e9,
+            finish,
+            stats.drafted,
+            stats.accepted,
         )
         if finish:
             break
@@ -214,5 +317,9 @@ def generate(model: Model, processor: Processor, prompt: Prompt, **kwargs) -> Ge
         result.tokens.append(chunk.token)
         result.prompt_tokens, result.prompt_tps = chunk.prompt_tokens, chunk.prompt_tps
         result.generation_tps, result.peak_memory_gb = chunk.generation_tps, chunk.peak_memory_gb
-        result.finish_reason = chunk.finish_reason
+        result.finish_reason, result.drafted, result.accepted = (
+            chunk.finish_reason,
+            chunk.drafted,
+            chunk.accepted,
+        )
     return result

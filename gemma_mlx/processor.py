@@ -36,32 +36,33 @@ class Inputs:
 PromptKind = Literal["text", "ids", "messages"]
 
 
-def prompt_kind(prompt: Any) -> PromptKind:
-    """What a prompt is: plain text, token ids, or chat messages; anything else is a ValueError."""
+def classify_prompt(prompt: Any) -> tuple[PromptKind, Any]:
+    """What a prompt is (plain text, token ids, or chat messages) and the prompt itself as a str or
+    a list (iterators read once, arrays as Python ints); anything else is a ValueError."""
     if isinstance(prompt, str):
         if not prompt:
             raise ValueError("prompt is empty")
-        return "text"
+        return "text", prompt
     if isinstance(prompt, (bytes, Mapping)) or not isinstance(prompt, Iterable):
         raise ValueError(
             f"prompt must be a string, a list of token ids or a list of chat message dicts, "
             f"not {type(prompt).__name__}"
         )
-    items = list(prompt)
+    items = prompt.tolist() if hasattr(prompt, "tolist") else list(prompt)  # numpy / mlx arrays
     if not items:
         raise ValueError("prompt is empty")
     if all(isinstance(m, Mapping) for m in items):
         for n, m in enumerate(items):
             if "role" not in m:
                 raise ValueError(f"chat message {n} has no 'role'")
-        return "messages"
+        return "messages", items
     for i in items:
         if isinstance(i, (bool, np.bool_)) or not hasattr(i, "__index__") or operator.index(i) < 0:
             raise ValueError(
                 f"prompt must be a string, a list of token ids or a list of chat message dicts; "
                 f"{i!r} is not a token id"
             )
-    return "ids"
+    return "ids", [operator.index(i) for i in items]
 
 
 class Processor:
@@ -137,11 +138,11 @@ class Processor:
     ) -> list[int]:
         """Token ids for plain text (BOS prepended), ready ids (as they are), or chat messages
         (rendered by the chat template, which writes BOS itself)."""
-        kind = prompt_kind(prompt)
+        kind, prompt = classify_prompt(prompt)
         if kind == "text":
             return self.encode_text(prompt)
         if kind == "ids":
-            return [operator.index(i) for i in prompt]
+            return prompt
         return self.tokenizer.encode(self.apply_chat_template(prompt, enable_thinking=enable_thinking))
 
     def prepare(
@@ -159,11 +160,11 @@ class Processor:
         array, "sampling_rate": 16000}`) or, for a text prompt with `<|image|>`/`<|audio|>`
         placeholders, as `images` / `audio` in order (`add_bos=False` for a text that continues a
         cached conversation). Audio longer than 30 s becomes consecutive 30 s blocks."""
-        kind = prompt_kind(prompt)
+        kind, prompt = classify_prompt(prompt)
         if kind == "ids":
             if images or audio:
                 raise ValueError("media need a text or chat prompt with placeholders, not token ids")
-            return Inputs(self.encode_prompt(prompt))
+            return Inputs(prompt)
         images = list(images)
         audio = [a if isinstance(a, tuple) else (a, None) for a in audio]  # (clip, sampling rate)
         if kind == "messages":

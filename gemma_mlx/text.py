@@ -128,9 +128,12 @@ class Tokenizer:
         ids = [operator.index(i) for i in ids]
         if not self._sp:
             return self._backend.decode(ids, skip_special_tokens=skip_special_tokens)
-        # sentencepiece decodes control pieces to "" and <unk> to " ⁇ ": write them as the text they are
-        sp, out, run = self._backend, [], []
+        # sentencepiece decodes control pieces to "" and <unk> to " ⁇ ": write them as the text they
+        # are; ids past the vocabulary are dropped, as `tokenizers` does (sentencepiece would raise)
+        sp, out, run, size = self._backend, [], [], self.vocab_size
         for i in ids:
+            if not 0 <= i < size:
+                continue
             if sp.is_control(i) or sp.is_unknown(i):
                 out += [sp.decode(run), "" if skip_special_tokens else sp.id_to_piece(i)]
                 run = []

@@ -55,7 +55,12 @@ def save_gemma_tokenizer(path: Path, add_bos_token: bool = True) -> Path:
     tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL + ADDED])
     tok.save(str(path / "tokenizer.json"))
-    config = {"add_bos_token": add_bos_token, "bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>"}
+    config = {
+        "add_bos_token": add_bos_token,
+        "bos_token": "<bos>",
+        "eos_token": "<eos>",
+        "pad_token": "<pad>",
+    }
     (path / "tokenizer_config.json").write_text(json.dumps(config))
     return path
 
@@ -148,6 +153,7 @@ def test_special_token_strings_map_to_single_ids(tok):
     assert tok.decode(ids, skip_special_tokens=True) == "user\nhi"
     assert tok.encode("hi", add_special_tokens=True) == [2, *tok.encode("hi")]
     assert tok.decode(np.array([2, *tok.encode("hi")])) == "<bos>hi"  # numpy ids
+    assert tok.decode([2, 10**6]) == "<bos>"  # ids past the vocabulary are dropped
 
 
 def test_byte_fallback_tokens(tok):
@@ -201,6 +207,7 @@ def test_sentencepiece_specials(sp_dir):
     assert sp.decode(ids) == "<bos><start_of_turn>user\nhi <|image|><end_of_turn>"
     assert sp.decode(ids, skip_special_tokens=True) == "user\nhi <|image|>"
     assert sp.decode([3]) == "<unk>"  # not sentencepiece's " ⁇ "
+    assert sp.decode([sot, 10**6, eot]) == "<start_of_turn><end_of_turn>"  # as tokenizers: dropped
     assert sp.encode("hi", add_special_tokens=True)[0] == 2
 
 
@@ -210,7 +217,9 @@ def test_sentencepiece_matches_sentencepiece(sp_dir):
     ref = spm.SentencePieceProcessor(model_file=str(sp_dir / "tokenizer.model"))
     sp = Tokenizer.from_dir(sp_dir)
     for text in SAMPLES:
-        assert sp.encode(text) == ref.encode(text) and sp.decode(ref.encode(text)) == ref.decode(ref.encode(text))
+        assert sp.encode(text) == ref.encode(text) and sp.decode(ref.encode(text)) == ref.decode(
+            ref.encode(text)
+        )
 
 
 # --- streaming detokenizer -------------------------------------------------------------------------
@@ -314,7 +323,10 @@ CASES = [
     (
         [
             {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this? "}]},
-            {"role": "assistant", "content": [{"type": "text", "text": "<|channel>thought\nA cat<channel|>A cat."}]},
+            {
+                "role": "assistant",
+                "content": [{"type": "text", "text": "<|channel>thought\nA cat<channel|>A cat."}],
+            },
             {"role": "user", "content": [{"type": "text", "text": "And this?"}, {"type": "audio"}]},
         ],
         {"enable_thinking": True},
@@ -322,7 +334,10 @@ CASES = [
         "<|turn>model\nA cat.<turn|>\n<|turn>user\nAnd this?<|audio|><turn|>\n<|turn>model\n",
     ),
     (
-        [{"role": "developer", "content": "Rules."}, {"role": "model", "content": "<|channel>thought\ncut off"}],
+        [
+            {"role": "developer", "content": "Rules."},
+            {"role": "model", "content": "<|channel>thought\ncut off"},
+        ],
         {"add_generation_prompt": False},
         "<bos><|turn>system\nRules.<turn|>\n<|turn>model\n<turn|>\n",
     ),
@@ -342,7 +357,9 @@ def test_gemma4_template_matches_transformers_rendering(hf_dir):
     ref = PreTrainedTokenizerFast(tokenizer_file=str(hf_dir / "tokenizer.json"), bos_token="<bos>")
     for messages, options, expected in CASES[:-1]:  # (transformers refuses an empty conversation)
         kw = {"add_generation_prompt": True, "enable_thinking": False, **options}
-        assert ref.apply_chat_template(messages, chat_template=GEMMA4.source, tokenize=False, **kw) == expected
+        assert (
+            ref.apply_chat_template(messages, chat_template=GEMMA4.source, tokenize=False, **kw) == expected
+        )
 
 
 def test_gemma4_template_details():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -61,3 +62,30 @@ def test_user_errors_exit_nonzero_without_traceback(tmp_path):
 def test_version():
     result = runner.invoke(app, ["--version"])
     assert result.exit_code == 0 and result.stdout.startswith("gemma-mlx ")
+
+
+def test_convert_info_bench(model_dir, tmp_path):
+    out = tmp_path / "q4"
+    result = runner.invoke(app, ["convert", str(model_dir), str(out), "--bits", "4", "--group-size", "32"])
+    assert result.exit_code == 0, result.output
+    assert "bytes read per decoded token" in result.stdout and (out / "config.json").exists()
+    again = runner.invoke(app, ["convert", str(model_dir), str(out)])
+    assert again.exit_code != 0  # refuses to overwrite without --force
+    info = runner.invoke(app, ["info", "--model", str(out), "--json", "--context", "4096"])
+    assert info.exit_code == 0, info.output
+    data = json.loads(info.stdout)
+    assert data["quantization"] == "affine 4-bit, group 32" and "fits" in data["this machine"]
+    bench = runner.invoke(app, ["bench", "--model", str(out), "-p", "16", "-g", "4", "-n", "1", "--json"])
+    assert bench.exit_code == 0, bench.output
+    assert json.loads(bench.stdout)["generation_tps"] > 0
+    gen = runner.invoke(app, ["generate", "--model", str(out), "-n", "4", "--json", "Hello"])
+    assert json.loads(gen.stdout)["generation_tokens"] == 4
+
+
+def test_bad_flag_combinations(model_dir, tmp_path):
+    result = runner.invoke(app, ["convert", str(model_dir), str(tmp_path / "x"), "--bits", "7"])
+    assert result.exit_code != 0
+    result = runner.invoke(
+        app, ["generate", "--model", str(model_dir), "--draft", str(tmp_path / "nope"), "hi"]
+    )
+    assert result.exit_code != 0 and "no such drafter" in result.stderr

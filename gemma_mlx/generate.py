@@ -287,7 +287,7 @@ def stream_generate(
             text += detok.add_token(tok)
         if finish:
             text += detok.finalize()
-        cut = next((text.find(s) for s in stop if s in text), -1) if stop else -1
+        cut = min((text.find(s) for s in stop if s in text), default=-1)  # the earliest stop string
         if cut >= 0:
             text, finish = text[:cut], "stop"
         safe = len(text) if finish else len(text) - _held_back(text, stop)

@@ -126,14 +126,17 @@ def repl(session: ChatSession, banner: str) -> None:
                 if not command(session, line):
                     break
                 continue
+            answer = session.send(line)
             try:
-                for chunk in session.send(line):
+                for chunk in answer:
                     typer.echo(chunk.text, nl=False)
                 typer.echo()
             except KeyboardInterrupt:
                 typer.secho("\n[interrupted]", fg=typer.colors.YELLOW)
             except (ValueError, OSError) as e:
                 typer.secho(f"\nerror: {e}", fg=typer.colors.RED, err=True)
+            finally:
+                answer.close()  # settle the session's cache now, not whenever the generator is collected
             for notice in session.notices:
                 typer.secho(f"[{notice}]", fg=typer.colors.YELLOW)
             session.notices.clear()

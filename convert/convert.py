@@ -1,88 +1,469 @@
-"""Hugging Face checkpoint -> (quantized) MLX checkpoint, tensor by tensor and shard by shard.
+"""Hugging Face checkpoint -> (quantized) MLX checkpoint, tensor by tensor, shard by shard.
 
-Peak memory stays near one input shard plus one output shard: inputs are memory-mapped shard
-by shard, each output tensor is evaluated as soon as it is made, and output shards are written
-and released as they fill. The output appears only when complete (`writer.atomic_directory`).
+1. Every safetensors header is read and checked first (names, shapes against config.json, dtypes,
+   truncation), so a corrupt input fails in a second, naming the file and tensor, before any work.
+2. Tensors are then read lazily one at a time: each is quantized (or cast), evaluated, and its
+   input released, so memory holds one output shard plus one tensor, never the model.
+3. The output appears only when complete (`writer.atomic_directory`): an exception or Ctrl-C
+   leaves nothing behind.
+
+Output tensors carry our names (`gemma_mlx.checkpoint.sanitize`: no leading `model.`); the MTP
+drafter keeps its own names (those of `gemma_mlx.models.drafter.Drafter`).
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable, Iterator
+import struct
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
 from mlx.utils import tree_flatten
 
-from gemma_mlx.checkpoint import DTYPES, CheckpointError, _shard_files, sanitize
-from gemma_mlx.config import parse_config
+from gemma_mlx.checkpoint import CheckpointError, _listing, _shard_files, sanitize
+from gemma_mlx.config import parse_config, parse_drafter_config
+from gemma_mlx.models.drafter import Drafter
 from gemma_mlx.models.gemma import Model
 
-from .quantize import DEFAULT_GROUP, QuantSpec, bytes_per_token, config_block, plan, quantize_weight
-from .writer import atomic_directory, write_json, write_shards
+from .quantize import (
+    TEXT_PREFIX,
+    Override,
+    QuantSpec,
+    check_supported,
+    config_block,
+    plan,
+    quantize_weight,
+)
+from .writer import SHARD_BYTES, atomic_directory, write_json, write_shards
 
+DRAFTER = "gemma4_unified_assistant"
+# Files of a checkpoint besides the weights that a converted directory keeps.
 COPIED = (
     "tokenizer.json",
     "tokenizer.model",
     "tokenizer_config.json",
     "special_tokens_map.json",
+    "added_tokens.json",
     "chat_template.jinja",
     "chat_template.json",
     "generation_config.json",
     "processor_config.json",
     "preprocessor_config.json",
+    "video_preprocessor_config.json",
 )
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja"]
-FLOAT_DTYPES = (mx.float32, mx.float16, mx.bfloat16)
+SAFETENSORS_DTYPES = {"F32": mx.float32, "BF16": mx.bfloat16, "F16": mx.float16}
+DTYPE_NAMES = {
+    "float32": "float32",
+    "fp32": "float32",
+    "f32": "float32",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+    "fp16": "float16",
+    "f16": "float16",
+}
+Progress = Callable[[str, int], None]  # (tensor name, input bytes) after each converted tensor
 
 
 @dataclass
 class ConversionReport:
     out: Path
+    source: str
+    kind: str = "model"  # or "drafter"
+    quantization: dict | None = None  # the config block written (None: float conversion)
+    recipe: str = "uniform"
+    dtype: str | None = None  # float dtype of the unquantized parts (None: as in the source)
     parameters: int = 0
-    bytes_on_disk: int = 0
+    tensors: int = 0  # tensors written
+    weight_bytes: int = 0  # their data
+    bytes_on_disk: int = 0  # the whole directory: shards with headers, config, tokenizer, ...
+    # bytes of weights read per decoded token (model: text weights, tied embedding once as the
+    # LM head, vision/audio excluded; drafter: all of its weights, per draft step)
     bytes_per_token: int = 0
-    bits_per_weight: float = 0.0
-    kept_float: list[str] = field(default_factory=list)  # layers that could not be quantized
+    kept_float: dict[str, str] = field(default_factory=dict)  # quantizable layer -> why float
+    seconds: float = 0.0
     check: dict | None = None
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Stored bits per parameter over the whole model (scales, biases and float parts included)."""
+        return 8 * self.weight_bytes / max(self.parameters, 1)
+
+    @property
+    def how(self) -> str:
+        if self.quantization is None:
+            return f"not quantized ({self.dtype or 'source dtype'})"
+        q = self.quantization
+        return f"{q['mode']} {q['bits']}-bit, group {q['group_size']}, recipe {self.recipe}"
+
+    def rows(self) -> list[tuple[str, str]]:
+        """(measure, value) lines for the summary table and the model card."""
+        per = "bytes read per draft step" if self.kind == "drafter" else "bytes read per decoded token"
+        rows = [
+            ("quantization", self.how),
+            ("bits per weight", f"{self.bits_per_weight:.3f}"),
+            ("size on disk", _gb(self.bytes_on_disk)),
+            (per, _gb(self.bytes_per_token)),
+            ("parameters", f"{self.parameters:,}"),
+        ]
+        if self.kept_float:
+            rows.append(("quantizable layers kept in float", str(len(self.kept_float))))
+        for key, value in (self.check or {}).items():
+            rows.append((f"check: {key.replace('_', ' ')}", f"{value:.4f}"))
+        return rows
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.3f} GB" if n >= 1e8 else f"{n / 1e6:.3f} MB"
+
+
+# ---------------------------------------------------------------------------------------------
+# Source: local directory or Hub id; headers checked before any work
 
 
 def resolve_source(src: str | Path) -> Path:
-    """A local checkpoint directory, or a Hub repo id downloaded (only the needed files) into
-    the user's Hugging Face cache, honouring HF_HUB_OFFLINE and the saved token."""
+    """A local checkpoint directory, or a Hub repo id downloaded (only the files a conversion
+    needs; resumable) into the user's Hugging Face cache, honouring HF_HUB_OFFLINE, HF_HOME and
+    the saved token."""
     path = Path(src).expanduser()
     if path.is_dir():
         return path
-    if path.exists() or str(src).count("/") != 1 or str(src).startswith((".", "/", "~")):
+    text = str(src)
+    if path.exists() or text.count("/") != 1 or text.startswith((".", "/", "~")):
         raise CheckpointError(
             f"{src}: not a checkpoint directory (and not a Hub repo id like 'google/gemma-4-12B-it')"
         )
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+    )
 
     try:
-        return Path(snapshot_download(str(src), allow_patterns=HUB_PATTERNS))
+        return Path(snapshot_download(text, allow_patterns=HUB_PATTERNS))
     except (LocalEntryNotFoundError, OfflineModeIsEnabled) as e:
         raise CheckpointError(
-            f"{src}: not in the local Hugging Face cache and the Hub cannot be reached ({e})"
+            f"{src}: no such local directory, not in the Hugging Face cache, and the Hub cannot be "
+            f"reached (offline or no network): {e}"
         ) from None
-    except HfHubHTTPError as e:
-        raise CheckpointError(f"{src}: download failed ({e})") from None
+    except GatedRepoError:
+        raise CheckpointError(
+            f"{src}: gated on the Hub; accept its licence on huggingface.co and log in (`hf auth login`)"
+        ) from None
+    except RepositoryNotFoundError:
+        raise CheckpointError(f"{src}: no such local directory and no such Hub repo") from None
+    except HFValidationError as e:
+        raise CheckpointError(f"{src}: not a checkpoint directory nor a valid Hub repo id ({e})") from None
+    except OSError as e:  # HTTP and connection errors
+        raise CheckpointError(f"{src}: download from the Hugging Face Hub failed ({e})") from None
 
 
-def _check_dtype(name: str, a: mx.array, file: Path) -> None:
-    if a.dtype not in FLOAT_DTYPES and a.dtype not in (mx.uint32, mx.uint8):
-        raise CheckpointError(f"{file}: tensor {name} has unsupported dtype {a.dtype}")
-
-
-def _source_tensors(src: Path) -> Iterator[tuple[Path, dict[str, mx.array]]]:
-    for f in _shard_files(src):
+def read_header(f: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """`name -> (safetensors dtype, shape)` of one shard, with truncation and header checks."""
+    size = f.stat().st_size
+    with f.open("rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{f}: not a safetensors file (only {size} bytes)")
+        (n,) = struct.unpack("<Q", head)
+        if n > min(size - 8, 100 << 20):
+            raise CheckpointError(f"{f}: bad safetensors header (claims {n} header bytes, file has {size})")
         try:
-            yield f, mx.load(str(f))
-        except Exception as e:
+            header = json.loads(fh.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{f}: bad safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{f}: bad safetensors header (not a JSON object)")
+    header.pop("__metadata__", None)
+    out, end = {}, 0
+    for name, info in header.items():
+        try:
+            dtype, shape, (start, stop) = (
+                info["dtype"],
+                tuple(int(d) for d in info["shape"]),
+                info["data_offsets"],
+            )
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{f}: bad safetensors header entry for tensor {name}") from None
+        if (
+            dtype in SAFETENSORS_DTYPES
+            and stop - start != int(np.prod(shape)) * SAFETENSORS_DTYPES[dtype].size
+        ):
+            raise CheckpointError(f"{f}: tensor {name}: header offsets disagree with its shape {shape}")
+        out[name], end = (dtype, shape), max(end, stop)
+    if 8 + n + end > size:
+        raise CheckpointError(
+            f"{f}: truncated: its header describes {8 + n + end} bytes, the file has {size}"
+        )
+    return out
+
+
+class _Checker:
+    """Every tensor must be a float parameter of the configured model with the configured shape;
+    each exactly once; none missing at the end."""
+
+    def __init__(self, expected: dict[str, tuple[int, ...]]):
+        self.expected, self.seen = expected, {}
+
+    def __call__(self, name: str, shape: tuple[int, ...], dtype: str, ok: bool, where: str) -> None:
+        if not ok:
+            raise CheckpointError(
+                f"{where}: tensor {name} has unsupported dtype {dtype} "
+                "(expected float32, bfloat16 or float16)"
+            )
+        if name in self.seen:
+            raise CheckpointError(f"{where}: tensor {name} also appears in {self.seen[name]}")
+        if name not in self.expected:
+            raise CheckpointError(f"{where}: unexpected tensor {name} for the model config.json describes")
+        if tuple(shape) != self.expected[name]:
+            raise CheckpointError(
+                f"{where}: tensor {name} has shape {tuple(shape)}, config.json implies {self.expected[name]}"
+            )
+        self.seen[name] = where
+
+    def finish(self, where: str) -> None:
+        missing = sorted(set(self.expected) - set(self.seen))
+        if missing:
+            raise CheckpointError(f"{where}: missing tensors: {_listing(missing)}")
+
+
+@dataclass
+class _Target:
+    """What is being written: the lazy skeleton (shapes only) and how source names map to it."""
+
+    kind: str
+    module: nn.Module
+    rename: Callable[[str], str | None]  # None: drop (the tied `lm_head.weight`)
+    prefix: str  # parameters read per decoded token (model) / per draft step (drafter)
+
+    @property
+    def expected(self) -> dict[str, tuple[int, ...]]:
+        return {k: tuple(v.shape) for k, v in tree_flatten(self.module.parameters())}
+
+
+def _model_name(name: str) -> str | None:
+    return next(iter(sanitize({name: None})), None)
+
+
+def _drafter_name(name: str) -> str | None:
+    return None if name.startswith("lm_head.") else name
+
+
+def _target(raw: dict, where: str) -> _Target:
+    if raw.get("model_type") == DRAFTER:
+        return _Target("drafter", Drafter(parse_drafter_config(raw, where)), _drafter_name, "")
+    return _Target("model", Model(parse_config(raw, where)), _model_name, TEXT_PREFIX)
+
+
+def _read_config(src: Path) -> dict:
+    f = src / "config.json"
+    if not f.is_file():
+        raise CheckpointError(f"{src}: no config.json")
+    try:
+        raw = json.loads(f.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{f}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{f}: expected a JSON object")
+    if raw.get("quantization") or raw.get("quantization_config"):
+        raise CheckpointError(f"{f}: the checkpoint is already quantized; convert from a float checkpoint")
+    return raw
+
+
+def _check_source(src: Path, raw: dict, target: _Target) -> tuple[list[Path], int, int]:
+    """Check every header against the config before converting anything -> (shards, tensors, bytes)."""
+    files = _shard_files(src)
+    check, count, nbytes = _Checker(target.expected), 0, 0
+    tied = raw.get("tie_word_embeddings", (raw.get("text_config") or {}).get("tie_word_embeddings", True))
+    for f in files:
+        for name, (dtype, shape) in read_header(f).items():
+            if name == "lm_head.weight" and tied is False:
+                raise CheckpointError(f"{f}: an untied lm_head.weight; Gemma's LM head is the tied embedding")
+            ours = target.rename(name)
+            if ours is None:
+                continue
+            check(ours, shape, dtype, dtype in SAFETENSORS_DTYPES, str(f))
+            count += 1
+            nbytes += int(np.prod(shape)) * SAFETENSORS_DTYPES[dtype].size
+    check.finish(str(src))
+    return files, count, nbytes
+
+
+def _read_source(
+    files: list[Path], rename: Callable[[str], str | None]
+) -> Iterator[tuple[str, mx.array, int]]:
+    """(our name, lazy array, bytes) shard by shard; each tensor is dropped from the shard's dict
+    when handed out, so it is freed as soon as the consumer has converted it."""
+    for f in files:
+        try:
+            shard = mx.load(str(f))
+        except Exception as e:  # MLX raises RuntimeError/ValueError for bad headers and truncation
             raise CheckpointError(f"{f}: not a readable safetensors file ({e})") from None
+        for key in list(shard):
+            a = shard.pop(key)
+            name = rename(key)
+            if name is not None:
+                yield name, a, a.nbytes
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+
+def _float_dtype(dtype: str | None) -> str | None:
+    if dtype is None:
+        return None
+    name = DTYPE_NAMES.get(str(dtype).lower())
+    if name is None:
+        raise ValueError(f"--dtype {dtype!r}: expected bfloat16, float16 or float32 (bf16, fp16, fp32)")
+    return name
+
+
+@contextmanager
+def _progress(progress: bool | Progress | None, total_bytes: int | None, total_tensors: int | None):
+    """A rich bar (bytes and tensors) on stderr for `True`, the caller's callback if callable."""
+    if callable(progress) or not progress:
+        yield progress or None
+        return
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    columns = (
+        TextColumn("[bold]converting"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TextColumn("{task.fields[done]}/{task.fields[count]} tensors"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task("converting", total=total_bytes, done=0, count=total_tensors or "?")
+        done = 0
+
+        def advance(name: str, nbytes: int) -> None:
+            nonlocal done
+            done += 1
+            bar.update(task, advance=nbytes, done=done)
+
+        yield advance
+
+
+def _encode(
+    items: Iterable[tuple[str, mx.array, int]],
+    layout: Mapping[str, QuantSpec | None],
+    dtype: mx.Dtype | None,
+    advance: Progress | None,
+) -> Iterator[tuple[str, mx.array]]:
+    """Quantize the planned `.weight`s, cast the rest; evaluate each result at once so that its
+    input can be freed (a lazy graph would keep every input alive until the shard is saved)."""
+    for name, a, nbytes in items:
+        path, _, leaf = name.rpartition(".")
+        spec = layout.get(path) if leaf == "weight" else None
+        if spec is not None:
+            out = [(f"{path}.{k}", v) for k, v in quantize_weight(a, spec, dtype or a.dtype).items()]
+        else:
+            out = [(name, a if dtype is None else a.astype(dtype))]
+        del a
+        mx.eval(*(v for _, v in out))
+        if advance is not None:
+            advance(name, nbytes)
+        yield from out
+
+
+def _with_dtype(raw: dict, dtype: str | None) -> dict:
+    """Record a new float dtype where the config names one (`dtype`/`torch_dtype`, sub-configs too)."""
+    if dtype is None:
+        return raw
+    out = {}
+    for k, v in raw.items():
+        if k in ("dtype", "torch_dtype"):
+            v = dtype
+        elif isinstance(v, dict) and k.endswith("_config"):
+            v = _with_dtype(v, dtype)
+        out[k] = v
+    return out
+
+
+def _write(
+    out: Path,
+    raw: dict,
+    items: Iterable[tuple[str, mx.array, int]],
+    target: _Target,
+    report: ConversionReport,
+    layout: dict[str, QuantSpec | None],
+    spec: QuantSpec,
+    *,
+    extra_files: Mapping[str, Path | str | bytes],
+    force: bool,
+    shard_bytes: int,
+    progress: bool | Progress | None,
+    totals: tuple[int | None, int | None],
+) -> ConversionReport:
+    """The output directory, atomically: shards + index, config.json (with the quantization block
+    if anything is quantized), extra files, model card."""
+    for s in {s for s in layout.values() if s is not None}:
+        check_supported(s)
+    report.parameters = sum(v.size for _, v in tree_flatten(target.module.parameters()))
+    report.kept_float = {p: report.kept_float.get(p, "") for p, s in layout.items() if s is None}
+    if any(s is not None for s in layout.values()):
+        report.quantization = config_block(layout, spec)
+        raw = {**raw, "quantization": report.quantization, "quantization_config": report.quantization}
+    dtype = report.dtype
+    raw = _with_dtype(raw, dtype)
+    start = time.perf_counter()
+    # Freed buffers go back to the system instead of MLX's cache, which would otherwise grow
+    # towards the size of the model over a conversion.
+    cache_limit = mx.set_cache_limit(0)
+    try:
+        with atomic_directory(out, force=force) as tmp, _progress(progress, *totals) as advance:
+
+            def on_tensor(name: str, a: mx.array) -> None:
+                report.tensors += 1
+                report.weight_bytes += a.nbytes
+                if name.startswith(target.prefix):
+                    report.bytes_per_token += a.nbytes
+
+            float_dtype = getattr(mx, dtype) if dtype else None
+            write_shards(tmp, _encode(items, layout, float_dtype, advance), shard_bytes, on_tensor)
+            write_json(tmp / "config.json", raw)
+            for name, content in extra_files.items():
+                if isinstance(content, Path):
+                    shutil.copyfile(content, tmp / name)
+                elif isinstance(content, bytes):
+                    (tmp / name).write_bytes(content)
+                else:
+                    (tmp / name).write_text(content)
+            report.bytes_on_disk = sum(f.stat().st_size for f in tmp.iterdir())
+            report.seconds = time.perf_counter() - start
+            if "README.md" not in extra_files:
+                (tmp / "README.md").write_text(model_card(report))
+    finally:
+        mx.set_cache_limit(cache_limit)
+    return report
+
+
+def _refuse_overlap(src: Path, out: Path) -> None:
+    src, out = src.resolve(), out.resolve()
+    if out == src or out in src.parents:
+        raise CheckpointError(f"{out}: would replace the source checkpoint {src}; choose another output")
 
 
 def convert(
@@ -92,202 +473,247 @@ def convert(
     bits: int = 4,
     group_size: int | None = None,
     mode: str = "affine",
-    recipe: str = "uniform",
+    recipe: str | None = None,
     quantize: bool = True,
     dtype: str | None = None,
     quantize_embedding: bool = True,
-    overrides: dict[str, QuantSpec | None] | None = None,
+    quantize_drafter: bool = False,
+    overrides: Mapping[str, Override] | None = None,
     force: bool = False,
     check: bool = False,
-    shard_bytes: int = 4 << 30,
-    progress: Callable[[str, int], None] | None = None,
+    progress: bool | Progress | None = True,
+    shard_bytes: int = SHARD_BYTES,
 ) -> ConversionReport:
-    """Convert a checkpoint (local directory or Hub id) into an MLX checkpoint at `out`.
+    """Convert a checkpoint (local directory, Hugging Face or float MLX, or a Hub repo id) into an
+    MLX checkpoint at `out`.
 
-    `dtype` is for the unquantized parts (default: the source's). `overrides` maps a regex on
-    module paths to a `QuantSpec` (or None to keep it float). `progress(name, nbytes)` is called
-    per written tensor. Drafter (`gemma4_unified_assistant`) checkpoints stay float unless
-    `quantize` is given explicitly by the caller through `convert_drafter`."""
-    src = resolve_source(src)
-    raw = json.loads((src / "config.json").read_text()) if (src / "config.json").is_file() else None
-    if raw is None:
-        raise CheckpointError(f"{src}: no config.json")
-    if raw.get("model_type") == "gemma4_unified_assistant":
-        return convert_drafter(
-            src,
-            out,
-            bits=bits,
-            group_size=group_size,
-            mode=mode,
-            quantize=False,
-            dtype=dtype,
-            force=force,
-            shard_bytes=shard_bytes,
-            progress=progress,
-        )
-    config = parse_config(raw, str(src / "config.json"))
-    if config.quantization:
-        raise CheckpointError(f"{src}: already quantized; convert from the float checkpoint")
-    spec = QuantSpec(bits, group_size or DEFAULT_GROUP[mode], mode)
-    skeleton = Model(config)  # lazy: shapes only, nothing is allocated
-    expected = {k: v.shape for k, v in tree_flatten(skeleton.parameters())}
-    layout = plan(skeleton, spec, recipe, quantize_embedding, overrides) if quantize else {}
-    target = DTYPES[dtype] if dtype else None
-
-    def tensors() -> Iterator[tuple[str, mx.array]]:
-        seen = set()
-        for file, shard in _source_tensors(src):
-            for name, a in sanitize(shard).items():
-                _check_dtype(name, a, file)
-                if name not in expected:
-                    raise CheckpointError(f"{file}: unexpected tensor {name} for this config")
-                if tuple(a.shape) != tuple(expected[name]):
-                    raise CheckpointError(
-                        f"{file}: tensor {name} has shape {tuple(a.shape)}, config.json implies "
-                        f"{tuple(expected[name])}"
-                    )
-                seen.add(name)
-                float_dtype = target or a.dtype
-                path, _, leaf = name.rpartition(".")
-                s = layout.get(path)
-                if s is not None and leaf == "weight":
-                    parts = quantize_weight(a, s, float_dtype)
-                    mx.eval(*parts.values())
-                    yield from ((f"{path}.{k}", v) for k, v in parts.items())
-                else:
-                    b = a.astype(float_dtype)
-                    mx.eval(b)
-                    yield name, b
-            del shard
-        missing = sorted(set(expected) - seen)
-        if missing:
-            raise CheckpointError(f"{src}: missing tensors: {', '.join(missing[:12])}")
-
-    report = ConversionReport(out=Path(out))
-    report.parameters = sum(v.size for _, v in tree_flatten(skeleton.parameters()))
-    report.bytes_per_token = bytes_per_token(skeleton, layout, (target or mx.bfloat16).size)
-    report.kept_float = sorted(p for p, s in layout.items() if s is None)
-    _write(src, report, raw, tensors(), layout, spec, recipe, force, shard_bytes, progress)
+    - `bits`/`group_size`/`mode`: MLX quantization (group size default: 64 affine, 32 mxfp4/mxfp8,
+      16 nvfp4) of every Linear and of the tied embedding (`quantize_embedding=False` keeps it).
+    - `recipe`: None/"uniform" or a mixed recipe (`quantize.RECIPES`); `overrides`: regex on the
+      module path -> `QuantSpec`, bits, or None (float); later patterns win.
+    - `dtype`: float dtype of everything not quantized ("bfloat16"/"float16"/"float32"; default
+      as in the source); `quantize=False` writes a float checkpoint.
+    - A `gemma4_unified_assistant` drafter stays float unless `quantize_drafter`.
+    - `progress`: True for a rich bar on stderr, or a callback `(tensor name, input bytes)`.
+    - `check`: compare the result with the source on a short prompt (`check_conversion`).
+    """
+    spec = QuantSpec.make(bits, group_size, mode)  # bad flags fail before any download
+    dtype = _float_dtype(dtype)
+    source = resolve_source(src)
+    out = Path(out)
+    _refuse_overlap(source, out)
+    raw = _read_config(source)
+    target = _target(raw, str(source / "config.json"))
+    if target.kind == "drafter":
+        quantize = quantize and quantize_drafter
+    files, count, nbytes = _check_source(source, raw, target)
+    notes: dict[str, str] = {}
+    layout = plan(target.module, spec, recipe, quantize_embedding, overrides, notes) if quantize else {}
+    report = ConversionReport(
+        out, str(src), target.kind, recipe=recipe or "uniform", dtype=dtype, kept_float=notes
+    )
+    extra = {n: source / n for n in COPIED if (source / n).is_file()}
+    items = _read_source(files, target.rename)
+    _write(
+        out,
+        raw,
+        items,
+        target,
+        report,
+        layout,
+        spec,
+        extra_files=extra,
+        force=force,
+        shard_bytes=shard_bytes,
+        progress=progress,
+        totals=(nbytes, count),
+    )
     if check:
-        report.check = check_conversion(src, out)
+        check_fn = check_drafter if target.kind == "drafter" else check_conversion
+        report.check = check_fn(source, out)
     return report
 
 
 def convert_drafter(
-    src: Path,
-    out: str | Path,
-    *,
-    bits: int = 4,
-    group_size: int | None = None,
-    mode: str = "affine",
-    quantize: bool = False,
-    dtype: str | None = None,
-    force: bool = False,
-    shard_bytes: int = 4 << 30,
-    progress=None,
+    src: str | Path, out: str | Path, *, quantize: bool = False, **kwargs
 ) -> ConversionReport:
-    """The MTP assistant: no model class is needed; its 2-D `*.weight` matrices other than norms
-    are its Linears (and the tied embedding). Kept in float by default: quantized drafters were
-    reported to lose the speculative-decoding gain."""
-    spec = QuantSpec(bits, group_size or DEFAULT_GROUP[mode], mode)
-    raw = json.loads((src / "config.json").read_text())
-    target = DTYPES[dtype] if dtype else None
-    layout: dict[str, QuantSpec | None] = {}
-
-    def tensors() -> Iterator[tuple[str, mx.array]]:
-        for file, shard in _source_tensors(src):
-            for name, a in shard.items():
-                _check_dtype(name, a, file)
-                report.parameters += a.size
-                path, _, leaf = name.rpartition(".")
-                linear = leaf == "weight" and a.ndim == 2 and "norm" not in path
-                if quantize and linear and a.shape[-1] % spec.group_size == 0:
-                    layout[path] = spec
-                    parts = quantize_weight(a, spec, target or a.dtype)
-                    mx.eval(*parts.values())
-                    yield from ((f"{path}.{k}", v) for k, v in parts.items())
-                else:
-                    yield name, a.astype(target or a.dtype)
-
-    report = ConversionReport(out=Path(out))
-    _write(src, report, raw, tensors(), layout, spec, "uniform", force, shard_bytes, progress)
-    return report
+    """Convert an MTP assistant checkpoint; float unless `quantize` (peers saw quantized drafters
+    lose the speculative-decoding gain). Other arguments as for `convert`."""
+    return convert(src, out, quantize=quantize, quantize_drafter=quantize, **kwargs)
 
 
-def _write(
-    src: Path,
-    report: ConversionReport,
-    raw: dict,
-    tensors: Iterator[tuple[str, mx.array]],
-    layout: dict[str, QuantSpec | None],
-    spec: QuantSpec,
-    recipe: str,
-    force: bool,
-    shard_bytes: int,
-    progress: Callable[[str, int], None] | None,
-) -> None:
-    """The output directory of either conversion: shards, config with the quantization block (if
-    anything was quantized), the tokenizer and template files, a model card; atomically."""
-    with atomic_directory(report.out, force=force) as tmp:
+def write_checkpoint(
+    out: str | Path,
+    config: dict,
+    weights: Mapping[str, mx.array] | Iterable[tuple[str, mx.array]],
+    *,
+    quantization: QuantSpec | None = None,
+    recipe: str | None = None,
+    quantize_embedding: bool = True,
+    overrides: Mapping[str, Override] | None = None,
+    dtype: str | None = None,
+    extra_files: Mapping[str, Path | str | bytes] | None = None,
+    force: bool = False,
+    shard_bytes: int = SHARD_BYTES,
+    progress: bool | Progress | None = False,
+    source: str = "in-memory weights",
+) -> ConversionReport:
+    """Write an MLX checkpoint from an in-memory `config` dict and float `weights` (our names or
+    the checkpoint's; any order; an iterator is consumed tensor by tensor), quantized with
+    `quantization` (None: float), atomically. `extra_files` maps a file name to a `Path` to copy,
+    `bytes` or `str` content (tokenizer, templates, ...). Same checks and layout as `convert`."""
+    config = dict(config)
+    if config.get("quantization") or config.get("quantization_config"):
+        raise CheckpointError(f"{source}: config already has a quantization block")
+    dtype = _float_dtype(dtype)
+    target = _target(config, f"{source} (config)")
+    check = _Checker(target.expected)
+    totals: tuple[int | None, int | None] = (None, None)
+    if isinstance(weights, Mapping):
+        totals = (sum(a.nbytes for a in weights.values()), len(weights))
+        weights = weights.items()
 
-        def on_tensor(name: str, a: mx.array) -> None:
-            report.bytes_on_disk += a.nbytes
-            if progress is not None:
-                progress(name, a.nbytes)
+    def items() -> Iterator[tuple[str, mx.array, int]]:
+        for key, a in weights:
+            name = target.rename(key)
+            if name is not None:
+                check(name, a.shape, str(a.dtype), a.dtype in SAFETENSORS_DTYPES.values(), source)
+                yield name, a, a.nbytes
+        check.finish(source)
 
-        write_shards(tmp, tensors, shard_bytes, on_tensor)
-        quantized = any(s is not None for s in layout.values())
-        if quantized:
-            block = config_block(layout, spec)
-            raw = {**raw, "quantization": block, "quantization_config": block}
-        write_json(tmp / "config.json", raw)
-        for name in COPIED:
-            if (src / name).is_file():
-                shutil.copy2(src / name, tmp / name)
-        report.bits_per_weight = 8 * report.bytes_on_disk / max(report.parameters, 1)
-        (tmp / "README.md").write_text(model_card(src, report, spec if quantized else None, recipe))
-
-
-def model_card(src: Path, report: ConversionReport, spec: QuantSpec | None, recipe: str) -> str:
-    how = (
-        "not quantized"
-        if spec is None
-        else f"{spec.mode} {spec.bits}-bit, group {spec.group_size}, recipe {recipe}"
+    spec = quantization or QuantSpec()
+    notes: dict[str, str] = {}
+    layout = plan(target.module, spec, recipe, quantize_embedding, overrides, notes) if quantization else {}
+    report = ConversionReport(
+        Path(out), source, target.kind, recipe=recipe or "uniform", dtype=dtype, kept_float=notes
     )
+    return _write(
+        Path(out),
+        config,
+        items(),
+        target,
+        report,
+        layout,
+        spec,
+        extra_files=extra_files or {},
+        force=force,
+        shard_bytes=shard_bytes,
+        progress=progress,
+        totals=totals,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+
+
+def model_card(report: ConversionReport) -> str:
+    hub = not Path(report.source).expanduser().exists() and report.source.count("/") == 1
+    front = ["---", "library_name: mlx", "tags: [mlx, gemma-mlx, gemma4]"]
+    if hub:
+        front.append(f"base_model: {report.source}")
     lines = [
-        f"# {src.name} (MLX, converted by gemma-mlx)",
+        *front,
+        "---",
         "",
-        f"- source: `{src}`",
-        f"- quantization: {how}",
-        f"- bits per weight (all stored tensors / parameters): {report.bits_per_weight:.3f}",
-        f"- size on disk: {report.bytes_on_disk / 1e9:.3f} GB",
+        f"# {Path(report.source).name} for MLX ({report.how})",
+        "",
+        f"Converted by gemma-mlx from `{report.source}`. Load with `gemma_mlx.load(path)` or run "
+        "`gemma-mlx chat --model path`.",
+        "",
+        "| measure | value |",
+        "|---|---|",
+        *(f"| {k} | {v} |" for k, v in report.rows()),
+        "",
     ]
-    if report.bytes_per_token:
+    if report.kind == "model":
         lines.append(
-            f"- bytes read per decoded token (text weights, tied head once): "
-            f"{report.bytes_per_token / 1e9:.3f} GB"
+            "\nBytes per decoded token: every text weight is read once per token, the tied embedding "
+            "once as the LM head (its row lookup is negligible); vision and audio weights are idle "
+            "in decode. Decode speed is about memory bandwidth divided by this figure."
+        )
+    if report.quantization:
+        lines.append(
+            "\nQuantized with MLX's own quantizer (`mx.quantize`); norms, layer scalars, position "
+            "tables and LayerNorms stay in float."
         )
     if report.kept_float:
-        lines.append(
-            f"- kept in float (input width not a multiple of the group size): {', '.join(report.kept_float)}"
-        )
+        lines += ["", "Quantizable layers kept in float:", ""]
+        lines += [f"- `{p}`: {why}" for p, why in sorted(report.kept_float.items())]
     return "\n".join(lines) + "\n"
 
 
-def check_conversion(src: Path, out: Path, ids: list[int] | None = None) -> dict:
-    """Logit differences and top-1 agreement of the converted model against the source."""
+def _logits_of(path: Path, ids: list[int], dtype: str | None) -> np.ndarray:
     from gemma_mlx.checkpoint import load_model
-    from gemma_mlx.quality import compare, log_probs
 
-    reference, converted = load_model(src, dtype="float32"), load_model(out)
-    vocab = reference.config.text.vocab_size
-    ids = ids or [2] + [(i * 7919) % (vocab - 10) + 5 for i in range(63)]
-    ref_lp, out_lp = log_probs(reference, ids), log_probs(converted, ids)
-    q = compare(ref_lp, out_lp, ids)
-    diff = abs(ref_lp - out_lp)
+    model = load_model(path, dtype=dtype)
+    logits = np.array(model(mx.array([ids])).astype(mx.float32), dtype=np.float64)[0]
+    del model
+    mx.clear_cache()
+    return logits
+
+
+def _compare(ref: np.ndarray, out: np.ndarray) -> dict:
+    def log_softmax(x: np.ndarray) -> np.ndarray:
+        x = x - x.max(-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+    diff = np.abs(ref - out)
+    lp_ref, lp_out = log_softmax(ref), log_softmax(out)
     return {
-        "max_logprob_diff": float(diff.max()),
-        "mean_logprob_diff": float(diff.mean()),
-        "top1_agreement": q.top1_agreement,
-        "mean_kl": q.mean_kl,
+        "max_logit_diff": float(diff.max()),
+        "mean_logit_diff": float(diff.mean()),
+        "top1_agreement": float((ref.argmax(-1) == out.argmax(-1)).mean()),
+        "mean_kl": float((np.exp(lp_ref) * (lp_ref - lp_out)).sum(-1).mean()),
     }
+
+
+CHECK_TEXT = (
+    "The quick brown fox jumps over the lazy dog. Water boils at 100 degrees Celsius at sea level, "
+    "and the capital of France is Paris. def add(a, b):\n    return a + b\n"
+)
+
+
+def check_conversion(src: str | Path, out: str | Path, ids: list[int] | None = None) -> dict:
+    """Logit differences, top-1 agreement and KL of the converted model against the source on a
+    short prompt. The two models are loaded one after the other, so memory holds only one."""
+    from gemma_mlx.config import load_config
+
+    if ids is None:
+        from gemma_mlx.processor import Processor
+
+        processor = Processor.from_dir(out)
+        if processor is not None:
+            ids = processor.encode_text(CHECK_TEXT)[:64]
+        else:  # weights-only directory: spread token ids over the vocabulary
+            vocab = load_config(out).text.vocab_size
+            ids = [2] + [(i * 7919) % (vocab - 10) + 5 for i in range(31)]
+    converted = _logits_of(Path(out), ids, None)
+    return _compare(_logits_of(Path(src), ids, None), converted)
+
+
+def check_drafter(src: str | Path, out: str | Path, steps: int = 8) -> dict:
+    """The converted drafter against the source on random (seeded) target states and K/V: its
+    draft logits are what decide acceptance."""
+    from gemma_mlx.models.drafter import load_drafter
+
+    def run(path: Path) -> np.ndarray:
+        drafter = load_drafter(path)
+        text, backbone = drafter.config.text, drafter.config.backbone_hidden_size
+        keys = mx.random.split(mx.random.key(0), 6)
+        emb = mx.random.normal((steps, 1, backbone), key=keys[0])
+        hidden = mx.random.normal((steps, 1, backbone), key=keys[1])
+        kv = {}
+        for i, kind in enumerate(sorted(set(text.layer_types))):
+            spec = text.layers[text.layer_types.index(kind)]
+            shape = (steps, spec.num_kv_heads, 16, spec.head_dim)
+            kv[kind] = (
+                mx.random.normal(shape, key=keys[2 + 2 * i]),
+                mx.random.normal(shape, key=keys[3 + 2 * i]),
+                None,
+            )
+        logits, _ = drafter(emb, hidden, kv, 16)
+        return np.array(logits.astype(mx.float32), dtype=np.float64)[:, 0]
+
+    converted = run(Path(out))
+    return _compare(run(Path(src)), converted)

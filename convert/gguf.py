@@ -2,21 +2,37 @@
 
 Tensors are dequantized to float with the `gguf` package, renamed to ours, and llama.cpp's
 storage conventions are undone; the SentencePiece vocabulary in the metadata becomes
-`tokenizer.model`. The rest of the stack then sees a normal checkpoint.
+`tokenizer.model` and the `gemma3.*` metadata an HF-style `gemma3_text` config.json. The rest of
+the stack then sees a normal checkpoint.
+
+llama.cpp conventions, from its `convert_hf_to_gguf.py` (`Gemma3Model`) and `llama-model.cpp`:
+- norm weights are stored as `1 + w` (`norm_shift = 1.0`, "Gemma3RMSNorm adds 1.0"). Checked on
+  the 270M file: every stored norm value minus 1 is exactly a bfloat16 number (the released
+  weights' dtype) while only 75% of the stored values are, and 143 values are exactly 0 (w = -1:
+  channels switched off); undoing the shift is also what makes the model good (tests).
+- Q/K are not permuted (only llama.cpp's LLaMA converter permutes; Gemma uses NEOX RoPE).
+- the attention scale is `key_length**-0.5`, except for the 62-layer 27B:
+  `(embedding_length / head_count)**-0.5`; every 6th layer is global; sliding layers use RoPE
+  base 10000 and no scaling; `rope.scaling.*` applies to global layers only.
+- dims are listed innermost first; the token embedding is tied (no `output.weight`).
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from importlib import resources
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
+from mlx.utils import tree_flatten
+
+from gemma_mlx.config import parse_config
+from gemma_mlx.models.gemma import Model
 
 from .writer import atomic_directory, write_json, write_shards
 
+ARCH = "gemma3"
 # llama.cpp block tensor -> our name under language_model.layers.N
 BLOCK_NAMES = {
     "attn_q": "self_attn.q_proj",
@@ -34,14 +50,15 @@ BLOCK_NAMES = {
     "ffn_down": "mlp.down_proj",
 }
 TOP_NAMES = {"token_embd": "language_model.embed_tokens", "output_norm": "language_model.norm"}
-SUPPORTED_TYPES = {"F32", "F16", "BF16", "Q8_0", "Q5_0", "Q5_1", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K"}
+NORM_SHIFT = 1.0
 
 
 class GGUFError(ValueError):
-    """A GGUF file we cannot import; names the file and the tensor or field."""
+    """A GGUF file we cannot import; names the file and the tensor or metadata field."""
 
 
-def _reader(path: Path):
+def open_gguf(path: str | Path):
+    """A `gguf.GGUFReader` on `path` (memory-mapped), or a GGUFError for a damaged file."""
     from gguf import GGUFReader
 
     try:
@@ -56,53 +73,70 @@ def _field(reader, key: str, default=None):
 
 
 def our_name(gguf_name: str) -> str:
+    """`blk.3.attn_q.weight` -> `language_model.layers.3.self_attn.q_proj.weight` (KeyError if unknown)."""
     stem, _, suffix = gguf_name.rpartition(".")
     if stem in TOP_NAMES:
         return f"{TOP_NAMES[stem]}.{suffix}"
     parts = stem.split(".")
-    if len(parts) == 3 and parts[0] == "blk" and parts[2] in BLOCK_NAMES:
+    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in BLOCK_NAMES:
         return f"language_model.layers.{parts[1]}.{BLOCK_NAMES[parts[2]]}.{suffix}"
     raise KeyError(gguf_name)
 
 
-def gemma3_config(reader, path: Path) -> dict:
-    """An HF-style `gemma3_text` config.json from the GGUF metadata."""
+def gemma3_config(reader, path: str | Path = "<gguf>") -> dict:
+    """An HF-style `gemma3_text` config.json from the `gemma3.*` metadata, interpreted as llama.cpp
+    runs the file (see the module docstring)."""
     arch = _field(reader, "general.architecture")
-    if arch != "gemma3":
-        raise GGUFError(f"{path}: general.architecture is {arch!r}; only 'gemma3' GGUF files can be imported")
+    if arch != ARCH:
+        raise GGUFError(f"{path}: general.architecture is {arch!r}; only {ARCH!r} GGUF files can be imported")
 
     def need(key: str):
-        value = _field(reader, f"gemma3.{key}")
+        value = _field(reader, f"{ARCH}.{key}")
         if value is None:
-            raise GGUFError(f"{path}: metadata field 'gemma3.{key}' is missing")
+            raise GGUFError(f"{path}: metadata field '{ARCH}.{key}' is missing")
         return value
 
-    head_dim = int(need("attention.key_length"))
-    n_layers = int(need("block_count"))
+    if "tokenizer.ggml.tokens" not in reader.fields:
+        raise GGUFError(f"{path}: metadata field 'tokenizer.ggml.tokens' is missing")
+    n_layers, hidden = int(need("block_count")), int(need("embedding_length"))
+    heads, head_dim = int(need("attention.head_count")), int(need("attention.key_length"))
+    value_dim = int(_field(reader, f"{ARCH}.attention.value_length", head_dim))
+    if value_dim != head_dim:
+        raise GGUFError(f"{path}: '{ARCH}.attention.value_length' {value_dim} != key_length {head_dim}")
+    window = int(_field(reader, f"{ARCH}.attention.sliding_window", 0) or 0)
+    full_rope: dict = {"rope_type": "default", "rope_theta": float(need("rope.freq_base"))}
+    factor = float(_field(reader, f"{ARCH}.rope.scaling.factor", 1.0) or 1.0)
+    kind = _field(reader, f"{ARCH}.rope.scaling.type", "linear" if factor != 1.0 else "none")
+    if kind == "linear" and factor != 1.0:
+        full_rope = {**full_rope, "rope_type": "linear", "factor": factor}
+    elif kind not in ("none", "linear"):
+        raise GGUFError(f"{path}: '{ARCH}.rope.scaling.type' is {kind!r}, expected 'linear' or 'none'")
+    sliding_theta = float(_field(reader, f"{ARCH}.rope.freq_base_swa", 10_000.0))
     return {
         "architectures": ["Gemma3ForCausalLM"],
         "model_type": "gemma3_text",
         "vocab_size": len(reader.fields["tokenizer.ggml.tokens"].data),
-        "hidden_size": int(need("embedding_length")),
+        "hidden_size": hidden,
         "intermediate_size": int(need("feed_forward_length")),
         "num_hidden_layers": n_layers,
-        "num_attention_heads": int(need("attention.head_count")),
-        "num_key_value_heads": int(need("attention.head_count_kv")),
+        "num_attention_heads": heads,
+        "num_key_value_heads": int(_field(reader, f"{ARCH}.attention.head_count_kv", heads)),
         "head_dim": head_dim,
-        # llama.cpp scales queries by key_length**-0.5; HF's GGUF loader maps it the same way
-        "query_pre_attn_scalar": head_dim,
+        "query_pre_attn_scalar": hidden // heads if n_layers == 62 else head_dim,
         "rms_norm_eps": float(need("attention.layer_norm_rms_epsilon")),
-        "sliding_window": int(need("attention.sliding_window")),
+        "sliding_window": window or int(need("context_length")),
         "max_position_embeddings": int(need("context_length")),
-        # Gemma 3: every 6th layer is global (llama.cpp hard-codes the same pattern)
+        # without a window llama.cpp runs every layer as global
         "layer_types": [
-            "full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(n_layers)
+            "full_attention" if (i + 1) % 6 == 0 or not window else "sliding_attention"
+            for i in range(n_layers)
         ],
         "rope_parameters": {
-            "full_attention": {"rope_type": "default", "rope_theta": float(need("rope.freq_base"))},
-            "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+            "full_attention": full_rope,
+            "sliding_attention": {"rope_type": "default", "rope_theta": sliding_theta},
         },
-        "final_logit_softcapping": None,
+        "final_logit_softcapping": _field(reader, f"{ARCH}.final_logit_softcapping"),
+        "hidden_activation": "gelu_pytorch_tanh",
         "tie_word_embeddings": True,
         "bos_token_id": int(_field(reader, "tokenizer.ggml.bos_token_id", 2)),
         "eos_token_id": int(_field(reader, "tokenizer.ggml.eos_token_id", 1)),
@@ -111,51 +145,75 @@ def gemma3_config(reader, path: Path) -> dict:
     }
 
 
-def tensors(reader, path: Path, dtype: mx.Dtype = mx.float32) -> Iterator[tuple[str, mx.array]]:
-    """Dequantized, renamed tensors. llama.cpp stores Gemma norm weights with the +1 of
-    `(1 + w)` already added (its converter's `norm_shift`; transformers' GGUF loader subtracts it
-    again); we undo it so the checkpoint holds the HF values. Q/K are not permuted for Gemma
-    (NEOX-style RoPE), so nothing else changes."""
+def _dequantize(t) -> np.ndarray:
     from gguf.quants import dequantize
 
+    w = dequantize(t.data, t.tensor_type)
+    return np.asarray(w, dtype=np.float32).reshape([int(d) for d in reversed(t.shape)])
+
+
+def check_tensors(reader, config: dict, path: str | Path = "<gguf>") -> None:
+    """Fail before any work if a tensor is unknown, missing, misshapen or of a type the `gguf`
+    package cannot dequantize (each type is tried on one row)."""
+    from gguf.quants import dequantize
+
+    expected = {k: v.shape for k, v in tree_flatten(Model(parse_config(config, str(path))).parameters())}
+    seen, tried = set(), set()
     for t in reader.tensors:
-        kind = t.tensor_type.name
-        if kind not in SUPPORTED_TYPES:
-            raise GGUFError(f"{path}: tensor {t.name} has unsupported type {kind}")
         try:
             name = our_name(t.name)
         except KeyError:
-            raise GGUFError(f"{path}: unexpected tensor {t.name} for a Gemma 3 text model") from None
-        w = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
-        w = w.reshape([int(d) for d in reversed(t.shape)])  # GGUF lists dims innermost first
+            raise GGUFError(f"{path}: tensor {t.name} is not part of a Gemma 3 text model") from None
+        shape = tuple(int(d) for d in reversed(t.shape))
+        if name not in expected or shape != tuple(expected[name]):
+            want = tuple(expected[name]) if name in expected else "none (not in this config)"
+            raise GGUFError(f"{path}: tensor {t.name} has shape {shape}, the metadata implies {want}")
+        if t.tensor_type not in tried:
+            try:
+                dequantize(t.data[:1], t.tensor_type)
+            except NotImplementedError:
+                raise GGUFError(
+                    f"{path}: tensor {t.name} has type {t.tensor_type.name}, which the gguf package "
+                    "cannot dequantize"
+                ) from None
+            tried.add(t.tensor_type)
+        seen.add(name)
+    missing = sorted(set(expected) - seen)
+    if missing:
+        raise GGUFError(f"{path}: missing tensors {', '.join(missing[:8])}")
+
+
+def tensors(reader, dtype: mx.Dtype = mx.float32) -> Iterator[tuple[str, mx.array]]:
+    """Dequantized tensors under our names, with the norm shift undone (in float32, exact)."""
+    for t in reader.tensors:
+        name, w = our_name(t.name), _dequantize(t)
         if name.endswith("norm.weight"):
-            w = w - 1.0
+            w = w - NORM_SHIFT
         yield name, mx.array(w).astype(dtype)
 
 
-def sentencepiece_model(reader, path: Path) -> bytes:
-    """A SentencePiece model proto from `tokenizer.ggml.*` (token types share SentencePiece's
-    numbering: 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte)."""
+def sentencepiece_model(reader, path: str | Path = "<gguf>") -> bytes:
+    """A serialized SentencePiece model from `tokenizer.ggml.*` (GGUF token types use
+    SentencePiece's numbering: 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte)."""
     from sentencepiece import sentencepiece_model_pb2 as pb
 
-    if _field(reader, "tokenizer.ggml.model") != "llama":
-        raise GGUFError(
-            f"{path}: tokenizer.ggml.model is {_field(reader, 'tokenizer.ggml.model')!r}, expected 'llama'"
-        )
+    kind = _field(reader, "tokenizer.ggml.model")
+    if kind != "llama":
+        raise GGUFError(f"{path}: tokenizer.ggml.model is {kind!r}, expected 'llama' (SentencePiece)")
     pieces = _field(reader, "tokenizer.ggml.tokens")
     scores = _field(reader, "tokenizer.ggml.scores")
     types = _field(reader, "tokenizer.ggml.token_type")
+    if scores is None or types is None or not len(pieces) == len(scores) == len(types):
+        raise GGUFError(f"{path}: tokenizer.ggml.tokens/scores/token_type are missing or of unequal length")
     m = pb.ModelProto()
-    for piece, score, kind in zip(pieces, scores, types, strict=True):
-        if (
-            kind == 4
-        ):  # llama.cpp un-escapes user-defined pieces ("▁▁" -> "  "); SentencePiece matches escaped text
+    for piece, score, t in zip(pieces, scores, types, strict=True):
+        if t == 4:  # llama.cpp stores user-defined pieces un-escaped ("▁▁" as "  "); SentencePiece escapes
             piece = piece.replace(" ", "\u2581")
-        m.pieces.add(piece=piece, score=float(score), type=int(kind))
+        m.pieces.add(piece=piece, score=float(score), type=int(t))
     spec = m.trainer_spec
     spec.model_type = pb.TrainerSpec.BPE
     spec.vocab_size = len(pieces)
-    spec.byte_fallback = True
+    spec.byte_fallback = 6 in set(types)  # <0x00>..<0xFF> pieces present
     for key, name in (("unk", "unknown"), ("bos", "bos"), ("eos", "eos"), ("pad", "padding")):
         i = int(_field(reader, f"tokenizer.ggml.{name}_token_id", -1))
         setattr(spec, f"{key}_id", i)
@@ -169,29 +227,42 @@ def sentencepiece_model(reader, path: Path) -> bytes:
     return m.SerializeToString()
 
 
-def import_gguf(src: str | Path, out: str | Path, *, dtype: str = "float32", force: bool = False) -> Path:
-    """Convert a Gemma 3 GGUF file into an MLX checkpoint directory at `out` (atomically)."""
+def import_gguf(
+    src: str | Path,
+    out: str | Path,
+    *,
+    dtype: str = "float32",
+    force: bool = False,
+    finalize: Callable[[Path], None] | None = None,
+) -> Path:
+    """Convert a Gemma 3 GGUF file into an MLX checkpoint directory at `out` (written atomically;
+    `finalize(tmp)` runs on the complete directory just before it is moved into place)."""
     src, out = Path(src), Path(out)
     if not src.is_file():
         raise GGUFError(f"{src}: no such GGUF file")
-    reader = _reader(src)
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"dtype {dtype!r}: expected float32, bfloat16 or float16")
+    reader = open_gguf(src)
     config = gemma3_config(reader, src)
+    check_tensors(reader, config, src)
     tokenizer = sentencepiece_model(reader, src)
     pieces = _field(reader, "tokenizer.ggml.tokens")
     eos = [config["eos_token_id"]] + ([pieces.index("<end_of_turn>")] if "<end_of_turn>" in pieces else [])
+    # a GGUF of an instruction-tuned model may carry its own template; otherwise ours
+    template = _field(reader, "tokenizer.chat_template") or (
+        resources.files("gemma_mlx").joinpath("templates/gemma3.jinja").read_text()
+    )
     with atomic_directory(out, force=force) as tmp:
-        write_shards(tmp, tensors(reader, src, getattr(mx, dtype)))
-        config["torch_dtype"] = dtype
-        write_json(tmp / "config.json", config)
+        write_shards(tmp, tensors(reader, getattr(mx, dtype)))
+        write_json(tmp / "config.json", {**config, "torch_dtype": dtype})
         (tmp / "tokenizer.model").write_bytes(tokenizer)
         write_json(
             tmp / "tokenizer_config.json",
             {
                 "add_bos_token": bool(_field(reader, "tokenizer.ggml.add_bos_token", True)),
-                "bos_token": "<bos>",
-                "eos_token": "<eos>",
-                "pad_token": "<pad>",
-                "unk_token": "<unk>",
+                "add_eos_token": bool(_field(reader, "tokenizer.ggml.add_eos_token", False)),
+                **{f"{k}_token": pieces[config[f"{k}_token_id"]] for k in ("bos", "eos", "pad")},
+                "unk_token": pieces[int(_field(reader, "tokenizer.ggml.unknown_token_id", 3))],
             },
         )
         write_json(
@@ -202,7 +273,9 @@ def import_gguf(src: str | Path, out: str | Path, *, dtype: str = "float32", for
                 "pad_token_id": config["pad_token_id"],
             },
         )
-        template = resources.files("gemma_mlx").joinpath("templates/gemma3.jinja").read_text()
         (tmp / "chat_template.jinja").write_text(template)
-        (tmp / "SOURCE.json").write_text(json.dumps({"gguf": src.name, "size": src.stat().st_size}) + "\n")
+        source = {k: _field(reader, k) for k in ("general.name", "general.size_label", "general.file_type")}
+        write_json(tmp / "SOURCE.json", {"gguf": src.name, "size": src.stat().st_size, **source})
+        if finalize is not None:
+            finalize(tmp)
     return out

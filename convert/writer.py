@@ -22,24 +22,46 @@ class OutputExistsError(FileExistsError):
     pass
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
 @contextmanager
 def atomic_directory(out: str | Path, force: bool = False):
     """Yield a temporary sibling of `out` to fill; on success it replaces `out` in one rename,
-    on any exception (Ctrl-C included) it is removed and `out` is left as it was."""
+    on any exception (Ctrl-C included) it is removed and `out` is left as it was. Partial
+    directories of runs that were killed outright (SIGKILL, out of memory) are removed first."""
     out = Path(out)
     if out.exists() and not force:
         raise OutputExistsError(f"{out} already exists (use --force to replace it)")
     out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out.parent.glob(f".{out.name}.partial-*"):
+        pid = stale.name.rpartition("-")[2]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            _remove(stale)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    _remove(tmp)
     tmp.mkdir()
     try:
         yield tmp
-        if out.exists():
+        if out.exists() or out.is_symlink():
             old = out.parent / f".{out.name}.old-{os.getpid()}"
             out.rename(old)
             tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
+            _remove(old)
         else:
             tmp.rename(out)
     except BaseException:

@@ -1,15 +1,23 @@
-"""Image and audio preprocessing for the encoder-free 12B (Pillow, numpy, soundfile, soxr).
+"""Image and audio preprocessing for the encoder-free 12B (Pillow, numpy, soundfile, soxr; no torch).
 
-Images: RGB in [0, 1], aspect-preserving resize to a soft-token budget, cut into 48x48 HWC
-patches in raster order with (x, y) patch positions (transformers' `Gemma4UnifiedImageProcessor`).
-Audio: mono 16 kHz float waveform cut into 640-sample frames (`Gemma4UnifiedAudioFeatureExtractor`).
-No model code here.
+Images (transformers' `Gemma4UnifiedImageProcessor`): RGB, aspect-preserving bicubic resize to a
+soft-token budget, pixels in [0, 1] (no normalisation), cut into 48x48 HWC patches in raster order
+with (x=column, y=row) patch positions, padded to the budget.
+Audio (`Gemma4UnifiedAudioFeatureExtractor`): mono 16 kHz float waveform cut into 640-sample
+(40 ms) frames, one soft token per frame, at most 750 frames (30 s) per audio block.
+Prompts (`Gemma4UnifiedProcessor.replace_image_token` / `replace_audio_token`): each placeholder
+becomes begin marker + one placeholder per soft token + end marker.
 """
 
 from __future__ import annotations
 
 import io
 import math
+import numbers
+import re
+import struct
+import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,12 +25,19 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-PATCH = 48  # 16-px patches merged 3x3
-BUDGETS = (70, 140, 280, 560, 1120)
-MAX_PIXELS = 64_000_000  # larger images are refused before decoding (decompression bombs)
+PATCH = 48  # 16-px patches merged 3x3 (patch_size 16 x pooling_kernel_size 3)
+BUDGETS = (70, 140, 280, 560, 1120)  # the reference's `_SUPPORTED_SOFT_TOKENS`
+# Decompression-bomb cap: Pillow's own error threshold (2 x its default MAX_IMAGE_PIXELS), checked
+# from the header before decoding, also when a caller has switched Pillow's check off.
+MAX_PIXELS = 2 * 89_478_485
 SAMPLE_RATE = 16_000
 FRAME = 640  # samples per audio soft token (40 ms)
-MAX_CLIP_FRAMES = 750  # the model's documented 30 s per audio block
+MAX_CLIP_SECONDS = 30.0  # `audio_seq_length` 750 frames: the documented per-block cap
+IMAGE_TOKEN, BOI, EOI = "<|image|>", "<|image>", "<image|>"
+AUDIO_TOKEN, BOA, EOA = "<|audio|>", "<|audio>", "<audio|>"
+
+ImageSource = str | Path | bytes | Image.Image | np.ndarray
+AudioSource = str | Path | bytes | np.ndarray
 
 
 class MediaError(ValueError):
@@ -30,66 +45,126 @@ class MediaError(ValueError):
 
 
 def _name(src: Any) -> str:
-    return str(src) if isinstance(src, str | Path) else f"<{type(src).__name__}>"
+    if isinstance(src, str | Path):
+        return str(src)
+    if isinstance(src, Image.Image) and getattr(src, "filename", ""):
+        return str(src.filename)
+    return f"<{type(src).__name__}>"
 
 
 # --- images --------------------------------------------------------------------------------
 
 
-def load_image(src: str | Path | bytes | Image.Image | np.ndarray) -> Image.Image:
-    """An RGB image from a path, encoded bytes, a PIL image or an HWC array (uint8, or float in
-    [0, 1]). EXIF orientation is applied; transparency is composited onto white (as the
-    reference's `convert_rgb`); GIFs give their first frame."""
-    name = _name(src)
-    if isinstance(src, np.ndarray):
-        a = src
-        if a.ndim == 2:
-            a = np.stack([a] * 3, -1)
-        if a.ndim != 3 or a.shape[-1] not in (1, 3, 4):
-            raise MediaError(f"{name}: expected an HWC array with 1, 3 or 4 channels, got shape {a.shape}")
-        if a.dtype != np.uint8:
-            if not np.isfinite(a).all():
-                raise MediaError(f"{name}: the array contains NaN or infinite values")
-            a = (np.clip(a, 0, 1) * 255 + 0.5).astype(np.uint8)
-        src = Image.fromarray(a if a.shape[-1] != 1 else a[..., 0])
-    if not isinstance(src, Image.Image):
-        try:
-            data = src if isinstance(src, bytes) else Path(src).read_bytes()
-        except OSError as e:
-            raise MediaError(f"{name}: cannot read the file ({e.strerror or e})") from None
-        if not data:
-            raise MediaError(f"{name}: the file is empty")
-        try:
-            src = Image.open(io.BytesIO(data))
-            if src.width * src.height > MAX_PIXELS:
-                raise MediaError(
-                    f"{name}: {src.width}x{src.height} pixels is more than the {MAX_PIXELS:,} allowed"
-                )
-            src.load()
-        except MediaError:
-            raise
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-            raise MediaError(f"{name}: not a readable image ({e})") from None
-    image = ImageOps.exif_transpose(src) or src
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+def _array_to_image(a: np.ndarray, name: str) -> Image.Image:
+    """HWC (or CHW, or HW) uint8 / bool / float in [0, 1] -> PIL. Channels are inferred like the
+    reference's `infer_channel_dimension_format` (last axis first)."""
+    if a.ndim == 3 and a.shape[-1] not in (1, 3, 4) and a.shape[0] in (1, 3, 4):
+        a = a.transpose(1, 2, 0)
+    if not (a.ndim == 2 or (a.ndim == 3 and a.shape[-1] in (1, 3, 4))) or a.size == 0:
+        raise MediaError(f"{name}: expected an HWC image array with 1, 3 or 4 channels, got shape {a.shape}")
+    if a.dtype == bool:
+        a = a.astype(np.uint8) * 255
+    elif a.dtype.kind == "f":
+        if not np.isfinite(a).all():
+            raise MediaError(f"{name}: the image array contains NaN or infinite values")
+        if a.min() < -1e-3 or a.max() > 1 + 1e-3:  # 0..255 floats would silently turn white
+            raise MediaError(f"{name}: float image arrays must be in [0, 1], got [{a.min():g}, {a.max():g}]")
+        a = np.rint(np.clip(a, 0, 1) * 255).astype(np.uint8)
+    elif a.dtype != np.uint8:
+        raise MediaError(f"{name}: unsupported image array type {a.dtype} (use uint8, or float in [0, 1])")
+    if a.ndim == 3 and a.shape[-1] == 1:
+        a = a[..., 0]
+    return Image.fromarray(np.ascontiguousarray(a))
+
+
+def _open(src: str | Path | bytes, name: str) -> Image.Image:
+    try:
+        data = src if isinstance(src, bytes) else Path(src).read_bytes()
+    except OSError as e:
+        raise MediaError(f"{name}: cannot read the file ({e.strerror or e})") from None
+    if not data:
+        raise MediaError(f"{name}: the file is empty")
+    try:
+        with warnings.catch_warnings():  # our own cap below is the one that applies
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            return Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as e:
+        raise MediaError(f"{name}: refused as a decompression bomb ({e})") from None
+    except UnidentifiedImageError:
+        raise MediaError(f"{name}: not an image, or a format Pillow cannot read") from None
+    except (OSError, SyntaxError, ValueError, struct.error) as e:
+        raise MediaError(f"{name}: not a readable image ({e})") from None
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """RGB as the reference's `image_transforms.convert_to_rgb`: anything with an alpha band or a
+    transparency key is composited onto white, everything else goes through `convert("RGB")`.
+    One deliberate difference: 16/32-bit integer and float images are scaled to 8 bits instead of
+    being clipped at 255 by Pillow (which turns almost every real 16-bit image white)."""
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        a = np.asarray(image, dtype=np.float64)
+        top = float(a.max(initial=0))
+        if image.mode.startswith("I;16"):
+            scale = 65535.0
+        else:  # 32-bit containers: guess the range from the data ([0, 1] floats, 8 or 16 bits)
+            scale = 1.0 if image.mode == "F" and top <= 1 else 255.0 if top <= 255 else max(65535.0, top)
+        return Image.fromarray(np.rint(np.clip(a / scale, 0, 1) * 255).astype(np.uint8)).convert("RGB")
+    if ("A" in image.getbands() and image.mode != "LAB") or image.info.get("transparency") is not None:
         rgba = image.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # high bit depth: scale to 8 bits
-        a = np.asarray(image, dtype=np.float64)
-        top = 65535.0 if image.mode.startswith("I;16") or a.max() > 255 else 255.0
-        image = Image.fromarray((np.clip(a / top, 0, 1) * 255 + 0.5).astype(np.uint8))
     return image.convert("RGB")
 
 
-def target_size(height: int, width: int, max_soft_tokens: int = 280) -> tuple[int, int]:
-    """The resized (height, width): the largest multiples of 48 within the token budget that keep
-    the aspect ratio (transformers' `get_aspect_ratio_preserving_size`, zero-side branch included)."""
-    if max_soft_tokens not in BUDGETS:
+def load_image(src: ImageSource) -> Image.Image:
+    """An RGB image from a path, encoded bytes, a PIL image or an array (HWC uint8, or float in
+    [0, 1]). Reads anything Pillow opens (JPEG, PNG, WebP, GIF and TIFF give their first frame,
+    BMP, ...); applies the EXIF orientation (as transformers' `load_image`); converts every mode to
+    RGB (`_to_rgb`). Raises `MediaError` naming the input for unreadable, truncated or empty files
+    and for images over `MAX_PIXELS` (checked before decoding)."""
+    name = _name(src)
+    if isinstance(src, np.ndarray):
+        image = _array_to_image(src, name)
+    elif isinstance(src, Image.Image):
+        image = src
+    elif isinstance(src, str | Path | bytes):
+        image = _open(src, name)
+    else:
+        raise MediaError(f"{name}: expected a path, bytes, a PIL image or an array")
+    if image.width * image.height > MAX_PIXELS:
+        raise MediaError(
+            f"{name}: {image.width}x{image.height} pixels is more than the {MAX_PIXELS:,} allowed "
+            "(decompression bomb protection)"
+        )
+    try:
+        image.load()  # decode now, so that truncated or corrupt data fails here, named
+    except (OSError, SyntaxError, ValueError, struct.error, EOFError) as e:
+        raise MediaError(f"{name}: not a readable image ({e})") from None
+    try:
+        image = ImageOps.exif_transpose(image) or image
+    except (OSError, SyntaxError, ValueError, KeyError, TypeError, struct.error):
+        pass  # a broken EXIF block: keep the pixels as stored
+    try:
+        return _to_rgb(image)
+    except ValueError as e:  # a mode Pillow cannot convert
+        raise MediaError(f"{name}: cannot convert {image.mode} to RGB ({e})") from None
+
+
+def _check_budget(max_soft_tokens: int) -> None:
+    if max_soft_tokens not in BUDGETS:  # as the reference's `_preprocess`
         raise MediaError(f"max_soft_tokens={max_soft_tokens}: expected one of {BUDGETS}")
-    target_px = max_soft_tokens * 9 * 16 * 16
+
+
+def target_size(height: int, width: int, max_soft_tokens: int = 280) -> tuple[int, int]:
+    """The resized (height, width), multiples of 48 within the budget: the reference's
+    `get_aspect_ratio_preserving_size(h, w, 16, max_soft_tokens * 9, 3)`, line for line, including
+    the zero-side branch (a side that floors to 0 becomes 48 and the other `floor(ratio) * 48`,
+    capped at `max_soft_tokens * 48`) and the overshoot error. Upscales as well as downscales."""
+    _check_budget(max_soft_tokens)
+    target_px = max_soft_tokens * 9 * 16**2
     factor = math.sqrt(target_px / (height * width))
-    h, w = math.floor(factor * height / PATCH) * PATCH, math.floor(factor * width / PATCH) * PATCH
+    h = math.floor(factor * height / PATCH) * PATCH
+    w = math.floor(factor * width / PATCH) * PATCH
     if h == 0 and w == 0:
         raise MediaError(f"a {height}x{width} image cannot be resized to whole 48-px patches")
     longest = max_soft_tokens * PATCH
@@ -104,29 +179,48 @@ def target_size(height: int, width: int, max_soft_tokens: int = 280) -> tuple[in
 
 @dataclass
 class ImageInput:
-    pixel_values: np.ndarray  # [max_soft_tokens, 6912] float32 in [0, 1], zero rows for padding
-    position_ids: np.ndarray  # [max_soft_tokens, 2] int32 (x=column, y=row), (-1, -1) for padding
+    pixel_values: np.ndarray  # [max_soft_tokens, 6912] float32 in [0, 1]; zero rows for padding
+    position_ids: np.ndarray  # [max_soft_tokens, 2] int32 (x=column, y=row); (-1, -1) for padding
     num_soft_tokens: int
 
 
-def preprocess_image(image: Any, max_soft_tokens: int = 280) -> ImageInput:
-    """Resize (bicubic, antialiased) into the budget and cut into 48x48 patches in raster order."""
+def resize_image(image: Image.Image, height: int, width: int) -> Image.Image:
+    """Bicubic, antialiased resize that tracks torchvision's `resize(..., BICUBIC, antialias=True)`
+    on uint8: both passes separately, horizontal first. torch always runs that order; a single
+    Pillow `resize` may run the vertical pass first (seen when upscaling width while downscaling
+    height), and with the 8-bit intermediate that costs up to 22/255 on noisy images instead of
+    2/255 (see tests/test_media.py for the measured figures)."""
+    if image.width != width:
+        image = image.resize((width, image.height), Image.Resampling.BICUBIC)
+    if image.height != height:
+        image = image.resize((width, height), Image.Resampling.BICUBIC)
+    return image
+
+
+def preprocess_image(image: ImageSource, max_soft_tokens: int = 280) -> ImageInput:
+    """Load, resize into the budget, scale to [0, 1] and cut into 48x48 HWC patches in raster order
+    (the reference's 16-px patches regrouped 3x3 by `patches_merge` are exactly these), padded to
+    `max_soft_tokens` rows with zeros at position (-1, -1)."""
+    _check_budget(max_soft_tokens)  # before any decoding
     img = load_image(image)
     h, w = target_size(img.height, img.width, max_soft_tokens)
-    pixels = np.asarray(img.resize((w, h), Image.Resampling.BICUBIC), dtype=np.float32) / 255.0
+    pixels = np.asarray(resize_image(img, h, w), dtype=np.uint8)
     rows, cols = h // PATCH, w // PATCH
-    patches = pixels.reshape(rows, PATCH, cols, PATCH, 3).transpose(0, 2, 1, 3, 4).reshape(rows * cols, -1)
     n = rows * cols
+    patches = pixels.reshape(rows, PATCH, cols, PATCH, 3).transpose(0, 2, 1, 3, 4).reshape(n, -1)
     pv = np.zeros((max_soft_tokens, patches.shape[1]), np.float32)
-    pv[:n] = patches
+    pv[:n] = patches.astype(np.float32) * np.float32(1 / 255)  # as the reference's rescale, bit for bit
     pos = np.full((max_soft_tokens, 2), -1, np.int32)
-    ys, xs = np.divmod(np.arange(n), cols)
-    pos[:n, 0], pos[:n, 1] = xs, ys
+    pos[:n, 1], pos[:n, 0] = np.divmod(np.arange(n), cols)
     return ImageInput(pv, pos, n)
 
 
-def batch_images(images: list[ImageInput]) -> tuple[np.ndarray, np.ndarray, list[int]]:
-    """`pixel_values [n, P, 6912]`, `image_position_ids [n, P, 2]` and the soft-token counts."""
+def batch_images(images: Sequence[ImageInput]) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """`pixel_values [n, max_soft_tokens, 6912]`, `image_position_ids [n, max_soft_tokens, 2]` and
+    the soft-token counts (the reference's `pixel_values`, `image_position_ids`,
+    `num_soft_tokens_per_image`). All images must share one budget."""
+    if not images or len({i.pixel_values.shape for i in images}) != 1:
+        raise MediaError("batch_images needs one or more images preprocessed with the same max_soft_tokens")
     return (
         np.stack([i.pixel_values for i in images]),
         np.stack([i.position_ids for i in images]),
@@ -137,42 +231,66 @@ def batch_images(images: list[ImageInput]) -> tuple[np.ndarray, np.ndarray, list
 # --- audio ---------------------------------------------------------------------------------
 
 
-def load_audio(src: str | Path | bytes | np.ndarray, sampling_rate: int | None = None) -> np.ndarray:
-    """A mono float32 waveform at 16 kHz from a file (anything libsndfile reads: WAV, FLAC, OGG,
-    ...), encoded bytes, or an array (`sampling_rate` required; [samples] or [samples, channels]).
-    Channels are averaged; other rates are resampled with soxr (high quality)."""
+def _pcm_to_float(a: np.ndarray, name: str) -> np.ndarray:
+    """Samples as float32 in [-1, 1): integers scaled as libsndfile does (int16 / 32768, unsigned
+    8-bit centred on 128), floats kept as they are."""
+    if a.dtype.kind == "f":
+        return a.astype(np.float32, copy=False)
+    if a.dtype.kind in "iu":
+        half = float(2 ** (8 * a.dtype.itemsize - 1))
+        return ((a.astype(np.float64) - (half if a.dtype.kind == "u" else 0)) / half).astype(np.float32)
+    raise MediaError(f"{name}: unsupported sample type {a.dtype}")
+
+
+def load_audio(src: AudioSource, sampling_rate: float | None = None) -> np.ndarray:
+    """A mono float32 waveform at 16 kHz.
+
+    `src` is a file path or encoded bytes (anything libsndfile reads: WAV, FLAC, OGG Vorbis/Opus,
+    MP3, AIFF, ...; its own rate is used and `sampling_rate` is ignored), or an array of samples
+    at `sampling_rate` Hz (required: a wrong guess would silently change the pitch and length),
+    shaped [samples] or [samples, channels] (or [channels, samples]: the shorter axis is taken as
+    channels). Integer arrays are PCM. Channels are averaged; other rates are resampled with soxr
+    ("HQ"). Raises `MediaError` naming the input for unreadable/corrupt files, unsupported sample
+    types, empty audio and NaN/Inf samples. Silence is valid (the reference accepts it, and the
+    model's per-frame RMSNorm maps an all-zero frame to zeros)."""
     import soundfile as sf
 
     name = _name(src)
     if isinstance(src, np.ndarray):
         if sampling_rate is None:
             raise MediaError(f"{name}: give the sampling rate of an audio array")
-        data, rate = np.asarray(src), sampling_rate
-        if not np.issubdtype(data.dtype, np.number):
-            raise MediaError(f"{name}: unsupported sample type {data.dtype}")
-        if np.issubdtype(data.dtype, np.integer):  # PCM integers to [-1, 1]
-            data = data / float(np.iinfo(data.dtype).max)
-    else:
+        data, rate = _pcm_to_float(src, name), sampling_rate
+        if data.size == 0:
+            raise MediaError(f"{name}: the audio is empty")
+        if data.ndim == 2:
+            data = data.mean(axis=0 if data.shape[0] < data.shape[1] else 1)
+    elif isinstance(src, str | Path | bytes):
+        if not isinstance(src, bytes) and not Path(src).is_file():
+            raise MediaError(f"{name}: cannot read the file (missing, or not a regular file)")
+        if not (len(src) if isinstance(src, bytes) else Path(src).stat().st_size):
+            raise MediaError(f"{name}: the file is empty")
         try:
             data, rate = sf.read(
                 io.BytesIO(src) if isinstance(src, bytes) else str(src), dtype="float32", always_2d=True
             )
-        except (sf.LibsndfileError, RuntimeError, OSError, TypeError) as e:
+        except (sf.LibsndfileError, RuntimeError, OSError, TypeError, ValueError) as e:
             raise MediaError(f"{name}: not a readable audio file ({e})") from None
-    data = np.asarray(data, dtype=np.float32)
-    if data.ndim == 2:
-        data = data.mean(axis=1)
+        data = data.mean(axis=1, dtype=np.float32)
+    else:
+        raise MediaError(f"{name}: expected a path, bytes or an array of samples")
     if data.ndim != 1:
-        raise MediaError(f"{name}: expected [samples] or [samples, channels], got shape {data.shape}")
+        raise MediaError(f"{name}: expected [samples] or [samples, channels], got shape {src.shape}")
     if data.size == 0:
         raise MediaError(f"{name}: the audio is empty")
     if not np.isfinite(data).all():
         raise MediaError(f"{name}: the audio contains NaN or infinite samples")
+    if not (isinstance(rate, numbers.Real) and math.isfinite(rate) and rate > 0):
+        raise MediaError(f"{name}: invalid sampling rate {rate!r}")
     if rate != SAMPLE_RATE:
         import soxr
 
-        data = soxr.resample(data, rate, SAMPLE_RATE, quality="HQ").astype(np.float32)
-    return data
+        data = soxr.resample(data, rate, SAMPLE_RATE, quality="HQ")
+    return np.ascontiguousarray(data, dtype=np.float32)
 
 
 @dataclass
@@ -182,23 +300,39 @@ class AudioInput:
 
 
 def preprocess_audio(waveform: np.ndarray) -> AudioInput:
-    """Zero-pad to a multiple of 640 samples and cut into frames (a partly padded last frame is a
-    real frame, as in the reference)."""
-    n = math.ceil(len(waveform) / FRAME)
+    """Zero-pad a 16 kHz waveform to a multiple of 640 samples and cut it into frames: the
+    reference's `_extract_waveform_features`, bit for bit (a partly padded last frame counts)."""
+    w = np.asarray(waveform)
+    if w.ndim != 1 or w.size == 0:
+        raise MediaError(f"expected a non-empty mono waveform, got shape {w.shape}")
+    n = -(-w.size // FRAME)
     padded = np.zeros(n * FRAME, np.float32)
-    padded[: len(waveform)] = waveform
+    padded[: w.size] = w
     return AudioInput(padded.reshape(n, FRAME), n)
 
 
-def split_audio(waveform: np.ndarray, max_frames: int = MAX_CLIP_FRAMES) -> list[np.ndarray]:
-    """Cut a long waveform into consecutive clips of at most 30 s. The model was trained on
-    blocks of up to 750 soft tokens; longer audio becomes several consecutive audio blocks."""
-    step = max_frames * FRAME
-    return [waveform[i : i + step] for i in range(0, len(waveform), step)]
+def split_audio(waveform: np.ndarray, max_seconds: float = MAX_CLIP_SECONDS) -> list[np.ndarray]:
+    """Consecutive clips of at most `max_seconds` (whole 40 ms frames; 30 s = 750 frames).
+
+    Why: the reference processor documents `audio_seq_length=750` as the per-segment cap and the
+    model card 30 s per clip, but its extractor does not enforce it, and how the model treats a
+    longer block is unverified (design §11.8). Rather than truncating or refusing, long audio
+    becomes several consecutive audio blocks (`expand_media_tokens` takes a list of frame counts
+    for one placeholder). Cuts fall on frame boundaries, so the clips' frames concatenate to
+    exactly the frames of the whole waveform."""
+    per_clip = int(max_seconds * SAMPLE_RATE) // FRAME * FRAME
+    if per_clip <= 0:
+        raise MediaError(f"max_seconds={max_seconds}: must hold at least one 40 ms frame")
+    if len(waveform) == 0:
+        raise MediaError("the audio is empty")
+    return [waveform[i : i + per_clip] for i in range(0, len(waveform), per_clip)]
 
 
-def batch_audio(clips: list[AudioInput]) -> tuple[np.ndarray, np.ndarray]:
-    """`input_features [m, F, 640]` zero-padded to the longest clip, `input_features_mask [m, F]`."""
+def batch_audio(clips: Sequence[AudioInput]) -> tuple[np.ndarray, np.ndarray]:
+    """`input_features [m, F, 640]` zero-padded to the longest clip and `input_features_mask [m, F]`
+    (True = a real frame), as the reference extractor pads a batch ("longest")."""
+    if not clips:
+        raise MediaError("batch_audio needs one or more clips")
     frames = max(c.num_frames for c in clips)
     feats = np.zeros((len(clips), frames, FRAME), np.float32)
     mask = np.zeros((len(clips), frames), bool)
@@ -209,21 +343,29 @@ def batch_audio(clips: list[AudioInput]) -> tuple[np.ndarray, np.ndarray]:
 
 # --- prompt --------------------------------------------------------------------------------
 
+_PLACEHOLDER = re.compile(f"{re.escape(IMAGE_TOKEN)}|{re.escape(AUDIO_TOKEN)}")
 
-def expand_media_tokens(text: str, image_counts: list[int], audio_counts: list[int | list[int]]) -> str:
-    """Replace each `<|image|>` with `<|image>` + n x `<|image|>` + `<image|>` and each
-    `<|audio|>` with `<|audio>` + m x `<|audio|>` + `<audio|>`, in order (the reference's
-    `replace_image_token` / `replace_audio_token`). An audio entry that is a list (a long clip
-    split in 30 s pieces) becomes consecutive audio blocks."""
-    for token, counts, (begin, end) in (
-        ("<|image|>", image_counts, ("<|image>", "<image|>")),
-        ("<|audio|>", audio_counts, ("<|audio>", "<audio|>")),
+
+def expand_media_tokens(
+    text: str, image_counts: Sequence[int], audio_counts: Sequence[int | Sequence[int]]
+) -> str:
+    """Replace, in one left-to-right pass (the reference's `get_text_with_replacements`), the i-th
+    `<|image|>` with `<|image>` + `<|image|>` x image_counts[i] + `<image|>` (`replace_image_token`)
+    and the j-th `<|audio|>` with `<|audio>` + `<|audio|>` x audio_counts[j] + `<audio|>`
+    (`replace_audio_token`). An audio entry that is a list of frame counts (a long clip cut by
+    `split_audio`) becomes that many consecutive audio blocks. Placeholder and media counts must
+    match (`MediaError`, a ValueError, as the reference's `validate_inputs`)."""
+    for token, counts, kind in (
+        (IMAGE_TOKEN, image_counts, "images"),
+        (AUDIO_TOKEN, audio_counts, "audio clips"),
     ):
-        parts = text.split(token)
-        if len(parts) - 1 != len(counts):
-            raise MediaError(f"the prompt has {len(parts) - 1} {token} placeholders for {len(counts)} inputs")
-        blocks = [
-            "".join(begin + token * n + end for n in (c if isinstance(c, list) else [c])) for c in counts
-        ]
-        text = parts[0] + "".join(b + rest for b, rest in zip(blocks, parts[1:], strict=True))
-    return text
+        if text.count(token) != len(counts):
+            raise MediaError(
+                f"the prompt has {text.count(token)} {token} placeholders for {len(counts)} {kind}"
+            )
+    images = iter(BOI + IMAGE_TOKEN * n + EOI for n in image_counts)
+    audio = iter(
+        "".join(BOA + AUDIO_TOKEN * n + EOA for n in (c if isinstance(c, Sequence) else [c]))
+        for c in audio_counts
+    )
+    return _PLACEHOLDER.sub(lambda m: next(images if m.group() == IMAGE_TOKEN else audio), text)

@@ -1,0 +1,110 @@
+"""`gemma-mlx convert SRC OUT`: the Typer command (wired in cli/app.py with
+`app.command("convert")(convert_command)`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .quantize import MODES, RECIPES, QuantSpec, parse_override
+from .writer import SHARD_BYTES
+
+
+def report_table(report, title: str):
+    """The end-of-conversion summary as a rich Table."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    for key, value in report.rows():
+        table.add_row(key, value)
+    return table
+
+
+def convert_command(
+    src: Annotated[
+        str, typer.Argument(help="Checkpoint directory or Hugging Face repo id (e.g. google/gemma-4-12B-it).")
+    ],
+    out: Annotated[Path, typer.Argument(help="Output directory (written atomically).")],
+    bits: Annotated[
+        int, typer.Option(help="Bits per weight: affine 2/3/4/5/6/8; mxfp4/nvfp4 4; mxfp8 8.")
+    ] = 4,
+    group_size: Annotated[
+        int | None, typer.Option(help="Weights per scale: affine 32/64/128 (default 64); fp modes fixed.")
+    ] = None,
+    mode: Annotated[str, typer.Option(help=f"Quantization mode: {', '.join(MODES)}.")] = "affine",
+    recipe: Annotated[
+        str,
+        typer.Option(
+            help="uniform, or mixed_L_H: L bits, H bits on v_proj/down_proj of favoured layers and "
+            f"the LM head ({', '.join(r for r in RECIPES if r != 'uniform')})."
+        ),
+    ] = "uniform",
+    override: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Per-layer override PATTERN=SPEC (regex on module paths; SPEC: float, BITS, "
+            "BITS:GROUP, mxfp4, mxfp8, nvfp4). Repeatable; later ones win."
+        ),
+    ] = None,
+    dtype: Annotated[
+        str | None, typer.Option(help="Float dtype of unquantized parts: bfloat16, float16, float32.")
+    ] = None,
+    quantize: Annotated[
+        bool, typer.Option("--quantize/--no-quantize", help="--no-quantize: float conversion.")
+    ] = True,
+    quantize_embedding: Annotated[
+        bool,
+        typer.Option("--quantize-embedding/--keep-embedding", help="Quantize the tied embedding / LM head."),
+    ] = True,
+    quantize_drafter: Annotated[
+        bool,
+        typer.Option(
+            "--quantize-drafter/--no-quantize-drafter",
+            help="Quantize an MTP drafter checkpoint (default: keep it in float).",
+        ),
+    ] = False,
+    shard_gb: Annotated[
+        float, typer.Option(help="Output shard size in GiB (memory use is about one shard).")
+    ] = SHARD_BYTES / 2**30,
+    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
+    check: Annotated[
+        bool, typer.Option("--check", help="Compare the result with the source on a short prompt.")
+    ] = False,
+) -> None:
+    """Convert a Hugging Face checkpoint into a (quantized) MLX checkpoint."""
+    from rich.console import Console
+
+    from .convert import convert
+
+    try:  # flag errors before any download or reading
+        spec = QuantSpec.make(bits, group_size, mode)
+        if recipe not in RECIPES:
+            raise ValueError(f"--recipe {recipe!r}: expected one of {', '.join(RECIPES)}")
+        overrides = dict(parse_override(o, spec) for o in override or [])
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+    report = convert(
+        src,
+        out,
+        bits=spec.bits,
+        group_size=spec.group_size,
+        mode=spec.mode,
+        recipe=recipe,
+        quantize=quantize,
+        dtype=dtype,
+        quantize_embedding=quantize_embedding,
+        quantize_drafter=quantize_drafter,
+        overrides=overrides,
+        force=force,
+        check=check,
+        progress=True,
+        shard_bytes=int(shard_gb * 2**30),
+    )
+    console = Console()
+    console.print(report_table(report, f"{src} -> {out} ({report.seconds:.0f} s)"))
+    for path, why in sorted(report.kept_float.items())[:12]:
+        console.print(f"  kept in float: {path} ({why})", style="dim")

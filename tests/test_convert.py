@@ -532,7 +532,7 @@ def test_cli_command(causal, tmp_path):
     import typer
     from typer.testing import CliRunner
 
-    from gemma_mlx.convert.cli import convert_command
+    from gemma_mlx.cli.convert import convert_command
 
     app = typer.Typer()
     app.command("convert")(convert_command)

@@ -36,7 +36,7 @@ SAMPLES = [
 
 @pytest.fixture(scope="module")
 def ours():
-    from gemma_mlx.default_model import default_model_path
+    from gemma_mlx.convert.default_model import default_model_path
 
     return load(default_model_path())
 
@@ -100,7 +100,7 @@ def test_prefill_and_decode_parity(ours, reference):
     ids = processor.encode_prompt(TEXT)[:PROMPT_TOKENS]
     assert len(ids) == PROMPT_TOKENS
     cache, ref_cache = make_cache(model), DynamicCache(config=reference.config)
-    out = model(mx.array([ids]), cache, logits_to_keep=8, return_hidden=True)
+    out = model.forward(mx.array([ids]), cache, logits_to_keep=8)
     with torch.no_grad():
         r = reference(
             input_ids=torch.tensor([ids]),

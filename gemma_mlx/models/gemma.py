@@ -29,7 +29,9 @@ class RMSNorm(nn.Module):
     def __call__(self, x: mx.array) -> mx.array:
         w = self.get("weight")
         if w is not None and self.offset:
-            w = w.astype(mx.float32) + self.offset
+            # as HF: `1 + w` in float32, the result back in the input's dtype (a float32 weight
+            # would otherwise turn the whole residual stream of a bf16 model into float32)
+            return mx.fast.rms_norm(x, w.astype(mx.float32) + self.offset, self.eps).astype(x.dtype)
         return mx.fast.rms_norm(x, w, self.eps)
 
 

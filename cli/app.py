@@ -12,7 +12,16 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from gemma_mlx import ConfigError, Drafter, GenerationStats, load, load_config, load_drafter, stream_generate
+from gemma_mlx import (
+    ConfigError,
+    Drafter,
+    GenerationStats,
+    __version__,
+    load,
+    load_config,
+    load_drafter,
+    stream_generate,
+)
 from gemma_mlx.benchmark import benchmark
 from gemma_mlx.chat import ChatSession
 from gemma_mlx.convert.default_model import DESCRIPTION, default_model_path
@@ -45,6 +54,14 @@ TopKOpt = Annotated[int, typer.Option("--top-k", min=0, help="Keep the k most li
 TopPOpt = Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling (1 = off).")]
 MinPOpt = Annotated[float, typer.Option("--min-p", min=0.0, max=1.0, help="Min-p sampling (0 = off).")]
 SeedOpt = Annotated[int | None, typer.Option("--seed", help="Random seed for sampling.")]
+ImageOpt = Annotated[
+    list[str] | None,
+    typer.Option("--image", metavar="FILE", help="An image (repeatable; chat: first message)."),
+]
+AudioOpt = Annotated[
+    list[str] | None,
+    typer.Option("--audio", metavar="FILE", help="An audio clip (repeatable; chat: first message)."),
+]
 DraftOpt = Annotated[
     str | None, typer.Option("--draft", help="MTP drafter checkpoint: speculative decoding.")
 ]
@@ -79,8 +96,6 @@ def human_bytes(n: float) -> str:
 
 def version_callback(value: bool) -> None:
     if value:
-        from gemma_mlx import __version__
-
         typer.echo(f"gemma-mlx {__version__}")
         raise typer.Exit()
 
@@ -163,12 +178,8 @@ def generate(
     top_p: TopPOpt = 1.0,
     min_p: MinPOpt = 0.0,
     seed: SeedOpt = None,
-    image: Annotated[
-        list[str] | None, typer.Option("--image", metavar="FILE", help="An image (repeatable).")
-    ] = None,
-    audio: Annotated[
-        list[str] | None, typer.Option("--audio", metavar="FILE", help="An audio clip (repeatable).")
-    ] = None,
+    image: ImageOpt = None,
+    audio: AudioOpt = None,
     as_json: JsonOpt = False,
     draft: DraftOpt = None,
     draft_block_size: DraftBlockOpt = 4,
@@ -219,12 +230,8 @@ def chat(
     model: ModelOpt = None,
     system: Annotated[str | None, typer.Option("--system", help="System prompt.")] = None,
     think: Annotated[bool, typer.Option("--think/--no-think", help="Let the model think first.")] = False,
-    image: Annotated[
-        list[str] | None, typer.Option("--image", metavar="FILE", help="Attach to the first message.")
-    ] = None,
-    audio: Annotated[
-        list[str] | None, typer.Option("--audio", metavar="FILE", help="Attach to the first message.")
-    ] = None,
+    image: ImageOpt = None,
+    audio: AudioOpt = None,
     max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", min=1, help="Tokens per answer.")] = 512,
     temperature: TemperatureOpt = 1.0,
     top_k: TopKOpt = 64,

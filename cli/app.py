@@ -189,6 +189,8 @@ def generate(
         if sys.stdin.isatty():
             fail("give a prompt as an argument or on stdin")
         prompt = sys.stdin.buffer.read().decode("utf-8", errors="replace")
+    else:  # bytes that were not UTF-8 reach argv as surrogates: show them as U+FFFD instead
+        prompt = prompt.encode("utf-8", errors="surrogateescape").decode("utf-8", errors="replace")
     path = resolve_model(model)
     images, clips = image or [], audio or []
     check_media(path, images, clips)
@@ -260,10 +262,7 @@ def chat(
         session.attach_image(i)
     for a in audio or []:
         session.attach_audio(a)
-    banner = f"gemma-mlx chat - {path.name} ({model_obj.config.model_type})"
-    if model is None:  # the offline default
-        banner += "\nNote: a base (pre-trained) model: it continues text rather than following instructions."
-    chat_repl.repl(session, banner)
+    chat_repl.repl(session, f"gemma-mlx chat - {path.name} ({model_obj.config.model_type})")
 
 
 @app.command()
@@ -314,6 +313,12 @@ def bench(
     """Measure prefill and decode tokens/s and peak memory (random prompt, greedy decode)."""
     path = resolve_model(model)
     model_obj, _ = load(path)
+    typer.secho(
+        f"measuring: 1 warm-up + {trials} trials of {prompt_tokens} prompt and {generation_tokens} "
+        "generated tokens",
+        err=True,
+        dim=True,
+    )
     stats = benchmark(model_obj, prompt_tokens, generation_tokens, trials)
     per_token = footprint(path).bytes_per_token
     data = {
@@ -338,6 +343,9 @@ app.command("convert")(convert_command)
 
 def main() -> None:
     """Console entry point: user errors become one red line and a non-zero exit code."""
+    if "--debug" in sys.argv[2:]:  # accepted after the sub-command too
+        sys.argv.remove("--debug")
+        sys.argv.insert(1, "--debug")
     try:
         app()
     except (ValueError, OSError, RuntimeError, ConfigError) as e:

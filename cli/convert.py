@@ -25,9 +25,12 @@ def report_table(report, title: str):
 
 def convert_command(
     src: Annotated[
-        str, typer.Argument(help="Checkpoint directory or Hugging Face repo id (e.g. google/gemma-4-12B-it).")
+        str,
+        typer.Argument(
+            metavar="SRC", help="Checkpoint directory or Hugging Face repo id (e.g. google/gemma-4-12B-it)."
+        ),
     ],
-    out: Annotated[Path, typer.Argument(help="Output directory (written atomically).")],
+    out: Annotated[Path, typer.Argument(metavar="OUT", help="Output directory (written atomically).")],
     bits: Annotated[
         int, typer.Option(help="Bits per weight: affine 2/3/4/5/6/8; mxfp4/nvfp4 4; mxfp8 8.")
     ] = 4,

@@ -58,10 +58,14 @@ class ChatSession:
         return self.model.config.text.max_position_embeddings
 
     def attach_image(self, src: object) -> None:
+        if self.model.config.vision is None:
+            raise ValueError("this model has no vision input: it cannot take images")
         load_image(src)  # fail now, with the file's name, rather than at the next message
         self.pending.append({"type": "image", "image": src})
 
     def attach_audio(self, src: object) -> None:
+        if self.model.config.audio is None:
+            raise ValueError("this model has no audio input: it cannot take audio")
         load_audio(src)
         self.pending.append({"type": "audio", "audio": src})
 

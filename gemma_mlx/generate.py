@@ -76,9 +76,29 @@ class GenerationResult:
         return self.stats.peak_memory_gb
 
 
-def make_cache(model: Model, slack: int = 128) -> list[Cache]:
-    """Per-layer KV caches for `model`; `slack` is the rollback room of the sliding-window rings."""
-    return model.make_cache(slack)
+def make_cache(
+    model: Model,
+    slack: int = 128,
+    *,
+    kv_bits: int | None = None,
+    kv_group_size: int = 64,
+    quantize_rings: bool = True,
+) -> list[Cache]:
+    """Per-layer KV caches for `model`; `slack` is the rollback room of the sliding-window rings.
+    `kv_bits` 8 or 4 stores keys and values quantized in groups of `kv_group_size` along the head
+    dimension (on every layer, or only the global ones without `quantize_rings`)."""
+    if kv_bits is None:
+        return model.make_cache(slack)
+    if kv_bits not in (4, 8) or kv_group_size not in (32, 64, 128):
+        raise ValueError(
+            f"kv_bits={kv_bits}, kv_group_size={kv_group_size}: expected 8 or 4 bits, groups of 32/64/128"
+        )
+    for spec in model.config.text.layers:
+        if spec.head_dim % kv_group_size:
+            raise ValueError(
+                f"kv_group_size={kv_group_size} does not divide the head dimension {spec.head_dim}"
+            )
+    return model.make_cache(slack, (kv_bits, kv_group_size), quantize_rings)
 
 
 def prefill(
@@ -262,13 +282,16 @@ def stream_generate(
     prefill_progress: Progress | None = None,
     drafter: Drafter | None = None,
     draft_block_size: int = 4,
+    kv_bits: int | None = None,
+    kv_group_size: int = 64,
 ) -> Iterator[GenerationChunk]:
     """Stream a completion of `prompt` (text, token ids, or chat messages, whose parts may hold
     images and audio; a text prompt takes `images`/`audio` for its placeholders).
 
     Stops at `max_tokens` (0: nothing is generated), on the processor's EOS ids, or when a `stop`
     string appears (the stop string itself is not emitted). A `cache` already holding earlier
-    tokens is continued: only `prompt`'s tokens are prefilled. With a `drafter` (see
+    tokens is continued: only `prompt`'s tokens are prefilled (a new cache is quantized with
+    `kv_bits`, see `make_cache`). With a `drafter` (see
     `load_drafter`), decoding is speculative with blocks of `draft_block_size` tokens (greedy
     output is unchanged). Arguments are checked before any work; errors are ValueErrors naming them.
     """
@@ -288,7 +311,7 @@ def stream_generate(
     if not ids:
         raise ValueError("prompt is empty")
     _check_ids(ids, model.config.text.vocab_size)
-    cache = make_cache(model) if cache is None else cache
+    cache = make_cache(model, kv_bits=kv_bits, kv_group_size=kv_group_size) if cache is None else cache
     context = model.config.text.max_position_embeddings
     used = cache[0].offset
     if used + len(ids) >= context:

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field, replace
 import mlx.core as mx
 
 from .cache import Cache, RingKVCache
+from .draft_control import DraftControl
 from .models.drafter import Drafter
 from .models.gemma import Model
 from .processor import Inputs, Processor
@@ -21,7 +22,7 @@ from .text import StreamingDetokenizer, Tokenizer
 
 Prompt = str | Sequence[int] | Sequence[dict] | Inputs
 Progress = Callable[[int, int], None]
-Sample = Callable[[mx.array], mx.array]
+Sample = Callable[..., mx.array]  # (logits [B, V], start: int | None = None) -> ids [B], see token_sampler
 
 
 @dataclass
@@ -129,6 +130,7 @@ def generate_tokens(
     *,
     drafter: Drafter | None = None,
     draft_block_size: int = 4,
+    draft_control: DraftControl | None = None,
     stats: GenerationStats | None = None,
     media: dict | None = None,
     prefill_step_size: int = 512,
@@ -136,7 +138,9 @@ def generate_tokens(
 ) -> Iterator[int]:
     """Yield sampled token ids forever, given prompt `ids [L]` (L >= 1) not yet in `cache`: all
     but the last are prefilled, then decoding starts from the last. With a `drafter`, decoding is
-    speculative (`stats` counts drafted/accepted tokens)."""
+    speculative (`stats` counts drafted/accepted tokens), with rounds of at most `draft_block_size`
+    tokens whose size `draft_control` chooses (default: a `DraftControl` timing the rounds, which
+    falls back to plain steps when drafting does not pay)."""
     if drafter is not None:
         check_block_size(draft_block_size, cache)
     if ids.shape[0] > 1:
@@ -145,7 +149,8 @@ def generate_tokens(
     if drafter is None:
         yield from _decode(model, last, cache, sample)
     else:
-        yield from _speculate(model, drafter, last, cache, sample, draft_block_size - 1, stats)
+        control = draft_control or DraftControl(draft_block_size - 1)
+        yield from _speculate(model, drafter, last, cache, sample, control, stats)
 
 
 def _decode(model: Model, last: mx.array, cache: list[Cache], sample: Sample) -> Iterator[int]:
@@ -176,28 +181,35 @@ def _speculate(
     last: mx.array,
     cache: list[Cache],
     sample: Sample,
-    k: int,
+    control: DraftControl,
     stats: GenerationStats | None,
 ) -> Iterator[int]:
-    """MTP speculative rounds. Each round the drafter proposes `k` tokens after
-    the last token `t0` from the target's hidden state and K/V; the target verifies `[t0, drafts]`
-    in one pass and samples its own token at every position; drafts are accepted while they equal
-    the target's tokens, then the target's token follows. Rejected positions are trimmed from the
-    caches (the rings keep rollback slack). Every emitted token is the target's own choice, so
-    greedy output equals plain decoding."""
+    """MTP speculative rounds. Each round the drafter proposes `k` tokens (`control` chooses k;
+    0 is a plain step) after the last token `t0` from the target's hidden state and K/V; the target
+    verifies `[t0, drafts]` in one pass and samples its own token at every position; drafts are
+    accepted while they equal the target's tokens, then the target's token follows. Rejected
+    positions are trimmed from the caches (the rings keep rollback slack). Every emitted token is
+    the target's own choice, drawn for its own position (`number`), so the output equals plain
+    decoding's (greedy, or sampled with the same seed)."""
     stats = stats if stats is not None else GenerationStats()
     out = model.forward(last[None], cache)
-    t0, hidden = int(sample(out.logits[:, -1]).item()), out.hidden[:, -1:]
+    t0, hidden, number = int(sample(out.logits[:, -1], 0).item()), out.hidden[:, -1:], 0
     while True:
         yield t0
-        block = mx.concatenate([mx.array([[t0]]), drafter.draft(model, cache, t0, hidden, k)], axis=1)
+        k = control.choose()
+        start = control.clock()
+        block = mx.array([[t0]])
+        if k:
+            block = mx.concatenate([block, drafter.draft(model, cache, t0, hidden, k)], axis=1)
         out = model.forward(block, cache)
-        targets = sample(out.logits[0])
+        targets = sample(out.logits[0], number + 1)
         mx.eval(block, targets)
         proposed, chosen = block[0, 1:].tolist(), targets.tolist()
         n = 0
         while n < k and proposed[n] == chosen[n]:
             n += 1
+        control.update(k, n, control.clock() - start)
+        number += n + 1
         stats.drafted += k
         stats.accepted += n
         yield from proposed[:n]

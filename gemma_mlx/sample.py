@@ -7,6 +7,7 @@ sorts only the k candidates (Gemma's defaults are top_k=64, top_p=0.95), not the
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 Sampler = Callable[[mx.array, mx.array | None], mx.array]
+TokenSampler = Callable[..., mx.array]  # (logits [B, V], start: int | None = None) -> ids [B]
 NEG_INF = float("-inf")
 
 
@@ -130,19 +132,31 @@ class SamplingParams:
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise ValueError(f"seed={self.seed!r}: must be an integer")
 
-    def token_sampler(self, suppress_ids: Sequence[int] = ()) -> Callable[[mx.array], mx.array]:
-        """`sample(logits [B, V]) -> ids [B]`, lazily: suppressed ids never drawn, a fresh PRNG key
-        split off per call (the same seed gives the same tokens)."""
+    def token_sampler(self, suppress_ids: Sequence[int] = ()) -> TokenSampler:
+        """`sample(logits [B, V], start=None) -> ids [B]`, lazily, suppressed ids never drawn. Row
+        `i` is generated token number `start + i` (default: right after the previous call's rows)
+        and is drawn with a PRNG key of its own made from the seed and that number, so a token
+        depends only on the seed, its number and its logits: the same seed gives the same tokens,
+        however the tokens are grouped into calls (plain steps or speculative verify passes)."""
         sampler = make_sampler(self.temperature, self.top_k, self.top_p, self.min_p)
         process = make_logits_processor(suppress_ids) if suppress_ids else None
-        key = mx.random.key(secrets.randbits(32) if self.seed is None else self.seed % 2**64)
+        seed = secrets.randbits(64) if self.seed is None else self.seed % 2**64
+        greedy, following = self.temperature == 0, 0
 
-        def sample(logits: mx.array) -> mx.array:
-            nonlocal key
+        def key(number: int) -> mx.array:
+            digest = hashlib.blake2b(f"{seed}:{number}".encode(), digest_size=8).digest()
+            return mx.random.key(int.from_bytes(digest, "little"))
+
+        def sample(logits: mx.array, start: int | None = None) -> mx.array:
+            nonlocal following
+            start = following if start is None else start
+            following = start + logits.shape[0]
             if process is not None:
                 logits = process(logits)
-            key, sub = mx.random.split(key)
-            return sampler(logits, sub)
+            if greedy:
+                return sampler(logits)
+            rows = [sampler(logits[i : i + 1], key(start + i)) for i in range(logits.shape[0])]
+            return rows[0] if len(rows) == 1 else mx.concatenate(rows)
 
         return sample
 

@@ -11,7 +11,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 from reference import randomize
-from tiny import TEXT, rel_err, save_tokenizer
+from tiny import TEXT, Oracle, rel_err, save_tokenizer
 
 from gemma_mlx import Drafter, SamplingParams, generate, load, load_drafter, make_cache
 
@@ -69,27 +69,6 @@ def test_draft_step_matches_transformers(pair, length):
     )
     assert rel_err(logits, expected.logits.numpy()) <= 1e-4
     assert rel_err(hidden, expected.last_hidden_state.numpy()) <= 1e-4
-
-
-class Oracle:
-    """A drafter that knows the target's greedy continuation (and errs on every `wrong`-th
-    draft), to drive full and partial acceptance through the rollback paths."""
-
-    def __init__(self, sequence: list[int], vocab: int, wrong: int = 0):
-        self.sequence, self.vocab, self.wrong = sequence, vocab, wrong
-        self.calls = 0
-
-    def draft(self, target, cache, token, hidden, n):
-        position = cache[0].offset  # `token`'s position: the caches hold everything before it
-        drafts = []
-        for step in range(n):
-            index = position + 1 + step
-            self.calls += 1
-            draft = self.sequence[index] if index < len(self.sequence) else 0
-            if self.wrong and self.calls % self.wrong == 0:
-                draft = (draft + 1) % self.vocab
-            drafts.append(draft)
-        return mx.array([drafts])
 
 
 @pytest.mark.parametrize(("drafter_kind", "block"), [("real", 4), ("oracle", 4), ("oracle", 6), ("flaky", 5)])

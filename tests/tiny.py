@@ -240,3 +240,25 @@ def rewrite_config(path: Path, fn) -> None:
     cfg = json.loads((path / "config.json").read_text())
     fn(cfg)
     (path / "config.json").write_text(json.dumps(cfg, indent=2))
+
+
+class Oracle:
+    """A drafter that knows the target's continuation `sequence` (prompt + output) and errs on
+    every `wrong`-th draft (1: always), to drive full and partial acceptance through the rollback
+    paths without a drafter model."""
+
+    def __init__(self, sequence: list[int], vocab: int, wrong: int = 0):
+        self.sequence, self.vocab, self.wrong = sequence, vocab, wrong
+        self.calls = 0
+
+    def draft(self, target, cache, token, hidden, n):
+        position = cache[0].offset  # `token`'s position: the caches hold everything before it
+        drafts = []
+        for step in range(n):
+            index = position + 1 + step
+            self.calls += 1
+            draft = self.sequence[index] if index < len(self.sequence) else 0
+            if self.wrong and self.calls % self.wrong == 0:
+                draft = (draft + 1) % self.vocab
+            drafts.append(draft)
+        return mx.array([drafts])

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import Annotated
 
+import mlx.core as mx
 import typer
 from rich.console import Console
 from rich.progress import Progress
@@ -22,7 +23,7 @@ from gemma_mlx import (
     load_drafter,
     stream_generate,
 )
-from gemma_mlx.benchmark import benchmark
+from gemma_mlx.benchmark import bench_report
 from gemma_mlx.chat import ChatSession
 from gemma_mlx.convert.default_model import DESCRIPTION, default_model_path
 from gemma_mlx.footprint import footprint, memory_bytes, memory_warning
@@ -317,43 +318,99 @@ def info(
     Console().print(table)
 
 
+def int_list(text: str, option: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 0:
+        fail(f"{option} {text!r}: expected comma-separated integers >= 0, like 0,1024,4096")
+    return values
+
+
 @app.command()
 def bench(
     model: ModelOpt = None,
-    prompt_tokens: Annotated[int, typer.Option("--prompt-tokens", "-p", min=1)] = 512,
-    generation_tokens: Annotated[int, typer.Option("--generation-tokens", "-g", min=2)] = 128,
-    trials: Annotated[int, typer.Option("--trials", "-n", min=1)] = 3,
+    prompt_tokens: Annotated[
+        str, typer.Option("--prompt-tokens", "-p", help="Prompt lengths for prefill and TTFT, e.g. 128,512.")
+    ] = "128,512",
+    generation_tokens: Annotated[
+        int, typer.Option("--generation-tokens", "-g", min=2, help="Tokens decoded per run.")
+    ] = 64,
+    trials: Annotated[int, typer.Option("--trials", "-n", min=1, help="Runs after a warm-up (median).")] = 3,
+    depths: Annotated[
+        str | None,
+        typer.Option(
+            "--depths", "-d", help="Context depths to decode at (default 0,1024,4096,16384; CPU: 0,256)."
+        ),
+    ] = None,
+    draft: DraftOpt = None,
+    draft_block_size: DraftBlockOpt = 4,
     kv_bits: KvBitsOpt = None,
     kv_group_size: KvGroupOpt = 64,
     as_json: JsonOpt = False,
 ) -> None:
-    """Measure prefill and decode tokens/s and peak memory (random prompt, greedy decode)."""
+    """Measure prefill (tok/s, time to first token), decode at context depths, achieved GB/s
+    against this machine's copy bandwidth, peak memory, and with --draft speculative decoding
+    against plain decoding in the same run (random prompts, greedy)."""
+    lengths = int_list(prompt_tokens, "--prompt-tokens")
+    if min(lengths) < 1:
+        fail(f"--prompt-tokens {prompt_tokens!r}: prompts need at least 1 token")
+    depth_list = None if depths is None else int_list(depths, "--depths")
     path = resolve_model(model)
+    drafter = load_draft(draft)
     model_obj, _ = load(path)
     typer.secho(
-        f"measuring: 1 warm-up + {trials} trials of {prompt_tokens} prompt and {generation_tokens} "
-        "generated tokens",
+        f"measuring on {mx.default_device()}: 1 warm-up + {trials} trials per row, {generation_tokens} "
+        "tokens decoded per run",
         err=True,
         dim=True,
     )
-    stats = benchmark(
-        model_obj, prompt_tokens, generation_tokens, trials, kv_bits=kv_bits, kv_group_size=kv_group_size
+    report = bench_report(
+        model_obj,
+        footprint(path).bytes_per_token,
+        prompt_lengths=lengths,
+        depths=depth_list,
+        generation_tokens=generation_tokens,
+        trials=trials,
+        kv_bits=kv_bits,
+        kv_group_size=kv_group_size,
+        drafter=drafter,
+        draft_block_size=draft_block_size,
     )
-    per_token = footprint(path).bytes_per_token
-    data = {
-        "model": str(path),
-        **stats.as_dict(),
-        "trials": trials,
-        "bytes_per_token": per_token,
-        "weights_gb_per_s": round(per_token * stats.generation_tps / 1e9, 2),
-    }
     if as_json:
-        typer.echo(json.dumps(data))
+        typer.echo(json.dumps({"model": str(path), **report}))
         return
-    typer.echo(
-        f"{path.name}: prefill {stats.prompt_tps:.1f} tok/s ({prompt_tokens} tokens), decode "
-        f"{stats.generation_tps:.1f} tok/s ({generation_tokens} tokens; {data['weights_gb_per_s']} GB/s "
-        f"of weights read), peak memory {stats.peak_memory_gb:.2f} GB, mean of {trials} trials"
+    console = Console()
+    table = Table(title=f"{path.name} on {report['device']}")
+    for column in ("test", "tok/s", "TTFT", "bytes/token", "GB/s", "of copy bw"):
+        table.add_column(column, justify="right")
+    for row in report["prefill"]:
+        tps, ttft = f"{row['prefill_tps']:.1f}", f"{row['ttft_s']:.3f} s"
+        table.add_row(f"prefill {row['prompt_tokens']}", tps, ttft)
+    for row in report["decode"]:
+        table.add_row(
+            f"decode @ {row['depth']}",
+            f"{row['decode_tps']:.1f}",
+            "",
+            human_bytes(row["bytes_per_token"]),
+            f"{row['gb_per_s']:.2f}",
+            f"{row['bandwidth_fraction']:.0%}",
+        )
+    if "draft" in report:
+        d = report["draft"]
+        table.add_row(
+            f"MTP decode @ {d['depth']} (<= {d['max_block_size']}/round)",
+            f"{d['decode_tps']:.1f}",
+            "",
+            f"{d['speedup']:.2f}x plain",
+            f"accepted {d['acceptance']:.0%}",
+            f"{d['tokens_per_round']:.2f} tok/round",
+        )
+    console.print(table)
+    console.print(
+        f"copy bandwidth {report['copy_bandwidth_gb_per_s']:.1f} GB/s, peak memory "
+        f"{report['peak_memory_gb']:.2f} GB, median of {trials} trials"
     )
 
 

@@ -1,0 +1,69 @@
+"""`gemma-mlx bench`: every reported field is there and positive (a smoke test on the tiny
+checkpoint: no timing thresholds)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from tiny import Oracle
+from typer.testing import CliRunner
+
+from gemma_mlx import load
+from gemma_mlx.benchmark import bench_report, copy_bandwidth
+from gemma_mlx.cli.app import app
+
+
+def positive(d: dict, *keys: str) -> None:
+    for k in keys:
+        assert d[k] > 0, k
+
+
+def test_bench_json(checkpoint):
+    args = ["bench", "--model", str(checkpoint), "-p", "4,9", "-g", "3", "-n", "1", "-d", "0,20", "--json"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert [r["prompt_tokens"] for r in report["prefill"]] == [4, 9]
+    for row in report["prefill"]:
+        positive(row, "prefill_tps", "ttft_s")
+    assert [r["depth"] for r in report["decode"]] == [0, 20]
+    for row in report["decode"]:
+        positive(row, "decode_tps", "bytes_per_token", "gb_per_s", "bandwidth_fraction")
+    deeper, shallow = report["decode"][1]["bytes_per_token"], report["decode"][0]["bytes_per_token"]
+    assert deeper > shallow  # the KV cache read at depth 20 counts
+    positive(report, "ttft_s", "prompt_tps", "generation_tps", "copy_bandwidth_gb_per_s", "peak_memory_gb")
+    positive(report, "bandwidth_fraction", "weights_gb_per_s")
+    table = CliRunner().invoke(app, args[:-1])
+    assert table.exit_code == 0 and "decode @ 20" in table.stdout and "copy bandwidth" in table.stdout
+
+
+def test_bench_rejects_bad_lists(checkpoint):
+    result = CliRunner().invoke(app, ["bench", "--model", str(checkpoint), "-d", "0,x"])
+    assert result.exit_code != 0 and "--depths '0,x'" in result.output
+
+
+def test_bench_with_a_drafter_reports_acceptance_and_speedup(checkpoint):
+    model, _ = load(checkpoint)
+    plain = bench_report(model, 1000, prompt_lengths=[3], depths=[0], generation_tokens=3, trials=1)
+    assert "draft" not in plain
+    drafter = Oracle([], model.config.text.vocab_size)  # knows nothing: drafts token 0
+    report = bench_report(
+        model,
+        1000,
+        prompt_lengths=[3],
+        depths=[0],
+        generation_tokens=12,
+        trials=1,
+        drafter=drafter,
+        draft_block_size=3,
+        bandwidth_bytes=2**20,
+    )
+    d = report["draft"]
+    positive(d, "decode_tps", "plain_decode_tps", "speedup", "tokens_per_round", "drafted")
+    assert d["tokens_per_round"] >= 1 and 0 <= d["acceptance"] <= 1 and d["max_block_size"] == 3
+    assert np.isclose(d["speedup"], d["decode_tps"] / d["plain_decode_tps"])
+
+
+def test_copy_bandwidth_is_positive():
+    assert copy_bandwidth(2**20, trials=1) > 0

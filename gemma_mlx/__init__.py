@@ -27,12 +27,15 @@ __version__ = "0.1.0"
 
 
 def load(
-    path: str | Path, dtype: str | mx.Dtype | None = None, lazy: bool = False
+    path: str | Path, dtype: str | mx.Dtype | None = "auto", lazy: bool = False
 ) -> tuple[Model, Processor | None]:
     """Load a checkpoint directory (Hugging Face or converted) -> `(model, processor)`.
 
     The processor is None when the directory has no tokenizer files (weights-only checks).
-    `dtype` ("bfloat16", "float16", "float32") casts the unquantized weights; default: as stored.
+    `dtype` ("bfloat16", "float16", "float32") casts the float weights (of a quantized checkpoint:
+    scales, biases, norms), which sets the compute dtype; None keeps them as stored; "auto" (the
+    default) is float32 for quantized checkpoints on MLX's CPU backend, where quantized matmuls
+    with 16-bit activations are several times slower, and as stored otherwise (`compute_dtype`).
     """
     path = Path(path)
     if not path.is_dir():

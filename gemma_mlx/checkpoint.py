@@ -105,32 +105,43 @@ def load_weights(module: nn.Module, path: Path, quantization: dict | None, dtype
     module.load_weights(list(weights.items()), strict=True)
 
 
-def _dtype(dtype: str | mx.Dtype | None) -> mx.Dtype | None:
+def compute_dtype(quantization: dict | None) -> mx.Dtype | None:
+    """The dtype `load` casts float weights to by default ("auto"): on MLX's CPU backend a
+    quantized matmul with bfloat16/float16 activations runs several times slower than with float32
+    ones (benchmarks/results/backend_dtype_cpu.md), so quantized checkpoints compute in float32 there
+    (their scales, biases and norms are cast; the packed weights stay as they are). Elsewhere, and
+    for unquantized checkpoints (float32 would double their memory), the stored dtype."""
+    return mx.float32 if quantization and mx.default_device() == mx.cpu else None
+
+
+def _dtype(dtype: str | mx.Dtype | None, quantization: dict | None) -> mx.Dtype | None:
+    if dtype == "auto":
+        return compute_dtype(quantization)
     if isinstance(dtype, str):
         if dtype not in DTYPES:
-            raise ValueError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+            raise ValueError(f"dtype {dtype!r}: expected auto or one of {', '.join(DTYPES)}")
         return DTYPES[dtype]
     return dtype
 
 
-def load_model(path: str | Path, dtype: str | mx.Dtype | None = None, lazy: bool = False) -> Model:
+def load_model(path: str | Path, dtype: str | mx.Dtype | None = "auto", lazy: bool = False) -> Model:
     """Build the model from `path/config.json` and load its weights (checked by name and shape)."""
     path = Path(path)
     config = load_config(path)
     model = Model(config)
-    load_weights(model, path, config.quantization, _dtype(dtype))
+    load_weights(model, path, config.quantization, _dtype(dtype, config.quantization))
     if not lazy:
         mx.eval(model.parameters())
     model.eval()
     return model
 
 
-def load_drafter(path: str | Path, dtype: str | mx.Dtype | None = None) -> Drafter:
+def load_drafter(path: str | Path, dtype: str | mx.Dtype | None = "auto") -> Drafter:
     """Load a `gemma4_unified_assistant` (MTP drafter) checkpoint, float or converted."""
     path = Path(path)
     raw = read_config(path)
     drafter = Drafter(parse_drafter_config(raw, str(path / "config.json")))
-    load_weights(drafter, path, raw.get("quantization"), _dtype(dtype))
+    load_weights(drafter, path, raw.get("quantization"), _dtype(dtype, raw.get("quantization")))
     mx.eval(drafter.parameters())
     drafter.eval()
     return drafter

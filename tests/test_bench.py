@@ -67,3 +67,27 @@ def test_bench_with_a_drafter_reports_acceptance_and_speedup(checkpoint):
 
 def test_copy_bandwidth_is_positive():
     assert copy_bandwidth(2**20, trials=1) > 0
+
+
+def test_quantized_checkpoints_compute_in_float32_on_the_cpu(checkpoint, tmp_path):
+    """Backend-aware default dtype: float32 activations for quantized weights on the CPU backend
+    (16-bit ones are several times slower there); None keeps the stored bfloat16."""
+    import mlx.core as mx
+
+    from gemma_mlx.checkpoint import compute_dtype
+    from gemma_mlx.convert import convert
+
+    out = tmp_path / "q8"
+    convert(checkpoint, out, bits=8, group_size=32, dtype="bfloat16", progress=False)
+    norm = lambda m: m.language_model.layers[0].input_layernorm.weight.dtype  # noqa: E731
+    scales = lambda m: m.language_model.layers[0].mlp.down_proj.scales.dtype  # noqa: E731
+    stored, _ = load(out, dtype=None)
+    assert norm(stored) == scales(stored) == mx.bfloat16
+    assert compute_dtype(None) is None  # unquantized: as stored on every backend
+    if mx.default_device() == mx.cpu:
+        assert compute_dtype({"bits": 8}) == mx.float32
+        auto, _ = load(out)
+        assert norm(auto) == scales(auto) == mx.float32
+        assert auto(mx.array([[5, 6, 7]])).dtype == mx.float32
+    forced, _ = load(out, dtype="bfloat16")
+    assert scales(forced) == mx.bfloat16

@@ -43,7 +43,7 @@ def main() -> None:
         f"{args.model.name} ({quant.get('bits')}-bit, group {quant.get('group_size')}), "
         f"{args.prompt_tokens}-token prompt, {args.generation_tokens} greedy tokens, median of "
         f"{args.rounds} alternating rounds; MLX {mx.__version__}, {platform.machine()} "
-        f"{platform.system()} ({mx.default_device()}); `dtype=\"auto\"` picks "
+        f'{platform.system()} ({mx.default_device()}); `dtype="auto"` picks '
         f"{'float32' if auto == mx.float32 else 'the stored dtype'} here\n"
     )
     print("| compute dtype | prefill tok/s | decode tok/s |\n|---|---|---|")

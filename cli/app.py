@@ -72,7 +72,13 @@ DraftOpt = Annotated[
     str | None, typer.Option("--draft", help="MTP drafter checkpoint: speculative decoding.")
 ]
 DraftBlockOpt = Annotated[
-    int, typer.Option("--draft-block-size", min=2, help="Tokens per speculative round (last token + drafts).")
+    int,
+    typer.Option(
+        "--draft-block-size",
+        min=2,
+        help="Most tokens per speculative round (last token + drafts); each round's size adapts to "
+        "what pays, down to plain decoding.",
+    ),
 ]
 
 

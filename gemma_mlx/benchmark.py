@@ -118,6 +118,7 @@ def timed_run(
         next(tokens)
     end = time.perf_counter()
     tokens.close()
+    mx.synchronize()  # the step queued ahead must not run into the next measurement
     tps = (generation_tokens - 1) / (end - first) if generation_tokens > 1 else 0.0
     return Run(ids.shape[0], first - start, tps, kv, len(control.history), stats.drafted, stats.accepted)
 

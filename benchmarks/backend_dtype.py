@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import sys
 from pathlib import Path
 
 import mlx.core as mx
@@ -37,6 +38,11 @@ def main() -> None:
         for d in dtypes:
             stats = benchmark(models[d], args.prompt_tokens, args.generation_tokens, trials=1)
             results[d].append((stats.prompt_tps, stats.generation_tps))
+            print(
+                f"{d}: prefill {stats.prompt_tps:.2f} tok/s, decode {stats.generation_tps:.2f} tok/s",
+                file=sys.stderr,
+                flush=True,
+            )
     quant = load_config(args.model).quantization
     auto = compute_dtype(quant)
     print(

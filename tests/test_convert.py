@@ -209,7 +209,7 @@ def test_mixed_recipe_and_overrides(causal, tmp_path):
 
 def test_unquantized_embedding_and_dtype(causal, tmp_path):
     report = convert(causal[0], tmp_path / "e", quantize_embedding=False, dtype="bf16", progress=False)
-    model = load_model(tmp_path / "e")
+    model = load_model(tmp_path / "e", dtype=None)  # as stored (not the CPU backend's float32)
     emb = model.language_model.embed_tokens
     assert "scales" not in emb and emb.weight.dtype == mx.bfloat16
     layer = model.language_model.layers[0]

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 
 import mlx.core as mx
+import numpy as np
 
 from .cache import Cache, RingKVCache
 from .models.drafter import Drafter
@@ -110,15 +111,33 @@ def prefill(
     step: int = 512,
     progress: Progress | None = None,
 ) -> None:
-    """Feed `ids [L]` into `cache` in chunks of `step` tokens (`progress(done, total)` after each);
-    with `media` (pixel_values, input_features, ...) in one chunk, since an image block must not
-    be split. The caches are evaluated, so the work is done when this returns."""
-    chunks = [(0, ids.shape[0])] if media else [(i, i + step) for i in range(0, ids.shape[0], step)]
-    for start, end in chunks:
-        model(ids[None, start:end], cache, logits_to_keep=1, **(media or {}))
+    """Feed `ids [L]` into `cache` in chunks of about `step` tokens (`progress(done, total)` after
+    each). With `media` (pixel_values, input_features, ...) the embeddings are computed once and
+    chunked too; a chunk is extended to the end of an image block it would cut, since an image
+    attends bidirectionally within its block. The caches are evaluated, so the work is done when
+    this returns."""
+    n = ids.shape[0]
+    embeds = blocks = None
+    if media:
+        embeds, blocks = model.embed_inputs(ids[None], **media)
+    in_block = np.zeros(n + 1, bool)  # position i continues the image block of position i - 1
+    if blocks is not None:
+        b = np.array(blocks[0])
+        in_block[1:n] = (b[1:] >= 0) & (b[1:] == b[:-1])
+    start = 0
+    while start < n:
+        end = min(start + step, n)
+        while in_block[end]:
+            end += 1
+        if embeds is None:
+            model(ids[None, start:end], cache, logits_to_keep=1)
+        else:
+            chunk_blocks = None if blocks is None else blocks[:, start:end]
+            model(inputs_embeds=embeds[:, start:end], cache=cache, block_ids=chunk_blocks, logits_to_keep=1)
         mx.eval([c.state for c in cache])
+        start = end
         if progress is not None:
-            progress(min(end, ids.shape[0]), ids.shape[0])
+            progress(end, n)
 
 
 def generate_tokens(

@@ -274,6 +274,26 @@ def _plain(value: Any) -> Any:
     return f"<{type(value).__name__}>"
 
 
+def _with_dict_arguments(message: dict) -> dict:
+    """`message` with its tool calls' JSON-string arguments (OpenAI's wire form) decoded to dicts."""
+    calls = message.get("tool_calls")
+    if not isinstance(calls, list):
+        return message
+    decoded = []
+    for call in calls:
+        function = call.get("function") if isinstance(call, Mapping) else None
+        arguments = function.get("arguments") if isinstance(function, Mapping) else None
+        if isinstance(arguments, str):
+            try:
+                value = json.loads(arguments or "{}")
+            except json.JSONDecodeError:
+                value = None
+            if isinstance(value, dict):
+                call = {**call, "function": {**function, "arguments": value}}
+        decoded.append(call)
+    return {**message, "tool_calls": decoded}
+
+
 def _environment() -> ImmutableSandboxedEnvironment:
     """The sandbox and helpers chat templates are written against (transformers' conventions)."""
     env = ImmutableSandboxedEnvironment(
@@ -338,17 +358,26 @@ class ChatTemplate:
         add_generation_prompt: bool = True,
         enable_thinking: bool = False,
         bos_token: str = "<bos>",
+        tools: Sequence[Mapping] | None = None,
         **extra: Any,
     ) -> str:
         """The prompt text for `messages` (dicts with `role` and `content`: a string or a list of
-        `{"type": "text"|"image"|"audio", ...}` parts). Errors name the template's file."""
+        `{"type": "text"|"image"|"audio", ...}` parts; assistant `tool_calls` and role "tool" results
+        in OpenAI's shape) and `tools` (OpenAI function schemas), which the template receives as
+        transformers passes them. Tool-call arguments given as a JSON string reach the template as a
+        dict (Google's template expects one). Errors name the template's file."""
         if isinstance(messages, (str, Mapping)) or not all(isinstance(m, Mapping) for m in messages):
             raise ValueError("chat messages must be a list of dicts with 'role' and 'content'")
+        if tools is not None and (
+            isinstance(tools, (str, Mapping)) or not all(isinstance(t, Mapping) for t in tools)
+        ):
+            raise ValueError("tools must be a list of dicts (OpenAI function schemas)")
         # keys set to None are dropped (APIs send content=None; templates test for missing keys)
-        messages = [{k: v for k, v in m.items() if v is not None} for m in messages]
+        messages = [_with_dict_arguments({k: v for k, v in m.items() if v is not None}) for m in messages]
         data = _plain(
             dict(
                 extra,
+                tools=list(tools) if tools else None,
                 messages=messages,
                 add_generation_prompt=add_generation_prompt,
                 enable_thinking=enable_thinking,

@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gemma_mlx.text import ChatTemplate
 from gemma_mlx.tools import (
     Delta,
     OutputParser,
@@ -225,3 +226,145 @@ def test_streamed_truncated_call_is_flushed_by_finish():
     assert parser.feed("Ok <|tool_call>call:f{a:") == [Delta("content", "Ok")]
     assert parser.finish() == [Delta("content", " call:f{a:")]
     assert parser.malformed
+
+
+# --- the chat template's side: declarations, calls and responses in the prompt ----------------------
+
+GEMMA4 = ChatTemplate.default()
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "description": "City name"},
+                "unit": {"type": "string", "enum": ["c", "f"]},
+                "days": {"type": "array", "items": {"type": "integer"}},
+            },
+            "required": ["city"],
+        },
+    },
+}
+ASK = {"role": "user", "content": "Weather in Paris?"}
+
+
+def assistant_call(name: str, arguments, call_id: str = "call_1") -> dict:
+    return {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [
+            {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
+        ],
+    }
+
+
+# Written by hand from the official template's layout (Google's Gemma 4 chat_template.jinja):
+# declarations in the system turn, keys sorted, the model turn continuing across tool responses.
+TOOL_CASES = [
+    (
+        [ASK],
+        '<bos><|turn>system\n<|tool>declaration:get_weather{description:<|"|>Current weather<|"|>,'
+        'parameters:{properties:{city:{description:<|"|>City name<|"|>,type:<|"|>STRING<|"|>},'
+        'days:{items:{type:<|"|>INTEGER<|"|>},type:<|"|>ARRAY<|"|>},'
+        'unit:{enum:[<|"|>c<|"|>,<|"|>f<|"|>],type:<|"|>STRING<|"|>}},'
+        'required:[<|"|>city<|"|>],type:<|"|>OBJECT<|"|>}}<tool|><turn|>\n'
+        "<|turn>user\nWeather in Paris?<turn|>\n<|turn>model\n<|channel>thought\n<channel|>",
+    ),
+    (
+        [ASK, assistant_call("get_weather", '{"unit": "c", "city": "Paris"}')],
+        '<|turn>model\n<|tool_call>call:get_weather{city:<|"|>Paris<|"|>,unit:<|"|>c<|"|>}<tool_call|>'
+        "<|tool_response>",
+    ),
+    (
+        [
+            ASK,
+            assistant_call("get_weather", {"city": "Paris"}, "c7"),
+            {"role": "tool", "tool_call_id": "c7", "content": '{"temp": 15}'},
+        ],
+        '<|turn>model\n<|tool_call>call:get_weather{city:<|"|>Paris<|"|>}<tool_call|>'
+        '<|tool_response>response:get_weather{value:<|"|>{"temp": 15}<|"|>}<tool_response|>',
+    ),
+    (
+        [
+            ASK,
+            {**assistant_call("get_weather", {"city": "Paris"}), "content": "Checking."},
+            {"role": "tool", "name": "get_weather", "content": "sunny"},
+            {"role": "assistant", "content": "<|channel>thought\nok<channel|>It is sunny."},
+            {"role": "user", "content": "Thanks"},
+        ],
+        '<|turn>model\nChecking.<|tool_call>call:get_weather{city:<|"|>Paris<|"|>}<tool_call|>'
+        '<|tool_response>response:get_weather{value:<|"|>sunny<|"|>}<tool_response|>It is sunny.<turn|>\n'
+        "<|turn>user\nThanks<turn|>\n<|turn>model\n<|channel>thought\n<channel|>",
+    ),
+]
+
+
+@pytest.mark.parametrize(("messages", "expected_end"), TOOL_CASES)
+def test_template_renders_tools_calls_and_responses(messages, expected_end):
+    assert GEMMA4.render(messages, tools=[WEATHER]).endswith(expected_end)
+
+
+def test_template_tool_rendering_matches_transformers(tmp_path):
+    from reference import save_tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    save_tokenizer(tmp_path)
+    ref = PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"), bos_token="<bos>")
+    for messages, _ in TOOL_CASES[:1] + TOOL_CASES[2:]:  # (case 1's string arguments are ours to decode)
+        expected = GEMMA4.render(messages, tools=[WEATHER])
+        assert ref.apply_chat_template(
+            messages,
+            tools=[WEATHER],
+            chat_template=GEMMA4.source,
+            tokenize=False,
+            add_generation_prompt=True,
+            enable_thinking=False,
+        ) == (expected)
+
+
+def test_template_without_tools_is_unchanged():
+    assert GEMMA4.render([ASK], tools=None) == GEMMA4.render([ASK], tools=[]) == GEMMA4.render([ASK])
+    assert "<|tool>" not in GEMMA4.render([ASK])
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+def test_render_then_parse_is_identity_for_every_shape(as_json):
+    calls = [
+        {
+            "id": f"c{i}",
+            "type": "function",
+            "function": {"name": f"f{i}", "arguments": json.dumps(a) if as_json else a},
+        }
+        for i, a in enumerate(SHAPES)
+    ]
+    prompt = GEMMA4.render([ASK, {"role": "assistant", "tool_calls": calls}], add_generation_prompt=False)
+    answer = prompt.split("<|turn>model\n", 1)[1]
+    out = parse_output(answer)
+    assert [(c.name, c.arguments) for c in out.tool_calls] == [(f"f{i}", a) for i, a in enumerate(SHAPES)]
+    assert out.content == "" and not out.malformed
+    for i, args in enumerate(SHAPES):  # the template writes what format_arguments writes, keys sorted
+        assert (
+            f"call:f{i}{format_arguments(dict(sorted(args.items(), key=lambda kv: kv[0].lower())))}" in answer
+        )
+
+
+def test_template_rejects_orphan_tool_results():
+    with pytest.raises(ValueError, match="must follow an assistant message with tool_calls"):
+        GEMMA4.render([ASK, {"role": "tool", "name": "f", "content": "x"}])
+
+
+def test_tools_must_be_a_list_of_dicts():
+    with pytest.raises(ValueError, match="tools must be a list of dicts"):
+        GEMMA4.render([ASK], tools={"type": "function"})
+
+
+def test_checkpoint_templates_receive_tools_and_dict_arguments():
+    template = ChatTemplate(
+        "{% for t in tools %}{{ t.function.name }};{% endfor %}"
+        "{% for m in messages %}{% for c in m.tool_calls or [] %}{{ c.function.arguments.x }}"
+        "{% endfor %}{% endfor %}"
+    )
+    messages = [ASK, assistant_call("f", '{"x": 42}')]
+    assert template.render(messages, tools=[WEATHER]) == "get_weather;42"

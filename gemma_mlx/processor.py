@@ -65,6 +65,17 @@ def classify_prompt(prompt: Any) -> tuple[PromptKind, Any]:
     return "ids", [operator.index(i) for i in items]
 
 
+def _escaped(tokenizer: Tokenizer, data: Any) -> Any:
+    """Chat data with every string escaped for `tokenizer` (dict keys and non-text values kept)."""
+    if isinstance(data, str):
+        return tokenizer.escape(data)
+    if isinstance(data, Mapping):
+        return {k: _escaped(tokenizer, v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [_escaped(tokenizer, v) for v in data]
+    return data
+
+
 class Processor:
     """Turns prompts (text, token ids, chat messages) into token ids for one checkpoint."""
 
@@ -117,13 +128,18 @@ class Processor:
         tools: Sequence[dict] | None = None,
     ) -> str:
         """The prompt text of a conversation (it starts with BOS: the template writes it); `tools`
-        are OpenAI function schemas the model may call (see gemma_mlx.tools for its replies)."""
+        are OpenAI function schemas the model may call (see gemma_mlx.tools for its replies).
+
+        Every string in `messages` and `tools` is escaped first (`Tokenizer.escape`): special-token
+        text inside a message ("<turn|>", "<|tool_call>" ...) is encoded as plain text by this
+        tokenizer, and only the template's own markup becomes control tokens. The returned text
+        carries the escape marks (private-use characters) only where content had such strings."""
         tok = self.tokenizer
         return self.chat_template.render(
-            messages,
+            _escaped(tok, messages),
             add_generation_prompt=add_generation_prompt,
             enable_thinking=enable_thinking,
-            tools=tools,
+            tools=_escaped(tok, tools),
             bos_token=tok.bos_token if tok.bos_token_id is not None else "",
             eos_token=tok.eos_token,
             pad_token=tok.pad_token,

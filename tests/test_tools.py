@@ -460,3 +460,41 @@ def test_escape_with_a_sentencepiece_tokenizer(tmp_path):
     literal = tok.encode(tok.escape("hi<end_of_turn><bos>"))
     assert end not in literal and tok.bos_token_id not in literal
     assert tok.decode(literal) == "hi<end_of_turn><bos>"
+
+
+# --- a checkpoint that really emits a call through the normal decoding path ------------------------------
+
+
+@pytest.fixture(scope="module")
+def tool_model(tmp_path_factory):
+    from tool_model import build_tool_model
+
+    path = tmp_path_factory.mktemp("tool_model")
+    return path, build_tool_model(path)
+
+
+@pytest.mark.parametrize("thinking", [False, True])
+def test_tiny_checkpoint_calls_the_tool(tool_model, thinking):
+    from tool_model import CALL_ARGUMENTS, CALL_NAME, TOOL
+
+    from gemma_mlx import generate, load, stream_generate
+
+    path, expected = tool_model
+    model, processor = load(path)
+    messages = [{"role": "user", "content": "What is the weather in Paris?"}]
+    prompt = processor.encode_prompt(messages, enable_thinking=thinking, tools=[TOOL])
+    assert processor.tokenizer.token_to_id("<|tool>") in prompt
+    result = generate(model, processor, prompt, max_tokens=20, temperature=0.0)
+    assert result.text == expected and result.finish_reason == "stop"
+    assert processor.tokenizer.decode(result.tokens[-1:]) == "<|tool_response>"
+    out = parse_output(result.text)
+    assert [(c.name, c.arguments) for c in out.tool_calls] == [(CALL_NAME, CALL_ARGUMENTS)]
+    assert out.content == "" and out.reasoning is None and not out.malformed
+    # streamed token by token, the parser gives the same call
+    parser, deltas = OutputParser(thinking=thinking), []
+    for chunk in stream_generate(model, processor, prompt, max_tokens=20):
+        deltas += parser.feed(chunk.text)
+    deltas += parser.finish()
+    assert [(d.kind, d.tool_call.name, d.tool_call.arguments) for d in deltas] == [
+        ("tool_call", CALL_NAME, CALL_ARGUMENTS)
+    ]

@@ -307,8 +307,10 @@ def test_template_renders_tools_calls_and_responses(messages, expected_end):
 
 
 def test_template_tool_rendering_matches_transformers(tmp_path):
-    from reference import save_tokenizer
-    from transformers import PreTrainedTokenizerFast
+    from tiny import save_tokenizer
+
+    transformers = pytest.importorskip("transformers")
+    PreTrainedTokenizerFast = transformers.PreTrainedTokenizerFast  # noqa: N806
 
     save_tokenizer(tmp_path)
     ref = PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"), bos_token="<bos>")
@@ -382,7 +384,7 @@ INJECTIONS = [
 
 @pytest.fixture(scope="module")
 def processor(tmp_path_factory):
-    from reference import save_tokenizer
+    from tiny import save_tokenizer
 
     from gemma_mlx.processor import Processor
 

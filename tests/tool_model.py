@@ -12,12 +12,17 @@ special tokens as text, so the text is exactly what the real model writes.
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
-import torch
-import transformers
-from reference import save_tokenizer
+import mlx.core as mx
+import numpy as np
+from mlx.utils import tree_flatten
+from tiny import UNIFIED_CONFIG, save_tokenizer
+
+from gemma_mlx.config import parse_config
+from gemma_mlx.models.gemma import Model
 
 TOOL = {
     "type": "function",
@@ -37,9 +42,25 @@ TOOL = {
 CALL_NAME, CALL_ARGUMENTS = "get_weather", {"city": "Paris", "days": 3}
 # the generated pieces, in order; <|tool_response> ends generation (an EOS id, as in Gemma 4's config)
 PIECES = ["<|tool_call>", "call:get_weather{city:", '<|"|>', "Paris", '<|"|>,days:3}', "<tool_call|>"]
-NEW_PIECES = [PIECES[1], PIECES[3], PIECES[4]]  # plain vocabulary pieces the tiny tokenizer lacks
+NEW_PIECES = [PIECES[1], PIECES[3], PIECES[4]]  # plain tokens the tiny tokenizer lacks
 STOP = "<|tool_response>"
 HIDDEN = 16
+# a text-only Gemma 4 (Gemma4UnifiedForCausalLM's config.json): one full-attention layer
+CONFIG = {
+    **copy.deepcopy(UNIFIED_CONFIG["text_config"]),
+    "architectures": ["Gemma4UnifiedForCausalLM"],
+    "hidden_size": HIDDEN,
+    "intermediate_size": HIDDEN,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 1,
+    "num_key_value_heads": 1,
+    "head_dim": HIDDEN,
+    "layer_types": ["full_attention"],
+    "per_layer_config": {},
+    "sliding_window": 8,
+    "attention_k_eq_v": False,
+    "final_logit_softcapping": None,
+}
 
 
 def _append_pieces(path: Path, pieces: list[str]) -> None:
@@ -54,7 +75,7 @@ def _append_pieces(path: Path, pieces: list[str]) -> None:
 
 def build_tool_model(path: Path) -> str:
     """Write the checkpoint (config, weights, tokenizer) to `path`; returns the text greedy decoding
-    produces after a chat prompt (thinking on or off), the stop token excluded."""
+    produces after a chat prompt (thinking on or off), the stop token excluded. Needs MLX only."""
     from tokenizers import Tokenizer
 
     path = Path(path)
@@ -65,49 +86,32 @@ def build_tool_model(path: Path) -> str:
     ids = [tok.token_to_id(p) for p in PIECES]
     stop, newline = tok.token_to_id(STOP), tok.encode("\n").ids
     assert None not in ids and stop is not None and len(newline) == 1
+    assert len(ids) == len(set(ids)), "a token with two successors cannot be expressed"
     # the prompt ends in "<channel|>" (thinking off) or "<|turn>model\n" (thinking on)
     successor = {tok.token_to_id("<channel|>"): ids[0], newline[0]: ids[0]}
     successor.update(zip(ids, [*ids[1:], stop], strict=True))
-    assert len(ids) == len(set(ids)), "a token with two successors cannot be expressed"
     slots = {t: i for i, t in enumerate(dict.fromkeys([*successor, *successor.values()]))}
     assert len(slots) <= HIDDEN
 
-    cfg = transformers.Gemma4UnifiedTextConfig(
-        vocab_size=512,
-        hidden_size=HIDDEN,
-        intermediate_size=HIDDEN,
-        num_hidden_layers=1,
-        num_attention_heads=1,
-        num_key_value_heads=1,
-        head_dim=HIDDEN,
-        global_head_dim=HIDDEN,
-        num_global_key_value_heads=1,
-        sliding_window=8,
-        layer_types=["full_attention"],
-    )
-    torch.manual_seed(0)
-    model = transformers.Gemma4UnifiedForCausalLM(cfg).float().eval()
-    layer = model.model.layers[0]
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.fill_(1.0)
-        embed = model.model.embed_tokens.weight
-        embed.zero_()
-        for t, s in slots.items():
-            embed[t, s] = 1.0
-        layer.self_attn.o_proj.weight.zero_()  # no attention: the last token alone decides
-        for m in (layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
-            m.weight.zero_()
-        for row, (t, nxt) in enumerate(successor.items()):
-            layer.mlp.gate_proj.weight[row, slots[t]] = 1.0
-            layer.mlp.up_proj.weight[row, slots[t]] = 1.0
-            layer.mlp.down_proj.weight[slots[nxt], row] = 1.0
-        # the MLP's one-hot output, normed to sqrt(hidden) and scaled x4, outweighs the input token
-        layer.post_feedforward_layernorm.weight.fill_(4.0)
-        layer.layer_scalar.fill_(1.0)
-    model.save_pretrained(path)
-    # (after save_pretrained, which writes its own): Gemma 4 also stops at <|tool_response>
+    model = Model(parse_config(CONFIG))
+    weights = {name: np.zeros(p.shape, np.float32) for name, p in tree_flatten(model.parameters())}
+    prefix = "language_model."
+    layer = prefix + "layers.0."
+    for name, w in weights.items():
+        if name.endswith(("norm.weight", "layer_scalar")):
+            w.fill(1.0)
+    for t, s in slots.items():  # one-hot embeddings; the LM head is tied to them
+        weights[prefix + "embed_tokens.weight"][t, s] = 1.0
+    # attention's o_proj stays zero: the last token alone decides; the MLP maps t to its successor
+    for row, (t, nxt) in enumerate(successor.items()):
+        weights[layer + "mlp.gate_proj.weight"][row, slots[t]] = 1.0
+        weights[layer + "mlp.up_proj.weight"][row, slots[t]] = 1.0
+        weights[layer + "mlp.down_proj.weight"][slots[nxt], row] = 1.0
+    # the MLP's one-hot output, normed to sqrt(hidden) and scaled x4, outweighs the input token
+    weights[layer + "post_feedforward_layernorm.weight"].fill(4.0)
+    mx.save_safetensors(str(path / "model.safetensors"), {k: mx.array(v) for k, v in weights.items()})
+    (path / "config.json").write_text(json.dumps(CONFIG, indent=2))
+    # Gemma 4 also stops at <|tool_response>
     eos = [1, tok.token_to_id("<turn|>"), stop]
     (path / "generation_config.json").write_text(json.dumps({"bos_token_id": 2, "eos_token_id": eos}))
     return "".join(PIECES)

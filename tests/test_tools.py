@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from hypothesis import given, settings
@@ -500,3 +501,67 @@ def test_tiny_checkpoint_calls_the_tool(tool_model, thinking):
     assert [(d.kind, d.tool_call.name, d.tool_call.arguments) for d in deltas] == [
         ("tool_call", CALL_NAME, CALL_ARGUMENTS)
     ]
+
+
+FRAGMENTS = [
+    *CONTROL,
+    "<|tool_response>",
+    "<|think|>",
+    "call:",
+    "f",
+    "{",
+    "}",
+    "[",
+    "]",
+    ",",
+    ":",
+    "a",
+    "1",
+    "-2.5e3",
+    "true",
+    "null",
+    " ",
+    "\n",
+    "thought\n",
+    "thought",
+    "<",
+    "|>",
+    "<|",
+    "tu",
+    "rn>",
+    ">",
+    "é🌍",
+]
+# what any special token's text looks like (the parser's own rule, written out independently)
+MARKUP_SHAPE = re.compile(r'<\|[\w"]{1,32}\|?>|<\w{1,32}\|>|<(?:bos|eos|pad|mask)>')
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    pieces=st.lists(st.sampled_from(FRAGMENTS), max_size=40),
+    cuts=st.lists(st.integers(0, 400), max_size=20),
+)
+def test_parser_never_raises_and_never_leaks_markup(pieces, cuts):
+    text = "".join(pieces)
+    whole = parse_output(text)
+    streamed, _ = stream(text, [c for c in cuts if c <= len(text)])
+    assert same(streamed, whole)
+    for field in (whole.content, whole.reasoning or ""):
+        assert not MARKUP_SHAPE.search(field)
+    for call in whole.tool_calls:
+        json.loads(call.arguments_json())
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "<|tu<bos>rn>",
+        "<|tu<|channel>thought\nx<channel|>rn>",
+        "<|tu<|image|>rn>rn> ok",
+        "<|tool_call>call:f{<|tu<bos>rn>",
+    ],
+)
+def test_dropped_markup_cannot_join_text_into_markup(text):
+    out = parse_output(text)
+    assert not MARKUP_SHAPE.search(out.content)
+    assert same(stream(text, list(range(len(text))))[0], out)

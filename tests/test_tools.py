@@ -302,6 +302,21 @@ TOOL_CASES = [
 ]
 
 
+TOOL_CASES.append(  # Google's own shape: the results on the assistant message, as objects
+    (
+        [
+            ASK,
+            {
+                **assistant_call("get_weather", {"city": "Paris"}),
+                "tool_responses": [{"name": "get_weather", "response": {"temp": 15, "sky": "clear"}}],
+            },
+        ],
+        '<|turn>model\n<|tool_call>call:get_weather{city:<|"|>Paris<|"|>}<tool_call|>'
+        '<|tool_response>response:get_weather{sky:<|"|>clear<|"|>,temp:15}<tool_response|>',
+    )
+)
+
+
 @pytest.mark.parametrize(("messages", "expected_end"), TOOL_CASES)
 def test_template_renders_tools_calls_and_responses(messages, expected_end):
     assert GEMMA4.render(messages, tools=[WEATHER]).endswith(expected_end)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import struct
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -27,10 +26,11 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
-from gemma_mlx.checkpoint import CheckpointError, _listing, _shard_files, sanitize
+from gemma_mlx.checkpoint import CheckpointError, _listing, sanitize
 from gemma_mlx.config import parse_config, parse_drafter_config
 from gemma_mlx.models.drafter import Drafter
 from gemma_mlx.models.gemma import Model
+from gemma_mlx.safetensors_file import FLOAT_DTYPES, read_headers
 
 from .quantize import (
     TEXT_PREFIX,
@@ -59,7 +59,7 @@ COPIED = (
     "video_preprocessor_config.json",
 )
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja"]
-SAFETENSORS_DTYPES = {"F32": mx.float32, "BF16": mx.bfloat16, "F16": mx.float16}
+FLOAT_ARRAY_DTYPES = (mx.float32, mx.bfloat16, mx.float16)
 DTYPE_NAMES = {
     "float32": "float32",
     "fp32": "float32",
@@ -169,46 +169,6 @@ def resolve_source(src: str | Path) -> Path:
         raise CheckpointError(f"{src}: download from the Hugging Face Hub failed ({e})") from None
 
 
-def read_header(f: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """`name -> (safetensors dtype, shape)` of one shard, with truncation and header checks."""
-    size = f.stat().st_size
-    with f.open("rb") as fh:
-        head = fh.read(8)
-        if len(head) < 8:
-            raise CheckpointError(f"{f}: not a safetensors file (only {size} bytes)")
-        (n,) = struct.unpack("<Q", head)
-        if n > min(size - 8, 100 << 20):
-            raise CheckpointError(f"{f}: bad safetensors header (claims {n} header bytes, file has {size})")
-        try:
-            header = json.loads(fh.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{f}: bad safetensors header ({e})") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{f}: bad safetensors header (not a JSON object)")
-    header.pop("__metadata__", None)
-    out, end = {}, 0
-    for name, info in header.items():
-        try:
-            dtype, shape, (start, stop) = (
-                info["dtype"],
-                tuple(int(d) for d in info["shape"]),
-                info["data_offsets"],
-            )
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{f}: bad safetensors header entry for tensor {name}") from None
-        if (
-            dtype in SAFETENSORS_DTYPES
-            and stop - start != int(np.prod(shape)) * SAFETENSORS_DTYPES[dtype].size
-        ):
-            raise CheckpointError(f"{f}: tensor {name}: header offsets disagree with its shape {shape}")
-        out[name], end = (dtype, shape), max(end, stop)
-    if 8 + n + end > size:
-        raise CheckpointError(
-            f"{f}: truncated: its header describes {8 + n + end} bytes, the file has {size}"
-        )
-    return out
-
-
 class _Checker:
     """Every tensor must be a float parameter of the configured model with the configured shape;
     each exactly once; none missing at the end."""
@@ -283,21 +243,21 @@ def _read_config(src: Path) -> dict:
 
 def _check_source(src: Path, raw: dict, target: _Target) -> tuple[list[Path], int, int]:
     """Check every header against the config before converting anything -> (shards, tensors, bytes)."""
-    files = _shard_files(src)
+    headers = read_headers(src)
     check, count, nbytes = _Checker(target.expected), 0, 0
     tied = raw.get("tie_word_embeddings", (raw.get("text_config") or {}).get("tie_word_embeddings", True))
-    for f in files:
-        for name, (dtype, shape) in read_header(f).items():
+    for f, header in headers.items():
+        for name, t in header.items():
             if name == "lm_head.weight" and tied is False:
                 raise CheckpointError(f"{f}: an untied lm_head.weight; Gemma's LM head is the tied embedding")
             ours = target.rename(name)
             if ours is None:
                 continue
-            check(ours, shape, dtype, dtype in SAFETENSORS_DTYPES, str(f))
+            check(ours, t.shape, t.dtype, t.dtype in FLOAT_DTYPES, str(f))
             count += 1
-            nbytes += int(np.prod(shape)) * SAFETENSORS_DTYPES[dtype].size
+            nbytes += t.nbytes
     check.finish(str(src))
-    return files, count, nbytes
+    return list(headers), count, nbytes
 
 
 def _read_source(
@@ -577,7 +537,7 @@ def write_checkpoint(
         for key, a in weights:
             name = target.rename(key)
             if name is not None:
-                check(name, a.shape, str(a.dtype), a.dtype in SAFETENSORS_DTYPES.values(), source)
+                check(name, a.shape, str(a.dtype), a.dtype in FLOAT_ARRAY_DTYPES, source)
                 yield name, a, a.nbytes
         check.finish(source)
 

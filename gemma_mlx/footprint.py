@@ -3,31 +3,20 @@ for a context length, and whether that fits this machine's memory. Reads only he
 
 from __future__ import annotations
 
-import json
 import os
-import struct
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .checkpoint import _shard_files, sanitize
+from .checkpoint import sanitize
 from .config import ModelConfig, load_config
-
-DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "U32": 4, "U8": 1, "I32": 4, "I64": 8, "F64": 8, "I8": 1}
+from .safetensors_file import read_headers
 
 
 def tensor_bytes(path: Path) -> dict[str, int]:
-    """Bytes of every tensor of a checkpoint (our names), from the safetensors headers alone."""
-    sizes: dict[str, int] = {}
-    for f in _shard_files(path):
-        with f.open("rb") as fh:
-            (n,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(n))
-        for name, info in header.items():
-            if name != "__metadata__":
-                start, end = info["data_offsets"]
-                sizes[name] = end - start
+    """Bytes of every tensor of a checkpoint (our names), from its checked safetensors headers."""
+    sizes = {name: t.nbytes for header in read_headers(path).values() for name, t in header.items()}
     return sanitize(sizes)
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from safetensors.numpy import load_file
+from safetensors.numpy import load_file, save_file
 from typer.testing import CliRunner
 
 from gemma_mlx import CheckpointError, load
@@ -190,3 +190,171 @@ def test_missing_shard_named_with_its_path(ckpt):
         json.dumps({"weight_map": {"w": "sub/model-2.safetensors"}})
     )
     refused_everywhere(path, "names shard.* that do not exist: sub/model-2.safetensors")
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Weights: dtypes always, finiteness on request
+
+
+def test_integer_projection_weights_are_refused_by_name(ckpt):
+    """§1 #11: int32 q_proj weights loaded and generated garbage text."""
+    path, tensors = ckpt
+    name = "model.layers.0.self_attn.q_proj.weight"
+    tensors[name] = tensors[name].astype(np.int32)
+    save_file(tensors, str(path / "model.safetensors"))
+    with pytest.raises(
+        CheckpointError, match=r"wrong dtype: language_model.layers.0.self_attn.q_proj.weight is"
+    ):
+        load(path)
+
+
+def test_bool_norm_weights_are_refused_by_name(ckpt):
+    """§1 #13: bool norm weights loaded and generated garbage text."""
+    path, tensors = ckpt
+    tensors["model.norm.weight"] = tensors["model.norm.weight"] > 0
+    save_file(tensors, str(path / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"language_model.norm.weight is mlx.core.bool"):
+        load(path)
+
+
+def test_check_finite_names_nan_weights(ckpt):
+    """§1 #14: NaN q_proj generated `<pad><pad>...` silently; `check_finite=True` names it."""
+    path, tensors = ckpt
+    name = "model.layers.1.self_attn.q_proj.weight"
+    tensors[name] = np.full_like(tensors[name], np.nan)
+    save_file(tensors, str(path / "model.safetensors"))
+    load(path)  # off by default: reading every weight up front costs a full pass
+    with pytest.raises(
+        CheckpointError, match=r"non-finite .* language_model.layers.1.self_attn.q_proj.weight"
+    ):
+        load(path, check_finite=True)
+
+
+def test_quantized_checkpoint_passes_the_dtype_check(causal, tmp_path):
+    """MLX's own quantized layout (uint32 weights, float scales/biases; uint8 fp scales) loads."""
+    from gemma_mlx.convert import convert
+
+    for mode in ("affine", "mxfp4"):
+        out = tmp_path / mode
+        convert(causal[0], out, mode=mode, progress=False)
+        load(out, check_finite=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Configs: every field typed and ranged, each failure a ConfigError naming field and value
+
+RELEASED_12B = json.loads((Path(__file__).parent / "data" / "gemma-4-12b-config.json").read_text())
+GEMMA3 = dict(
+    model_type="gemma3_text",
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=6,
+    num_attention_heads=4,
+    num_key_value_heads=1,
+    head_dim=16,
+    query_pre_attn_scalar=16,
+    sliding_window=8,
+)
+
+
+def text(**changes):
+    return lambda c: c["text_config"].update(changes)
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (text(hidden_size=-128), "'text_config.hidden_size' is -128"),  # §1 #24 (math domain error)
+        (text(hidden_size=0), "'text_config.hidden_size' is 0"),  # §1 #25 (ZeroDivisionError)
+        (text(num_hidden_layers=0, layer_types=[]), "'text_config.num_hidden_layers' is 0"),  # §1 #27
+        (text(num_attention_heads=0), "'text_config.num_attention_heads' is 0"),  # §1 #28
+        (text(num_key_value_heads=0), "'text_config.num_key_value_heads' is 0"),  # §1 #29
+        (text(head_dim=-32), "'text_config.head_dim' is -32"),  # §1 #30
+        (text(head_dim=33), "'text_config.head_dim' is 33, expected an even number"),
+        (text(vocab_size=10**12), "'text_config.vocab_size' is 1000000000000"),  # §1 #32
+        (text(vocab_size=2**31), "'text_config.vocab_size' is 2147483648"),  # §1 #32
+        (text(hidden_size="abc"), "'text_config.hidden_size' is 'abc'"),  # §1 #33 (no field named)
+        (text(hidden_size=True), "'text_config.hidden_size' is True"),  # bools are not ints
+        (text(num_hidden_layers=8.7), "'text_config.num_hidden_layers' is 8.7"),  # §1 #34 (truncated)
+        (text(sliding_window=0), "'text_config.sliding_window' is 0"),  # §1 #35 (text '')
+        (text(sliding_window=-5), "'text_config.sliding_window' is -5"),  # §1 #36
+        (text(rms_norm_eps=-1), "'text_config.rms_norm_eps' is -1"),  # §1 #37 (<pad>)
+        (text(rms_norm_eps=float("nan")), "'text_config.rms_norm_eps' is nan"),
+        (text(max_position_embeddings=0), "'text_config.max_position_embeddings' is 0"),  # §1 #38
+        (text(final_logit_softcapping="x"), "'text_config.final_logit_softcapping' is 'x'"),  # §1 #39
+        (text(bos_token_id=10**6), "'text_config.bos_token_id' is 1000000"),
+        (text(eos_token_id=["x"]), "'text_config.eos_token_id' is 'x'"),
+        (text(global_head_dim=0), "'text_config.global_head_dim' is 0"),
+        (text(layer_types="sliding"), "'text_config.layer_types' is 'sliding'"),
+        (text(rope_parameters=["x"]), "'text_config.rope_parameters' is ['x']"),
+        (
+            lambda c: c["text_config"]["rope_parameters"]["full_attention"].update(partial_rotary_factor=2),
+            "'text_config.rope_parameters.full_attention.partial_rotary_factor' is 2",
+        ),
+        (
+            lambda c: c["text_config"]["rope_parameters"]["sliding_attention"].update(rope_theta=-1),
+            "'text_config.rope_parameters.sliding_attention.rope_theta' is -1",
+        ),
+        (lambda c: c.update(vision_config=[]), "'vision_config' is []"),  # §1 #42 (AttributeError)
+        (lambda c: c["vision_config"].update(patch_size="big"), "'vision_config.patch_size' is 'big'"),  # #43
+        (lambda c: c["vision_config"].update(rms_norm_eps=0), "'vision_config.rms_norm_eps' is 0"),
+        (lambda c: c["audio_config"].update(audio_embed_dim=-1), "'audio_config.audio_embed_dim' is -1"),
+        (lambda c: c.update(image_token_id=-3), "'image_token_id' is -3"),
+        (lambda c: c.update(quantization="yes"), "'quantization' is 'yes'"),  # §1 #54 (AttributeError)
+        (lambda c: c.update(quantization={"bits": 7, "group_size": 64}), "'quantization.bits' is 7"),  # #53
+        (lambda c: c.update(quantization={"bits": 4, "group_size": 0}), "'quantization.group_size' is 0"),
+        (lambda c: c.update(quantization={"bits": 4, "mode": "nope"}), "'quantization.mode' is 'nope'"),
+        (
+            lambda c: c.update(quantization={"bits": 4, "mode": "mxfp4", "group_size": 64}),
+            "group_size' is 64",
+        ),
+        (
+            lambda c: c.update(quantization={"bits": 4, "group_size": 64, "language_model.x": {"bits": 9}}),
+            "'quantization.language_model.x.bits' is 9",
+        ),
+        (
+            lambda c: c.update(quantization={"bits": 4, "group_size": 64, "language_model.x": "float"}),
+            "'quantization.language_model.x' is 'float'",
+        ),
+    ],
+)
+def test_config_values_are_checked_with_field_and_value(edit, message):
+    """§1 #24-#43, #53, #54: tracebacks (ZeroDivisionError, IndexError, OverflowError,
+    AttributeError, TypeError), unnamed errors and silent wrong runs from bad config values."""
+    from gemma_mlx.config import ConfigError, parse_config
+
+    cfg = json.loads(json.dumps(RELEASED_12B))
+    edit(cfg)
+    with pytest.raises(ConfigError) as e:
+        parse_config(cfg)
+    assert message in str(e.value)
+
+
+def test_linear_rope_without_factor_is_a_config_error():
+    """§1 #40: linear RoPE without `factor` raised KeyError: 'factor'."""
+    from gemma_mlx.config import ConfigError, parse_config
+
+    cfg = dict(GEMMA3, rope_scaling={"rope_type": "linear"})
+    with pytest.raises(ConfigError, match=r"'text_config.rope_parameters.full_attention.factor' is missing"):
+        parse_config(cfg)
+    assert (
+        parse_config(dict(GEMMA3, rope_scaling={"rope_type": "linear", "factor": 8}))
+        .text.layers[5]
+        .rope.scale
+        == 1 / 8
+    )
+
+
+def test_bad_config_value_through_load_and_cli(ckpt):
+    """§1 #25: `hidden_size: 0` printed a ZeroDivisionError traceback from the CLI."""
+    from gemma_mlx.config import ConfigError
+
+    path, _ = ckpt
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["hidden_size"] = 0
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match=r"config.json: field 'text_config.hidden_size' is 0"):
+        load(path)
+    result = runner.invoke(app, ["info", "--model", str(path)])
+    assert isinstance(result.exception, ConfigError)

@@ -28,16 +28,18 @@ from mlx.utils import tree_flatten
 
 from gemma_mlx.checkpoint import CheckpointError, _listing, sanitize
 from gemma_mlx.config import parse_config, parse_drafter_config
+from gemma_mlx.footprint import TEXT_PREFIX, decode_bytes
 from gemma_mlx.models.drafter import Drafter
 from gemma_mlx.models.gemma import Model
-from gemma_mlx.safetensors_file import FLOAT_DTYPES, read_headers
+from gemma_mlx.safetensors_file import DTYPE_SIZES, FLOAT_DTYPES, read_headers
 
 from .quantize import (
-    TEXT_PREFIX,
+    FLOAT_BYTES,
     Override,
     QuantSpec,
     check_supported,
     config_block,
+    layout_sizes,
     plan,
     quantize_weight,
 )
@@ -241,10 +243,11 @@ def _read_config(src: Path) -> dict:
     return raw
 
 
-def _check_source(src: Path, raw: dict, target: _Target) -> tuple[list[Path], int, int]:
-    """Check every header against the config before converting anything -> (shards, tensors, bytes)."""
+def _check_source(src: Path, raw: dict, target: _Target) -> tuple[list[Path], int, int, dict[str, int]]:
+    """Check every header against the config before converting anything -> (shards, tensors,
+    bytes, element size of each tensor by our name)."""
     headers = read_headers(src)
-    check, count, nbytes = _Checker(target.expected), 0, 0
+    check, count, nbytes, itemsize = _Checker(target.expected), 0, 0, {}
     tied = raw.get("tie_word_embeddings", (raw.get("text_config") or {}).get("tie_word_embeddings", True))
     for f, header in headers.items():
         for name, t in header.items():
@@ -256,8 +259,9 @@ def _check_source(src: Path, raw: dict, target: _Target) -> tuple[list[Path], in
             check(ours, t.shape, t.dtype, t.dtype in FLOAT_DTYPES, str(f))
             count += 1
             nbytes += t.nbytes
+            itemsize[ours] = DTYPE_SIZES[t.dtype]
     check.finish(str(src))
-    return list(headers), count, nbytes
+    return list(headers), count, nbytes, itemsize
 
 
 def _read_source(
@@ -376,9 +380,11 @@ def _write(
     shard_bytes: int,
     progress: bool | Progress | None,
     totals: tuple[int | None, int | None],
+    itemsize: Mapping[str, int] | None = None,
 ) -> ConversionReport:
     """The output directory, atomically: shards + index, config.json (with the quantization block
-    if anything is quantized), extra files, model card."""
+    if anything is quantized), extra files, model card. `itemsize`: element size of each source
+    tensor (our names), for the expected output size checked against the free disk space."""
     for s in {s for s in layout.values() if s is not None}:
         check_supported(s)
     report.parameters = sum(v.size for _, v in tree_flatten(target.module.parameters()))
@@ -393,16 +399,22 @@ def _write(
     # towards the size of the model over a conversion.
     cache_limit = mx.set_cache_limit(0)
     try:
-        with atomic_directory(out, force=force) as tmp, _progress(progress, *totals) as advance:
+        float_bytes = FLOAT_BYTES[dtype] if dtype else itemsize
+        needed = sum(layout_sizes(target.module, layout, float_bytes).values()) if float_bytes else None
+        sizes: dict[str, int] = {}
+        with (
+            atomic_directory(out, force=force, needed=needed) as tmp,
+            _progress(progress, *totals) as advance,
+        ):
 
             def on_tensor(name: str, a: mx.array) -> None:
                 report.tensors += 1
                 report.weight_bytes += a.nbytes
-                if name.startswith(target.prefix):
-                    report.bytes_per_token += a.nbytes
+                sizes[name] = a.nbytes
 
             float_dtype = getattr(mx, dtype) if dtype else None
             write_shards(tmp, _encode(items, layout, float_dtype, advance), shard_bytes, on_tensor)
+            report.bytes_per_token = decode_bytes(sizes, target.prefix)
             write_json(tmp / "config.json", raw)
             for name, content in extra_files.items():
                 if isinstance(content, Path):
@@ -466,7 +478,7 @@ def convert(
     target = _target(raw, str(source / "config.json"))
     if target.kind == "drafter":
         quantize = quantize and quantize_drafter
-    files, count, nbytes = _check_source(source, raw, target)
+    files, count, nbytes, itemsize = _check_source(source, raw, target)
     notes: dict[str, str] = {}
     layout = plan(target.module, spec, recipe, quantize_embedding, overrides, notes) if quantize else {}
     report = ConversionReport(
@@ -487,6 +499,7 @@ def convert(
         shard_bytes=shard_bytes,
         progress=progress,
         totals=(nbytes, count),
+        itemsize=itemsize,
     )
     if check:
         check_fn = check_drafter if target.kind == "drafter" else check_conversion
@@ -529,8 +542,10 @@ def write_checkpoint(
     target = _target(config, f"{source} (config)")
     check = _Checker(target.expected)
     totals: tuple[int | None, int | None] = (None, None)
+    itemsize = None
     if isinstance(weights, Mapping):
         totals = (sum(a.nbytes for a in weights.values()), len(weights))
+        itemsize = {target.rename(k): a.dtype.size for k, a in weights.items()}
         weights = weights.items()
 
     def items() -> Iterator[tuple[str, mx.array, int]]:
@@ -560,6 +575,7 @@ def write_checkpoint(
         shard_bytes=shard_bytes,
         progress=progress,
         totals=totals,
+        itemsize=itemsize,
     )
 
 

@@ -6,12 +6,23 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from .checkpoint import sanitize
 from .config import ModelConfig, load_config
 from .safetensors_file import read_headers
+
+TEXT_PREFIX = "language_model."
+
+
+def decode_bytes(sizes: Mapping[str, int], prefix: str = TEXT_PREFIX) -> int:
+    """Bytes of weights one decoded token reads, from stored tensor sizes (our names): every text
+    weight once, the tied embedding once as the LM head (its row lookup is negligible); vision
+    and audio weights are idle in decode. The one rule behind `info`, the converter's report and
+    its estimate (a drafter passes prefix "": all of its weights, per draft step)."""
+    return sum(n for name, n in sizes.items() if name.startswith(prefix))
 
 
 def tensor_bytes(path: Path) -> dict[str, int]:
@@ -64,7 +75,7 @@ def footprint(path: str | Path, context: int = 8192, kv_dtype_bytes: int = 2, sl
         config=config,
         parameters=parameters,
         weight_bytes=sum(sizes.values()),
-        bytes_per_token=sum(v for k, v in sizes.items() if k.startswith("language_model.")),
+        bytes_per_token=decode_bytes(sizes),
         kv_bytes_per_token=kv_per_token,
         kv_fixed_bytes=fixed,
         context=context,

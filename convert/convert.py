@@ -43,7 +43,7 @@ from .quantize import (
     plan,
     quantize_weight,
 )
-from .writer import SHARD_BYTES, atomic_directory, write_json, write_shards
+from .writer import SHARD_BYTES, atomic_directory, human_size, write_json, write_shards
 
 DRAFTER = "gemma4_unified_assistant"
 # Files of a checkpoint besides the weights that a converted directory keeps.
@@ -112,8 +112,8 @@ class ConversionReport:
         rows = [
             ("quantization", self.how),
             ("bits per weight", f"{self.bits_per_weight:.3f}"),
-            ("size on disk", _gb(self.bytes_on_disk)),
-            (per, _gb(self.bytes_per_token)),
+            ("size on disk", human_size(self.bytes_on_disk)),
+            (per, human_size(self.bytes_per_token)),
             ("parameters", f"{self.parameters:,}"),
         ]
         if self.kept_float:
@@ -121,10 +121,6 @@ class ConversionReport:
         for key, value in (self.check or {}).items():
             rows.append((f"check: {key.replace('_', ' ')}", f"{value:.4f}"))
         return rows
-
-
-def _gb(n: int) -> str:
-    return f"{n / 1e9:.3f} GB" if n >= 1e8 else f"{n / 1e6:.3f} MB"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -433,9 +429,13 @@ def _write(
 
 
 def _refuse_overlap(src: Path, out: Path) -> None:
+    """OUT may be neither SRC, nor inside it (the source would change under the converter and
+    keep the result), nor around it (--force would delete the source with the old OUT)."""
     src, out = src.resolve(), out.resolve()
     if out == src or out in src.parents:
         raise CheckpointError(f"{out}: would replace the source checkpoint {src}; choose another output")
+    if src in out.parents:
+        raise CheckpointError(f"{out}: lies inside the source checkpoint {src}; choose another output")
 
 
 def convert(

@@ -27,6 +27,10 @@ except ImportError:  # Windows: no advisory locks; stale partials are judged by 
 SHARD_BYTES = 4 << 30
 
 
+def human_size(n: int) -> str:
+    return f"{n / 1e9:.3f} GB" if n >= 1e8 else f"{n / 1e6:.3f} MB"
+
+
 class OutputExistsError(FileExistsError):
     pass
 
@@ -120,12 +124,10 @@ def _terminate_as_interrupt():
 def _space_error(out: Path, tmp: Path, needed: int | None, e: BaseException) -> OSError:
     written = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file()) if tmp.exists() else 0
     free = shutil.disk_usage(out.parent).free
-    need = (
-        f"the output needs about {needed / 1e9:.2f} GB" if needed else f"{written / 1e9:.2f} GB were written"
-    )
+    need = f"the output needs about {human_size(needed)}" if needed else f"{human_size(written)} were written"
     return OSError(
         errno.ENOSPC,
-        f"{out}: no space left on the device ({need}; {free / 1e9:.2f} GB free in {out.parent}); "
+        f"{out}: no space left on the device ({need}; {human_size(free)} free in {out.parent}); "
         f"nothing was written ({e})",
     )
 
@@ -157,7 +159,7 @@ def atomic_directory(out: str | Path, force: bool = False, needed: int | None = 
     if needed and needed > free:
         raise OSError(
             errno.ENOSPC,
-            f"{out}: the output needs about {needed / 1e9:.2f} GB, but only {free / 1e9:.2f} GB is free "
+            f"{out}: the output needs about {human_size(needed)}, but only {human_size(free)} is free "
             f"in {out.parent}",
         )
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"

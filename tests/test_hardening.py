@@ -358,3 +358,193 @@ def test_bad_config_value_through_load_and_cli(ckpt):
         load(path)
     result = runner.invoke(app, ["info", "--model", str(path)])
     assert isinstance(result.exception, ConfigError)
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Converter output safe under every fault
+
+
+def leftovers(parent: Path) -> list[str]:
+    return sorted(p.name for p in parent.iterdir() if p.name.startswith("."))
+
+
+def dead_pid() -> int:
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_sigterm_cleans_up_like_ctrl_c(tmp_path):
+    """§2 #8: SIGTERM (timeout, docker stop, systemd) left the partial output behind."""
+    from gemma_mlx.convert.writer import Terminated, atomic_directory
+
+    with pytest.raises(Terminated), atomic_directory(tmp_path / "out") as tmp:
+        (tmp / "model.safetensors").write_bytes(b"x" * 1000)
+        os.kill(os.getpid(), signal.SIGTERM)
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handler restored
+
+
+def test_sigterm_during_a_cli_conversion_leaves_nothing(causal, tmp_path):
+    """§2 #8, end to end: a real `gemma-mlx convert` process terminated mid-way."""
+    import subprocess
+    import sys
+    import time
+
+    script = (
+        "import sys, time\n"
+        "from gemma_mlx.convert import convert\n"
+        "def slow(name, n):\n"
+        "    print('tensor', flush=True); time.sleep(0.2)\n"
+        "convert(sys.argv[1], sys.argv[2], progress=slow)\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, str(causal[0]), str(tmp_path / "out")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdout.readline() == b"tensor\n"
+    assert any(p.name.startswith(".out.partial-") for p in tmp_path.iterdir())
+    proc.terminate()
+    proc.wait(timeout=60)
+    time.sleep(0.1)
+    assert proc.returncode != 0 and b"Terminated" in proc.stderr.read()
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
+def test_stale_partial_of_a_killed_run_is_removed(causal, tmp_path):
+    """§2 #6, #7: a SIGKILLed run's `.OUT.partial-PID` stayed forever (reruns never removed it)."""
+    from gemma_mlx.convert import convert
+
+    stale = tmp_path / f".out.partial-{dead_pid()}"
+    stale.mkdir()
+    (stale / "model-00001-of-00002.safetensors").write_bytes(b"x" * 100)
+    convert(causal[0], tmp_path / "out", progress=False)
+    assert (tmp_path / "out" / "config.json").is_file() and leftovers(tmp_path) == []
+
+
+def test_partial_with_a_live_unlocked_owner_is_reported_not_removed(causal, tmp_path):
+    """§2 #6 (PID reuse): a partial whose PID belongs to a live process that holds no lock is
+    reported and left alone (it may not be ours to delete)."""
+    from gemma_mlx.convert import convert
+
+    stale = tmp_path / f".out.partial-{os.getppid()}"
+    stale.mkdir()
+    with pytest.warns(UserWarning, match=r"\.out\.partial-\d+: a partial output of an earlier conversion"):
+        convert(causal[0], tmp_path / "out", progress=False)
+    assert stale.is_dir()
+
+
+def test_concurrent_conversion_into_the_same_out_is_refused(causal, tmp_path):
+    """§2 #18: two converts into one new OUT both exited 0, the second silently replacing the
+    first. A live conversion holds a lock on its partial; a second one without --force fails."""
+    import subprocess
+    import sys
+
+    from gemma_mlx.convert import convert
+    from gemma_mlx.convert.writer import OutputExistsError
+
+    partial = tmp_path / ".out.partial-1"
+    partial.mkdir()
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, os, sys, time\n"
+            "fd = os.open(sys.argv[1], os.O_RDONLY); fcntl.flock(fd, fcntl.LOCK_EX)\n"
+            "print('locked', flush=True); time.sleep(60)\n",
+            str(partial),
+        ],
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert holder.stdout.readline() == b"locked\n"
+        with pytest.raises(OutputExistsError, match=r"another conversion \(PID 1\) is writing it now"):
+            convert(causal[0], tmp_path / "out", progress=False)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not (tmp_path / "out").exists()
+
+
+def test_out_that_appears_during_the_conversion_is_not_replaced(causal, tmp_path):
+    """§2 #18: the final swap re-checks OUT; the run that finishes second fails without --force."""
+    from gemma_mlx.convert import convert
+    from gemma_mlx.convert.writer import OutputExistsError
+
+    out = tmp_path / "out"
+
+    def other_run_finishes_first(name, nbytes):
+        if not out.exists():
+            out.mkdir()
+            (out / "config.json").write_text("first")
+
+    with pytest.raises(OutputExistsError, match="appeared while converting"):
+        convert(causal[0], out, progress=other_run_finishes_first)
+    assert (out / "config.json").read_text() == "first" and leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("where", ["same", "inside", "parent"])
+def test_output_overlapping_the_source_is_refused(causal, tmp_path, where):
+    """§2 #15: `convert SRC SRC --force` replaced the float source by its quantized output; OUT
+    inside SRC, or SRC inside OUT with --force, are refused as well."""
+    from gemma_mlx.convert import convert
+
+    src = tmp_path / "parent" / "src"
+    shutil.copytree(causal[0], src)
+    out = {"same": src, "inside": src / "sub", "parent": src.parent}[where]
+    before = sorted(p.name for p in src.iterdir())
+    with pytest.raises(CheckpointError, match="source checkpoint"):
+        convert(src, out, force=True, progress=False)
+    assert sorted(p.name for p in src.iterdir()) == before
+
+
+def test_force_over_a_file_leaves_nothing_behind(causal, tmp_path):
+    """§2 #4: --force over an existing file left a hidden `.OUT.old-PID` file."""
+    from gemma_mlx.convert import convert
+
+    (tmp_path / "out").write_text("a file")
+    convert(causal[0], tmp_path / "out", force=True, progress=False)
+    assert (tmp_path / "out" / "config.json").is_file() and leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    "error", [OSError(28, "No space left on device"), RuntimeError("[write] Unable to write 1200055 bytes")]
+)
+def test_disk_full_part_way_leaves_nothing_and_says_how_much(causal, tmp_path, monkeypatch, error):
+    """§2 #9, #10: a full disk gave `[write] Unable to write N bytes` (no path, no size)."""
+    import errno
+
+    import mlx.core as mx
+
+    from gemma_mlx.convert import convert, estimate, writer
+
+    calls = []
+
+    def save(path, arrays, metadata=None):
+        calls.append(path)
+        if len(calls) == 2:
+            raise error
+        mx.save_safetensors(path, arrays, metadata=metadata)
+
+    monkeypatch.setattr(writer, "mx", type("mx", (), {"save_safetensors": staticmethod(save)}))
+    with pytest.raises(OSError) as e:
+        convert(causal[0], tmp_path / "out", shard_bytes=100_000, progress=False)
+    needed = estimate(causal[0]).weight_bytes
+    assert e.value.errno == errno.ENOSPC
+    assert f"the output needs about {needed / 1e6:.3f} MB" in str(e.value) and "out" in str(e.value)
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
+def test_too_little_free_space_is_refused_before_any_work(causal, tmp_path, monkeypatch):
+    """§2 #9: the space needed is known before writing; refuse at once when it is not there."""
+    from gemma_mlx.convert import convert, writer
+
+    monkeypatch.setattr(writer.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9, 1000))
+    calls = []
+    with pytest.raises(OSError, match=r"out: the output needs about 0\.\d+ MB, but only 0\.001 MB is free"):
+        convert(causal[0], tmp_path / "out", progress=lambda name, n: calls.append(name))
+    assert calls == [] and leftovers(tmp_path) == []

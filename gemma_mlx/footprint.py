@@ -53,6 +53,28 @@ class Footprint:
     def bits_per_weight(self) -> float:
         return 8 * self.weight_bytes / self.parameters
 
+    def as_dict(self) -> dict:
+        """Plain numbers (bytes, counts) for JSON output; `info --json` prints these."""
+        t, q = self.config.text, self.config.quantization
+        return {
+            "model_type": self.config.model_type,
+            "layers": t.num_hidden_layers,
+            "sliding_layers": sum(s.sliding for s in t.layers),
+            "sliding_window": t.sliding_window,
+            "hidden_size": t.hidden_size,
+            "vocab_size": t.vocab_size,
+            "vision": self.config.vision is not None,
+            "audio": self.config.audio is not None,
+            "parameters": self.parameters,
+            "quantization": {k: q[k] for k in ("mode", "bits", "group_size") if k in q} if q else None,
+            "bits_per_weight": self.bits_per_weight,
+            "weight_bytes": self.weight_bytes,
+            "bytes_per_token": self.bytes_per_token,
+            "context": self.context,
+            "kv_cache_bytes": self.kv_bytes,
+            "total_bytes": self.total_bytes,
+        }
+
 
 def footprint(path: str | Path, context: int = 8192, kv_dtype_bytes: int = 2, slack: int = 128) -> Footprint:
     path = Path(path)

@@ -548,3 +548,50 @@ def test_too_little_free_space_is_refused_before_any_work(causal, tmp_path, monk
     with pytest.raises(OSError, match=r"out: the output needs about 0\.\d+ MB, but only 0\.001 MB is free"):
         convert(causal[0], tmp_path / "out", progress=lambda name, n: calls.append(name))
     assert calls == [] and leftovers(tmp_path) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. `info --json` numbers; convert's report, info and the estimate agree
+
+
+def test_info_json_prints_numbers(causal):
+    """Issue 12 item 10: `info --json` printed display strings ("1.07 GB") instead of numbers."""
+    from gemma_mlx.footprint import footprint
+
+    result = runner.invoke(app, ["info", "--model", str(causal[0]), "--json", "--context", "100"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    fp = footprint(causal[0], 100)
+    assert (
+        data["weight_bytes"]
+        == fp.weight_bytes
+        == sum(a.nbytes for a in load_file(str(causal[0] / "model.safetensors")).values())
+    )
+    assert (data["layers"], data["sliding_layers"], data["context"]) == (8, 6, 100)
+    assert data["kv_cache_bytes"] == fp.kv_bytes and data["quantization"] is None
+    numbers = {k: v for k, v in data.items() if k not in ("path", "model_type", "quantization")}
+    assert all(isinstance(v, int | float) for v in numbers.values()), data
+
+
+@pytest.mark.parametrize("args", [[], ["--dtype", "bfloat16"], ["--bits", "8", "--group-size", "32"]])
+def test_convert_report_info_and_estimate_agree_on_bytes_per_token(causal, tmp_path, args):
+    """Issue 12 item 10: `convert` reported 150.89 MB per token, `info` 167.75 MB for the same
+    output (float32 scales written where bfloat16 was assumed). One rule (`decode_bytes`) now
+    serves the report, `info` and `estimate`, which defaults to the source's dtype as convert does."""
+    from gemma_mlx.cli.app import human_bytes
+    from gemma_mlx.convert import convert, estimate
+    from gemma_mlx.footprint import footprint
+
+    out = tmp_path / "out"
+    bits = int(args[args.index("--bits") + 1]) if "--bits" in args else 4
+    dtype = args[args.index("--dtype") + 1] if "--dtype" in args else None
+    report = convert(
+        causal[0], out, bits=bits, group_size=32 if bits == 8 else None, dtype=dtype, progress=False
+    )
+    fp = footprint(out)
+    predicted = estimate(causal[0], bits=bits, group_size=32 if bits == 8 else None, dtype=dtype)
+    assert report.bytes_per_token == fp.bytes_per_token == predicted.bytes_per_token
+    assert report.weight_bytes == fp.weight_bytes == predicted.weight_bytes
+    assert report.bits_per_weight == pytest.approx(fp.bits_per_weight)
+    info = runner.invoke(app, ["info", "--model", str(out)])
+    assert human_bytes(report.bytes_per_token) in info.stdout

@@ -72,7 +72,7 @@ def check_quantization(q: Any, source: str, name: str = "quantization") -> dict 
 
     def spec(d: dict, where: str, defaults: dict) -> dict:
         mode = d.get("mode", defaults["mode"])
-        if mode not in QUANT_MODES:
+        if not isinstance(mode, str) or mode not in QUANT_MODES:
             raise _fail(f"{where}.mode", mode, f"one of {', '.join(QUANT_MODES)}", source)
         bits = d.get("bits", defaults["bits"])
         if isinstance(bits, bool) or bits not in QUANT_MODES[mode]:

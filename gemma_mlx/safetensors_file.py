@@ -110,7 +110,7 @@ def _entry(path: Path, name: str, info: object, data_bytes: int) -> TensorInfo:
     if not isinstance(info, dict):
         raise bad("entry is not a JSON object")
     dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-    if dtype not in DTYPE_SIZES:
+    if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
         raise bad(f"unknown dtype {dtype!r}")
     if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
         raise bad(f"shape {shape!r} is not a list of non-negative integers")

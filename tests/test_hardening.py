@@ -595,3 +595,151 @@ def test_convert_report_info_and_estimate_agree_on_bytes_per_token(causal, tmp_p
     assert report.bits_per_weight == pytest.approx(fp.bits_per_weight)
     info = runner.invoke(app, ["info", "--model", str(out)])
     assert human_bytes(report.bytes_per_token) in info.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. Property-based: only the documented error types come out, quickly
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+FUZZ = settings(max_examples=1000, deadline=2000, suppress_health_check=[HealthCheck.function_scoped_fixture])
+JSON_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=8),
+    lambda children: (
+        st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=6), children, max_size=3)
+    ),
+    max_leaves=6,
+)
+
+
+def _valid_safetensors() -> bytes:
+    header = {
+        "__metadata__": {"format": "pt"},
+        "a": {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 24]},
+        "b": {"dtype": "BF16", "shape": [4], "data_offsets": [24, 32]},
+    }
+    body = json.dumps(header).encode()
+    return struct.pack("<Q", len(body)) + body + bytes(range(32))
+
+
+VALID_SAFETENSORS = _valid_safetensors()
+
+
+def _read(tmp_path: Path, content: bytes) -> None:
+    f = tmp_path / "fuzz.safetensors"
+    f.write_bytes(content)
+    try:
+        header = read_header(f)
+    except CheckpointError as e:
+        assert str(e).startswith(str(f))
+        return
+    size = len(content) - 8 - struct.unpack("<Q", content[:8])[0]
+    for t in header.values():  # anything accepted is consistent with the file
+        assert 0 <= t.start <= t.end <= size
+
+
+@settings(FUZZ, max_examples=800)
+@given(content=st.binary(max_size=256))
+def test_fuzz_random_bytes_at_the_safetensors_reader(tmp_path, content):
+    """Issue 12 "done when": random bytes give a CheckpointError naming the file, or a header
+    whose offsets lie inside the file."""
+    _read(tmp_path, content)
+
+
+@FUZZ
+@given(
+    edits=st.lists(
+        st.tuples(st.integers(0, len(VALID_SAFETENSORS) - 1), st.integers(0, 255), st.sampled_from("rid")),
+        min_size=1,
+        max_size=4,
+    ),
+    cut=st.integers(0, len(VALID_SAFETENSORS)),
+)
+def test_fuzz_byte_mutations_of_a_valid_safetensors_file(tmp_path, edits, cut):
+    """Random byte replacements, insertions, deletions and truncation of a valid file."""
+    data = bytearray(VALID_SAFETENSORS)
+    for pos, byte, op in edits:
+        pos = min(pos, len(data) - 1)
+        if op == "r":
+            data[pos] = byte
+        elif op == "i":
+            data.insert(pos, byte)
+        elif len(data) > 1:
+            del data[pos]
+    _read(tmp_path, bytes(data[: max(cut, len(data) // 2)]))
+
+
+@FUZZ
+@given(
+    tensor=st.sampled_from(["a", "b", "__metadata__", "new"]),
+    key=st.sampled_from(["dtype", "shape", "data_offsets", "other", None]),
+    value=JSON_VALUES,
+    length=st.one_of(st.none(), st.integers(0, 2**64 - 1)),
+)
+def test_fuzz_json_mutations_of_a_valid_safetensors_header(tmp_path, tensor, key, value, length):
+    """Each field of a valid header replaced by random JSON (or the entry itself), and the
+    length prefix replaced by any 64-bit number."""
+    header = json.loads(VALID_SAFETENSORS[8 : 8 + struct.unpack("<Q", VALID_SAFETENSORS[:8])[0]])
+    if key is None or not isinstance(header.get(tensor), dict):
+        header[tensor] = value
+    else:
+        header[tensor][key] = value
+    body = json.dumps(header).encode()
+    prefix = struct.pack("<Q", len(body) if length is None else length)
+    _read(tmp_path, prefix + body + bytes(64))
+
+
+def _paths(d: object, prefix: tuple = ()) -> list[tuple]:
+    """Every key path of a nested config dict (lists indexed too)."""
+    out = []
+    items = d.items() if isinstance(d, dict) else enumerate(d) if isinstance(d, list) else []
+    for k, v in items:
+        out.append((*prefix, k))
+        out += _paths(v, (*prefix, k))
+    return out
+
+
+TINY_TEXT = dict(
+    GEMMA3, model_type="gemma4_unified_text", layer_types=["sliding_attention"] * 5 + ["full_attention"]
+)
+CONFIGS = [RELEASED_12B, GEMMA3, TINY_TEXT]
+CONFIG_PATHS = [(i, p) for i, c in enumerate(CONFIGS) for p in _paths(c)]
+
+
+@settings(max_examples=1000, deadline=2000)
+@given(
+    edits=st.lists(
+        st.tuples(st.sampled_from(CONFIG_PATHS), JSON_VALUES | st.just(...)),  # ... = delete the key
+        min_size=1,
+        max_size=3,
+    )
+)
+def test_fuzz_mutations_of_a_valid_config(edits):
+    """Issue 12 "done when": random mutations of valid configs (any field replaced by random
+    JSON, or deleted) give a parsed config or a ConfigError naming a field, nothing else."""
+    from gemma_mlx.config import ConfigError, parse_config
+
+    which = edits[0][0][0]
+    cfg = json.loads(json.dumps(CONFIGS[which]))
+    for (i, path), value in edits:
+        if i != which:
+            continue
+        parent = cfg
+        try:
+            for k in path[:-1]:
+                parent = parent[k]
+            if value is ...:
+                del parent[path[-1]]
+            else:
+                parent[path[-1]] = value
+        except (KeyError, IndexError, TypeError):  # an earlier edit changed the structure
+            continue
+    try:
+        parse_config(cfg)
+    except ConfigError as e:
+        assert str(e).startswith("config.json: ")

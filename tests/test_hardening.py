@@ -743,3 +743,92 @@ def test_fuzz_mutations_of_a_valid_config(edits):
         parse_config(cfg)
     except ConfigError as e:
         assert str(e).startswith("config.json: ")
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Media
+
+
+@pytest.fixture(scope="module")
+def processor(tmp_path_factory):
+    from reference import save_tokenizer
+
+    from gemma_mlx.processor import Processor
+
+    path = tmp_path_factory.mktemp("tok")
+    save_tokenizer(path)
+    return Processor.from_dir(path)
+
+
+def wav_bytes(seconds: float, rate: int = 16_000) -> bytes:
+    import io
+
+    import soundfile as sf
+
+    buf = io.BytesIO()
+    wave = (np.random.default_rng(0).random(int(seconds * rate)) * 0.1).astype(np.float32)
+    sf.write(buf, wave, rate, format="WAV", subtype="PCM_16")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("shape", [(0, 0, 3), (0, 16, 3), (16, 0), (0,)])
+def test_empty_image_array_is_a_media_error(shape):
+    """§3 'ndarray shape (0,0,3)': ZeroDivisionError (API)."""
+    from gemma_mlx.media import MediaError, preprocess_image
+
+    with pytest.raises(MediaError, match=r"<ndarray>: the image array is empty"):
+        preprocess_image(np.zeros(shape, np.uint8))
+
+
+def test_empty_audio_array_is_a_media_error():
+    """§3 audio arrays (class of the empty image array): an empty waveform is named."""
+    from gemma_mlx.media import MediaError, load_audio
+
+    with pytest.raises(MediaError, match=r"<ndarray>: the audio is empty"):
+        load_audio(np.zeros((0, 2), np.float32), 16_000)
+
+
+@pytest.mark.parametrize("part", [{"type": "image"}, {"type": "image", "image": None}, {"type": "audio"}])
+def test_media_part_without_its_media_is_named(processor, part):
+    """§3 'image None (chat part {"type":"image"} without a path)': TypeError, not MediaError."""
+    from gemma_mlx.media import MediaError
+
+    messages = [{"role": "user", "content": [{"type": "text", "text": "Hi"}, part]}]
+    with pytest.raises(MediaError, match=rf"message 0, part 1: an {part['type']} part without its"):
+        processor.prepare(messages)
+
+
+def test_truncated_wav_is_a_media_error(tmp_path):
+    """§3 'truncated WAV (a third of the file)': decoded the part that was there, no warning."""
+    from gemma_mlx.media import MediaError, load_audio
+
+    data = wav_bytes(3.0)
+    f = tmp_path / "cut.wav"
+    f.write_bytes(data[: len(data) // 3])
+    with pytest.raises(MediaError, match=r"cut.wav: truncated WAV file: its header announces 96,000 bytes"):
+        load_audio(f)
+    f.write_bytes(data)
+    assert len(load_audio(f)) == 48_000  # the whole file still loads
+
+
+def test_audio_longer_than_the_context_is_refused_before_the_prefill(unified, tmp_path):
+    """§3 '5-minute WAV': ~7,500 audio tokens went into one multi-minute prefill. Audio that
+    cannot fit the room left in the context is refused while preparing, with its token count."""
+    from reference import rewrite_config, save_tokenizer
+
+    from gemma_mlx import generate
+    from gemma_mlx.media import MediaError, audio_token_count
+
+    path = tmp_path / "ckpt"
+    shutil.copytree(unified[0], path)
+    save_tokenizer(path)
+    rewrite_config(path, lambda c: c["text_config"].update(max_position_embeddings=256))
+    model, processor = load(path)
+    f = tmp_path / "long.wav"
+    f.write_bytes(wav_bytes(40.0))  # 1,000 frames in two 30 s blocks
+    assert audio_token_count(40 * 16_000) == 1000 + 4
+    with pytest.raises(
+        MediaError, match=r"long.wav: 40.0 s of audio needs 1,004 tokens .* room for 256"
+    ) as e:
+        generate(model, processor, "<|audio|>Transcribe.", audio=[f], max_tokens=2)
+    assert any(entry.name == "prepare" for entry in e.traceback)  # refused before any model call

@@ -832,3 +832,79 @@ def test_audio_longer_than_the_context_is_refused_before_the_prefill(unified, tm
     ) as e:
         generate(model, processor, "<|audio|>Transcribe.", audio=[f], max_tokens=2)
     assert any(entry.name == "prepare" for entry in e.traceback)  # refused before any model call
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. GGUF import: tokenizer metadata and sizes
+
+
+def small_gguf(
+    path: Path, *, sizes: dict | None = None, tokens="default", scores="default", types="default", ids=None
+):
+    """A metadata-only gemma3 GGUF (no tensors) with the tokenizer fields as given (None: left out)."""
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), "gemma3")
+    base = {
+        "context_length": 128,
+        "embedding_length": 64,
+        "block_count": 6,
+        "feed_forward_length": 128,
+        "attention.head_count": 2,
+        "attention.head_count_kv": 1,
+        "attention.key_length": 32,
+        "attention.value_length": 32,
+    }
+    for key, value in {**base, **(sizes or {})}.items():
+        w.add_uint32(f"gemma3.{key}", value)
+    w.add_float32("gemma3.attention.layer_norm_rms_epsilon", 1e-6)
+    w.add_float32("gemma3.rope.freq_base", 1e6)
+    w.add_tokenizer_model("llama")
+    vocab = ["<pad>", "<eos>", "<bos>", "<unk>", "a", "b"]
+    if tokens is not None:
+        w.add_token_list(vocab if tokens == "default" else tokens)
+    if scores is not None:
+        w.add_token_scores([0.0] * len(vocab) if scores == "default" else scores)
+    if types is not None:
+        w.add_token_types([3, 3, 3, 2, 1, 1] if types == "default" else types)
+    for key, value in (ids or {"bos": 2, "eos": 1}).items():
+        w.add_uint32(f"tokenizer.ggml.{key}_token_id", value)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(tokens=None), "'tokenizer.ggml.tokens' is missing"),  # §6 KeyError
+        (dict(types=None), "'tokenizer.ggml.token_type' is missing"),  # §6 TypeError
+        (dict(scores=[0.0, 0.0]), "'tokenizer.ggml.scores' has 2 entries for 6 tokens"),  # §6 bare zip()
+        (dict(types=[1, 1, 1]), "'tokenizer.ggml.token_type' has 3 entries for 6 tokens"),
+        (dict(types=[3, 3, 3, 2, 1, 9]), "'tokenizer.ggml.token_type' has unknown types \\[9\\]"),
+        (
+            dict(ids={"bos": 999, "eos": 1}),
+            "'tokenizer.ggml.bos_token_id' is 999, outside the vocabulary of 6",
+        ),  # §6 IndexError
+        (dict(ids={"bos": 2, "eos": 1, "unknown": 6}), "'tokenizer.ggml.unknown_token_id' is 6"),
+        (
+            dict(sizes={"embedding_length": 0}),
+            "'gemma3.embedding_length' is 0, expected a positive integer",
+        ),  # §6
+        (dict(sizes={"block_count": 0}), "'gemma3.block_count' is 0"),
+        (dict(sizes={"attention.head_count": 0}), "'gemma3.attention.head_count' is 0"),
+        (dict(sizes={"context_length": 0}), "'gemma3.context_length' is 0"),
+    ],
+)
+def test_gguf_metadata_errors_name_the_key(tmp_path, kwargs, match):
+    """§6: missing tokens (KeyError), missing token types (TypeError), bos_token_id 999
+    (IndexError), too few scores (a bare zip() error naming no file) and embedding_length 0
+    (imported, then ZeroDivisionError at load) are now GGUFErrors naming the file and key."""
+    from gemma_mlx.convert.gguf import GGUFError, import_gguf
+
+    f = small_gguf(tmp_path / "m.gguf", **kwargs)
+    with pytest.raises(GGUFError, match=match) as e:
+        import_gguf(f, tmp_path / "out")
+    assert str(e.value).startswith(str(f)) and not (tmp_path / "out").exists()

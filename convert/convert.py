@@ -7,13 +7,12 @@
 3. The output appears only when complete (`writer.atomic_directory`): an exception or Ctrl-C
    leaves nothing behind.
 
-Output tensors carry our names (`gemma_mlx.checkpoint.sanitize`: no leading `model.`); the MTP
-drafter keeps its own names (those of `gemma_mlx.models.drafter.Drafter`).
+Output tensors carry our names (the models' `sanitize`: `Model` drops the leading `model.`; the MTP
+drafter's names are the assistant checkpoint's own).
 """
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -24,13 +23,33 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import (
+    GatedRepoError,
+    HFValidationError,
+    LocalEntryNotFoundError,
+    OfflineModeIsEnabled,
+    RepositoryNotFoundError,
+)
 from mlx.utils import tree_flatten
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+from rich.progress import (
+    Progress as ProgressBar,
+)
 
-from gemma_mlx.checkpoint import CheckpointError, _listing, sanitize
-from gemma_mlx.config import parse_config, parse_drafter_config
+from gemma_mlx.checkpoint import CheckpointError, listing, load_drafter, load_model
+from gemma_mlx.config import ConfigError, load_config, parse_config, parse_drafter_config, read_config
 from gemma_mlx.footprint import TEXT_PREFIX, decode_bytes
 from gemma_mlx.models.drafter import Drafter
 from gemma_mlx.models.gemma import Model
+from gemma_mlx.processor import Processor
 from gemma_mlx.safetensors_file import DTYPE_SIZES, FLOAT_DTYPES, read_headers
 
 from .quantize import (
@@ -139,14 +158,6 @@ def resolve_source(src: str | Path) -> Path:
         raise CheckpointError(
             f"{src}: not a checkpoint directory (and not a Hub repo id like 'google/gemma-4-12B-it')"
         )
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        HFValidationError,
-        LocalEntryNotFoundError,
-        OfflineModeIsEnabled,
-        RepositoryNotFoundError,
-    )
 
     try:
         return Path(snapshot_download(text, allow_patterns=HUB_PATTERNS))
@@ -193,7 +204,7 @@ class _Checker:
     def finish(self, where: str) -> None:
         missing = sorted(set(self.expected) - set(self.seen))
         if missing:
-            raise CheckpointError(f"{where}: missing tensors: {_listing(missing)}")
+            raise CheckpointError(f"{where}: missing tensors: {listing(missing)}")
 
 
 @dataclass
@@ -210,30 +221,25 @@ class _Target:
         return {k: tuple(v.shape) for k, v in tree_flatten(self.module.parameters())}
 
 
-def _model_name(name: str) -> str | None:
-    return next(iter(sanitize({name: None})), None)
-
-
-def _drafter_name(name: str) -> str | None:
-    return None if name.startswith("lm_head.") else name
+def _renamer(module: Model | Drafter) -> Callable[[str], str | None]:
+    """One source name -> its name in `module` (by the module's own `sanitize`), None if dropped."""
+    return lambda name: next(iter(module.sanitize({name: None})), None)
 
 
 def _target(raw: dict, where: str) -> _Target:
     if raw.get("model_type") == DRAFTER:
-        return _Target("drafter", Drafter(parse_drafter_config(raw, where)), _drafter_name, "")
-    return _Target("model", Model(parse_config(raw, where)), _model_name, TEXT_PREFIX)
+        drafter = Drafter(parse_drafter_config(raw, where))
+        return _Target("drafter", drafter, _renamer(drafter), "")
+    model = Model(parse_config(raw, where))
+    return _Target("model", model, _renamer(model), TEXT_PREFIX)
 
 
 def _read_config(src: Path) -> dict:
     f = src / "config.json"
-    if not f.is_file():
-        raise CheckpointError(f"{src}: no config.json")
     try:
-        raw = json.loads(f.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{f}: not valid JSON ({e})") from None
-    if not isinstance(raw, dict):
-        raise CheckpointError(f"{f}: expected a JSON object")
+        raw = read_config(f)
+    except ConfigError as e:  # the source checkpoint as a whole is what cannot be converted
+        raise CheckpointError(str(e)) from None
     if raw.get("quantization") or raw.get("quantization_config"):
         raise CheckpointError(f"{f}: the checkpoint is already quantized; convert from a float checkpoint")
     return raw
@@ -296,15 +302,6 @@ def _progress(progress: bool | Progress | None, total_bytes: int | None, total_t
     if callable(progress) or not progress:
         yield progress or None
         return
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        DownloadColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-        TransferSpeedColumn,
-    )
 
     columns = (
         TextColumn("[bold]converting"),
@@ -314,7 +311,7 @@ def _progress(progress: bool | Progress | None, total_bytes: int | None, total_t
         TextColumn("{task.fields[done]}/{task.fields[count]} tensors"),
         TimeRemainingColumn(),
     )
-    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+    with ProgressBar(*columns, console=Console(stderr=True), transient=True) as bar:
         task = bar.add_task("converting", total=total_bytes, done=0, count=total_tensors or "?")
         done = 0
 
@@ -620,8 +617,6 @@ def model_card(report: ConversionReport) -> str:
 
 
 def _logits_of(path: Path, ids: list[int], dtype: str | None) -> np.ndarray:
-    from gemma_mlx.checkpoint import load_model
-
     model = load_model(path, dtype=dtype)
     logits = np.array(model(mx.array([ids])).astype(mx.float32), dtype=np.float64)[0]
     del model
@@ -653,11 +648,7 @@ CHECK_TEXT = (
 def check_conversion(src: str | Path, out: str | Path, ids: list[int] | None = None) -> dict:
     """Logit differences, top-1 agreement and KL of the converted model against the source on a
     short prompt. The two models are loaded one after the other, so memory holds only one."""
-    from gemma_mlx.config import load_config
-
     if ids is None:
-        from gemma_mlx.processor import Processor
-
         processor = Processor.from_dir(out)
         if processor is not None:
             ids = processor.encode_text(CHECK_TEXT)[:64]
@@ -671,7 +662,6 @@ def check_conversion(src: str | Path, out: str | Path, ids: list[int] | None = N
 def check_drafter(src: str | Path, out: str | Path, steps: int = 8) -> dict:
     """The converted drafter against the source on random (seeded) target states and K/V: its
     draft logits are what decide acceptance."""
-    from gemma_mlx.models.drafter import load_drafter
 
     def run(path: Path) -> np.ndarray:
         drafter = load_drafter(path)

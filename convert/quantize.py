@@ -19,8 +19,16 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from gemma_mlx.config import QUANT_DEFAULT_GROUP, QUANT_GROUPS, QUANT_MODES
+from gemma_mlx.config import (
+    QUANT_DEFAULT_GROUP,
+    QUANT_GROUPS,
+    QUANT_MODES,
+    ModelConfig,
+    load_config,
+    parse_config,
+)
 from gemma_mlx.footprint import decode_bytes
+from gemma_mlx.models.gemma import Model
 
 # Bits each mode offers and the group size it uses by default (the fp modes allow only that one).
 MODES = QUANT_MODES
@@ -285,9 +293,6 @@ def estimate(
     a config dict, or a checkpoint directory / config.json path): the model skeleton is built
     lazily, so no weight is read or allocated. `dtype` None: as `convert` without --dtype, the
     source's float dtype as its config records it."""
-    from gemma_mlx.config import ModelConfig, load_config, parse_config
-    from gemma_mlx.models.gemma import Model
-
     if isinstance(config, str | Path):
         config = load_config(config)
     elif not isinstance(config, ModelConfig):

@@ -9,26 +9,18 @@ When the context is full the oldest turns are dropped and the rest is prefilled 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import asdict, dataclass, field
 
 import mlx.core as mx
 
-from .generate import GenerationChunk, make_cache, stream_generate
+from .generate import GenerationChunk, GenerationStats, make_cache, stream_generate
 from .media import load_audio, load_image
+from .models.drafter import Drafter
 from .models.gemma import Model
 from .processor import Processor
+from .sample import SamplingParams
 
-
-@dataclass
-class TurnStats:
-    prompt_tokens: int = 0  # tokens prefilled for the turn (only the new ones when reusing the cache)
-    generation_tokens: int = 0
-    prompt_tps: float = 0.0
-    generation_tps: float = 0.0
-    reused_cache: bool = False
-    drafted: int = 0
-    accepted: int = 0
+ANSWER_MARK = "\u2063answer\u2063"  # stands for the last answer when rendering what follows it
 
 
 @dataclass
@@ -39,16 +31,16 @@ class ChatSession:
     think: bool = False
     max_tokens: int = 512
     max_soft_tokens: int = 280
-    sampling: dict = field(default_factory=dict)
+    sampling: SamplingParams = field(default_factory=SamplingParams)
     history: list[dict] = field(default_factory=list)
     notices: list[str] = field(default_factory=list)  # context trimming etc., for the front end
     prefill_progress: Callable[[int, int], None] | None = None
-    drafter: Any = None  # an MTP drafter: speculative decoding
+    drafter: Drafter | None = None  # an MTP drafter: speculative decoding
     draft_block_size: int = 4
 
     def __post_init__(self) -> None:
         self.pending: list[dict] = []
-        self.stats = TurnStats()
+        self.stats = GenerationStats()  # of the last turn; cached_prompt_tokens > 0: the cache was reused
         self._reset_cache()
 
     def _reset_cache(self) -> None:
@@ -65,11 +57,15 @@ class ChatSession:
     def context(self) -> int:
         return self.model.config.text.max_position_embeddings
 
-    def attach_image(self, src: Any) -> None:
+    def attach_image(self, src: object) -> None:
+        if self.model.config.vision is None:
+            raise ValueError("this model has no vision input: it cannot take images")
         load_image(src)  # fail now, with the file's name, rather than at the next message
         self.pending.append({"type": "image", "image": src})
 
-    def attach_audio(self, src: Any) -> None:
+    def attach_audio(self, src: object) -> None:
+        if self.model.config.audio is None:
+            raise ValueError("this model has no audio input: it cannot take audio")
         load_audio(src)
         self.pending.append({"type": "audio", "audio": src})
 
@@ -87,8 +83,11 @@ class ChatSession:
         if not full.startswith(before) or (answer and answer not in before):
             return full, False
         # what the template writes after the last answer ("<turn|>\n"), minus the end-of-turn
-        # token the model generated itself and the cache already holds
-        tail = before[before.rindex(answer) + len(answer) :] if answer else ""
+        # token the model generated itself and the cache already holds; found with a marker in
+        # place of the answer, so an empty (interrupted) answer's turn is closed too
+        marked = self._messages([*self.history[:-1], {"role": "assistant", "content": ANSWER_MARK}])
+        probe = render(marked, add_generation_prompt=False, enable_thinking=self.think)
+        tail = probe[probe.rindex(ANSWER_MARK) + len(ANSWER_MARK) :]
         last = self.processor.tokenizer.decode(self.tokens[-1:])
         if last and tail.startswith(last) and self.tokens[-1] in self.processor.eos_token_ids:
             tail = tail[len(last) :]
@@ -125,7 +124,7 @@ class ChatSession:
             inputs, reuse = self._inputs(user)
         self.history.append(user)
         answer = {"role": "assistant", "content": ""}
-        self.stats = TurnStats(prompt_tokens=len(inputs.ids), reused_cache=reuse)
+        self.stats = GenerationStats(prompt_tokens=len(inputs.ids), cached_prompt_tokens=len(self.tokens))
         self.tokens += inputs.ids
         try:
             for chunk in stream_generate(
@@ -137,13 +136,11 @@ class ChatSession:
                 prefill_progress=self.prefill_progress,
                 drafter=self.drafter,
                 draft_block_size=self.draft_block_size,
-                **self.sampling,
+                **asdict(self.sampling),
             ):
                 self.tokens.append(chunk.token)
                 answer["content"] += chunk.text
-                self.stats.generation_tokens = chunk.generation_tokens
-                self.stats.prompt_tps, self.stats.generation_tps = chunk.prompt_tps, chunk.generation_tps
-                self.stats.drafted, self.stats.accepted = chunk.drafted, chunk.accepted
+                self.stats = chunk.stats
                 yield chunk
         finally:
             self.history.append(answer)

@@ -11,11 +11,11 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .config import load_config
+from .config import load_config, parse_drafter_config, read_config
+from .models.drafter import Drafter
 from .models.gemma import Model
 from .safetensors_file import CheckpointError, read_header, shard_files
-from .weight_checks import check_dtypes, refuse_non_finite
-from .weight_checks import listing as _listing
+from .weight_checks import check_dtypes, listing, refuse_non_finite
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 
@@ -31,21 +31,6 @@ def read_weights(path: str | Path) -> dict[str, mx.array]:
         except Exception as e:  # MLX raises RuntimeError/ValueError for bad headers and truncation
             raise CheckpointError(f"{f}: not a readable safetensors file ({e})") from None
     return weights
-
-
-def sanitize(weights: dict[str, mx.array]) -> dict[str, mx.array]:
-    """Map on-disk names to ours: drop the leading `model.`; a bare text checkpoint's
-    `model.layers...` become `language_model.layers...`; the tied `lm_head.weight` is dropped."""
-    out = {}
-    for k, v in weights.items():
-        if k == "lm_head.weight" or k.startswith("lm_head."):
-            continue
-        if k.startswith("model."):
-            k = k[len("model.") :]
-            if not k.startswith(("language_model.", "vision_embedder.", "embed_vision.", "embed_audio.")):
-                k = "language_model." + k
-        out[k] = v
-    return out
 
 
 def quantize_skeleton(model: nn.Module, q: dict, weights: dict[str, mx.array]) -> None:
@@ -68,22 +53,20 @@ def quantize_skeleton(model: nn.Module, q: dict, weights: dict[str, mx.array]) -
     )
 
 
-def load_model(
-    path: str | Path, dtype: str | mx.Dtype | None = None, lazy: bool = False, check_finite: bool = False
-) -> Model:
-    """Build the model from `path/config.json` and load its weights (checked by name, shape and
-    dtype; `check_finite` also refuses NaN/infinite values, reading every weight once)."""
-    path = Path(path)
-    config = load_config(path)
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
-        dtype = DTYPES[dtype]
-    weights = sanitize(read_weights(path))
-    model = Model(config)
-    if config.quantization:
-        quantize_skeleton(model, config.quantization, weights)
-    expected = dict(tree_flatten(model.parameters()))
+def load_weights(
+    module: nn.Module,
+    path: Path,
+    quantization: dict | None,
+    dtype: mx.Dtype | None,
+    check_finite: bool = False,
+) -> None:
+    """Load the checkpoint's tensors into `module` (a `Model` or `Drafter` skeleton), after its
+    `sanitize` mapped the names: every parameter checked by name, shape and dtype first, mismatches
+    listed; `check_finite` also refuses NaN/infinite values (reading every weight once)."""
+    weights = module.sanitize(read_weights(path))
+    if quantization:
+        quantize_skeleton(module, quantization, weights)
+    expected = dict(tree_flatten(module.parameters()))
     missing = sorted(set(expected) - set(weights))
     unexpected = sorted(set(weights) - set(expected))
     wrong = sorted(
@@ -93,7 +76,7 @@ def load_model(
     )
     if missing or unexpected or wrong:
         parts = [
-            f"{label}: {_listing(names)}"
+            f"{label}: {listing(names)}"
             for label, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
             if names
         ]
@@ -105,8 +88,38 @@ def load_model(
         weights = {
             k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()
         }
-    model.load_weights(list(weights.items()), strict=True)
+    module.load_weights(list(weights.items()), strict=True)
+
+
+def _dtype(dtype: str | mx.Dtype | None) -> mx.Dtype | None:
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+        return DTYPES[dtype]
+    return dtype
+
+
+def load_model(
+    path: str | Path, dtype: str | mx.Dtype | None = None, lazy: bool = False, check_finite: bool = False
+) -> Model:
+    """Build the model from `path/config.json` and load its weights (checked by name, shape and
+    dtype; with `check_finite`, values too)."""
+    path = Path(path)
+    config = load_config(path)
+    model = Model(config)
+    load_weights(model, path, config.quantization, _dtype(dtype), check_finite)
     if not lazy:
         mx.eval(model.parameters())
     model.eval()
     return model
+
+
+def load_drafter(path: str | Path, dtype: str | mx.Dtype | None = None) -> Drafter:
+    """Load a `gemma4_unified_assistant` (MTP drafter) checkpoint, float or converted."""
+    path = Path(path)
+    raw = read_config(path)
+    drafter = Drafter(parse_drafter_config(raw, str(path / "config.json")))
+    load_weights(drafter, path, raw.get("quantization"), _dtype(dtype))
+    mx.eval(drafter.parameters())
+    drafter.eval()
+    return drafter

@@ -10,8 +10,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from .checkpoint import sanitize
+from mlx.utils import tree_flatten
+
 from .config import ModelConfig, load_config
+from .models.gemma import Model
 from .safetensors_file import read_headers
 
 TEXT_PREFIX = "language_model."
@@ -28,7 +30,7 @@ def decode_bytes(sizes: Mapping[str, int], prefix: str = TEXT_PREFIX) -> int:
 def tensor_bytes(path: Path) -> dict[str, int]:
     """Bytes of every tensor of a checkpoint (our names), from its checked safetensors headers."""
     sizes = {name: t.nbytes for header in read_headers(path).values() for name, t in header.items()}
-    return sanitize(sizes)
+    return Model.sanitize(sizes)
 
 
 @dataclass
@@ -88,10 +90,6 @@ def footprint(path: str | Path, context: int = 8192, kv_dtype_bytes: int = 2, sl
             fixed += per_token * min(context, text.sliding_window + slack)
         else:
             kv_per_token += per_token
-    from mlx.utils import tree_flatten
-
-    from .models.gemma import Model
-
     parameters = sum(v.size for _, v in tree_flatten(Model(config).parameters()))  # lazy skeleton
     return Footprint(
         config=config,

@@ -160,7 +160,8 @@ class Processor:
         (`{"type": "image", "image": path | PIL image | array}`, `{"type": "audio", "audio": path |
         array, "sampling_rate": 16000}`) or, for a text prompt with `<|image|>`/`<|audio|>`
         placeholders, as `images` / `audio` in order (`add_bos=False` for a text that continues a
-        cached conversation). Audio longer than 30 s becomes consecutive 30 s blocks.
+        cached conversation); a text without any placeholder gets them in front. Audio longer than
+        30 s becomes consecutive 30 s blocks.
 
         `token_budget`: the tokens the context has left; audio that alone needs more is refused
         (`MediaError` with the count) as soon as it is decoded, before any other media work and
@@ -192,9 +193,10 @@ class Processor:
             text, bos = self.apply_chat_template(prompt, enable_thinking=enable_thinking), False
         else:
             text, bos = prompt, add_bos
+            if media.IMAGE_TOKEN not in text and media.AUDIO_TOKEN not in text:  # media first
+                text = media.IMAGE_TOKEN * len(images) + media.AUDIO_TOKEN * len(audio) + text
         if not images and not audio:
             return Inputs(self.encode_text(text, bos))
-        image_inputs = [media.preprocess_image(i, max_soft_tokens) for i in images]
         waveforms, audio_tokens = [], 0
         for a, rate in audio:
             waveforms.append(media.load_audio(a, rate))
@@ -206,6 +208,7 @@ class Processor:
                     f"{token_budget:,}: use a shorter clip"
                 )
         clips = [[media.preprocess_audio(c) for c in media.split_audio(w)] for w in waveforms]
+        image_inputs = [media.preprocess_image(i, max_soft_tokens) for i in images]
         text = media.expand_media_tokens(
             text, [i.num_soft_tokens for i in image_inputs], [[c.num_frames for c in cs] for cs in clips]
         )

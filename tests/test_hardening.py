@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
+from tiny import UNIFIED_CONFIG, save_checkpoint, save_tokenizer
 from typer.testing import CliRunner
 
 from gemma_mlx import CheckpointError, load
@@ -41,11 +42,18 @@ def within(seconds: int):
         signal.signal(signal.SIGALRM, old)
 
 
+@pytest.fixture(scope="module")
+def source(tmp_path_factory) -> Path:
+    """A tiny text-only float32 checkpoint (random MLX weights, no tokenizer; no torch needed)."""
+    config = {**UNIFIED_CONFIG["text_config"], "dtype": "float32"}
+    return save_checkpoint(tmp_path_factory.mktemp("text") / "ckpt", config, tokenizer=False)
+
+
 @pytest.fixture
-def ckpt(causal, tmp_path):
+def ckpt(source, tmp_path):
     """A writable copy of the tiny text checkpoint and its tensors."""
     out = tmp_path / "ckpt"
-    shutil.copytree(causal[0], out)
+    shutil.copytree(source, out)
     return out, load_file(str(out / "model.safetensors"))
 
 
@@ -199,7 +207,7 @@ def test_missing_shard_named_with_its_path(ckpt):
 def test_integer_projection_weights_are_refused_by_name(ckpt):
     """§1 #11: int32 q_proj weights loaded and generated garbage text."""
     path, tensors = ckpt
-    name = "model.layers.0.self_attn.q_proj.weight"
+    name = "language_model.layers.0.self_attn.q_proj.weight"
     tensors[name] = tensors[name].astype(np.int32)
     save_file(tensors, str(path / "model.safetensors"))
     with pytest.raises(
@@ -211,7 +219,7 @@ def test_integer_projection_weights_are_refused_by_name(ckpt):
 def test_bool_norm_weights_are_refused_by_name(ckpt):
     """§1 #13: bool norm weights loaded and generated garbage text."""
     path, tensors = ckpt
-    tensors["model.norm.weight"] = tensors["model.norm.weight"] > 0
+    tensors["language_model.norm.weight"] = tensors["language_model.norm.weight"] > 0
     save_file(tensors, str(path / "model.safetensors"))
     with pytest.raises(CheckpointError, match=r"language_model.norm.weight is mlx.core.bool"):
         load(path)
@@ -220,7 +228,7 @@ def test_bool_norm_weights_are_refused_by_name(ckpt):
 def test_check_finite_names_nan_weights(ckpt):
     """§1 #14: NaN q_proj generated `<pad><pad>...` silently; `check_finite=True` names it."""
     path, tensors = ckpt
-    name = "model.layers.1.self_attn.q_proj.weight"
+    name = "language_model.layers.1.self_attn.q_proj.weight"
     tensors[name] = np.full_like(tensors[name], np.nan)
     save_file(tensors, str(path / "model.safetensors"))
     load(path)  # off by default: reading every weight up front costs a full pass
@@ -230,13 +238,13 @@ def test_check_finite_names_nan_weights(ckpt):
         load(path, check_finite=True)
 
 
-def test_quantized_checkpoint_passes_the_dtype_check(causal, tmp_path):
+def test_quantized_checkpoint_passes_the_dtype_check(source, tmp_path):
     """MLX's own quantized layout (uint32 weights, float scales/biases; uint8 fp scales) loads."""
     from gemma_mlx.convert import convert
 
     for mode in ("affine", "mxfp4"):
         out = tmp_path / mode
-        convert(causal[0], out, mode=mode, progress=False)
+        convert(source, out, mode=mode, progress=False)
         load(out, check_finite=True)
 
 
@@ -388,7 +396,7 @@ def test_sigterm_cleans_up_like_ctrl_c(tmp_path):
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handler restored
 
 
-def test_sigterm_during_a_cli_conversion_leaves_nothing(causal, tmp_path):
+def test_sigterm_during_a_cli_conversion_leaves_nothing(source, tmp_path):
     """§2 #8, end to end: a real `gemma-mlx convert` process terminated mid-way."""
     import subprocess
     import sys
@@ -402,7 +410,7 @@ def test_sigterm_during_a_cli_conversion_leaves_nothing(causal, tmp_path):
         "convert(sys.argv[1], sys.argv[2], progress=slow)\n"
     )
     proc = subprocess.Popen(
-        [sys.executable, "-c", script, str(causal[0]), str(tmp_path / "out")],
+        [sys.executable, "-c", script, str(source), str(tmp_path / "out")],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
@@ -415,18 +423,18 @@ def test_sigterm_during_a_cli_conversion_leaves_nothing(causal, tmp_path):
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
 
 
-def test_stale_partial_of_a_killed_run_is_removed(causal, tmp_path):
+def test_stale_partial_of_a_killed_run_is_removed(source, tmp_path):
     """§2 #6, #7: a SIGKILLed run's `.OUT.partial-PID` stayed forever (reruns never removed it)."""
     from gemma_mlx.convert import convert
 
     stale = tmp_path / f".out.partial-{dead_pid()}"
     stale.mkdir()
     (stale / "model-00001-of-00002.safetensors").write_bytes(b"x" * 100)
-    convert(causal[0], tmp_path / "out", progress=False)
+    convert(source, tmp_path / "out", progress=False)
     assert (tmp_path / "out" / "config.json").is_file() and leftovers(tmp_path) == []
 
 
-def test_partial_with_a_live_unlocked_owner_is_reported_not_removed(causal, tmp_path):
+def test_partial_with_a_live_unlocked_owner_is_reported_not_removed(source, tmp_path):
     """§2 #6 (PID reuse): a partial whose PID belongs to a live process that holds no lock is
     reported and left alone (it may not be ours to delete)."""
     from gemma_mlx.convert import convert
@@ -434,11 +442,11 @@ def test_partial_with_a_live_unlocked_owner_is_reported_not_removed(causal, tmp_
     stale = tmp_path / f".out.partial-{os.getppid()}"
     stale.mkdir()
     with pytest.warns(UserWarning, match=r"\.out\.partial-\d+: a partial output of an earlier conversion"):
-        convert(causal[0], tmp_path / "out", progress=False)
+        convert(source, tmp_path / "out", progress=False)
     assert stale.is_dir()
 
 
-def test_concurrent_conversion_into_the_same_out_is_refused(causal, tmp_path):
+def test_concurrent_conversion_into_the_same_out_is_refused(source, tmp_path):
     """§2 #18: two converts into one new OUT both exited 0, the second silently replacing the
     first. A live conversion holds a lock on its partial; a second one without --force fails."""
     import subprocess
@@ -463,14 +471,14 @@ def test_concurrent_conversion_into_the_same_out_is_refused(causal, tmp_path):
     try:
         assert holder.stdout.readline() == b"locked\n"
         with pytest.raises(OutputExistsError, match=r"another conversion \(PID 1\) is writing it now"):
-            convert(causal[0], tmp_path / "out", progress=False)
+            convert(source, tmp_path / "out", progress=False)
     finally:
         holder.kill()
         holder.wait()
     assert not (tmp_path / "out").exists()
 
 
-def test_out_that_appears_during_the_conversion_is_not_replaced(causal, tmp_path):
+def test_out_that_appears_during_the_conversion_is_not_replaced(source, tmp_path):
     """§2 #18: the final swap re-checks OUT; the run that finishes second fails without --force."""
     from gemma_mlx.convert import convert
     from gemma_mlx.convert.writer import OutputExistsError
@@ -483,18 +491,18 @@ def test_out_that_appears_during_the_conversion_is_not_replaced(causal, tmp_path
             (out / "config.json").write_text("first")
 
     with pytest.raises(OutputExistsError, match="appeared while converting"):
-        convert(causal[0], out, progress=other_run_finishes_first)
+        convert(source, out, progress=other_run_finishes_first)
     assert (out / "config.json").read_text() == "first" and leftovers(tmp_path) == []
 
 
 @pytest.mark.parametrize("where", ["same", "inside", "parent"])
-def test_output_overlapping_the_source_is_refused(causal, tmp_path, where):
+def test_output_overlapping_the_source_is_refused(source, tmp_path, where):
     """§2 #15: `convert SRC SRC --force` replaced the float source by its quantized output; OUT
     inside SRC, or SRC inside OUT with --force, are refused as well."""
     from gemma_mlx.convert import convert
 
     src = tmp_path / "parent" / "src"
-    shutil.copytree(causal[0], src)
+    shutil.copytree(source, src)
     out = {"same": src, "inside": src / "sub", "parent": src.parent}[where]
     before = sorted(p.name for p in src.iterdir())
     with pytest.raises(CheckpointError, match="source checkpoint"):
@@ -502,19 +510,19 @@ def test_output_overlapping_the_source_is_refused(causal, tmp_path, where):
     assert sorted(p.name for p in src.iterdir()) == before
 
 
-def test_force_over_a_file_leaves_nothing_behind(causal, tmp_path):
+def test_force_over_a_file_leaves_nothing_behind(source, tmp_path):
     """§2 #4: --force over an existing file left a hidden `.OUT.old-PID` file."""
     from gemma_mlx.convert import convert
 
     (tmp_path / "out").write_text("a file")
-    convert(causal[0], tmp_path / "out", force=True, progress=False)
+    convert(source, tmp_path / "out", force=True, progress=False)
     assert (tmp_path / "out" / "config.json").is_file() and leftovers(tmp_path) == []
 
 
 @pytest.mark.parametrize(
     "error", [OSError(28, "No space left on device"), RuntimeError("[write] Unable to write 1200055 bytes")]
 )
-def test_disk_full_part_way_leaves_nothing_and_says_how_much(causal, tmp_path, monkeypatch, error):
+def test_disk_full_part_way_leaves_nothing_and_says_how_much(source, tmp_path, monkeypatch, error):
     """§2 #9, #10: a full disk gave `[write] Unable to write N bytes` (no path, no size)."""
     import errno
 
@@ -532,21 +540,21 @@ def test_disk_full_part_way_leaves_nothing_and_says_how_much(causal, tmp_path, m
 
     monkeypatch.setattr(writer, "mx", type("mx", (), {"save_safetensors": staticmethod(save)}))
     with pytest.raises(OSError) as e:
-        convert(causal[0], tmp_path / "out", shard_bytes=100_000, progress=False)
-    needed = estimate(causal[0]).weight_bytes
+        convert(source, tmp_path / "out", shard_bytes=100_000, progress=False)
+    needed = estimate(source).weight_bytes
     assert e.value.errno == errno.ENOSPC
     assert f"the output needs about {needed / 1e6:.3f} MB" in str(e.value) and "out" in str(e.value)
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
 
 
-def test_too_little_free_space_is_refused_before_any_work(causal, tmp_path, monkeypatch):
+def test_too_little_free_space_is_refused_before_any_work(source, tmp_path, monkeypatch):
     """§2 #9: the space needed is known before writing; refuse at once when it is not there."""
     from gemma_mlx.convert import convert, writer
 
     monkeypatch.setattr(writer.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9, 1000))
     calls = []
     with pytest.raises(OSError, match=r"out: the output needs about 0\.\d+ MB, but only 0\.001 MB is free"):
-        convert(causal[0], tmp_path / "out", progress=lambda name, n: calls.append(name))
+        convert(source, tmp_path / "out", progress=lambda name, n: calls.append(name))
     assert calls == [] and leftovers(tmp_path) == []
 
 
@@ -554,18 +562,18 @@ def test_too_little_free_space_is_refused_before_any_work(causal, tmp_path, monk
 # 7. `info --json` numbers; convert's report, info and the estimate agree
 
 
-def test_info_json_prints_numbers(causal):
+def test_info_json_prints_numbers(source):
     """Issue 12 item 10: `info --json` printed display strings ("1.07 GB") instead of numbers."""
     from gemma_mlx.footprint import footprint
 
-    result = runner.invoke(app, ["info", "--model", str(causal[0]), "--json", "--context", "100"])
+    result = runner.invoke(app, ["info", "--model", str(source), "--json", "--context", "100"])
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
-    fp = footprint(causal[0], 100)
+    fp = footprint(source, 100)
     assert (
         data["weight_bytes"]
         == fp.weight_bytes
-        == sum(a.nbytes for a in load_file(str(causal[0] / "model.safetensors")).values())
+        == sum(a.nbytes for a in load_file(str(source / "model.safetensors")).values())
     )
     assert (data["layers"], data["sliding_layers"], data["context"]) == (8, 6, 100)
     assert data["kv_cache_bytes"] == fp.kv_bytes and data["quantization"] is None
@@ -574,7 +582,7 @@ def test_info_json_prints_numbers(causal):
 
 
 @pytest.mark.parametrize("args", [[], ["--dtype", "bfloat16"], ["--bits", "8", "--group-size", "32"]])
-def test_convert_report_info_and_estimate_agree_on_bytes_per_token(causal, tmp_path, args):
+def test_convert_report_info_and_estimate_agree_on_bytes_per_token(source, tmp_path, args):
     """Issue 12 item 10: `convert` reported 150.89 MB per token, `info` 167.75 MB for the same
     output (float32 scales written where bfloat16 was assumed). One rule (`decode_bytes`) now
     serves the report, `info` and `estimate`, which defaults to the source's dtype as convert does."""
@@ -586,10 +594,10 @@ def test_convert_report_info_and_estimate_agree_on_bytes_per_token(causal, tmp_p
     bits = int(args[args.index("--bits") + 1]) if "--bits" in args else 4
     dtype = args[args.index("--dtype") + 1] if "--dtype" in args else None
     report = convert(
-        causal[0], out, bits=bits, group_size=32 if bits == 8 else None, dtype=dtype, progress=False
+        source, out, bits=bits, group_size=32 if bits == 8 else None, dtype=dtype, progress=False
     )
     fp = footprint(out)
-    predicted = estimate(causal[0], bits=bits, group_size=32 if bits == 8 else None, dtype=dtype)
+    predicted = estimate(source, bits=bits, group_size=32 if bits == 8 else None, dtype=dtype)
     assert report.bytes_per_token == fp.bytes_per_token == predicted.bytes_per_token
     assert report.weight_bytes == fp.weight_bytes == predicted.weight_bytes
     assert report.bits_per_weight == pytest.approx(fp.bits_per_weight)
@@ -751,8 +759,6 @@ def test_fuzz_mutations_of_a_valid_config(edits):
 
 @pytest.fixture(scope="module")
 def processor(tmp_path_factory):
-    from reference import save_tokenizer
-
     from gemma_mlx.processor import Processor
 
     path = tmp_path_factory.mktemp("tok")
@@ -811,17 +817,16 @@ def test_truncated_wav_is_a_media_error(tmp_path):
     assert len(load_audio(f)) == 48_000  # the whole file still loads
 
 
-def test_audio_longer_than_the_context_is_refused_before_the_prefill(unified, tmp_path):
+def test_audio_longer_than_the_context_is_refused_before_the_prefill(checkpoint, tmp_path):
     """§3 '5-minute WAV': ~7,500 audio tokens went into one multi-minute prefill. Audio that
     cannot fit the room left in the context is refused while preparing, with its token count."""
-    from reference import rewrite_config, save_tokenizer
+    from tiny import rewrite_config
 
     from gemma_mlx import generate
     from gemma_mlx.media import MediaError, audio_token_count
 
     path = tmp_path / "ckpt"
-    shutil.copytree(unified[0], path)
-    save_tokenizer(path)
+    shutil.copytree(checkpoint, path)
     rewrite_config(path, lambda c: c["text_config"].update(max_position_embeddings=256))
     model, processor = load(path)
     f = tmp_path / "long.wav"

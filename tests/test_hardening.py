@@ -423,6 +423,32 @@ def test_sigterm_during_a_cli_conversion_leaves_nothing(source, tmp_path):
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
 
 
+def test_partial_of_a_sigkilled_conversion_is_removed_by_the_next_run(source, tmp_path):
+    """§2 #6 end to end: a conversion killed with SIGKILL (no cleanup can run) leaves its
+    partial; the next conversion into the same OUT removes it and succeeds."""
+    import subprocess
+    import sys
+
+    from gemma_mlx.convert import convert
+
+    script = (
+        "import sys, time\n"
+        "from gemma_mlx.convert import convert\n"
+        "def slow(name, n):\n"
+        "    print('tensor', flush=True); time.sleep(0.2)\n"
+        "convert(sys.argv[1], sys.argv[2], progress=slow)\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, str(source), str(tmp_path / "out")], stdout=subprocess.PIPE
+    )
+    assert proc.stdout.readline() == b"tensor\n"
+    proc.kill()
+    proc.wait(timeout=60)
+    assert [p.name for p in tmp_path.iterdir()] == [f".out.partial-{proc.pid}"]
+    convert(source, tmp_path / "out", progress=False)
+    assert (tmp_path / "out" / "config.json").is_file() and leftovers(tmp_path) == []
+
+
 def test_stale_partial_of_a_killed_run_is_removed(source, tmp_path):
     """§2 #6, #7: a SIGKILLed run's `.OUT.partial-PID` stayed forever (reruns never removed it)."""
     from gemma_mlx.convert import convert

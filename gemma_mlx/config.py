@@ -238,11 +238,14 @@ def parse_text_config(t: dict, source: str = "config.json", drafter: bool = Fals
             raise ConfigError(f"{source}: required field '{where}.{name}' is missing")
         return t.get(name, default)
 
+    # A null optional field means "the default", as in transformers' configs.
     def size(name: str, default: Any = None, hi: int = MAX_SIZE, lo: int = 1) -> int:
-        return check_int(get(name, default, required=default is None), f"{where}.{name}", source, lo, hi)
+        value = get(name, required=default is None)
+        return check_int(default if value is None else value, f"{where}.{name}", source, lo, hi)
 
     def number(name: str, default: float, hi: float = math.inf) -> float:
-        return check_float(get(name, default), f"{where}.{name}", source, 0.0, hi)
+        value = get(name)
+        return check_float(default if value is None else value, f"{where}.{name}", source, 0.0, hi)
 
     n = size("num_hidden_layers", hi=4096)
     heads = size("num_attention_heads", hi=4096)

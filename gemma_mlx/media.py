@@ -14,7 +14,9 @@ from __future__ import annotations
 import io
 import math
 import numbers
+import os
 import re
+import stat
 import struct
 import warnings
 from collections.abc import Sequence
@@ -83,6 +85,8 @@ def _array_to_image(a: np.ndarray, name: str) -> Image.Image:
 
 def _open(src: str | Path | bytes, name: str) -> Image.Image:
     try:
+        if not isinstance(src, bytes) and stat.S_ISFIFO(os.stat(src).st_mode):
+            raise MediaError(f"{name}: is a FIFO, expected a file")  # reading it would block
         data = src if isinstance(src, bytes) else Path(src).read_bytes()
     except OSError as e:
         raise MediaError(f"{name}: cannot read the file ({e.strerror or e})") from None

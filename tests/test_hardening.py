@@ -830,6 +830,18 @@ def test_media_part_without_its_media_is_named(processor, part):
         processor.prepare(messages)
 
 
+def test_fifo_as_image_or_audio_is_refused_without_hanging(tmp_path):
+    """§1 #60's class for media: an image path that is a FIFO blocked in read_bytes()."""
+    from gemma_mlx.media import MediaError, load_audio, load_image
+
+    os.mkfifo(tmp_path / "pipe.png")
+    with within(20):
+        with pytest.raises(MediaError, match=r"pipe.png: is a FIFO"):
+            load_image(tmp_path / "pipe.png")
+        with pytest.raises(MediaError, match=r"pipe.png: cannot read the file"):
+            load_audio(tmp_path / "pipe.png")
+
+
 def test_truncated_wav_is_a_media_error(tmp_path):
     """§3 'truncated WAV (a third of the file)': decoded the part that was there, no warning."""
     from gemma_mlx.media import MediaError, load_audio

@@ -309,7 +309,10 @@ def info(
         + ("fits" if fp.total_bytes <= available else "does NOT fit"),
     }
     if as_json:
-        typer.echo(json.dumps({"path": str(path), **rows}))
+        machine = {"kv_bits": kv_bits, "memory_available_bytes": available, "memory_total_bytes": total}
+        typer.echo(
+            json.dumps({"path": str(path), **fp.as_dict(), **machine, "fits": fp.total_bytes <= available})
+        )
         return
     table = Table(title=str(path), show_header=False)
     for k, v in rows.items():

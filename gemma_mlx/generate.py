@@ -333,6 +333,7 @@ def stream_generate(
     if isinstance(prompt, Inputs):  # already prepared (e.g. by a chat session)
         inputs = prompt
     else:
+        room = model.config.text.max_position_embeddings - (cache[0].offset if cache else 0)
         inputs = processor.prepare(
             prompt,
             images,
@@ -340,6 +341,7 @@ def stream_generate(
             enable_thinking=enable_thinking,
             max_soft_tokens=max_soft_tokens,
             tools=tools,
+            token_budget=room,
         )
     ids = inputs.ids
     if not ids:

@@ -195,6 +195,7 @@ class Processor:
         max_soft_tokens: int = 280,
         add_bos: bool = True,
         tools: Sequence[dict] | None = None,
+        token_budget: int | None = None,
     ) -> Inputs:
         """Token ids plus image/audio tensors. Media come as parts of chat messages
         (`{"type": "image", "image": path | PIL image | array}`, `{"type": "audio", "audio": path |
@@ -202,7 +203,11 @@ class Processor:
         placeholders, as `images` / `audio` in order (`add_bos=False` for a text that continues a
         cached conversation); a text without any placeholder gets them in front. Audio longer than
         30 s becomes consecutive 30 s blocks. `tools` (OpenAI function schemas) go to the chat
-        template."""
+        template.
+
+        `token_budget`: the tokens the context has left; audio that alone needs more is refused
+        (`MediaError` with the count) as soon as it is decoded, before any other media work and
+        long before a prefill of thousands of tokens could start."""
         kind, prompt = classify_prompt(prompt)
         if kind == "ids":
             if images or audio:
@@ -211,15 +216,22 @@ class Processor:
         images = list(images)
         audio = [a if isinstance(a, tuple) else (a, None) for a in audio]  # (clip, sampling rate)
         if kind == "messages":
-            for message in prompt:
+            for i, message in enumerate(prompt):
                 content = message.get("content")
-                for part in content if isinstance(content, list) else []:
-                    if not isinstance(part, Mapping):
+                for j, part in enumerate(content if isinstance(content, list) else []):
+                    if not isinstance(part, Mapping) or part.get("type") not in ("image", "audio"):
                         continue
-                    if part.get("type") == "image":
-                        images.append(part.get("image", part.get("path")))
-                    elif part.get("type") == "audio":
-                        audio.append((part.get("audio", part.get("path")), part.get("sampling_rate")))
+                    what = part["type"]
+                    src = part.get(what, part.get("path"))
+                    if src is None:
+                        raise media.MediaError(
+                            f"message {i}, part {j}: an {what} part without its {what} "
+                            f"(give '{what}': a path, bytes or an array, or 'path')"
+                        )
+                    if what == "image":
+                        images.append(src)
+                    else:
+                        audio.append((src, part.get("sampling_rate")))
             text, bos = self.apply_chat_template(prompt, enable_thinking=enable_thinking, tools=tools), False
         else:
             text, bos = prompt, add_bos
@@ -227,11 +239,18 @@ class Processor:
                 text = media.IMAGE_TOKEN * len(images) + media.AUDIO_TOKEN * len(audio) + text
         if not images and not audio:
             return Inputs(self.encode_text(text, bos))
+        waveforms, audio_tokens = [], 0
+        for a, rate in audio:
+            waveforms.append(media.load_audio(a, rate))
+            audio_tokens += media.audio_token_count(len(waveforms[-1]))
+            if token_budget is not None and audio_tokens > token_budget:
+                raise media.MediaError(
+                    f"{media.source_name(a)}: {len(waveforms[-1]) / media.SAMPLE_RATE:.1f} s of audio needs "
+                    f"{audio_tokens:,} tokens (with the clips before it), but the context has room for "
+                    f"{token_budget:,}: use a shorter clip"
+                )
+        clips = [[media.preprocess_audio(c) for c in media.split_audio(w)] for w in waveforms]
         image_inputs = [media.preprocess_image(i, max_soft_tokens) for i in images]
-        clips = [
-            [media.preprocess_audio(c) for c in media.split_audio(media.load_audio(a, rate))]
-            for a, rate in audio
-        ]
         text = media.expand_media_tokens(
             text, [i.num_soft_tokens for i in image_inputs], [[c.num_frames for c in cs] for cs in clips]
         )

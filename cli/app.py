@@ -258,6 +258,8 @@ def chat(
     path = resolve_model(model)
     check_media(path, image or [], audio or [])
     model_obj, processor = load_checked(path, kv_bits, kv_group_size)
+    if think and not processor.supports_thinking:
+        fail(f"--think: the chat template of {path} has no thinking mode")
     session = ChatSession(
         model_obj,
         processor,

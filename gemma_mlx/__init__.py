@@ -27,7 +27,7 @@ __version__ = "0.1.0"
 
 
 def load(
-    path: str | Path, dtype: str | mx.Dtype | None = "auto", lazy: bool = False
+    path: str | Path, dtype: str | mx.Dtype | None = "auto", lazy: bool = False, check_finite: bool = False
 ) -> tuple[Model, Processor | None]:
     """Load a checkpoint directory (Hugging Face or converted) -> `(model, processor)`.
 
@@ -36,11 +36,12 @@ def load(
     scales, biases, norms), which sets the compute dtype; None keeps them as stored; "auto" (the
     default) is float32 for quantized checkpoints on MLX's CPU backend, where quantized matmuls
     with 16-bit activations are several times slower, and as stored otherwise (`compute_dtype`).
+    `check_finite` refuses weights with NaN or infinite values, naming them (reads every weight).
     """
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a directory (expected a checkpoint with config.json)")
-    return load_model(path, dtype, lazy), Processor.from_dir(path)
+    return load_model(path, dtype, lazy, check_finite), Processor.from_dir(path)
 
 
 __all__ = [

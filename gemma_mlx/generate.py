@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 
 import mlx.core as mx
+import numpy as np
 
 from .cache import Cache, RingKVCache
 from .draft_control import DraftControl
@@ -19,6 +20,7 @@ from .models.gemma import Model
 from .processor import Inputs, Processor
 from .sample import SamplingParams
 from .text import StreamingDetokenizer, Tokenizer
+from .tools import ToolCall, parse_output
 
 Prompt = str | Sequence[int] | Sequence[dict] | Inputs
 Progress = Callable[[int, int], None]
@@ -59,10 +61,16 @@ class GenerationChunk:
 
 @dataclass
 class GenerationResult:
+    """`text` as generated (markup included); with `tools`, the answer parsed: `content` (no
+    markup), `reasoning` (the thought channel) and `tool_calls`, `finish_reason` "tool_calls"."""
+
     text: str = ""
     tokens: list[int] = field(default_factory=list)
     stats: GenerationStats = field(default_factory=GenerationStats)
     finish_reason: str | None = None
+    content: str | None = None
+    reasoning: str | None = None
+    tool_calls: list[ToolCall] = field(default_factory=list)
 
     @property
     def prompt_tps(self) -> float:
@@ -111,15 +119,33 @@ def prefill(
     step: int = 512,
     progress: Progress | None = None,
 ) -> None:
-    """Feed `ids [L]` into `cache` in chunks of `step` tokens (`progress(done, total)` after each);
-    with `media` (pixel_values, input_features, ...) in one chunk, since an image block must not
-    be split. The caches are evaluated, so the work is done when this returns."""
-    chunks = [(0, ids.shape[0])] if media else [(i, i + step) for i in range(0, ids.shape[0], step)]
-    for start, end in chunks:
-        model(ids[None, start:end], cache, logits_to_keep=1, **(media or {}))
+    """Feed `ids [L]` into `cache` in chunks of about `step` tokens (`progress(done, total)` after
+    each). With `media` (pixel_values, input_features, ...) the embeddings are computed once and
+    chunked too; a chunk is extended to the end of an image block it would cut, since an image
+    attends bidirectionally within its block. The caches are evaluated, so the work is done when
+    this returns."""
+    n = ids.shape[0]
+    embeds = blocks = None
+    if media:
+        embeds, blocks = model.embed_inputs(ids[None], **media)
+    in_block = np.zeros(n + 1, bool)  # position i continues the image block of position i - 1
+    if blocks is not None:
+        b = np.array(blocks[0])
+        in_block[1:n] = (b[1:] >= 0) & (b[1:] == b[:-1])
+    start = 0
+    while start < n:
+        end = min(start + step, n)
+        while in_block[end]:
+            end += 1
+        if embeds is None:
+            model(ids[None, start:end], cache, logits_to_keep=1)
+        else:
+            chunk_blocks = None if blocks is None else blocks[:, start:end]
+            model(inputs_embeds=embeds[:, start:end], cache=cache, block_ids=chunk_blocks, logits_to_keep=1)
         mx.eval([c.state for c in cache])
+        start = end
         if progress is not None:
-            progress(min(end, ids.shape[0]), ids.shape[0])
+            progress(end, n)
 
 
 def generate_tokens(
@@ -296,6 +322,7 @@ def stream_generate(
     draft_block_size: int = 4,
     kv_bits: int | None = None,
     kv_group_size: int = 64,
+    tools: Sequence[dict] | None = None,
 ) -> Iterator[GenerationChunk]:
     """Stream a completion of `prompt` (text, token ids, or chat messages, whose parts may hold
     images and audio; a text prompt takes `images`/`audio` for its placeholders).
@@ -305,7 +332,9 @@ def stream_generate(
     tokens is continued: only `prompt`'s tokens are prefilled (a new cache is quantized with
     `kv_bits`, see `make_cache`). With a `drafter` (see
     `load_drafter`), decoding is speculative with blocks of `draft_block_size` tokens (greedy
-    output is unchanged). Arguments are checked before any work; errors are ValueErrors naming them.
+    output is unchanged). `tools` (OpenAI function schemas) are declared to a chat prompt; the
+    streamed text keeps the model's markup (`gemma_mlx.tools.OutputParser` splits it). Arguments
+    are checked before any work; errors are ValueErrors naming them.
     """
     sampling = SamplingParams(temperature, top_k, top_p, min_p, seed)
     text = TextStream(processor.tokenizer, stop)
@@ -316,8 +345,15 @@ def stream_generate(
     if isinstance(prompt, Inputs):  # already prepared (e.g. by a chat session)
         inputs = prompt
     else:
+        room = model.config.text.max_position_embeddings - (cache[0].offset if cache else 0)
         inputs = processor.prepare(
-            prompt, images, audio, enable_thinking=enable_thinking, max_soft_tokens=max_soft_tokens
+            prompt,
+            images,
+            audio,
+            enable_thinking=enable_thinking,
+            max_soft_tokens=max_soft_tokens,
+            tools=tools,
+            token_budget=room,
         )
     ids = inputs.ids
     if not ids:
@@ -376,4 +412,13 @@ def generate(model: Model, processor: Processor, prompt: Prompt, **kwargs) -> Ge
         result.text += chunk.text
         result.tokens.append(chunk.token)
         result.stats, result.finish_reason = chunk.stats, chunk.finish_reason
+    if kwargs.get("tools"):
+        parsed = parse_output(result.text)
+        result.content, result.reasoning, result.tool_calls = (
+            parsed.content,
+            parsed.reasoning,
+            parsed.tool_calls,
+        )
+        if parsed.tool_calls:
+            result.finish_reason = "tool_calls"
     return result

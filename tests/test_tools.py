@@ -1,0 +1,227 @@
+"""Gemma 4 tool-call / thought parsing (gemma_mlx.tools): whole and streamed, well-formed and broken."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gemma_mlx.tools import (
+    Delta,
+    OutputParser,
+    ParsedOutput,
+    ToolCall,
+    format_arguments,
+    parse_arguments,
+    parse_output,
+)
+
+Q = '<|"|>'
+CONTROL = [
+    Q,
+    "<|tool_call>",
+    "<tool_call|>",
+    "<|channel>",
+    "<channel|>",
+    "<|turn>",
+    "<turn|>",
+    "<eos>",
+    "<bos>",
+]
+
+# Argument shapes the format documents: every kind of scalar, nesting, awkward strings and keys.
+SHAPES = [
+    {},
+    {"location": "Paris"},
+    {"text": 'say "hi", {ok}: [1, 2]\nnext line\ttab', "emoji": "héllo 🌍 日本"},
+    {"n": 15, "neg": -3, "zero": 0, "f": 2.5, "nf": -0.125, "big": 1e21, "small": 1.5e-07},
+    {"yes": True, "no": False, "nothing": None},
+    {"list": [1, "two", 3.0, None, [True, []], {"k": "v"}], "empty": []},
+    {"obj": {"inner": {"deep": [{"a": 1}, {}]}, "s": ""}},
+    {"key with space": 1, "colon:key": "x", "comma,key": [], " edge ": {}, "brace{": 2, "": "empty key"},
+    {"s": " leading and trailing spaces  "},
+]
+
+
+@pytest.mark.parametrize("args", SHAPES)
+def test_format_then_parse_is_identity(args):
+    text = format_arguments(args)
+    assert parse_arguments(text) == args
+    assert json.loads(json.dumps(parse_arguments(text))) == args
+
+
+def test_format_arguments_writes_the_documented_syntax():
+    assert format_arguments(
+        {"key": "text", "n": 15, "flag": True, "list": [1, None], "obj": {"a": -1.5}}
+    ) == ('{key:<|"|>text<|"|>,n:15,flag:true,list:[1,null],obj:{a:-1.5}}')
+    assert format_arguments({"a b": 1, "c:d": 2}) == '{a b:1,<|"|>c:d<|"|>:2}'
+
+
+@pytest.mark.parametrize(
+    "bad", [{"s": 'holds <|"|> the delimiter'}, {1: "non-string key"}, {"x": float("nan")}, {"x": object()}]
+)
+def test_format_arguments_refuses_what_it_cannot_write(bad):
+    with pytest.raises(ValueError):
+        format_arguments(bad)
+
+
+def test_parse_arguments_reads_spacing_and_python_literals():
+    text = '{ a : <|"|>x<|"|> ,\n b:[ 1 , 2 ] , c : None, d: True, e:1E+3, <|"|>q k<|"|>:false }'
+    assert parse_arguments(text) == {"a": "x", "b": [1, 2], "c": None, "d": True, "e": 1000.0, "q k": False}
+
+
+@pytest.mark.parametrize(
+    ("bad", "where"),
+    [
+        ("{a:foo}", "position 3"),
+        ("{a:1", "expected ','"),
+        ('{a:<|"|>open', "unterminated string at position 3"),
+        ("{a 1}", "expected ':'"),
+        ("{a:1} trailing", "position 6"),
+        ("[1]", "expected '{' at position 0"),
+        ("{a:1e999}", "out of range"),
+        ("{a:1,}", "expected a key"),
+        ("", "at the end"),
+    ],
+)
+def test_parse_arguments_errors_name_the_position(bad, where):
+    with pytest.raises(ValueError, match=where):
+        parse_arguments(bad)
+
+
+def call_text(name: str, args: dict) -> str:
+    return f"<|tool_call>call:{name}{format_arguments(args)}<tool_call|>"
+
+
+def test_parse_output_every_shape_in_one_answer():
+    text = "".join(call_text(f"f{i}", args) for i, args in enumerate(SHAPES)) + "<|tool_response>"
+    out = parse_output(text)
+    assert [(c.name, c.arguments) for c in out.tool_calls] == [(f"f{i}", a) for i, a in enumerate(SHAPES)]
+    assert out.content == "" and out.reasoning is None and not out.malformed
+    ids = [c.id for c in out.tool_calls]
+    assert all(i.startswith("call_") and len(i) > 10 for i in ids) and len(set(ids)) == len(ids)
+    assert json.loads(out.tool_calls[2].arguments_json()) == SHAPES[2]
+
+
+def test_thought_content_and_call_are_split():
+    text = (
+        "<|channel>thought\nThe user wants weather.\n<channel|>Let me check.\n"
+        + call_text("get_weather", {"city": "Paris"})
+        + "<|tool_response>"
+    )
+    out = parse_output(text)
+    assert out.reasoning == "The user wants weather."
+    assert out.content == "Let me check."
+    assert [(c.name, c.arguments) for c in out.tool_calls] == [("get_weather", {"city": "Paris"})]
+
+
+def test_answer_ends_at_end_of_turn_markup_and_drops_other_markup():
+    assert parse_output("Hello <|image|>there<turn|>\n<|turn>user\nignored").content == "Hello there"
+    assert parse_output("<bos>Fine.<eos>junk").content == "Fine."
+    assert parse_output('a stray <|"|> quote').content == "a stray  quote"
+    assert parse_output("<|channel>thought\n<channel|>Direct.").reasoning is None  # empty thought
+
+
+def test_one_block_may_hold_several_calls():
+    out = parse_output("<|tool_call>call:a{x:1}call:b{}<tool_call|>")
+    assert [(c.name, c.arguments) for c in out.tool_calls] == [("a", {"x": 1}), ("b", {})]
+
+
+@pytest.mark.parametrize(
+    ("text", "content"),
+    [
+        ('Sure <|tool_call>call:f{a:<|"|>cut off', 'Sure call:f{a:"cut off'),  # truncated by max_tokens
+        ("<|tool_call>call:f{a:1}", "call:f{a:1}"),  # no closing marker
+        ("<|tool_call>call:f{a:foo}<tool_call|>After", "call:f{a:foo}After"),  # invalid value
+        ("<|tool_call>call f{}<tool_call|>", "call f{}"),  # no "call:"
+        ("<|tool_call>call:f{a:1}<turn|>more", "call:f{a:1}"),  # turn ended inside the call
+        ("<|tool_call><tool_call|>", ""),  # empty call
+    ],
+)
+def test_malformed_calls_become_content_without_markup(text, content):
+    out = parse_output(text)
+    assert out.malformed and out.tool_calls == [] and out.content == content
+    assert not any(t in out.content for t in CONTROL)
+
+
+def test_a_good_call_next_to_a_broken_one_is_kept():
+    out = parse_output(call_text("ok", {"a": 1}) + "<|tool_call>call:bad{")
+    assert out.malformed and [c.name for c in out.tool_calls] == ["ok"] and out.content == "call:bad{"
+
+
+def test_unclosed_thought_is_reasoning():
+    out = parse_output("<|channel>thought\nStill thinking when max_tokens hit")
+    assert out.reasoning == "Still thinking when max_tokens hit" and out.content == ""
+
+
+def stream(text: str, cuts: list[int], thinking: bool = False) -> tuple[ParsedOutput, list[Delta]]:
+    parser, deltas, last = OutputParser(thinking=thinking), [], 0
+    for cut in sorted(set(cuts)) + [len(text)]:
+        deltas += parser.feed(text[last:cut])
+        last = cut
+    deltas += parser.finish()
+    parsed = ParsedOutput(
+        "".join(d.text for d in deltas if d.kind == "content"),
+        "".join(d.text for d in deltas if d.kind == "reasoning") or None,
+        [d.tool_call for d in deltas if d.kind == "tool_call"],
+        parser.malformed,
+    )
+    return parsed, deltas
+
+
+def same(a: ParsedOutput, b: ParsedOutput) -> bool:
+    calls = lambda p: [(c.name, c.arguments) for c in p.tool_calls]  # noqa: E731 (ids are random)
+    return (a.content, a.reasoning, a.malformed, calls(a)) == (b.content, b.reasoning, b.malformed, calls(b))
+
+
+TEXTS = [
+    "<|channel>thought\nThink <b>hard</b>, a<b.\n<channel|>\n\nAnswer: x < y and <|turn> <turn|>\n",
+    "Let me look.\n"
+    + call_text("search", SHAPES[2])
+    + "\n"
+    + call_text("calc", SHAPES[3])
+    + "<|tool_response>",
+    "<|channel>thought<channel|>" + call_text("f", SHAPES[7]) + "Trailing text  <eos>",
+    "Intro " + call_text("nest", SHAPES[6]) + " mid " + '<|tool_call>call:broken{a:<|"|>x',
+    "<|channel>thoughtful start without newline<channel|>ok",
+    "plain answer with <unk> and < and <| and <x|y> text",
+]
+
+
+@pytest.mark.parametrize("text", TEXTS)
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_any_chunking_gives_the_same_result(text, data):
+    cuts = data.draw(st.lists(st.integers(0, len(text)), max_size=len(text)))
+    streamed, deltas = stream(text, cuts, thinking=data.draw(st.booleans()))
+    assert same(streamed, parse_output(text))
+    for d in deltas:  # no control markup in any visible delta
+        assert d.kind == "tool_call" or not any(t in d.text for t in CONTROL)
+
+
+def test_every_single_character_chunking():
+    for text in TEXTS:
+        assert same(stream(text, list(range(len(text))))[0], parse_output(text))
+
+
+def test_partial_markup_is_held_back_until_complete():
+    parser = OutputParser(thinking=True)
+    assert parser.feed("<|chan") == []
+    assert parser.feed("nel>tho") == []
+    assert parser.feed("ught\nHmm") == [Delta("reasoning", "Hmm")]
+    assert parser.feed("<chan") == []
+    assert parser.feed("nel|>Yes <|tool_") == [Delta("content", "Yes")]
+    assert parser.feed('call>call:f{a:<|"|>x<|"|>}') == []
+    [delta] = parser.feed("<tool_call|>")
+    assert delta.kind == "tool_call" and delta.tool_call == ToolCall("f", {"a": "x"}, delta.tool_call.id)
+    assert parser.feed("<|tool_response>late") == [] and parser.finish() == []
+    assert not parser.malformed
+
+
+def test_streamed_truncated_call_is_flushed_by_finish():
+    parser = OutputParser()
+    assert parser.feed("Ok <|tool_call>call:f{a:") == [Delta("content", "Ok")]
+    assert parser.finish() == [Delta("content", " call:f{a:")]
+    assert parser.malformed

@@ -21,9 +21,11 @@ from reference import rewrite_config, save_tokenizer
 
 from gemma_mlx import generate, load
 from gemma_mlx.server import create_app
+from gemma_mlx.tools import parse_output
 
 MODEL = "tiny-gemma"
 KEY = "sk-test"
+CONTEXT = 1024
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +34,12 @@ def model_dir(unified, tmp_path_factory):
     shutil.copytree(unified[0], out)
     save_tokenizer(out)
     ids = {t["content"]: t["id"] for t in json.loads((out / "tokenizer.json").read_text())["added_tokens"]}
-    rewrite_config(out, lambda c: c.update(image_token_id=ids["<|image|>"], audio_token_id=ids["<|audio|>"]))
+
+    def edit(c: dict) -> None:
+        c.update(image_token_id=ids["<|image|>"], audio_token_id=ids["<|audio|>"])
+        c["text_config"]["max_position_embeddings"] = CONTEXT  # small, so over-long prompts are cheap
+
+    rewrite_config(out, edit)
     return out
 
 
@@ -107,12 +114,311 @@ def ask(client, content, **kw):
     )
 
 
-def test_chat_matches_generate(server, loaded):
+def reference(loaded, messages, max_tokens, **kw):
+    """The answer of the Python API, cold (a fresh cache), and its prompt's token ids."""
     model, processor = loaded
+    inputs = processor.prepare(messages, **kw)
+    return generate(model, processor, inputs, max_tokens=max_tokens), inputs.ids
+
+
+def wait_idle(server, timeout=20.0):
+    worker = server.app.state.worker
+    deadline = time.time() + timeout
+    while not worker.idle:
+        assert time.time() < deadline, "the worker did not finish"
+        time.sleep(0.01)
+    return worker
+
+
+def test_chat_matches_the_python_api(server, loaded):
     r = ask(server.client(), "Hello there", max_tokens=8)
-    messages = [{"role": "user", "content": "Hello there"}]
-    ref = generate(model, processor, messages, max_tokens=8)
-    assert r.usage.prompt_tokens == len(processor.prepare(messages).ids)
-    assert r.usage.completion_tokens == len(ref.tokens)
+    ref, ids = reference(loaded, [{"role": "user", "content": "Hello there"}], 8)
+    assert r.object == "chat.completion" and r.model == MODEL
+    assert r.choices[0].message.role == "assistant"
+    assert r.choices[0].message.content == parse_output(ref.text).content
     assert r.choices[0].finish_reason == ref.finish_reason
-    print(repr(r.choices[0].message.content), repr(ref.text))
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(ids), len(ref.tokens))
+    assert r.usage.total_tokens == len(ids) + len(ref.tokens)
+    assert r.usage.prompt_tokens_details.cached_tokens >= 0
+    timings = r.model_extra["timings"]
+    assert timings["generation_tokens_per_second"] > 0 and timings["draft_tokens"] == 0
+
+
+def test_streaming_equals_non_streaming(server):
+    client = server.client()
+    full = ask(client, "The quick brown fox", max_tokens=12)
+    chunks = list(
+        ask(client, "The quick brown fox", max_tokens=12, stream=True, stream_options={"include_usage": True})
+    )
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == full.choices[0].message.content
+    finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finals == [full.choices[0].finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+    assert all(c.usage is None for c in chunks[:-1])
+    # on the wire: server-sent events ending with [DONE]
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3, "stream": True}
+    raw = httpx.post(
+        server.url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}
+    )
+    assert raw.headers["content-type"].startswith("text/event-stream")
+    events = [e for e in raw.text.split("\n\n") if e]
+    assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
+
+
+def test_text_completions(server, loaded):
+    model, processor = loaded
+    client = server.client()
+    r = client.completions.create(model=MODEL, prompt="Hello world", max_tokens=6, temperature=0)
+    ref = generate(model, processor, "Hello world", max_tokens=6)
+    assert r.choices[0].text == ref.text and r.usage.completion_tokens == len(ref.tokens)
+    streamed = client.completions.create(
+        model=MODEL, prompt="Hello world", max_tokens=6, temperature=0, stream=True
+    )
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == ref.text
+
+
+def test_image_data_uri_and_allowed_file(server, loaded, tmp_files):
+    client = server.client()
+    image = Image.new("RGB", (100, 60), (255, 0, 0))
+    ref, ids = reference(
+        loaded,
+        [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "What?"}]}],
+        5,
+    )
+    for url in (png_uri(), str(tmp_files / "red.png"), (tmp_files / "red.png").as_uri()):
+        content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "What?"}]
+        r = ask(client, content, max_tokens=5)
+        assert r.usage.prompt_tokens == len(ids)
+        assert r.choices[0].message.content == parse_output(ref.text).content
+    model = loaded[0]
+    assert ids.count(model.config.image_token_id) > 0
+
+
+def test_audio_clip(server, loaded):
+    from gemma_mlx.media import load_audio
+
+    clip = load_audio(base64.b64decode(wav_b64()))
+    ref, ids = reference(
+        loaded,
+        [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "audio", "audio": clip, "sampling_rate": 16000},
+                    {"type": "text", "text": "Hear"},
+                ],
+            }
+        ],
+        5,
+    )
+    content = [
+        {"type": "input_audio", "input_audio": {"data": wav_b64(), "format": "wav"}},
+        {"type": "text", "text": "Hear"},
+    ]
+    r = ask(server.client(), content, max_tokens=5)
+    assert ids.count(loaded[0].config.audio_token_id) == 13
+    assert r.usage.prompt_tokens == len(ids)
+    assert r.choices[0].message.content == parse_output(ref.text).content
+
+
+def test_health_models_and_auth(server):
+    assert httpx.get(server.url + "/health").json()["status"] == "ok"
+    assert [m.id for m in server.client().models.list()] == [MODEL]
+    for key in ("", "sk-wrong"):
+        with pytest.raises(openai.AuthenticationError) as e:
+            ask(
+                server.client(key=key or "unused", default_headers={} if key else {"Authorization": ""}),
+                "Hi",
+                max_tokens=1,
+            )
+        assert e.value.status_code == 401 and e.value.body["code"] == "invalid_api_key"
+    r = httpx.get(server.url + "/v1/models")
+    assert r.status_code == 401 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_unknown_model_is_404(server):
+    with pytest.raises(openai.NotFoundError) as e:
+        server.client().chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "Hi"}])
+    assert e.value.body["code"] == "model_not_found" and e.value.body["param"] == "model"
+
+
+def test_prompt_over_the_context_is_400(server):
+    with pytest.raises(openai.BadRequestError) as e:
+        ask(server.client(), " ".join(str(i) for i in range(500)), max_tokens=4)
+    assert e.value.body["code"] == "context_length_exceeded" and e.value.body["param"] == "messages"
+    assert "1024" in e.value.body["message"]
+
+
+def post(server, body, headers=None, raw=None):
+    h = {"Authorization": f"Bearer {KEY}", **(headers or {})}
+    if raw is not None:
+        return httpx.post(server.url + "/v1/chat/completions", content=raw, headers=h)
+    return httpx.post(server.url + "/v1/chat/completions", json=body, headers=h)
+
+
+def chat(content="Hi", **kw):
+    return {"model": MODEL, "messages": [{"role": "user", "content": content}], "max_tokens": 2, **kw}
+
+
+def part(url):
+    return [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "x"}]
+
+
+BAD = [
+    # (case, body, status, text the error must name)
+    ("temperature type", chat(temperature="hot"), 400, "temperature"),
+    ("temperature range", chat(temperature=5), 400, "temperature"),
+    ("messages type", {"model": MODEL, "messages": "Hi"}, 400, "messages"),
+    ("empty messages", {"model": MODEL, "messages": []}, 400, "messages"),
+    ("no messages", {"model": MODEL}, 400, "messages"),
+    (
+        "unknown role",
+        {"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]},
+        400,
+        "messages[0].role",
+    ),
+    (
+        "content type",
+        {"model": MODEL, "messages": [{"role": "user", "content": 5}]},
+        400,
+        "messages[0].content",
+    ),
+    ("unknown part", chat([{"type": "video", "video": "x"}]), 400, "messages[0].content[0]"),
+    ("n = 2", chat(n=2), 400, "n"),
+    ("max_tokens type", chat(max_tokens="many"), 400, "max_tokens"),
+    ("max_tokens zero", chat(max_tokens=0), 400, "max_tokens"),
+    ("huge max_tokens", chat(max_tokens=10**9), 400, "max_tokens"),
+    ("huge max_completion_tokens", chat(max_completion_tokens=10**9), 400, "max_completion_tokens"),
+    ("stop type", chat(stop=[1, 2]), 400, "stop"),
+    (
+        "invalid base64 image",
+        chat(part("data:image/png;base64,@@@")),
+        400,
+        "messages[0].content[0].image_url.url",
+    ),
+    ("non-image data URI", chat(part("data:text/plain;base64,aGVsbG8=")), 400, "not an image"),
+    (
+        "undecodable image",
+        chat(part("data:image/png;base64,aGVsbG8=")),
+        400,
+        "messages[0].content[0].image_url.url",
+    ),
+    ("remote URL", chat(part("https://example.com/cat.png")), 400, "remote URLs are not fetched"),
+    ("path outside allow-files", chat(part("/etc/hosts")), 400, "outside the --allow-files"),
+    (
+        "invalid base64 audio",
+        chat([{"type": "input_audio", "input_audio": {"data": "!!", "format": "wav"}}]),
+        400,
+        "messages[0].content[0].input_audio.data",
+    ),
+    (
+        "undecodable audio",
+        chat([{"type": "input_audio", "input_audio": {"data": "aGVsbG8=", "format": "wav"}}]),
+        400,
+        "input_audio.data",
+    ),
+    (
+        "image in a system message",
+        {"model": MODEL, "messages": [{"role": "system", "content": part(png_uri())}]},
+        400,
+        "messages[0].content",
+    ),
+    (
+        "tool_choice without tools",
+        chat(tool_choice={"type": "function", "function": {"name": "f"}}),
+        400,
+        "tool_choice",
+    ),
+    (
+        "bad tool arguments",
+        {
+            "model": MODEL,
+            "messages": [
+                {"role": "user", "content": "x"},
+                {
+                    "role": "assistant",
+                    "tool_calls": [
+                        {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{x"}}
+                    ],
+                },
+                {"role": "tool", "tool_call_id": "c1", "content": "1"},
+            ],
+        },
+        400,
+        "messages[1].tool_calls[0].function.arguments",
+    ),
+    ("body not an object", [1, 2], 400, "JSON object"),
+]
+
+
+@pytest.mark.parametrize("case,body,status,named", BAD, ids=[b[0] for b in BAD])
+def test_bad_requests_are_4xx_naming_the_field(server, case, body, status, named):
+    r = post(server, body)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert named in error["message"] or named == error["param"], error
+    assert error["type"] == "invalid_request_error"
+
+
+def test_malformed_json_oversize_body_and_still_serving(server):
+    r = post(server, None, raw=b'{"model": "tiny-gemma", "messages": [')
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
+    r = post(server, chat("x" * 3_000_000))
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    assert ask(server.client(), "Hi", max_tokens=2).choices[0].finish_reason in ("stop", "length")
+
+
+def test_disconnect_cancels_the_generation(server, loaded):
+    worker = wait_idle(server)
+    body = chat("Tell me a long story", max_tokens=900, temperature=0, stream=True)
+    with httpx.stream(
+        "POST", server.url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}
+    ) as r:
+        lines = r.iter_lines()
+        for _ in range(6):
+            next(lines)
+    wait_idle(server)
+    assert worker.last.finish_reason == "cancelled" and worker.last.completion_tokens < 900
+    # a non-streaming request whose client gives up is cancelled too
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(
+            server.url + "/v1/chat/completions",
+            json=chat("Another story", max_tokens=900),
+            headers={"Authorization": f"Bearer {KEY}"},
+            timeout=0.5,
+        )
+    wait_idle(server)
+    assert worker.last.finish_reason == "cancelled" and worker.last.completion_tokens < 900
+    # the caches stay consistent: the same prompt now gives the cold answer
+    r = ask(server.client(), "Tell me a long story", max_tokens=20)
+    ref, _ = reference(loaded, [{"role": "user", "content": "Tell me a long story"}], 20)
+    assert r.choices[0].message.content == parse_output(ref.text).content
+    assert r.usage.prompt_tokens_details.cached_tokens > 0
+
+
+def test_concurrent_streaming_clients_get_their_own_answers(server, loaded):
+    prompts = [f"Hello {w} fox" for w in ("quick", "brown", "lazy", "dog")]
+    expected = {
+        p: parse_output(reference(loaded, [{"role": "user", "content": p}], 10)[0].text).content
+        for p in prompts
+    }
+    results, errors = [], []
+
+    def run(p):
+        try:
+            client = server.client()
+            for _ in range(2):
+                stream = ask(client, p, max_tokens=10, stream=True)
+                results.append((p, "".join(c.choices[0].delta.content or "" for c in stream if c.choices)))
+        except Exception as e:  # noqa: BLE001 (reported below)
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(p,)) for p in prompts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors and len(results) == 8
+    assert all(text == expected[p] for p, text in results)

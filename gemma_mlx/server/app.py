@@ -24,8 +24,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..media import MediaError
 from ..processor import Inputs, Processor
 from ..prompt_cache import PromptKey
+from ..tools import OutputParser
 from .messages import convert_messages
-from .output import make_parser
 from .schema import APIError, ChatRequest, CompletionRequest, validation_error
 from .worker import Job, QueueFull, Stats, Worker
 
@@ -241,7 +241,7 @@ def create_app(
         parser = make_parser(req.thinking, prompt.forced)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return sse(stream_chat(job, parser, rid, now, include_usage))
+            return sse(job, stream_chat(job, parser, rid, now, include_usage))
         texts, stats = await collect(request, job)
         deltas = [d for t in texts for d in parser.feed(t)] + parser.finish()
         content = "".join(d.text for d in deltas if d.kind == "content")
@@ -272,7 +272,7 @@ def create_app(
         rid, now = "cmpl-" + secrets.token_hex(12), int(time.time())
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return sse(stream_text(job, rid, now, include_usage))
+            return sse(job, stream_text(job, rid, now, include_usage))
         texts, stats = await collect(request, job)
         return {
             "id": rid,
@@ -436,13 +436,14 @@ def create_app(
                 "usage": usage(stats),
             }
 
-    def sse(events: AsyncIterator[dict]) -> StreamingResponse:
+    def sse(job: Job, events: AsyncIterator[dict]) -> StreamingResponse:
         async def body() -> AsyncIterator[str]:
             try:
                 async for event in events:
                     yield f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
                 yield "data: [DONE]\n\n"
-            finally:  # also when the client disconnects: the task is cancelled here
+            finally:  # also when the client disconnects: Starlette cancels this task then
+                job.cancel()
                 await events.aclose()
 
         return StreamingResponse(
@@ -452,6 +453,15 @@ def create_app(
         )
 
     return app
+
+
+def make_parser(thinking: bool, forced: str = "") -> OutputParser:
+    """A streaming parser of one answer; `forced` is text written after the generation prompt
+    (the start of a required tool call), which it reads before the model's own output."""
+    parser = OutputParser(thinking=thinking)
+    if forced:
+        parser.feed(forced)
+    return parser
 
 
 class ChatPrompt:

@@ -30,20 +30,28 @@ class APIError(Exception):
 
 
 def validation_error(e: ValidationError) -> APIError:
-    """The first pydantic error as a 400 naming the field (`messages[0].content`)."""
-    err = e.errors()[0]
+    """A pydantic error as a 400 naming the field (`messages[0].content[1].image_url`): of a union's
+    failed branches, the one that got furthest into the value."""
+    err = max(e.errors(), key=lambda x: len(x["loc"]))
     param = ""
     for part in err["loc"]:
         if isinstance(part, int):
             param += f"[{part}]"
-        elif not str(part).startswith(("function-", "tagged-union", "literal")):  # union branch names
-            param += f".{part}" if param else str(part)
+        elif not _is_branch(part):
+            param += f".{part}" if param else part
     message = err["msg"]
     if err["type"] == "missing":
         message = "is required"
-    elif "input" in err and err["type"] not in ("extra_forbidden",):
+    elif "input" in err:
         message = f"{message} (got {_short(err['input'])})"
     return APIError(400, f"{param or 'body'}: {message}", param or None, "invalid_value")
+
+
+def _is_branch(part: str) -> bool:
+    """Whether a location part names a union branch (`str`, `list[...]`, `TextPart`), not a field."""
+    return (
+        "[" in part or part[:1].isupper() or part in ("str", "int", "float", "bool", "dict", "list", "none")
+    )
 
 
 def _short(value: Any) -> str:

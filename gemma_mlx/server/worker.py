@@ -63,7 +63,10 @@ class Job:
     cancelled: threading.Event = field(default_factory=threading.Event)
 
     def emit(self, event: Event) -> None:
-        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:  # the event loop has closed (server shutdown): nobody is listening
+            self.cancelled.set()
 
     def cancel(self) -> None:
         self.cancelled.set()
@@ -99,6 +102,7 @@ class Worker:
         self._lock = threading.Lock()
         self._waiting = 0  # submitted and not yet started
         self._thread: threading.Thread | None = None
+        self.last: Stats | None = None  # the stats of the last job run (finished or cancelled)
 
     def start(self) -> None:
         if self._thread is None:
@@ -111,6 +115,10 @@ class Worker:
             self._thread.join()
             self._thread = None
 
+    @property
+    def idle(self) -> bool:
+        return self._jobs.unfinished_tasks == 0
+
     def submit(self, job: Job) -> None:
         with self._lock:
             if self._waiting >= self.max_queue:
@@ -122,14 +130,22 @@ class Worker:
         while (job := self._jobs.get()) is not None:
             with self._lock:
                 self._waiting -= 1
-            if job.cancelled.is_set():
-                continue
             try:
-                job.emit(Event(done=True, stats=self._run(job)))
-            except _Cancelled:
-                job.emit(Event(done=True, stats=Stats(finish_reason="cancelled")))
-            except Exception as e:  # reported to the client as a 500; the worker keeps serving
-                job.emit(Event(error=e))
+                self._serve(job)
+            finally:
+                self._jobs.task_done()
+
+    def _serve(self, job: Job) -> None:
+        if job.cancelled.is_set():
+            return
+        try:
+            self.last = self._run(job)
+            job.emit(Event(done=True, stats=self.last))
+        except _Cancelled:
+            self.last = Stats(finish_reason="cancelled")
+            job.emit(Event(done=True, stats=self.last))
+        except Exception as e:  # reported to the client as a 500; the worker keeps serving
+            job.emit(Event(error=e))
 
     def _run(self, job: Job) -> Stats:
         model, ids = self.model, job.inputs.ids
@@ -173,8 +189,8 @@ class Worker:
                 stats.drafted, stats.accepted = chunk.drafted, chunk.accepted
                 stats.finish_reason = chunk.finish_reason
                 job.emit(Event(text=chunk.text))
-                if job.cancelled.is_set():
-                    stats.finish_reason = stats.finish_reason or "cancelled"
+                if job.cancelled.is_set() and chunk.finish_reason is None:
+                    stats.finish_reason = "cancelled"
                     break
         finally:
             chunks.close()

@@ -101,6 +101,8 @@ def save_tokenizer(path: Path) -> None:
     tok.normalizer = normalizers.Replace(" ", "▁")
     tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
     extra = ["<|turn>", "<turn|>", "<|think|>", "<|channel>", "<channel|>", "<|image|>", "<|audio|>"]
+    tools = ["<|tool>", "<tool|>", "<|tool_call>", "<tool_call|>", "<|tool_response>", "<tool_response|>"]
+    extra += [*tools, '<|"|>']  # appended: earlier ids stay as other tests know them
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL + extra])
     assert tok.get_vocab_size() <= VOCAB
     tok.save(str(path / "tokenizer.json"))

@@ -369,8 +369,10 @@ def test_gemma4_template_details():
     # content=None (e.g. an assistant message that only called a tool) renders as empty
     assert "<|turn>model\n<turn|>\n" in GEMMA4.render([USER, {"role": "assistant", "content": None}])
     assert GEMMA4.render([USER], bos_token="").startswith("<|turn>user")
-    with pytest.raises(ValueError, match=r"gemma4\.jinja: unsupported role 'tool'"):
+    with pytest.raises(ValueError, match=r"gemma4\.jinja: a role 'tool' message must follow"):
         GEMMA4.render([{"role": "tool", "content": "x"}])
+    with pytest.raises(ValueError, match=r"gemma4\.jinja: unsupported role 'robot'"):
+        GEMMA4.render([{"role": "robot", "content": "x"}])
     with pytest.raises(ValueError, match="list of dicts"):
         GEMMA4.render("Hi")
 

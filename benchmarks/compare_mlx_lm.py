@@ -25,7 +25,7 @@ import numpy as np
 from gemma_mlx import load
 from gemma_mlx.benchmark import benchmark
 from gemma_mlx.checkpoint import read_weights
-from gemma_mlx.default_model import default_model_path
+from gemma_mlx.convert.default_model import default_model_path
 
 
 def mlx_lm_copy(src: Path, dst: Path) -> Path:

@@ -21,7 +21,7 @@ import mlx.core as mx
 from gemma_mlx import load
 from gemma_mlx.checkpoint import load_model
 from gemma_mlx.convert import convert
-from gemma_mlx.default_model import default_model_path
+from gemma_mlx.convert.default_model import default_model_path
 from gemma_mlx.quality import compare, log_probs
 
 TEXT = Path(__file__).parents[1] / "tests" / "data" / "public_domain.txt"

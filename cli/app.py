@@ -8,6 +8,21 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+from gemma_mlx import ConfigError, Drafter, GenerationStats, load, load_config, load_drafter, stream_generate
+from gemma_mlx.benchmark import benchmark
+from gemma_mlx.chat import ChatSession
+from gemma_mlx.convert.default_model import DESCRIPTION, default_model_path
+from gemma_mlx.footprint import footprint, memory_bytes, memory_warning
+from gemma_mlx.models.gemma import Model
+from gemma_mlx.processor import Processor
+from gemma_mlx.sample import SamplingParams
+
+from . import chat as chat_repl
+from .convert import convert_command
 
 app = typer.Typer(
     name="gemma-mlx",
@@ -17,6 +32,25 @@ app = typer.Typer(
     add_completion=False,
 )
 state = {"debug": False}
+
+# Options shared by several commands, declared once.
+ModelOpt = Annotated[
+    str | None, typer.Option("--model", "-m", help="Checkpoint directory (default: the offline model).")
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object.")]
+TemperatureOpt = Annotated[
+    float, typer.Option("--temperature", "-t", min=0.0, help="Sampling temperature; 0 = greedy.")
+]
+TopKOpt = Annotated[int, typer.Option("--top-k", min=0, help="Keep the k most likely tokens (0 = off).")]
+TopPOpt = Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling (1 = off).")]
+MinPOpt = Annotated[float, typer.Option("--min-p", min=0.0, max=1.0, help="Min-p sampling (0 = off).")]
+SeedOpt = Annotated[int | None, typer.Option("--seed", help="Random seed for sampling.")]
+DraftOpt = Annotated[
+    str | None, typer.Option("--draft", help="MTP drafter checkpoint: speculative decoding.")
+]
+DraftBlockOpt = Annotated[
+    int, typer.Option("--draft-block-size", min=2, help="Tokens per speculative round (last token + drafts).")
+]
 
 
 def fail(message: str, code: int = 1) -> None:
@@ -31,12 +65,8 @@ def resolve_model(model: str | None) -> Path:
         if not path.is_dir():
             fail(f"--model {model}: no such checkpoint directory")
         return path
-    try:
-        from gemma_mlx.default_model import DESCRIPTION, default_model_path
-    except ImportError:
-        fail("no --model given and no offline default model is available")
     typer.secho(f"Using the offline default model: {DESCRIPTION}", err=True, fg=typer.colors.CYAN)
-    return default_model_path()
+    return default_model_path(log=lambda line: typer.secho(f"{line} (once; about 20 s)", err=True))
 
 
 def human_bytes(n: float) -> str:
@@ -65,27 +95,13 @@ def main_options(
     state["debug"] = debug
 
 
-SAMPLING = "Sampling: temperature 0 = greedy."
-
-
-def guard_memory(path: Path, context: int = 8192) -> None:
-    """Warn before loading a model that will not fit the memory available now."""
-    from gemma_mlx.footprint import footprint, memory_warning
-
-    warning = memory_warning(footprint(path, context))
-    if warning:
-        typer.secho(f"warning: {warning}", fg=typer.colors.YELLOW, err=True)
-
-
 class PrefillBar:
     """A progress bar for prompts long enough to make the wait visible (several prefill chunks)."""
 
     def __init__(self) -> None:
-        self.bar = None
+        self.bar: Progress | None = None
 
     def __call__(self, done: int, total: int) -> None:
-        from rich.progress import Progress
-
         if self.bar is None and total > 1024:
             self.bar = Progress(transient=True, console=None)
             self.bar.start()
@@ -97,146 +113,138 @@ class PrefillBar:
                 self.bar = None
 
 
-def load_draft(draft: str | None):
+def load_draft(draft: str | None) -> Drafter | None:
     """The MTP drafter for --draft (a `gemma4_unified_assistant` checkpoint directory)."""
     if draft is None:
         return None
-    from gemma_mlx import load_drafter
-
     path = Path(draft).expanduser()
     if not path.is_dir():
         fail(f"--draft {draft}: no such drafter checkpoint directory")
     return load_drafter(path)
 
 
-def load_checked(path: Path):
-    from gemma_mlx import load
+def check_media(path: Path, images: list[str], audio: list[str]) -> None:
+    """Refuse media the model cannot take, before its weights are loaded."""
+    config = load_config(path)
+    if images and config.vision is None:
+        fail(f"{path}: this model has no vision input (--image)")
+    if audio and config.audio is None:
+        fail(f"{path}: this model has no audio input (--audio)")
 
-    guard_memory(path)
+
+def load_checked(path: Path) -> tuple[Model, Processor]:
+    """Load after warning when weights plus the KV cache will not fit the memory available now."""
+    warning = memory_warning(footprint(path))
+    if warning:
+        typer.secho(f"warning: {warning}", fg=typer.colors.YELLOW, err=True)
     model, processor = load(path)
     if processor is None:
         fail(f"{path}: the checkpoint has no tokenizer files")
     return model, processor
 
 
+def stats_line(stats: GenerationStats) -> str:
+    line = (
+        f"{stats.prompt_tokens} prompt tokens at {stats.prompt_tps:.1f} tok/s, {stats.generation_tokens} "
+        f"generated at {stats.generation_tps:.1f} tok/s"
+    )
+    if stats.drafted:
+        line += f", drafts accepted {stats.accepted}/{stats.drafted} ({stats.acceptance:.0%})"
+    return line
+
+
 @app.command()
 def generate(
     prompt: Annotated[str | None, typer.Argument(help="Prompt text; read from stdin when omitted.")] = None,
-    model: Annotated[str | None, typer.Option("--model", "-m", help="Checkpoint directory.")] = None,
+    model: ModelOpt = None,
     max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", min=1, help="Tokens to generate.")] = 128,
-    temperature: Annotated[float, typer.Option("--temperature", "-t", min=0.0, help=SAMPLING)] = 0.0,
-    top_k: Annotated[
-        int, typer.Option("--top-k", min=0, help="Keep the k most likely tokens (0 = off).")
-    ] = 0,
-    top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling.")] = 1.0,
-    min_p: Annotated[float, typer.Option("--min-p", min=0.0, max=1.0, help="Min-p sampling.")] = 0.0,
-    seed: Annotated[int | None, typer.Option("--seed", help="Random seed for sampling.")] = None,
-    image: Annotated[list[str] | None, typer.Option("--image", help="An image (repeatable).")] = None,
-    audio: Annotated[list[str] | None, typer.Option("--audio", help="An audio clip (repeatable).")] = None,
-    as_json: Annotated[
-        bool, typer.Option("--json", help="Print one JSON object with text and speed.")
-    ] = False,
-    draft: Annotated[
-        str | None, typer.Option("--draft", help="MTP drafter checkpoint: speculative decoding.")
+    temperature: TemperatureOpt = 0.0,
+    top_k: TopKOpt = 0,
+    top_p: TopPOpt = 1.0,
+    min_p: MinPOpt = 0.0,
+    seed: SeedOpt = None,
+    image: Annotated[
+        list[str] | None, typer.Option("--image", metavar="FILE", help="An image (repeatable).")
     ] = None,
-    draft_block_size: Annotated[
-        int,
-        typer.Option("--draft-block-size", min=2, help="Tokens per speculative round (last token + drafts)."),
-    ] = 4,
+    audio: Annotated[
+        list[str] | None, typer.Option("--audio", metavar="FILE", help="An audio clip (repeatable).")
+    ] = None,
+    as_json: JsonOpt = False,
+    draft: DraftOpt = None,
+    draft_block_size: DraftBlockOpt = 4,
 ) -> None:
     """Complete a prompt and print the text as it is generated."""
     if prompt is None:
         if sys.stdin.isatty():
             fail("give a prompt as an argument or on stdin")
-        prompt = sys.stdin.read()
-    from gemma_mlx import stream_generate
-
+        prompt = sys.stdin.buffer.read().decode("utf-8", errors="replace")
     path = resolve_model(model)
-    model_obj, processor = load_checked(path)
     images, clips = image or [], audio or []
-    if (images or clips) and "<|image|>" not in prompt and "<|audio|>" not in prompt:
-        prompt = "<|image|>" * len(images) + "<|audio|>" * len(clips) + prompt  # media first
+    check_media(path, images, clips)
+    model_obj, processor = load_checked(path)
+    sampling = SamplingParams(temperature, top_k, top_p, min_p, seed)
     last, text = None, []
-    for chunk in stream_generate(
+    chunks = stream_generate(
         model_obj,
         processor,
         prompt,
         max_tokens=max_tokens,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        min_p=min_p,
-        seed=seed,
+        **vars(sampling),
         images=images,
         audio=clips,
         prefill_progress=PrefillBar(),
         drafter=load_draft(draft),
         draft_block_size=draft_block_size,
-    ):
-        if not as_json:
-            typer.echo(chunk.text, nl=False)
-        text.append(chunk.text)
-        last = chunk
+    )
+    try:
+        for last in chunks:
+            if not as_json:
+                typer.echo(last.text, nl=False)
+            text.append(last.text)
+    except KeyboardInterrupt:
+        typer.echo()
+        raise
     if as_json:
-        result = {
-            "model": str(path),
-            "text": "".join(text),
-            "prompt_tokens": last.prompt_tokens,
-            "generation_tokens": last.generation_tokens,
-            "prompt_tps": round(last.prompt_tps, 2),
-            "generation_tps": round(last.generation_tps, 2),
-            "peak_memory_gb": round(last.peak_memory_gb, 3),
-            "finish_reason": last.finish_reason,
-            "draft_acceptance": round(last.accepted / last.drafted, 3) if last.drafted else None,
-        }
-        typer.echo(json.dumps(result, ensure_ascii=False))
+        result = {"model": str(path), "text": "".join(text), "finish_reason": last.finish_reason}
+        typer.echo(json.dumps({**result, **last.stats.as_dict()}, ensure_ascii=False))
         return
     typer.echo()
     typer.secho(
-        f"[{last.prompt_tokens} prompt tokens at {last.prompt_tps:.1f} tok/s, {last.generation_tokens} "
-        f"generated at {last.generation_tps:.1f} tok/s, peak memory {last.peak_memory_gb:.2f} GB"
-        + (f", {last.accepted}/{last.drafted} drafts accepted]" if last.drafted else "]"),
-        err=True,
-        dim=True,
+        f"[{stats_line(last.stats)}, peak memory {last.stats.peak_memory_gb:.2f} GB]", err=True, dim=True
     )
 
 
 @app.command()
 def chat(
-    model: Annotated[str | None, typer.Option("--model", "-m", help="Checkpoint directory.")] = None,
+    model: ModelOpt = None,
     system: Annotated[str | None, typer.Option("--system", help="System prompt.")] = None,
     think: Annotated[bool, typer.Option("--think/--no-think", help="Let the model think first.")] = False,
-    image: Annotated[list[str] | None, typer.Option("--image", help="Attach to the first message.")] = None,
-    audio: Annotated[list[str] | None, typer.Option("--audio", help="Attach to the first message.")] = None,
-    max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", min=1, help="Tokens per answer.")] = 512,
-    temperature: Annotated[float, typer.Option("--temperature", "-t", min=0.0, help=SAMPLING)] = 1.0,
-    top_k: Annotated[int, typer.Option("--top-k", min=0)] = 64,
-    top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0)] = 0.95,
-    min_p: Annotated[float, typer.Option("--min-p", min=0.0, max=1.0)] = 0.0,
-    seed: Annotated[int | None, typer.Option("--seed")] = None,
-    draft: Annotated[
-        str | None, typer.Option("--draft", help="MTP drafter checkpoint: speculative decoding.")
+    image: Annotated[
+        list[str] | None, typer.Option("--image", metavar="FILE", help="Attach to the first message.")
     ] = None,
-    draft_block_size: Annotated[
-        int,
-        typer.Option("--draft-block-size", min=2, help="Tokens per speculative round (last token + drafts)."),
-    ] = 4,
+    audio: Annotated[
+        list[str] | None, typer.Option("--audio", metavar="FILE", help="Attach to the first message.")
+    ] = None,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", min=1, help="Tokens per answer.")] = 512,
+    temperature: TemperatureOpt = 1.0,
+    top_k: TopKOpt = 64,
+    top_p: TopPOpt = 0.95,
+    min_p: MinPOpt = 0.0,
+    seed: SeedOpt = None,
+    draft: DraftOpt = None,
+    draft_block_size: DraftBlockOpt = 4,
 ) -> None:
     """Chat in the terminal: multi-turn with cache reuse, streaming, images and audio, /commands."""
-    from gemma_mlx.chat import ChatSession
-
-    from .chat import repl
-
     path = resolve_model(model)
+    check_media(path, image or [], audio or [])
     model_obj, processor = load_checked(path)
-    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed)
     session = ChatSession(
         model_obj,
         processor,
         system=system,
         think=think,
         max_tokens=max_tokens,
-        sampling=sampling,
+        sampling=SamplingParams(temperature, top_k, top_p, min_p, seed),
         prefill_progress=PrefillBar(),
         drafter=load_draft(draft),
         draft_block_size=draft_block_size,
@@ -248,21 +256,16 @@ def chat(
     banner = f"gemma-mlx chat - {path.name} ({model_obj.config.model_type})"
     if model is None:  # the offline default
         banner += "\nNote: a base (pre-trained) model: it continues text rather than following instructions."
-    repl(session, banner)
+    chat_repl.repl(session, banner)
 
 
 @app.command()
 def info(
-    model: Annotated[str | None, typer.Option("--model", "-m", help="Checkpoint directory.")] = None,
+    model: ModelOpt = None,
     context: Annotated[int, typer.Option("--context", min=1, help="Context for the memory estimate.")] = 8192,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """What a checkpoint is and costs: parameters, bits per weight, bytes per token, memory."""
-    from rich.console import Console
-    from rich.table import Table
-
-    from gemma_mlx.footprint import footprint, memory_bytes
-
     path = resolve_model(model)
     fp = footprint(path, context)
     total, available = memory_bytes()
@@ -295,124 +298,45 @@ def info(
 
 @app.command()
 def bench(
-    model: Annotated[str | None, typer.Option("--model", "-m", help="Checkpoint directory.")] = None,
+    model: ModelOpt = None,
     prompt_tokens: Annotated[int, typer.Option("--prompt-tokens", "-p", min=1)] = 512,
     generation_tokens: Annotated[int, typer.Option("--generation-tokens", "-g", min=2)] = 128,
     trials: Annotated[int, typer.Option("--trials", "-n", min=1)] = 3,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Measure prefill and decode tokens/s and peak memory (random prompt, greedy decode)."""
-    from gemma_mlx import load
-    from gemma_mlx.benchmark import benchmark
-    from gemma_mlx.footprint import footprint
-
     path = resolve_model(model)
     model_obj, _ = load(path)
-    result = benchmark(model_obj, prompt_tokens, generation_tokens, trials)
+    stats = benchmark(model_obj, prompt_tokens, generation_tokens, trials)
     per_token = footprint(path).bytes_per_token
     data = {
         "model": str(path),
-        **result.as_dict(),
+        **stats.as_dict(),
+        "trials": trials,
         "bytes_per_token": per_token,
-        "weights_gb_per_s": round(per_token * result.generation_tps / 1e9, 2),
+        "weights_gb_per_s": round(per_token * stats.generation_tps / 1e9, 2),
     }
     if as_json:
         typer.echo(json.dumps(data))
         return
     typer.echo(
-        f"{path.name}: prefill {result.prompt_tps:.1f} tok/s ({prompt_tokens} tokens), decode "
-        f"{result.generation_tps:.1f} tok/s ({generation_tokens} tokens; {data['weights_gb_per_s']} GB/s "
-        f"of weights read), peak memory {result.peak_memory_gb:.2f} GB, mean of {trials} trials"
+        f"{path.name}: prefill {stats.prompt_tps:.1f} tok/s ({prompt_tokens} tokens), decode "
+        f"{stats.generation_tps:.1f} tok/s ({generation_tokens} tokens; {data['weights_gb_per_s']} GB/s "
+        f"of weights read), peak memory {stats.peak_memory_gb:.2f} GB, mean of {trials} trials"
     )
 
 
-@app.command()
-def convert(
-    src: Annotated[
-        str, typer.Argument(help="Checkpoint directory or Hugging Face repo id (e.g. google/gemma-4-12B-it).")
-    ],
-    out: Annotated[Path, typer.Argument(help="Output directory (written atomically).")],
-    bits: Annotated[
-        int, typer.Option(help="Bits per weight: affine 2/3/4/5/6/8; mxfp4/nvfp4 4; mxfp8 8.")
-    ] = 4,
-    group_size: Annotated[int | None, typer.Option(help="Weights per scale (affine 32/64/128).")] = None,
-    mode: Annotated[str, typer.Option(help="affine, mxfp4, mxfp8 or nvfp4.")] = "affine",
-    recipe: Annotated[
-        str, typer.Option(help="uniform, mixed_3_6, mixed_4_6, mixed_4_8 or mlp_8bit.")
-    ] = "uniform",
-    quantize: Annotated[
-        bool, typer.Option("--quantize/--no-quantize", help="--no-quantize: float conversion.")
-    ] = True,
-    quantize_embedding: Annotated[
-        bool,
-        typer.Option("--quantize-embedding/--keep-embedding", help="Quantize the tied embedding/LM head."),
-    ] = True,
-    quantize_drafter: Annotated[
-        bool,
-        typer.Option("--quantize-drafter/--keep-drafter", help="Quantize an MTP drafter (default: keep)."),
-    ] = False,
-    dtype: Annotated[
-        str | None, typer.Option(help="float32, bfloat16 or float16 for unquantized parts.")
-    ] = None,
-    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
-    check: Annotated[bool, typer.Option("--check", help="Compare the result with the source model.")] = False,
-) -> None:
-    """Convert a Hugging Face checkpoint into a (quantized) MLX checkpoint."""
-    import json
-
-    from rich.console import Console
-    from rich.progress import BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn
-    from rich.table import Table
-
-    from gemma_mlx.convert import convert as run_convert
-    from gemma_mlx.convert import convert_drafter, resolve_source
-
-    console = Console(stderr=True)
-    source = resolve_source(src)
-    raw = json.loads((source / "config.json").read_text()) if (source / "config.json").is_file() else {}
-    total = sum(f.stat().st_size for f in source.glob("*.safetensors"))
-    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), MofNCompleteColumn())
-    with Progress(*columns, console=console, transient=True) as bar:
-        task = bar.add_task("converting", total=None)
-        bytes_task = bar.add_task("reading", total=total)
-
-        def progress(name: str, nbytes: int) -> None:
-            bar.update(task, advance=1, description=f"[cyan]{name}")
-            bar.update(bytes_task, advance=nbytes)
-
-        kw = dict(bits=bits, group_size=group_size, mode=mode, dtype=dtype, force=force, progress=progress)
-        if raw.get("model_type") == "gemma4_unified_assistant":
-            report = convert_drafter(source, out, quantize=quantize_drafter, **kw)
-        else:
-            report = run_convert(
-                source,
-                out,
-                recipe=recipe,
-                quantize=quantize,
-                quantize_embedding=quantize_embedding,
-                check=check,
-                **kw,
-            )
-    table = Table(title=f"Converted {src} -> {out}")
-    table.add_column("measure")
-    table.add_column("value", justify="right")
-    table.add_row("bits per weight", f"{report.bits_per_weight:.3f}")
-    table.add_row("size on disk", human_bytes(report.bytes_on_disk))
-    if report.bytes_per_token:
-        table.add_row("bytes read per decoded token", human_bytes(report.bytes_per_token))
-    if report.kept_float:
-        table.add_row("layers kept in float", str(len(report.kept_float)))
-    for key, value in (report.check or {}).items():
-        table.add_row(f"check: {key.replace('_', ' ')}", f"{value:.4f}")
-    Console().print(table)
+app.command("convert")(convert_command)
 
 
 def main() -> None:
     """Console entry point: user errors become one red line and a non-zero exit code."""
     try:
         app()
-    except (ValueError, OSError, RuntimeError) as e:
+    except (ValueError, OSError, RuntimeError, ConfigError) as e:
         if state["debug"]:
             raise
         typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
         sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)

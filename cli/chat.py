@@ -79,16 +79,20 @@ def command(session: ChatSession, line: str) -> bool:
             echo("[conversation reset]")
         elif name == "stats":
             s = session.stats
-            echo(
-                f"[last turn: {s.prompt_tokens} prompt tokens at {s.prompt_tps:.1f} tok/s"
-                f"{' (cache reused)' if s.reused_cache else ''}, {s.generation_tokens} generated at "
-                f"{s.generation_tps:.1f} tok/s; context {len(session.tokens)}/{session.context} tokens; "
-                + (
-                    f"drafts accepted {s.accepted}/{s.drafted} ({s.accepted / s.drafted:.0%})]"
-                    if s.drafted
-                    else "no drafter]"
+            if not s.generation_tokens:
+                echo("[no answer yet]")
+            else:
+                reused = f" after {s.cached_prompt_tokens} cached" if s.cached_prompt_tokens else ""
+                echo(
+                    f"[last turn: {s.prompt_tokens} prompt tokens{reused} at {s.prompt_tps:.1f} tok/s, "
+                    f"{s.generation_tokens} generated at {s.generation_tps:.1f} tok/s; context "
+                    f"{len(session.tokens)}/{session.context} tokens; "
+                    + (
+                        f"drafts accepted {s.accepted}/{s.drafted} ({s.acceptance:.0%})]"
+                        if s.drafted
+                        else "no drafter]"
+                    )
                 )
-            )
         elif name == "save" and arg:
             save_transcript(session, Path(arg).expanduser())
             echo(f"[transcript saved to {arg}]")

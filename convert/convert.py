@@ -7,8 +7,8 @@
 3. The output appears only when complete (`writer.atomic_directory`): an exception or Ctrl-C
    leaves nothing behind.
 
-Output tensors carry our names (`gemma_mlx.checkpoint.sanitize`: no leading `model.`); the MTP
-drafter keeps its own names (those of `gemma_mlx.models.drafter.Drafter`).
+Output tensors carry our names (the models' `sanitize`: `Model` drops the leading `model.`; the MTP
+drafter's names are the assistant checkpoint's own).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
-from gemma_mlx.checkpoint import CheckpointError, _listing, _shard_files, sanitize
+from gemma_mlx.checkpoint import CheckpointError, _listing, _shard_files, load_drafter
 from gemma_mlx.config import parse_config, parse_drafter_config
 from gemma_mlx.models.drafter import Drafter
 from gemma_mlx.models.gemma import Model
@@ -252,18 +252,17 @@ class _Target:
         return {k: tuple(v.shape) for k, v in tree_flatten(self.module.parameters())}
 
 
-def _model_name(name: str) -> str | None:
-    return next(iter(sanitize({name: None})), None)
-
-
-def _drafter_name(name: str) -> str | None:
-    return None if name.startswith("lm_head.") else name
+def _renamer(module: Model | Drafter) -> Callable[[str], str | None]:
+    """One source name -> its name in `module` (by the module's own `sanitize`), None if dropped."""
+    return lambda name: next(iter(module.sanitize({name: None})), None)
 
 
 def _target(raw: dict, where: str) -> _Target:
     if raw.get("model_type") == DRAFTER:
-        return _Target("drafter", Drafter(parse_drafter_config(raw, where)), _drafter_name, "")
-    return _Target("model", Model(parse_config(raw, where)), _model_name, TEXT_PREFIX)
+        drafter = Drafter(parse_drafter_config(raw, where))
+        return _Target("drafter", drafter, _renamer(drafter), "")
+    model = Model(parse_config(raw, where))
+    return _Target("model", model, _renamer(model), TEXT_PREFIX)
 
 
 def _read_config(src: Path) -> dict:
@@ -695,7 +694,6 @@ def check_conversion(src: str | Path, out: str | Path, ids: list[int] | None = N
 def check_drafter(src: str | Path, out: str | Path, steps: int = 8) -> dict:
     """The converted drafter against the source on random (seeded) target states and K/V: its
     draft logits are what decide acceptance."""
-    from gemma_mlx.models.drafter import load_drafter
 
     def run(path: Path) -> np.ndarray:
         drafter = load_drafter(path)

@@ -6,13 +6,22 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from .cache import KVCache, RingKVCache
-from .checkpoint import CheckpointError, load_model
+from .chat import ChatSession
+from .checkpoint import CheckpointError, load_drafter, load_model
 from .config import ConfigError, ModelConfig, load_config
-from .generate import GenerationChunk, GenerationResult, generate, make_cache, stream_generate
-from .models.drafter import Drafter, load_drafter
+from .generate import (
+    GenerationChunk,
+    GenerationResult,
+    GenerationStats,
+    generate,
+    make_cache,
+    stream_generate,
+)
+from .media import MediaError
+from .models.drafter import Drafter
 from .models.gemma import Model, ModelOutput
 from .processor import Processor
+from .sample import SamplingParams, make_sampler
 
 __version__ = "0.1.0"
 
@@ -32,22 +41,25 @@ def load(
 
 
 __all__ = [
+    "ChatSession",
     "CheckpointError",
-    "Drafter",
-    "load_drafter",
     "ConfigError",
+    "Drafter",
     "GenerationChunk",
     "GenerationResult",
-    "KVCache",
+    "GenerationStats",
+    "MediaError",
     "Model",
     "ModelConfig",
     "ModelOutput",
     "Processor",
-    "RingKVCache",
+    "SamplingParams",
+    "__version__",
     "generate",
     "load",
     "load_config",
+    "load_drafter",
     "make_cache",
+    "make_sampler",
     "stream_generate",
-    "__version__",
 ]

@@ -7,9 +7,30 @@ caring where in a ring a key lives. Key order does not matter to attention once 
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import mlx.core as mx
 
 Positions = mx.array  # int32 [K]; -1 marks an empty slot
+Mask = mx.array | str | None  # what `mx.fast.scaled_dot_product_attention` takes
+SharedView = tuple[mx.array, mx.array, mx.array | None]  # keys, values, mask
+
+
+class Cache(Protocol):
+    """What a layer's KV cache offers the model, the generation loops and the drafter."""
+
+    offset: int  # tokens fed so far
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]: ...
+    def key_positions(self, n: int) -> Positions: ...
+    def shared_view(self, position: int) -> SharedView: ...
+    def trim(self, n: int) -> int: ...
+    @property
+    def max_trim(self) -> int: ...
+    @property
+    def nbytes(self) -> int: ...
+    @property
+    def state(self) -> tuple | None: ...
 
 
 class KVCache:
@@ -42,6 +63,11 @@ class KVCache:
     def key_positions(self, n: int) -> Positions:
         """Positions of the keys the next `update_and_fetch` of `n` tokens will return."""
         return mx.arange(self.offset + n, dtype=mx.int32)
+
+    def shared_view(self, position: int) -> SharedView:
+        """Every cached key and value, as a query from another model (the MTP drafter) at
+        `position` reads them: a full-attention layer hides nothing."""
+        return self.keys[..., : self.offset, :], self.values[..., : self.offset, :], None
 
     def trim(self, n: int) -> int:
         """Forget the last `n` tokens (O(1)); returns how many were removed."""
@@ -140,6 +166,16 @@ class RingKVCache:
         stored = min(prev, self.capacity)
         return new if stored == 0 else mx.concatenate([self._slot_positions(prev - 1)[:stored], new])
 
+    def shared_view(self, position: int) -> SharedView:
+        """The stored keys and values as a query from another model (the MTP drafter) at
+        `position` sees them: HF's assistant mask keeps keys within `window` of the newest cached
+        key (|distance| <= window). Masks come from slot positions, so a ring that wrapped or was
+        rolled back is read correctly."""
+        stored = min(self.offset, self.capacity)
+        kpos = self._slot_positions(self.offset - 1)[:stored]
+        mask = (kpos >= 0) & (kpos >= position - 1 - self.window)
+        return self.keys[..., :stored, :], self.values[..., :stored, :], mask
+
     def trim(self, n: int) -> int:
         """Forget the last `n` tokens; exact for `n <= max_trim`."""
         if n > self.max_trim:
@@ -171,4 +207,29 @@ class RingKVCache:
             self.written = self.offset
 
 
-Cache = KVCache | RingKVCache
+def attention_mask(
+    cache: Cache | None, n: int, window: int | None, block_ids: mx.array | None = None
+) -> Mask:
+    """Mask for `n` new tokens attending to what `cache.update_and_fetch` will return.
+
+    Causal, limited to `window` keys back (sliding layers) and, where `block_ids` (`[B, n]`, -1 =
+    none) is given, bidirectional within each block of new tokens (image soft tokens); then the
+    mask is `[B, 1, n, K]`. Returns None or "causal" where the fast kernel's own masking is exact.
+    """
+    start = 0 if cache is None else cache.offset
+    if block_ids is None:
+        if n == 1 and (window is None or start < window):
+            return None
+        if window is None or (start == 0 and n <= window):
+            return "causal"  # MLX aligns the causal mask to the end of the keys
+    kpos = mx.arange(n, dtype=mx.int32) if cache is None else cache.key_positions(n)
+    qpos = mx.arange(start, start + n, dtype=mx.int32)[:, None]
+    keep = kpos[None] <= qpos
+    if block_ids is not None:
+        old = mx.full((block_ids.shape[0], kpos.shape[0] - n), -1, mx.int32)
+        kblock = mx.concatenate([old, block_ids.astype(mx.int32)], axis=1)[:, None, None, :]
+        qblock = block_ids[:, None, :, None]
+        keep = keep | ((qblock == kblock) & (qblock >= 0))
+    if window is not None:
+        keep = keep & (kpos[None] > qpos - window)
+    return keep & (kpos[None] >= 0)

@@ -9,26 +9,16 @@ When the context is full the oldest turns are dropped and the rest is prefilled 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import asdict, dataclass, field
 
 import mlx.core as mx
 
-from .generate import GenerationChunk, make_cache, stream_generate
+from .generate import GenerationChunk, GenerationStats, make_cache, stream_generate
 from .media import load_audio, load_image
+from .models.drafter import Drafter
 from .models.gemma import Model
 from .processor import Processor
-
-
-@dataclass
-class TurnStats:
-    prompt_tokens: int = 0  # tokens prefilled for the turn (only the new ones when reusing the cache)
-    generation_tokens: int = 0
-    prompt_tps: float = 0.0
-    generation_tps: float = 0.0
-    reused_cache: bool = False
-    drafted: int = 0
-    accepted: int = 0
+from .sample import SamplingParams
 
 
 @dataclass
@@ -39,16 +29,16 @@ class ChatSession:
     think: bool = False
     max_tokens: int = 512
     max_soft_tokens: int = 280
-    sampling: dict = field(default_factory=dict)
+    sampling: SamplingParams = field(default_factory=SamplingParams)
     history: list[dict] = field(default_factory=list)
     notices: list[str] = field(default_factory=list)  # context trimming etc., for the front end
     prefill_progress: Callable[[int, int], None] | None = None
-    drafter: Any = None  # an MTP drafter: speculative decoding
+    drafter: Drafter | None = None  # an MTP drafter: speculative decoding
     draft_block_size: int = 4
 
     def __post_init__(self) -> None:
         self.pending: list[dict] = []
-        self.stats = TurnStats()
+        self.stats = GenerationStats()  # of the last turn; cached_prompt_tokens > 0: the cache was reused
         self._reset_cache()
 
     def _reset_cache(self) -> None:
@@ -65,11 +55,11 @@ class ChatSession:
     def context(self) -> int:
         return self.model.config.text.max_position_embeddings
 
-    def attach_image(self, src: Any) -> None:
+    def attach_image(self, src: object) -> None:
         load_image(src)  # fail now, with the file's name, rather than at the next message
         self.pending.append({"type": "image", "image": src})
 
-    def attach_audio(self, src: Any) -> None:
+    def attach_audio(self, src: object) -> None:
         load_audio(src)
         self.pending.append({"type": "audio", "audio": src})
 
@@ -125,7 +115,7 @@ class ChatSession:
             inputs, reuse = self._inputs(user)
         self.history.append(user)
         answer = {"role": "assistant", "content": ""}
-        self.stats = TurnStats(prompt_tokens=len(inputs.ids), reused_cache=reuse)
+        self.stats = GenerationStats(prompt_tokens=len(inputs.ids), cached_prompt_tokens=len(self.tokens))
         self.tokens += inputs.ids
         try:
             for chunk in stream_generate(
@@ -137,13 +127,11 @@ class ChatSession:
                 prefill_progress=self.prefill_progress,
                 drafter=self.drafter,
                 draft_block_size=self.draft_block_size,
-                **self.sampling,
+                **asdict(self.sampling),
             ):
                 self.tokens.append(chunk.token)
                 answer["content"] += chunk.text
-                self.stats.generation_tokens = chunk.generation_tokens
-                self.stats.prompt_tps, self.stats.generation_tps = chunk.prompt_tps, chunk.generation_tps
-                self.stats.drafted, self.stats.accepted = chunk.drafted, chunk.accepted
+                self.stats = chunk.stats
                 yield chunk
         finally:
             self.history.append(answer)

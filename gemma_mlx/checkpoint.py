@@ -12,7 +12,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .config import load_config
+from .config import load_config, parse_drafter_config
+from .models.drafter import Drafter
 from .models.gemma import Model
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
@@ -51,21 +52,6 @@ def read_weights(path: str | Path) -> dict[str, mx.array]:
     return weights
 
 
-def sanitize(weights: dict[str, mx.array]) -> dict[str, mx.array]:
-    """Map on-disk names to ours: drop the leading `model.`; a bare text checkpoint's
-    `model.layers...` become `language_model.layers...`; the tied `lm_head.weight` is dropped."""
-    out = {}
-    for k, v in weights.items():
-        if k == "lm_head.weight" or k.startswith("lm_head."):
-            continue
-        if k.startswith("model."):
-            k = k[len("model.") :]
-            if not k.startswith(("language_model.", "vision_embedder.", "embed_vision.", "embed_audio.")):
-                k = "language_model." + k
-        out[k] = v
-    return out
-
-
 def _listing(names: list[str], limit: int = 12) -> str:
     shown = ", ".join(names[:limit])
     return shown + (f" ... (+{len(names) - limit} more)" if len(names) > limit else "")
@@ -91,19 +77,13 @@ def quantize_skeleton(model: nn.Module, q: dict, weights: dict[str, mx.array]) -
     )
 
 
-def load_model(path: str | Path, dtype: str | mx.Dtype | None = None, lazy: bool = False) -> Model:
-    """Build the model from `path/config.json` and load its weights (checked by name and shape)."""
-    path = Path(path)
-    config = load_config(path)
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
-        dtype = DTYPES[dtype]
-    weights = sanitize(read_weights(path))
-    model = Model(config)
-    if config.quantization:
-        quantize_skeleton(model, config.quantization, weights)
-    expected = dict(tree_flatten(model.parameters()))
+def load_weights(module: nn.Module, path: Path, quantization: dict | None, dtype: mx.Dtype | None) -> None:
+    """Load the checkpoint's tensors into `module` (a `Model` or `Drafter` skeleton), after its
+    `sanitize` mapped the names: every parameter checked by name and shape first, mismatches listed."""
+    weights = module.sanitize(read_weights(path))
+    if quantization:
+        quantize_skeleton(module, quantization, weights)
+    expected = dict(tree_flatten(module.parameters()))
     missing = sorted(set(expected) - set(weights))
     unexpected = sorted(set(weights) - set(expected))
     wrong = sorted(
@@ -122,8 +102,41 @@ def load_model(path: str | Path, dtype: str | mx.Dtype | None = None, lazy: bool
         weights = {
             k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()
         }
-    model.load_weights(list(weights.items()), strict=True)
+    module.load_weights(list(weights.items()), strict=True)
+
+
+def _dtype(dtype: str | mx.Dtype | None) -> mx.Dtype | None:
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+        return DTYPES[dtype]
+    return dtype
+
+
+def load_model(path: str | Path, dtype: str | mx.Dtype | None = None, lazy: bool = False) -> Model:
+    """Build the model from `path/config.json` and load its weights (checked by name and shape)."""
+    path = Path(path)
+    config = load_config(path)
+    model = Model(config)
+    load_weights(model, path, config.quantization, _dtype(dtype))
     if not lazy:
         mx.eval(model.parameters())
     model.eval()
     return model
+
+
+def load_drafter(path: str | Path, dtype: str | mx.Dtype | None = None) -> Drafter:
+    """Load a `gemma4_unified_assistant` (MTP drafter) checkpoint, float or converted."""
+    path = Path(path)
+    f = path / "config.json"
+    try:
+        raw = json.loads(f.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{f}: cannot read the drafter's config ({e})") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{f}: expected a JSON object")
+    drafter = Drafter(parse_drafter_config(raw, str(f)))
+    load_weights(drafter, path, raw.get("quantization"), _dtype(dtype))
+    mx.eval(drafter.parameters())
+    drafter.eval()
+    return drafter

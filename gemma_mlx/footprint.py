@@ -11,8 +11,11 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .checkpoint import _shard_files, sanitize
+from mlx.utils import tree_flatten
+
+from .checkpoint import _shard_files
 from .config import ModelConfig, load_config
+from .models.gemma import Model
 
 DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "U32": 4, "U8": 1, "I32": 4, "I64": 8, "F64": 8, "I8": 1}
 
@@ -28,7 +31,7 @@ def tensor_bytes(path: Path) -> dict[str, int]:
             if name != "__metadata__":
                 start, end = info["data_offsets"]
                 sizes[name] = end - start
-    return sanitize(sizes)
+    return Model.sanitize(sizes)
 
 
 @dataclass
@@ -66,10 +69,6 @@ def footprint(path: str | Path, context: int = 8192, kv_dtype_bytes: int = 2, sl
             fixed += per_token * min(context, text.sliding_window + slack)
         else:
             kv_per_token += per_token
-    from mlx.utils import tree_flatten
-
-    from .models.gemma import Model
-
     parameters = sum(v.size for _, v in tree_flatten(Model(config).parameters()))  # lazy skeleton
     return Footprint(
         config=config,

@@ -187,8 +187,13 @@ class Processor:
         (`{"type": "image", "image": path | PIL image | array}`, `{"type": "audio", "audio": path |
         array, "sampling_rate": 16000}`) or, for a text prompt with `<|image|>`/`<|audio|>`
         placeholders, as `images` / `audio` in order (`add_bos=False` for a text that continues a
+<<<<<<< HEAD
         cached conversation). Audio longer than 30 s becomes consecutive 30 s blocks. `tools` (OpenAI
         function schemas) go to the chat template."""
+=======
+        cached conversation); a text without any placeholder gets them in front. Audio longer than
+        30 s becomes consecutive 30 s blocks."""
+>>>>>>> main
         kind, prompt = classify_prompt(prompt)
         if kind == "ids":
             if images or audio:
@@ -209,6 +214,8 @@ class Processor:
             text, bos = self.apply_chat_template(prompt, enable_thinking=enable_thinking, tools=tools), False
         else:
             text, bos = prompt, add_bos
+            if media.IMAGE_TOKEN not in text and media.AUDIO_TOKEN not in text:  # media first
+                text = media.IMAGE_TOKEN * len(images) + media.AUDIO_TOKEN * len(audio) + text
         if not images and not audio:
             return Inputs(self.encode_text(text, bos))
         image_inputs = [media.preprocess_image(i, max_soft_tokens) for i in images]

@@ -7,7 +7,9 @@ sorts only the k candidates (Gemma's defaults are top_k=64, top_p=0.95), not the
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import mlx.core as mx
 
@@ -109,6 +111,40 @@ def make_sampler(temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, m
         return mx.random.categorical(filter_logits(logits, temperature, top_k, top_p, min_p), key=key)
 
     return sample
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens, shared by the API, the chat session, the CLI and the server.
+    temperature 0 is greedy; `top_k` 0, `top_p` 1 and `min_p` 0 switch a filter off. `seed` may be
+    any integer: it is reduced modulo 2**64, the range of MLX's PRNG key; None draws a fresh one."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        check_sampling_args(self.temperature, self.top_k, self.top_p, self.min_p)
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise ValueError(f"seed={self.seed!r}: must be an integer")
+
+    def token_sampler(self, suppress_ids: Sequence[int] = ()) -> Callable[[mx.array], mx.array]:
+        """`sample(logits [B, V]) -> ids [B]`, lazily: suppressed ids never drawn, a fresh PRNG key
+        split off per call (the same seed gives the same tokens)."""
+        sampler = make_sampler(self.temperature, self.top_k, self.top_p, self.min_p)
+        process = make_logits_processor(suppress_ids) if suppress_ids else None
+        key = mx.random.key(secrets.randbits(32) if self.seed is None else self.seed % 2**64)
+
+        def sample(logits: mx.array) -> mx.array:
+            nonlocal key
+            if process is not None:
+                logits = process(logits)
+            key, sub = mx.random.split(key)
+            return sampler(logits, sub)
+
+        return sample
 
 
 def make_logits_processor(suppress_ids: Sequence[int]) -> Callable[[mx.array], mx.array]:

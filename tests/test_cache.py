@@ -5,7 +5,7 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import pytest
-from reference import VOCAB, rel_err
+from tiny import VOCAB, rel_err
 
 from gemma_mlx import make_cache
 from gemma_mlx.cache import KVCache, RingKVCache
@@ -91,8 +91,8 @@ def test_rollback_after_wrap_equals_fresh_run(unified):
     assert all(c.offset == 60 for c in cache)
 
 
-def test_state_save_and_restore(unified):
-    path, _ = unified
+def test_state_save_and_restore(checkpoint):
+    path = checkpoint
     model = load_model(path)
     ids = mx.array(np.random.default_rng(1).integers(5, VOCAB, size=(1, 25)))
     cache = make_cache(model)

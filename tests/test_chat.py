@@ -13,23 +13,18 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from PIL import Image
-from reference import rewrite_config, save_tokenizer
+from tiny import rewrite_config
 from typer.testing import CliRunner
 
-from gemma_mlx import generate, load
+from gemma_mlx import SamplingParams, generate, load
 from gemma_mlx.chat import ChatSession
 from gemma_mlx.cli.app import app
 from gemma_mlx.media import load_audio, preprocess_audio, preprocess_image
 
 
 @pytest.fixture(scope="module")
-def model_dir(unified, tmp_path_factory):
-    out = tmp_path_factory.mktemp("chat") / "ckpt"
-    shutil.copytree(unified[0], out)
-    save_tokenizer(out)
-    ids = {t["content"]: t["id"] for t in json.loads((out / "tokenizer.json").read_text())["added_tokens"]}
-    rewrite_config(out, lambda c: c.update(image_token_id=ids["<|image|>"], audio_token_id=ids["<|audio|>"]))
-    return out
+def model_dir(checkpoint):
+    return checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -48,12 +43,12 @@ def run_turn(session: ChatSession, text: str) -> str:
 
 def test_each_turn_prefills_only_new_tokens(model_dir):
     model, processor = load(model_dir)
-    session = ChatSession(model, processor, max_tokens=10, sampling={"temperature": 0.0})
+    session = ChatSession(model, processor, max_tokens=10, sampling=SamplingParams(temperature=0.0))
     run_turn(session, "Hello there")
     first = list(session.tokens)
-    assert not session.stats.reused_cache and session.stats.prompt_tokens == len(first) - 10
+    assert session.stats.cached_prompt_tokens == 0 and session.stats.prompt_tokens == len(first) - 10
     run_turn(session, "The quick brown fox")
-    assert session.stats.reused_cache
+    assert session.stats.cached_prompt_tokens > 0
     new = session.tokens[len(first) : len(first) + session.stats.prompt_tokens]
     assert processor.tokenizer.decode(new).startswith("<turn|>\n<|turn>user\nThe quick brown fox")
     # the answer is exactly what a fresh run on the same token sequence gives
@@ -64,13 +59,15 @@ def test_each_turn_prefills_only_new_tokens(model_dir):
 
 def test_later_turn_adds_an_image_with_the_cache(model_dir, media_files):
     model, processor = load(model_dir)
-    session = ChatSession(model, processor, max_tokens=6, max_soft_tokens=70, sampling={"temperature": 0.0})
+    session = ChatSession(
+        model, processor, max_tokens=6, max_soft_tokens=70, sampling=SamplingParams(temperature=0.0)
+    )
     run_turn(session, "Hi")
     before = list(session.tokens)
     session.attach_image(str(media_files / "red.png"))
     session.attach_audio(str(media_files / "tone.wav"))
     run_turn(session, "What is this?")
-    assert session.stats.reused_cache
+    assert session.stats.cached_prompt_tokens > 0
     new = session.tokens[len(before) : len(before) + session.stats.prompt_tokens]
     assert new.count(model.config.image_token_id) == 60 and new.count(model.config.audio_token_id) == 13
     # one forward pass over the whole token sequence with the image and audio gives the same token
@@ -90,7 +87,7 @@ def test_bad_media_and_full_context(model_dir, tmp_path):
     shutil.copytree(model_dir, small)
     rewrite_config(small, lambda c: c["text_config"].update(max_position_embeddings=120))
     model, processor = load(small)
-    session = ChatSession(model, processor, max_tokens=20, sampling={"temperature": 0.0})
+    session = ChatSession(model, processor, max_tokens=20, sampling=SamplingParams(temperature=0.0))
     with pytest.raises(ValueError, match="nope.png"):
         session.attach_image(str(tmp_path / "nope.png"))
     assert session.pending == []
@@ -128,6 +125,7 @@ def test_cli_chat_commands(model_dir, media_files, tmp_path):
     assert saved[0] == {"role": "system", "content": "Be brief."}
 
 
+@pytest.mark.slow
 def test_real_terminal_session(model_dir, media_files):
     """The REPL in a pseudo-terminal: two turns, an image, an audio clip, Ctrl-C during a long
     generation (the session survives), /reset, /quit."""

@@ -8,8 +8,8 @@ import shutil
 import mlx.core as mx
 import numpy as np
 import pytest
-from reference import rel_err
 from safetensors.numpy import load_file, save_file
+from tiny import rel_err
 
 from gemma_mlx import CheckpointError, load
 from gemma_mlx.checkpoint import load_model

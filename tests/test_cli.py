@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
-from reference import save_tokenizer
 from typer.testing import CliRunner
 
 from gemma_mlx import generate, load
@@ -16,11 +14,8 @@ runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def model_dir(unified, tmp_path_factory):
-    out = tmp_path_factory.mktemp("cli") / "ckpt"
-    shutil.copytree(unified[0], out)
-    save_tokenizer(out)
-    return out
+def model_dir(checkpoint):
+    return checkpoint
 
 
 def test_generate_greedy_prints_completion(model_dir):

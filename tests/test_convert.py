@@ -17,10 +17,11 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-import torch
+
+torch = pytest.importorskip("torch")
 from mlx.utils import tree_flatten
-from reference import TEXT, rel_err, save_tokenizer
 from safetensors.numpy import load_file, save_file
+from tiny import TEXT, rel_err, save_tokenizer
 
 from gemma_mlx import CheckpointError, load, load_drafter
 from gemma_mlx.checkpoint import load_model, read_weights
@@ -470,6 +471,7 @@ MEMORY_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_memory_stays_near_one_input_and_one_output_shard(tmp_path):
     """A synthetic 6-shard float32 checkpoint (173 MB, hidden 128) converted to 4 bits in a fresh
     process: peak RSS above that process's own MLX/Python baseline stays below largest input
@@ -532,7 +534,7 @@ def test_cli_command(causal, tmp_path):
     import typer
     from typer.testing import CliRunner
 
-    from gemma_mlx.convert.cli import convert_command
+    from gemma_mlx.cli.convert import convert_command
 
     app = typer.Typer()
     app.command("convert")(convert_command)

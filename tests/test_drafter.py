@@ -8,11 +8,12 @@ import shutil
 import mlx.core as mx
 import numpy as np
 import pytest
-import torch
-from reference import TEXT, randomize, rel_err, save_tokenizer
 
-from gemma_mlx import generate, load, load_drafter, make_cache
-from gemma_mlx.models.drafter import shared_kv
+torch = pytest.importorskip("torch")
+from reference import randomize
+from tiny import TEXT, rel_err, save_tokenizer
+
+from gemma_mlx import Drafter, SamplingParams, generate, load, load_drafter, make_cache
 
 
 @pytest.fixture(scope="module")
@@ -59,11 +60,11 @@ def test_draft_step_matches_transformers(pair, length):
             shared_kv_states=r.shared_kv_states,
         )
     cache = make_cache(target)
-    out = target(mx.array(ids), cache, return_hidden=True)
+    out = target.forward(mx.array(ids), cache)
     logits, hidden = drafter(
         target.language_model.embed(mx.array([[t0]])),
         out.hidden[:, -1:],
-        shared_kv(cache, target.config.text.layer_types, length),
+        Drafter.shared_kv(target, cache, length),
         length,
     )
     assert rel_err(logits, expected.logits.numpy()) <= 1e-4
@@ -76,16 +77,19 @@ class Oracle:
 
     def __init__(self, sequence: list[int], vocab: int, wrong: int = 0):
         self.sequence, self.vocab, self.wrong = sequence, vocab, wrong
-        self.position, self.step, self.calls = -1, 0, 0
+        self.calls = 0
 
-    def __call__(self, embedding, hidden, kv, position):
-        self.step = self.step + 1 if position == self.position else 0
-        self.position, self.calls = position, self.calls + 1
-        index = position + 1 + self.step
-        token = self.sequence[index] if index < len(self.sequence) else 0
-        if self.wrong and self.calls % self.wrong == 0:
-            token = (token + 1) % self.vocab
-        return mx.eye(self.vocab)[token][None, None] * 10, hidden
+    def draft(self, target, cache, token, hidden, n):
+        position = cache[0].offset  # `token`'s position: the caches hold everything before it
+        drafts = []
+        for step in range(n):
+            index = position + 1 + step
+            self.calls += 1
+            draft = self.sequence[index] if index < len(self.sequence) else 0
+            if self.wrong and self.calls % self.wrong == 0:
+                draft = (draft + 1) % self.vocab
+            drafts.append(draft)
+        return mx.array([drafts])
 
 
 @pytest.mark.parametrize(("drafter_kind", "block"), [("real", 4), ("oracle", 4), ("oracle", 6), ("flaky", 5)])
@@ -105,11 +109,12 @@ def test_speculative_greedy_equals_plain(pair, drafter_kind, block):
         model, processor, prompt, max_tokens=40, drafter=drafter, draft_block_size=block, cache=cache
     )
     assert spec.tokens == plain.tokens
-    assert spec.drafted > 0 and 0 <= spec.accepted <= spec.drafted
+    stats = spec.stats
+    assert stats.drafted > 0 and 0 <= stats.accepted <= stats.drafted
     if drafter_kind == "oracle":
-        assert spec.accepted >= 0.8 * spec.drafted  # all but the last round's overshoot
+        assert stats.accepted >= 0.8 * stats.drafted  # all but the last round's overshoot
     if drafter_kind == "flaky":
-        assert 0 < spec.accepted < spec.drafted
+        assert 0 < stats.accepted < stats.drafted
 
 
 def test_speculative_sampling_is_seeded_and_block_checked(pair):
@@ -131,12 +136,12 @@ def test_chat_and_cli_with_drafter(pair):
 
     target_dir, _, drafter_dir, _ = pair
     model, processor = load(target_dir)
-    plain = ChatSession(model, processor, max_tokens=12, sampling={"temperature": 0.0})
+    plain = ChatSession(model, processor, max_tokens=12, sampling=SamplingParams(temperature=0.0))
     spec = ChatSession(
         model,
         processor,
         max_tokens=12,
-        sampling={"temperature": 0.0},
+        sampling=SamplingParams(temperature=0.0),
         drafter=load_drafter(drafter_dir),
         draft_block_size=3,
     )
@@ -145,7 +150,7 @@ def test_chat_and_cli_with_drafter(pair):
         b = "".join(c.text for c in spec.send(text))
         assert a == b and spec.tokens == plain.tokens
         assert spec.cache[0].offset == len(spec.tokens) and spec.stats.drafted > 0
-    assert spec.stats.reused_cache
+    assert spec.stats.cached_prompt_tokens > 0
     runner = CliRunner()
     args = ["generate", "--model", str(target_dir), "-n", "10", "The quick brown fox"]
     without = runner.invoke(app, args)

@@ -6,8 +6,9 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
-from reference import rewrite_config, save_tokenizer
+
+torch = pytest.importorskip("torch")
+from tiny import rewrite_config, save_tokenizer
 
 from gemma_mlx import generate, load, make_cache, stream_generate
 
@@ -46,11 +47,11 @@ def test_stream_text_is_the_decoded_tokens(chat_model):
     )
     tokens = [c.token for c in chunks if c.token not in processor.eos_token_ids]
     assert "".join(c.text for c in chunks) == processor.tokenizer.decode(tokens)
-    assert [c.generation_tokens for c in chunks] == list(range(1, len(chunks) + 1))
+    assert [c.stats.generation_tokens for c in chunks] == list(range(1, len(chunks) + 1))
     assert chunks[-1].finish_reason in ("stop", "length") and all(
         c.finish_reason is None for c in chunks[:-1]
     )
-    assert chunks[0].prompt_tokens == len(processor.encode_prompt("The quick brown fox"))
+    assert chunks[0].stats.prompt_tokens == len(processor.encode_prompt("The quick brown fox"))
 
 
 def test_stop_string_is_not_emitted(chat_model):

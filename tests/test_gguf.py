@@ -1,5 +1,5 @@
 """GGUF import (convert/gguf.py) on tiny GGUF files written here the way llama.cpp writes Gemma 3,
-our Gemma 3 chat template, and the offline default model's cache (gemma_mlx/default_model.py).
+our Gemma 3 chat template, and the offline default model's cache (convert/default_model.py).
 The real 270M file is tested in test_gemma3_parity.py."""
 
 from __future__ import annotations
@@ -11,8 +11,9 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-import torch
-from reference import rel_err
+
+torch = pytest.importorskip("torch")
+from tiny import rel_err
 
 gguf = pytest.importorskip("gguf")
 spm = pytest.importorskip("sentencepiece")
@@ -23,8 +24,8 @@ from gguf.quants import quantize  # noqa: E402
 
 from gemma_mlx.checkpoint import load_model  # noqa: E402
 from gemma_mlx.config import load_config  # noqa: E402
+from gemma_mlx.convert.default_model import check_cache, ensure_converted  # noqa: E402
 from gemma_mlx.convert.gguf import GGUFError, import_gguf, our_name  # noqa: E402
-from gemma_mlx.default_model import check_cache, ensure_converted  # noqa: E402
 from gemma_mlx.text import ChatTemplate, Tokenizer  # noqa: E402
 
 DATA = Path(__file__).parent / "data"

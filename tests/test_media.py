@@ -15,7 +15,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 from PIL import Image, ImageFilter
-from reference import rewrite_config, save_tokenizer
+from tiny import rewrite_config, save_tokenizer
+
+pytest.importorskip("transformers")
 from transformers.image_transforms import convert_to_rgb
 from transformers.models.gemma4_unified.feature_extraction_gemma4_unified import (
     Gemma4UnifiedAudioFeatureExtractor,

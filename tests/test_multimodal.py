@@ -6,8 +6,9 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import pytest
-import torch
-from reference import rel_err
+
+torch = pytest.importorskip("torch")
+from tiny import rel_err
 from transformers import Gemma4UnifiedForConditionalGeneration
 
 from gemma_mlx import make_cache

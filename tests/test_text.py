@@ -8,12 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tiny import ADDED, CORPUS, SPECIAL, save_tokenizer
 
 from gemma_mlx.text import ChatTemplate, StreamingDetokenizer, Tokenizer
 
-SPECIAL = ["<pad>", "<eos>", "<bos>", "<unk>"]  # ids 0..3, as in Gemma's vocabulary
-ADDED = ["<|turn>", "<turn|>", "<|think|>", "<|channel>", "<channel|>", "<|image|>", "<|audio|>"]
-BYTES = [f"<0x{i:02X}>" for i in range(256)]
 SAMPLES = [
     "The quick brown fox.",
     "  leading and   runs of   spaces  ",
@@ -23,46 +21,6 @@ SAMPLES = [
     "CJK: 漢字かなカナ한국어",
     "emoji: 😀👍🏽 🇫🇷 and ZWJ 👩‍👩‍👧",
 ]
-# accented letters and two CJK characters are in the training text, so some multi-byte characters
-# are whole tokens and the rest (Korean, kana, emoji) come as byte-fallback tokens
-CORPUS = [
-    "The quick brown fox jumps over the lazy dog. " * 3,
-    "Hello world, this is a tiny tokenizer with digits 0123456789.",
-    "déjà vu, naïve café, Ærøskøbing",
-    "漢字 漢字",
-]
-
-
-def save_gemma_tokenizer(path: Path, add_bos_token: bool = True) -> Path:
-    """A Gemma-like tokenizer.json: Replace(" ", "▁") normalizer, no pre-tokenizer, BPE with byte
-    fallback (the 256 <0xNN> tokens in the vocabulary), decoder Replace + ByteFallback + Fuse."""
-    from tokenizers import AddedToken, decoders, models, normalizers, trainers
-    from tokenizers import Tokenizer as HFTokenizer
-
-    base = HFTokenizer(models.BPE(unk_token="<unk>"))
-    base.normalizer = normalizers.Replace(" ", "▁")
-    base.train_from_iterator(
-        CORPUS, trainers.BpeTrainer(vocab_size=200, special_tokens=SPECIAL, show_progress=False)
-    )
-    trained = json.loads(base.to_str())["model"]
-    learned = [t for t, _ in sorted(trained["vocab"].items(), key=lambda kv: kv[1]) if t not in SPECIAL]
-    vocab = {t: i for i, t in enumerate(SPECIAL + BYTES + learned)}
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in trained["merges"]]
-    tok = HFTokenizer(
-        models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True)
-    )
-    tok.normalizer = normalizers.Replace(" ", "▁")
-    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL + ADDED])
-    tok.save(str(path / "tokenizer.json"))
-    config = {
-        "add_bos_token": add_bos_token,
-        "bos_token": "<bos>",
-        "eos_token": "<eos>",
-        "pad_token": "<pad>",
-    }
-    (path / "tokenizer_config.json").write_text(json.dumps(config))
-    return path
 
 
 def save_sp_tokenizer(path: Path) -> Path:
@@ -101,7 +59,7 @@ def save_sp_tokenizer(path: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory) -> Path:
-    return save_gemma_tokenizer(tmp_path_factory.mktemp("tok"))
+    return save_tokenizer(tmp_path_factory.mktemp("tok"))
 
 
 @pytest.fixture(scope="module")
@@ -163,7 +121,7 @@ def test_byte_fallback_tokens(tok):
 
 
 def test_matches_transformers_fast_tokenizer(tok, hf_dir):
-    from transformers import PreTrainedTokenizerFast
+    PreTrainedTokenizerFast = pytest.importorskip("transformers").PreTrainedTokenizerFast
 
     ref = PreTrainedTokenizerFast(tokenizer_file=str(hf_dir / "tokenizer.json"))
     for text in [*SAMPLES, "<bos><|turn>user\nhi <|image|> there<turn|>\n<|turn>model\n"]:
@@ -174,7 +132,7 @@ def test_matches_transformers_fast_tokenizer(tok, hf_dir):
 
 
 def test_config_variants(tmp_path):
-    save_gemma_tokenizer(tmp_path, add_bos_token=False)
+    save_tokenizer(tmp_path, add_bos_token=False)
     tok = Tokenizer.from_dir(tmp_path)
     assert not tok.add_bos_token and tok.encode("hi", add_special_tokens=True) == tok.encode("hi")
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": {"content": "<bos>"}}))
@@ -352,7 +310,7 @@ def test_gemma4_template(messages, options, expected):
 
 def test_gemma4_template_matches_transformers_rendering(hf_dir):
     """transformers' own apply_chat_template renders our template string to the same text."""
-    from transformers import PreTrainedTokenizerFast
+    PreTrainedTokenizerFast = pytest.importorskip("transformers").PreTrainedTokenizerFast
 
     ref = PreTrainedTokenizerFast(tokenizer_file=str(hf_dir / "tokenizer.json"), bos_token="<bos>")
     for messages, options, expected in CASES[:-1]:  # (transformers refuses an empty conversation)
@@ -390,12 +348,11 @@ def test_template_environment(hf_dir):
     messages = [{"role": "user", "content": 'é "<b>"'}]
     out = ChatTemplate(source).render(messages)
     assert out == f'"é \\"<b>\\""1 {datetime.now():%Y}'  # trim_blocks ate the newlines
-    from transformers import PreTrainedTokenizerFast
-
-    ref = PreTrainedTokenizerFast(tokenizer_file=str(hf_dir / "tokenizer.json"))
-    assert ref.apply_chat_template(messages, chat_template=source, tokenize=False) == out
     with pytest.raises(ValueError, match="<chat template>: no thanks"):
         ChatTemplate("{{ raise_exception('no thanks') }}").render([])
+    PreTrainedTokenizerFast = pytest.importorskip("transformers").PreTrainedTokenizerFast
+    ref = PreTrainedTokenizerFast(tokenizer_file=str(hf_dir / "tokenizer.json"))
+    assert ref.apply_chat_template(messages, chat_template=source, tokenize=False) == out
 
 
 def test_template_sandbox():

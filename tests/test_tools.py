@@ -307,7 +307,7 @@ def test_template_renders_tools_calls_and_responses(messages, expected_end):
 
 
 def test_template_tool_rendering_matches_transformers(tmp_path):
-    from reference import save_tokenizer
+    from tiny import save_tokenizer
     from transformers import PreTrainedTokenizerFast
 
     save_tokenizer(tmp_path)
@@ -382,7 +382,7 @@ INJECTIONS = [
 
 @pytest.fixture(scope="module")
 def processor(tmp_path_factory):
-    from reference import save_tokenizer
+    from tiny import save_tokenizer
 
     from gemma_mlx.processor import Processor
 

@@ -12,10 +12,9 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from ..cache import KVCache, RingKVCache
+from ..cache import Cache, KVCache, Mask, RingKVCache, SharedView, attention_mask
 from ..config import SLIDING, LayerSpec, ModelConfig, TextConfig
-
-Mask = mx.array | str | None
+from .rope import RoPE
 
 
 class RMSNorm(nn.Module):
@@ -30,47 +29,61 @@ class RMSNorm(nn.Module):
     def __call__(self, x: mx.array) -> mx.array:
         w = self.get("weight")
         if w is not None and self.offset:
-            w = w.astype(mx.float32) + self.offset
+            # as HF: `1 + w` in float32, the result back in the input's dtype (a float32 weight
+            # would otherwise turn the whole residual stream of a bf16 model into float32)
+            return mx.fast.rms_norm(x, w.astype(mx.float32) + self.offset, self.eps).astype(x.dtype)
         return mx.fast.rms_norm(x, w, self.eps)
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: TextConfig, spec: LayerSpec):
+    """Self-attention of one layer. `query_only` (the MTP drafter) projects only queries and
+    attends to keys/values handed in by the caller (the target's, via `Cache.shared_view`)."""
+
+    def __init__(self, cfg: TextConfig, spec: LayerSpec, query_only: bool = False):
         super().__init__()
         dim, heads, D, kv = cfg.hidden_size, cfg.num_attention_heads, spec.head_dim, spec.num_kv_heads
-        self.heads, self.kv_heads, self.head_dim, self.scale = heads, kv, D, cfg.query_scale
-        self.q_proj = nn.Linear(dim, heads * D, bias=False)
-        self.k_proj = nn.Linear(dim, kv * D, bias=False)
-        if not spec.k_eq_v:
-            self.v_proj = nn.Linear(dim, kv * D, bias=False)
-        self.o_proj = nn.Linear(heads * D, dim, bias=False)
-        self.q_norm = RMSNorm(D, cfg.rms_norm_eps, cfg.norm_offset)
-        self.k_norm = RMSNorm(D, cfg.rms_norm_eps, cfg.norm_offset)
-        self.v_norm = cfg.v_norm
+        self.heads, self.kv_heads, self.scale = heads, kv, cfg.query_scale
+        self.query_only, self.k_eq_v, self.v_norm = query_only, spec.k_eq_v, cfg.v_norm
         self.eps = cfg.rms_norm_eps
-        self.rope = spec.rope
-        self._freqs = None if spec.rope.freqs is None else mx.array(spec.rope.freqs, dtype=mx.float32)
+        self.q_proj = nn.Linear(dim, heads * D, bias=False)
+        self.q_norm = RMSNorm(D, cfg.rms_norm_eps, cfg.norm_offset)
+        self.o_proj = nn.Linear(heads * D, dim, bias=False)
+        self.rope = RoPE(spec.rope)
+        if not query_only:
+            self.k_proj = nn.Linear(dim, kv * D, bias=False)
+            if not spec.k_eq_v:
+                self.v_proj = nn.Linear(dim, kv * D, bias=False)
+            self.k_norm = RMSNorm(D, cfg.rms_norm_eps, cfg.norm_offset)
 
-    def _rope(self, x: mx.array, offset: int) -> mx.array:
-        r = self.rope
-        return mx.fast.rope(
-            x, r.dims, traditional=False, base=r.base, scale=r.scale, offset=offset, freqs=self._freqs
-        )
-
-    def __call__(self, x: mx.array, mask: Mask, cache: KVCache | RingKVCache | None):
+    def _keys_values(self, x: mx.array, offset: int) -> tuple[mx.array, mx.array]:
         B, L, _ = x.shape
-        q = self.q_norm(self.q_proj(x).reshape(B, L, self.heads, -1)).transpose(0, 2, 1, 3)
         k = self.k_proj(x).reshape(B, L, self.kv_heads, -1)
         # k_eq_v layers take V from the raw K projection, before k_norm and RoPE.
-        v = self.v_proj(x).reshape(B, L, self.kv_heads, -1) if "v_proj" in self else k
-        k = self.k_norm(k).transpose(0, 2, 1, 3)
+        v = k if self.k_eq_v else self.v_proj(x).reshape(B, L, self.kv_heads, -1)
         if self.v_norm:
             v = mx.fast.rms_norm(v, None, self.eps)
-        v = v.transpose(0, 2, 1, 3)
-        offset = 0 if cache is None else cache.offset
-        q, k = self._rope(q, offset), self._rope(k, offset)
-        if cache is not None:
-            k, v = cache.update_and_fetch(k, v)
+        k = self.rope(self.k_norm(k).transpose(0, 2, 1, 3), offset)
+        return k, v.transpose(0, 2, 1, 3)
+
+    def __call__(
+        self,
+        x: mx.array,
+        mask: Mask,
+        cache: Cache | None = None,
+        shared: tuple[mx.array, mx.array, int] | None = None,
+    ) -> tuple[mx.array, tuple[mx.array, mx.array]]:
+        """`x [B, L, dim]` -> (output, the K/V attended to). A query-only layer takes `shared`:
+        keys, values and the position of its first query."""
+        B, L, _ = x.shape
+        q = self.q_norm(self.q_proj(x).reshape(B, L, self.heads, -1)).transpose(0, 2, 1, 3)
+        if self.query_only:
+            k, v, offset = shared
+        else:
+            offset = 0 if cache is None else cache.offset
+            k, v = self._keys_values(x, offset)
+            if cache is not None:
+                k, v = cache.update_and_fetch(k, v)
+        q = self.rope(q, offset)
         out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1)), (k, v)
 
@@ -87,53 +100,28 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: TextConfig, spec: LayerSpec):
+    """One layer of the target, or (`query_only`) of the MTP drafter, which reads the target's K/V."""
+
+    def __init__(self, cfg: TextConfig, spec: LayerSpec, query_only: bool = False):
         super().__init__()
         dim, eps, off = cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset
-        self.self_attn = Attention(cfg, spec)
+        self.self_attn = Attention(cfg, spec, query_only)
         self.mlp = MLP(dim, cfg.intermediate_size)
         self.input_layernorm = RMSNorm(dim, eps, off)
         self.post_attention_layernorm = RMSNorm(dim, eps, off)
         self.pre_feedforward_layernorm = RMSNorm(dim, eps, off)
         self.post_feedforward_layernorm = RMSNorm(dim, eps, off)
+        self.use_layer_scalar = cfg.layer_scalar
         if cfg.layer_scalar:
             self.layer_scalar = mx.ones((1,))
 
-    def __call__(self, x: mx.array, mask: Mask, cache):
-        h, kv = self.self_attn(self.input_layernorm(x), mask, cache)
+    def __call__(self, x: mx.array, mask: Mask, cache: Cache | None = None, shared=None):
+        h, kv = self.self_attn(self.input_layernorm(x), mask, cache, shared)
         x = x + self.post_attention_layernorm(h)
         x = x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
-        if "layer_scalar" in self:  # Gemma 4 scales the whole residual stream, after both adds
+        if self.use_layer_scalar:  # Gemma 4 scales the whole residual stream, after both adds
             x = x * self.layer_scalar
         return x, kv
-
-
-def attention_mask(
-    cache: KVCache | RingKVCache | None, n: int, window: int | None, block_ids: mx.array | None = None
-) -> Mask:
-    """Mask for `n` new tokens attending to what `cache.update_and_fetch` will return.
-
-    Causal, limited to `window` keys back (sliding layers) and, where `block_ids` (`[B, n]`, -1 =
-    none) is given, bidirectional within each block of new tokens (image soft tokens); then the
-    mask is `[B, 1, n, K]`. Returns None or "causal" where the fast kernel's own masking is exact.
-    """
-    start = 0 if cache is None else cache.offset
-    if block_ids is None:
-        if n == 1 and (window is None or start < window):
-            return None
-        if window is None or (start == 0 and n <= window):
-            return "causal"  # MLX aligns the causal mask to the end of the keys
-    kpos = mx.arange(n, dtype=mx.int32) if cache is None else cache.key_positions(n)
-    qpos = mx.arange(start, start + n, dtype=mx.int32)[:, None]
-    keep = kpos[None] <= qpos
-    if block_ids is not None:
-        old = mx.full((block_ids.shape[0], kpos.shape[0] - n), -1, mx.int32)
-        kblock = mx.concatenate([old, block_ids.astype(mx.int32)], axis=1)[:, None, None, :]
-        qblock = block_ids[:, None, :, None]
-        keep = keep | ((qblock == kblock) & (qblock >= 0))
-    if window is not None:
-        keep = keep & (kpos[None] > qpos - window)
-    return keep & (kpos[None] >= 0)
 
 
 @dataclass
@@ -147,36 +135,56 @@ class ModelOutput:
 
 
 class TextModel(nn.Module):
-    def __init__(self, cfg: TextConfig):
+    """Embedding, decoder layers, final norm. With `query_only` layers (the MTP drafter) it reads
+    the K/V of another model instead of keeping caches."""
+
+    def __init__(self, cfg: TextConfig, query_only: bool = False):
         super().__init__()
         self.config = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = [DecoderLayer(cfg, spec) for spec in cfg.layers]
+        self.layers = [DecoderLayer(cfg, spec, query_only) for spec in cfg.layers]
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset)
+        types = cfg.layer_types
+        self.last_of_type = {t: len(types) - 1 - types[::-1].index(t) for t in set(types)}
 
     def embed(self, ids: mx.array) -> mx.array:
         h = self.embed_tokens(ids)
         # HF casts sqrt(hidden) to the weight dtype first (62.0 in bf16 for the 12B).
         return h * mx.array(self.config.embed_scale, dtype=h.dtype)
 
-    def __call__(self, h: mx.array, cache: list | None = None, block_ids: mx.array | None = None):
+    def __call__(
+        self,
+        h: mx.array,
+        cache: list[Cache] | None = None,
+        block_ids: mx.array | None = None,
+        shared: dict[str, SharedView] | None = None,
+        position: int = 0,
+    ) -> tuple[mx.array, dict[str, tuple[mx.array, mx.array]]]:
+        """`h [B, L, dim]` -> (final-norm hidden, the K/V the last layer of each type attended to).
+        Query-only layers take `shared` (keys, values, mask per layer type) and the `position` of
+        the first query."""
         cfg, n = self.config, h.shape[1]
+        if shared is not None:
+            for layer, t in zip(self.layers, cfg.layer_types, strict=True):
+                k, v, mask = shared[t]
+                h, _ = layer(h, mask, shared=(k, v, position))
+            return self.norm(h), {}
         cache = cache or [None] * len(self.layers)
-        first = {t: cfg.layer_types.index(t) for t in set(cfg.layer_types)}
         masks = {
             t: attention_mask(
-                cache[i], n, cfg.sliding_window if t == SLIDING else None, block_ids if t == SLIDING else None
+                cache[cfg.layer_types.index(t)],
+                n,
+                cfg.sliding_window if t == SLIDING else None,
+                block_ids if t == SLIDING else None,
             )
-            for t, i in first.items()
+            for t in self.last_of_type
         }
-        last = {t: len(cfg.layer_types) - 1 - cfg.layer_types[::-1].index(t) for t in first}
-        shared = {}
-        for i, (layer, c) in enumerate(zip(self.layers, cache, strict=True)):
-            t = cfg.layer_types[i]
+        kv_out = {}
+        for i, (layer, c, t) in enumerate(zip(self.layers, cache, cfg.layer_types, strict=True)):
             h, kv = layer(h, masks[t], c)
-            if i == last[t]:
-                shared[t] = kv
-        return self.norm(h), shared
+            if i == self.last_of_type[t]:
+                kv_out[t] = kv
+        return self.norm(h), kv_out
 
 
 class VisionEmbedder(nn.Module):
@@ -281,13 +289,13 @@ class Model(nn.Module):
         is_audio = ids == cfg.audio_token_id
         h = self.language_model.embed(mx.array(np.where(is_image | is_audio, cfg.text.pad_token_id, ids)))
         if pixel_values is not None:
-            if "vision_embedder" not in self:
+            if cfg.vision is None:
                 raise ValueError("pixel_values given, but this model has no vision embedder")
             positions = np.array(image_position_ids)
             features = self.embed_vision(self.vision_embedder(pixel_values, mx.array(positions)))
             h = self._scatter(h, np.flatnonzero(is_image), features, (positions != -1).all(-1), "images")
         if input_features is not None:
-            if "embed_audio" not in self:
+            if cfg.audio is None:
                 raise ValueError("input_features given, but this model has no audio embedder")
             valid = (
                 np.ones(input_features.shape[:2], bool)
@@ -301,10 +309,10 @@ class Model(nn.Module):
         starts = is_image & ~np.concatenate([np.zeros_like(is_image[:, :1]), is_image[:, :-1]], axis=1)
         return h, mx.array(np.where(is_image, np.cumsum(starts, axis=1) - 1, -1).astype(np.int32))
 
-    def __call__(
+    def forward(
         self,
         input_ids: mx.array | None = None,
-        cache: list | None = None,
+        cache: list[Cache] | None = None,
         *,
         inputs_embeds: mx.array | None = None,
         block_ids: mx.array | None = None,
@@ -313,14 +321,13 @@ class Model(nn.Module):
         input_features: mx.array | None = None,
         input_features_mask: mx.array | None = None,
         logits_to_keep: int = 0,
-        return_hidden: bool = False,
-    ) -> mx.array | ModelOutput:
-        """`input_ids [B, L]` (or `inputs_embeds [B, L, dim]`) -> logits `[B, L, vocab]`.
+    ) -> ModelOutput:
+        """`input_ids [B, L]` (or `inputs_embeds [B, L, dim]`) -> `ModelOutput`: logits, the final
+        hidden state and the K/V of the last layer of each type (what the MTP drafter reads).
 
         Images and audio use the reference's names and shapes (see `embed_inputs`); a prefill
         chunk must hold whole image blocks. `logits_to_keep` > 0 computes logits for the last that
-        many positions only (prefill needs one). `return_hidden` returns a `ModelOutput` with the
-        final hidden state and the shared K/V.
+        many positions only (prefill needs one).
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
@@ -336,4 +343,25 @@ class Model(nn.Module):
             raise ValueError(f"cache has {len(cache)} entries, the model has {len(self.layers)} layers")
         hidden, shared = self.language_model(inputs_embeds, cache, block_ids)
         logits = self.logits(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
-        return ModelOutput(logits, hidden, shared) if return_hidden else logits
+        return ModelOutput(logits, hidden, shared)
+
+    def __call__(
+        self, input_ids: mx.array | None = None, cache: list[Cache] | None = None, **kwargs
+    ) -> mx.array:
+        """Logits `[B, L, vocab]` (or the last `logits_to_keep`); the arguments of `forward`."""
+        return self.forward(input_ids, cache, **kwargs).logits
+
+    @staticmethod
+    def sanitize(weights: dict[str, mx.array]) -> dict[str, mx.array]:
+        """Map on-disk names to ours: drop the leading `model.`; a bare text checkpoint's
+        `model.layers...` become `language_model.layers...`; the tied `lm_head.weight` is dropped."""
+        out = {}
+        for k, v in weights.items():
+            if k.startswith("lm_head."):
+                continue
+            if k.startswith("model."):
+                k = k[len("model.") :]
+                if not k.startswith(("language_model.", "vision_embedder.", "embed_vision.", "embed_audio.")):
+                    k = "language_model." + k
+            out[k] = v
+        return out

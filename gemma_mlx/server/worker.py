@@ -160,12 +160,8 @@ class Worker:
         tic = time.perf_counter()
         rest = mx.array(ids[reused:-1], dtype=mx.int32)
         if rest.size:
-            media = job.key.media_after(job.inputs, reused)
-            if media:  # a media block is encoded whole, in one chunk
-                model(rest[None], cache, logits_to_keep=1, **media)
-                mx.eval([c.state for c in cache])
-            else:
-                prefill(model, rest, cache, self.prefill_step_size, check)
+            media = job.key.media_after(job.inputs, reused) or None
+            prefill(model, rest, cache, media=media, step=self.prefill_step_size, progress=check)
         prompt_end = len(ids) - 1
         if all(c.offset == prompt_end for c in cache):
             self.prompt_cache.store(job.key.tokens[:prompt_end], cache)
@@ -185,8 +181,8 @@ class Worker:
             for chunk in chunks:
                 tokens.append(chunk.token)
                 stats.completion_tokens = len(tokens)
-                stats.generation_tps = chunk.generation_tps
-                stats.drafted, stats.accepted = chunk.drafted, chunk.accepted
+                stats.generation_tps = chunk.stats.generation_tps
+                stats.drafted, stats.accepted = chunk.stats.drafted, chunk.stats.accepted
                 stats.finish_reason = chunk.finish_reason
                 job.emit(Event(text=chunk.text))
                 if job.cancelled.is_set() and chunk.finish_reason is None:

@@ -1,5 +1,4 @@
-"""`gemma-mlx convert SRC OUT`: the Typer command (wired in cli/app.py with
-`app.command("convert")(convert_command)`)."""
+"""`gemma-mlx convert SRC OUT`: the Typer command (registered in cli/app.py)."""
 
 from __future__ import annotations
 
@@ -8,8 +7,8 @@ from typing import Annotated
 
 import typer
 
-from .quantize import MODES, RECIPES, QuantSpec, parse_override
-from .writer import SHARD_BYTES
+from gemma_mlx.convert import MODES, RECIPES, QuantSpec, convert, parse_override
+from gemma_mlx.convert.writer import SHARD_BYTES
 
 
 def report_table(report, title: str):
@@ -77,8 +76,6 @@ def convert_command(
 ) -> None:
     """Convert a Hugging Face checkpoint into a (quantized) MLX checkpoint."""
     from rich.console import Console
-
-    from .convert import convert
 
     try:  # flag errors before any download or reading
         spec = QuantSpec.make(bits, group_size, mode)

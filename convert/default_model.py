@@ -140,7 +140,7 @@ def ensure_converted(
             return out  # another process built it while we waited
         if log is not None:
             log(f"converting the default model into {out}" + (f" ({problem})" if out.exists() else ""))
-        from .convert.gguf import import_gguf
+        from .gguf import import_gguf
 
         scratch = out.parent / f".{out.name}.gguf-{os.getpid()}"
         shutil.rmtree(scratch, ignore_errors=True)

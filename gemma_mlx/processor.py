@@ -187,13 +187,9 @@ class Processor:
         (`{"type": "image", "image": path | PIL image | array}`, `{"type": "audio", "audio": path |
         array, "sampling_rate": 16000}`) or, for a text prompt with `<|image|>`/`<|audio|>`
         placeholders, as `images` / `audio` in order (`add_bos=False` for a text that continues a
-<<<<<<< HEAD
-        cached conversation). Audio longer than 30 s becomes consecutive 30 s blocks. `tools` (OpenAI
-        function schemas) go to the chat template."""
-=======
         cached conversation); a text without any placeholder gets them in front. Audio longer than
-        30 s becomes consecutive 30 s blocks."""
->>>>>>> main
+        30 s becomes consecutive 30 s blocks. `tools` (OpenAI function schemas) go to the chat
+        template."""
         kind, prompt = classify_prompt(prompt)
         if kind == "ids":
             if images or audio:

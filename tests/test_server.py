@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import base64
 import io
-import json
-import shutil
 import socket
 import threading
 import time

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import socket
 import threading
 import time
@@ -31,6 +32,10 @@ def model_dir(tmp_path_factory):
     out = save_checkpoint(tmp_path_factory.mktemp("server") / "ckpt")
     # a small context, so that over-long prompts are cheap to make
     rewrite_config(out, lambda c: c["text_config"].update(max_position_embeddings=CONTEXT))
+    # no end-of-sequence id: a random model would stop at random points; every answer here runs
+    # to max_tokens, so lengths are known (a long one can be cancelled, a short one extended)
+    gen = json.loads((out / "generation_config.json").read_text())
+    (out / "generation_config.json").write_text(json.dumps({**gen, "eos_token_id": []}))
     return out
 
 
@@ -363,14 +368,15 @@ def test_malformed_json_oversize_body_and_still_serving(server):
 
 def test_disconnect_cancels_the_generation(server, loaded):
     worker = wait_idle(server)
-    body = chat("Tell me a long story", max_tokens=900, temperature=0, stream=True)
+    body = {"model": MODEL, "prompt": "Tell me a long story", "max_tokens": 900, "stream": True}
     with httpx.stream(
-        "POST", server.url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}
+        "POST", server.url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}
     ) as r:
         lines = r.iter_lines()
         for _ in range(6):
             next(lines)
     wait_idle(server)
+    print("cancelled after", worker.last.completion_tokens)
     assert worker.last.finish_reason == "cancelled" and worker.last.completion_tokens < 900
     # a non-streaming request whose client gives up is cancelled too
     with pytest.raises(httpx.ReadTimeout):
@@ -381,6 +387,7 @@ def test_disconnect_cancels_the_generation(server, loaded):
             timeout=0.5,
         )
     wait_idle(server)
+    print("cancelled after", worker.last.completion_tokens)
     assert worker.last.finish_reason == "cancelled" and worker.last.completion_tokens < 900
     # the caches stay consistent: the same prompt now gives the cold answer
     r = ask(server.client(), "Tell me a long story", max_tokens=20)

@@ -376,8 +376,7 @@ def test_disconnect_cancels_the_generation(server, loaded):
         for _ in range(6):
             next(lines)
     wait_idle(server)
-    print("cancelled after", worker.last.completion_tokens)
-    assert worker.last.finish_reason == "cancelled" and worker.last.completion_tokens < 900
+    assert worker.last.finish_reason == "cancelled" and worker.last.completion_tokens < 200
     # a non-streaming request whose client gives up is cancelled too
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(
@@ -387,8 +386,7 @@ def test_disconnect_cancels_the_generation(server, loaded):
             timeout=0.5,
         )
     wait_idle(server)
-    print("cancelled after", worker.last.completion_tokens)
-    assert worker.last.finish_reason == "cancelled" and worker.last.completion_tokens < 900
+    assert worker.last.finish_reason == "cancelled" and worker.last.completion_tokens < 200
     # the caches stay consistent: the same prompt now gives the cold answer
     r = ask(server.client(), "Tell me a long story", max_tokens=20)
     ref, _ = reference(loaded, [{"role": "user", "content": "Tell me a long story"}], 20)
@@ -420,3 +418,73 @@ def test_concurrent_streaming_clients_get_their_own_answers(server, loaded):
         t.join(60)
     assert not errors and len(results) == 8
     assert all(text == expected[p] for p, text in results)
+
+
+def completion_ids(server, ids, max_tokens):
+    r = server.client().completions.create(model=MODEL, prompt=ids, max_tokens=max_tokens, temperature=0)
+    return r
+
+
+def test_prefix_cache_extension_prefills_only_new_tokens(server, loaded):
+    model, processor = loaded
+    first = processor.encode_text("The lazy dog jumps over the quick brown fox.")
+    ref = generate(model, processor, first, max_tokens=8)
+    r = completion_ids(server, first, 8)
+    assert r.choices[0].text == ref.text
+    second = first + ref.tokens + processor.encode_text(" Hello world", add_bos=False)
+    r = completion_ids(server, second, 8)
+    assert r.usage.prompt_tokens_details.cached_tokens == len(first) + len(ref.tokens)
+    assert r.choices[0].text == generate(model, processor, second, max_tokens=8).text  # a cold run
+    # the same prompt again reuses all of it but the last token (decoding starts from that one)
+    r = completion_ids(server, second, 8)
+    assert r.usage.prompt_tokens_details.cached_tokens == len(second) - 1
+
+
+def test_prefix_cache_reuses_the_prompt_when_the_answer_is_edited(server, loaded):
+    """The answer (200 tokens) is longer than the rings' rollback slack (128): a request that
+    diverges inside it can only resume from the snapshot taken at the end of the previous prompt."""
+    model, processor = loaded
+    client = server.client()
+    history = [{"role": "user", "content": "Tell me about the lazy dog."}]
+    first_ids = processor.prepare(history).ids
+    r = client.chat.completions.create(model=MODEL, messages=history, max_tokens=200, temperature=0)
+    assert r.usage.completion_tokens == 200 > model.make_cache()[0].slack
+    history += [
+        {"role": "assistant", "content": "The lazy dog sleeps."},  # edited
+        {"role": "user", "content": "And the fox?"},
+    ]
+    second_ids = processor.prepare(history).ids
+    shared = next(i for i, (a, b) in enumerate(zip(first_ids, second_ids, strict=False)) if a != b)
+    # the first prompt ends by opening an empty thought channel, which the history does not repeat
+    assert processor.tokenizer.decode(first_ids[:shared]).endswith("<|turn>model\n")
+    r = client.chat.completions.create(model=MODEL, messages=history, max_tokens=10, temperature=0)
+    assert r.usage.prompt_tokens_details.cached_tokens == shared
+    ref, _ = reference(loaded, history, 10)
+    assert r.choices[0].message.content == parse_output(ref.text).content
+
+
+def test_prefix_cache_keys_include_the_media(server, loaded):
+    model, processor = loaded
+    client = server.client()
+
+    def turn(color):
+        content = [
+            {"type": "image_url", "image_url": {"url": png_uri(color)}},
+            {"type": "text", "text": "Hue?"},
+        ]
+        return ask(client, content, max_tokens=4)
+
+    red = turn((255, 0, 0))
+    again = turn((255, 0, 0))
+    blue = turn((0, 0, 255))
+    image = Image.new("RGB", (100, 60), (0, 0, 255))
+    ref, ids = reference(
+        loaded,
+        [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "Hue?"}]}],
+        4,
+    )
+    assert again.usage.prompt_tokens_details.cached_tokens == len(ids) - 1
+    assert again.choices[0].message.content == red.choices[0].message.content
+    # another image: reuse stops where its block starts, and the answer is the cold one
+    assert blue.usage.prompt_tokens_details.cached_tokens == ids.index(model.config.image_token_id)
+    assert blue.choices[0].message.content == parse_output(ref.text).content

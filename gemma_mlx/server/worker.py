@@ -158,14 +158,19 @@ class Worker:
                 raise _Cancelled
 
         tic = time.perf_counter()
-        rest = mx.array(ids[reused:-1], dtype=mx.int32)
-        if rest.size:
-            media = job.key.media_after(job.inputs, reused) or None
-            prefill(model, rest, cache, media=media, step=self.prefill_step_size, progress=check)
-        prompt_end = len(ids) - 1
-        if all(c.offset == prompt_end for c in cache):
-            self.prompt_cache.store(job.key.tokens[:prompt_end], cache)
-        stats.prompt_tps = (rest.size + 1) / max(time.perf_counter() - tic, 1e-9)
+        end = len(ids) - 1  # the last prompt token starts decoding
+        # stop before the first new media block too: a request with the same text and another
+        # image (or an edit after it) resumes there
+        stops = [s for s, _, _, _ in job.key.blocks if reused < s < end][:1] + [end]
+        done = reused
+        for stop in stops:
+            media = job.key.media_after(job.inputs, done) if stop == end else {}
+            chunk = mx.array(ids[done:stop], dtype=mx.int32)
+            prefill(model, chunk, cache, media=media or None, step=self.prefill_step_size, progress=check)
+            done = stop
+            if all(c.offset == stop for c in cache):
+                self.prompt_cache.store(job.key.tokens[:stop], cache)
+        stats.prompt_tps = (len(ids) - reused) / max(time.perf_counter() - tic, 1e-9)
 
         tokens: list[int] = []
         chunks = stream_generate(

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -171,9 +170,3 @@ def _extends(tokens: np.ndarray, trim: int, shorter: np.ndarray) -> bool:
     n = len(shorter)
     return n <= len(tokens) and len(tokens) - n <= trim and bool(np.array_equal(tokens[:n], shorter))
 
-
-def prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
-    """Length of the common prefix of two token sequences."""
-    n = min(len(a), len(b))
-    diff = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
-    return int(diff[0]) if diff.size else n

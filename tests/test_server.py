@@ -488,3 +488,58 @@ def test_prefix_cache_keys_include_the_media(server, loaded):
     # another image: reuse stops where its block starts, and the answer is the cold one
     assert blue.usage.prompt_tokens_details.cached_tokens == ids.index(model.config.image_token_id)
     assert blue.choices[0].message.content == parse_output(ref.text).content
+
+
+def test_queue_limit_answers_429(loaded):
+    model, processor = loaded
+    srv = Server(create_app(model, processor, model_id=MODEL, max_queue=1))
+    try:
+        worker = srv.app.state.worker
+        body = {"model": MODEL, "prompt": "Tell me a long story", "max_tokens": 900, "stream": True}
+        with httpx.stream("POST", srv.url + "/v1/completions", json=body) as running:
+            lines = running.iter_lines()  # (kept: dropping the iterator closes the stream)
+            next(lines)  # generating now
+            queued = []
+            t = threading.Thread(target=lambda: queued.append(ask(srv.client(), "Hi", max_tokens=2)))
+            t.start()
+            deadline = time.time() + 10
+            while worker.waiting < 1:
+                assert time.time() < deadline
+                time.sleep(0.01)
+            with pytest.raises(openai.RateLimitError) as e:
+                ask(srv.client(), "Hi", max_tokens=2)
+            assert e.value.status_code == 429 and e.value.body["code"] == "queue_full"
+        t.join(30)  # the running stream was dropped: the queued request is served
+        assert queued and queued[0].usage.completion_tokens == 2
+    finally:
+        srv.close()
+
+
+def test_prompt_cache_is_bounded_by_bytes_lru(loaded):
+    import mlx.core as mx
+
+    from gemma_mlx.generate import make_cache, prefill
+    from gemma_mlx.processor import Inputs
+    from gemma_mlx.prompt_cache import PromptCache, PromptKey
+
+    model, processor = loaded
+
+    def filled(ids):
+        cache = make_cache(model)
+        prefill(model, mx.array(ids, dtype=mx.int32), cache)
+        return cache
+
+    prompts = [processor.encode_text(t) for t in ("The quick brown fox", "Hello world, this", "The lazy dog")]
+    one = sum(x.nbytes for c in filled(prompts[0]) for x in c.state[:2])
+    store = PromptCache(int(2.5 * one))
+    for ids in prompts:
+        store.store(np.asarray(ids, np.int64), filled(ids))
+    assert len(store) == 2 and store.nbytes <= 2.5 * one  # the oldest went first
+    def shared(a, b):
+        return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+
+    evicted = max(shared(prompts[0], p) for p in prompts[1:])  # only the BOS and maybe a word
+    for ids, expect in ((prompts[0], evicted), (prompts[2], len(prompts[2]) - 1)):
+        cache = make_cache(model)
+        assert store.fetch(PromptKey.of(Inputs(ids), None, None), cache, len(ids) - 1) == expect
+        assert all(c.offset == expect for c in cache)

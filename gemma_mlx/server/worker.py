@@ -116,6 +116,10 @@ class Worker:
             self._thread = None
 
     @property
+    def waiting(self) -> int:
+        return self._waiting
+
+    @property
     def idle(self) -> bool:
         return self._jobs.unfinished_tasks == 0
 

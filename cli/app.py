@@ -23,6 +23,7 @@ from gemma_mlx.sample import SamplingParams
 
 from . import chat as chat_repl
 from .convert import convert_command
+from .serve import serve
 
 app = typer.Typer(
     name="gemma-mlx",
@@ -327,6 +328,7 @@ def bench(
 
 
 app.command("convert")(convert_command)
+app.command()(serve)
 
 
 def main() -> None:

@@ -535,6 +535,7 @@ def test_prompt_cache_is_bounded_by_bytes_lru(loaded):
     for ids in prompts:
         store.store(np.asarray(ids, np.int64), filled(ids))
     assert len(store) == 2 and store.nbytes <= 2.5 * one  # the oldest went first
+
     def shared(a, b):
         return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
 
@@ -543,3 +544,37 @@ def test_prompt_cache_is_bounded_by_bytes_lru(loaded):
         cache = make_cache(model)
         assert store.fetch(PromptKey.of(Inputs(ids), None, None), cache, len(ids) - 1) == expect
         assert all(c.offset == expect for c in cache)
+
+
+def test_cli_serves_on_loopback(model_dir, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "gemma_mlx.cli", "serve", "--model", str(model_dir), "--port", str(port)]
+    bad = subprocess.run([*cmd, "--allow-files", str(tmp_path / "missing")], capture_output=True, text=True)
+    assert bad.returncode == 1 and "--allow-files" in bad.stderr and "no such directory" in bad.stderr
+    proc = subprocess.Popen([*cmd, "--api-key", KEY], stderr=subprocess.PIPE, text=True, env={**os.environ})
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                assert proc.poll() is None and time.time() < deadline, "the server did not start"
+                time.sleep(0.2)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, max_retries=0)
+        assert [m.id for m in client.models.list()] == [model_dir.name]
+        r = client.chat.completions.create(
+            model=model_dir.name, messages=[{"role": "user", "content": "Hi"}], max_tokens=3
+        )
+        assert r.usage.completion_tokens == 3
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    assert f"http://127.0.0.1:{port}/v1" in err and proc.returncode == 0

@@ -36,9 +36,10 @@ END_MARKUP = frozenset({"<turn|>", "<eos>", "<|tool_response>"})
 THOUGHT = "thought\n"  # the channel's name line
 
 # Special-token text: Gemma 4's <|name>, <name|>, <|name|> (including <|"|>) and the classic specials.
-_MARKUP = re.compile(r'<\|[\w"]+\|?>|<\w+\|>|<(?:bos|eos|pad|mask)>')
+# Names are bounded so that any markup fits the held-back window below.
+_MARKUP = re.compile(r'<\|[\w"]{1,32}\|?>|<\w{1,32}\|>|<(?:bos|eos|pad|mask)>')
 # A tail that more text could still complete into markup ("<", "<|tool_", "<channel", "<|\"|").
-_PARTIAL = re.compile(r'<(?:\|[\w"]*\|?|\w*\|?)')
+_PARTIAL = re.compile(r'<(?:\|[\w"]{0,32}\|?|\w{0,32}\|?)')
 _MAX_MARKUP = 40  # longer "<..." tails are text, never held back
 
 _NUMBER = re.compile(r"-?(?:0|[1-9]\d*)(\.\d+)?([eE][+-]?\d+)?")
@@ -260,6 +261,8 @@ class OutputParser:
         self._call = ""
         self._started = {"content": False, "reasoning": False}
         self._space = {"content": "", "reasoning": ""}  # trailing whitespace not yet emitted
+        self._held = {"content": "", "reasoning": ""}  # text that may complete markup `_tail` began
+        self._tail = {"content": "", "reasoning": ""}  # the end of what was emitted
         self._out: list[Delta] = []
         self._malformed = False
 
@@ -280,6 +283,8 @@ class OutputParser:
         elif self._state == "call":
             self._give_up_call()
         self._state = "done"
+        for kind in self._held:
+            self._emit(kind, "", final=True)
         return self._take()
 
     def _take(self) -> list[Delta]:
@@ -359,20 +364,43 @@ class OutputParser:
 
     def _give_up_call(self) -> None:
         self._malformed = True
-        text = _MARKUP.sub("", self._call.replace(QUOTE, '"'))
+        text = self._call.replace(QUOTE, '"')
+        while _MARKUP.search(text):  # removing one piece of markup may join another
+            text = _MARKUP.sub("", text)
         self._state = "content"
         self._emit("content", text)
 
-    def _emit(self, kind: str, text: str) -> None:
+    def _emit(self, kind: str, text: str, final: bool = False) -> None:
+        """Emit visible text, trimmed. Text that dropped markup or a thought left next to the end of
+        what was emitted ("<|tu" + "rn>") must not form markup there: what would complete it is
+        dropped, and what still might is held (decided by the text alone, not by its chunking)."""
+        held = self._held[kind] + text
+        while held and not self._space[kind]:
+            tail = self._tail[kind]
+            start = _partial_start(tail)
+            if start == len(tail):
+                break
+            probe = tail[start:] + held
+            m = _MARKUP.match(probe)
+            if m:
+                held = probe[m.end() :]
+            elif _PARTIAL.fullmatch(probe) and not final:
+                self._held[kind] = held
+                return
+            else:
+                break
+        self._held[kind] = ""
         if not self._started[kind]:
-            text = text.lstrip()
-        body = text.rstrip()
+            held = held.lstrip()
+        body = held.rstrip()
         if not body:
-            self._space[kind] += text
+            self._space[kind] += held
             return
-        self._out.append(Delta(kind, self._space[kind] + body))
+        out = self._space[kind] + body
+        self._out.append(Delta(kind, out))
         self._started[kind] = True
-        self._space[kind] = text[len(body) :]
+        self._space[kind] = held[len(body) :]
+        self._tail[kind] = (self._tail[kind] + out)[-_MAX_MARKUP:]
 
 
 def parse_output(text: str) -> ParsedOutput:

@@ -94,7 +94,9 @@ def test_round_trip_and_streaming(kind, request):
 
 
 def test_vocabulary_and_special_ids(tok, hf_dir):
-    assert tok.vocab_size == len(json.loads((hf_dir / "tokenizer.json").read_text())["model"]["vocab"]) + 7
+    assert tok.vocab_size == len(json.loads((hf_dir / "tokenizer.json").read_text())["model"]["vocab"]) + len(
+        ADDED
+    )
     assert (tok.pad_token_id, tok.eos_token_id, tok.bos_token_id) == (0, 1, 2) and tok.add_bos_token
     assert tok.token_to_id("<0x41>") == 4 + 0x41 and tok.id_to_token(4 + 0xF0) == "<0xF0>"
     assert tok.token_to_id("no such token") is None

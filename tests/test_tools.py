@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from hypothesis import given, settings
@@ -308,7 +309,9 @@ def test_template_renders_tools_calls_and_responses(messages, expected_end):
 
 def test_template_tool_rendering_matches_transformers(tmp_path):
     from tiny import save_tokenizer
-    from transformers import PreTrainedTokenizerFast
+
+    transformers = pytest.importorskip("transformers")
+    PreTrainedTokenizerFast = transformers.PreTrainedTokenizerFast  # noqa: N806
 
     save_tokenizer(tmp_path)
     ref = PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"), bos_token="<bos>")
@@ -460,3 +463,105 @@ def test_escape_with_a_sentencepiece_tokenizer(tmp_path):
     literal = tok.encode(tok.escape("hi<end_of_turn><bos>"))
     assert end not in literal and tok.bos_token_id not in literal
     assert tok.decode(literal) == "hi<end_of_turn><bos>"
+
+
+# --- a checkpoint that really emits a call through the normal decoding path ------------------------------
+
+
+@pytest.fixture(scope="module")
+def tool_model(tmp_path_factory):
+    from tool_model import build_tool_model
+
+    path = tmp_path_factory.mktemp("tool_model")
+    return path, build_tool_model(path)
+
+
+@pytest.mark.parametrize("thinking", [False, True])
+def test_tiny_checkpoint_calls_the_tool(tool_model, thinking):
+    from tool_model import CALL_ARGUMENTS, CALL_NAME, TOOL
+
+    from gemma_mlx import generate, load, stream_generate
+
+    path, expected = tool_model
+    model, processor = load(path)
+    messages = [{"role": "user", "content": "What is the weather in Paris?"}]
+    prompt = processor.encode_prompt(messages, enable_thinking=thinking, tools=[TOOL])
+    assert processor.tokenizer.token_to_id("<|tool>") in prompt
+    result = generate(model, processor, prompt, max_tokens=20, temperature=0.0)
+    assert result.text == expected and result.finish_reason == "stop"
+    assert processor.tokenizer.decode(result.tokens[-1:]) == "<|tool_response>"
+    out = parse_output(result.text)
+    assert [(c.name, c.arguments) for c in out.tool_calls] == [(CALL_NAME, CALL_ARGUMENTS)]
+    assert out.content == "" and out.reasoning is None and not out.malformed
+    # streamed token by token, the parser gives the same call
+    parser, deltas = OutputParser(thinking=thinking), []
+    for chunk in stream_generate(model, processor, prompt, max_tokens=20):
+        deltas += parser.feed(chunk.text)
+    deltas += parser.finish()
+    assert [(d.kind, d.tool_call.name, d.tool_call.arguments) for d in deltas] == [
+        ("tool_call", CALL_NAME, CALL_ARGUMENTS)
+    ]
+
+
+FRAGMENTS = [
+    *CONTROL,
+    "<|tool_response>",
+    "<|think|>",
+    "call:",
+    "f",
+    "{",
+    "}",
+    "[",
+    "]",
+    ",",
+    ":",
+    "a",
+    "1",
+    "-2.5e3",
+    "true",
+    "null",
+    " ",
+    "\n",
+    "thought\n",
+    "thought",
+    "<",
+    "|>",
+    "<|",
+    "tu",
+    "rn>",
+    ">",
+    "é🌍",
+]
+# what any special token's text looks like (the parser's own rule, written out independently)
+MARKUP_SHAPE = re.compile(r'<\|[\w"]{1,32}\|?>|<\w{1,32}\|>|<(?:bos|eos|pad|mask)>')
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    pieces=st.lists(st.sampled_from(FRAGMENTS), max_size=40),
+    cuts=st.lists(st.integers(0, 400), max_size=20),
+)
+def test_parser_never_raises_and_never_leaks_markup(pieces, cuts):
+    text = "".join(pieces)
+    whole = parse_output(text)
+    streamed, _ = stream(text, [c for c in cuts if c <= len(text)])
+    assert same(streamed, whole)
+    for field in (whole.content, whole.reasoning or ""):
+        assert not MARKUP_SHAPE.search(field)
+    for call in whole.tool_calls:
+        json.loads(call.arguments_json())
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "<|tu<bos>rn>",
+        "<|tu<|channel>thought\nx<channel|>rn>",
+        "<|tu<|image|>rn>rn> ok",
+        "<|tool_call>call:f{<|tu<bos>rn>",
+    ],
+)
+def test_dropped_markup_cannot_join_text_into_markup(text):
+    out = parse_output(text)
+    assert not MARKUP_SHAPE.search(out.content)
+    assert same(stream(text, list(range(len(text))))[0], out)

@@ -12,7 +12,16 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from gemma_mlx import ConfigError, Drafter, GenerationStats, load, load_config, load_drafter, stream_generate
+from gemma_mlx import (
+    ConfigError,
+    Drafter,
+    GenerationStats,
+    __version__,
+    load,
+    load_config,
+    load_drafter,
+    stream_generate,
+)
 from gemma_mlx.benchmark import benchmark
 from gemma_mlx.chat import ChatSession
 from gemma_mlx.convert.default_model import DESCRIPTION, default_model_path
@@ -46,6 +55,14 @@ TopKOpt = Annotated[int, typer.Option("--top-k", min=0, help="Keep the k most li
 TopPOpt = Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling (1 = off).")]
 MinPOpt = Annotated[float, typer.Option("--min-p", min=0.0, max=1.0, help="Min-p sampling (0 = off).")]
 SeedOpt = Annotated[int | None, typer.Option("--seed", help="Random seed for sampling.")]
+ImageOpt = Annotated[
+    list[str] | None,
+    typer.Option("--image", metavar="FILE", help="An image (repeatable; chat: first message)."),
+]
+AudioOpt = Annotated[
+    list[str] | None,
+    typer.Option("--audio", metavar="FILE", help="An audio clip (repeatable; chat: first message)."),
+]
 DraftOpt = Annotated[
     str | None, typer.Option("--draft", help="MTP drafter checkpoint: speculative decoding.")
 ]
@@ -80,8 +97,6 @@ def human_bytes(n: float) -> str:
 
 def version_callback(value: bool) -> None:
     if value:
-        from gemma_mlx import __version__
-
         typer.echo(f"gemma-mlx {__version__}")
         raise typer.Exit()
 
@@ -164,12 +179,8 @@ def generate(
     top_p: TopPOpt = 1.0,
     min_p: MinPOpt = 0.0,
     seed: SeedOpt = None,
-    image: Annotated[
-        list[str] | None, typer.Option("--image", metavar="FILE", help="An image (repeatable).")
-    ] = None,
-    audio: Annotated[
-        list[str] | None, typer.Option("--audio", metavar="FILE", help="An audio clip (repeatable).")
-    ] = None,
+    image: ImageOpt = None,
+    audio: AudioOpt = None,
     as_json: JsonOpt = False,
     draft: DraftOpt = None,
     draft_block_size: DraftBlockOpt = 4,
@@ -179,6 +190,8 @@ def generate(
         if sys.stdin.isatty():
             fail("give a prompt as an argument or on stdin")
         prompt = sys.stdin.buffer.read().decode("utf-8", errors="replace")
+    else:  # bytes that were not UTF-8 reach argv as surrogates: show them as U+FFFD instead
+        prompt = prompt.encode("utf-8", errors="surrogateescape").decode("utf-8", errors="replace")
     path = resolve_model(model)
     images, clips = image or [], audio or []
     check_media(path, images, clips)
@@ -220,12 +233,8 @@ def chat(
     model: ModelOpt = None,
     system: Annotated[str | None, typer.Option("--system", help="System prompt.")] = None,
     think: Annotated[bool, typer.Option("--think/--no-think", help="Let the model think first.")] = False,
-    image: Annotated[
-        list[str] | None, typer.Option("--image", metavar="FILE", help="Attach to the first message.")
-    ] = None,
-    audio: Annotated[
-        list[str] | None, typer.Option("--audio", metavar="FILE", help="Attach to the first message.")
-    ] = None,
+    image: ImageOpt = None,
+    audio: AudioOpt = None,
     max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", min=1, help="Tokens per answer.")] = 512,
     temperature: TemperatureOpt = 1.0,
     top_k: TopKOpt = 64,
@@ -254,10 +263,7 @@ def chat(
         session.attach_image(i)
     for a in audio or []:
         session.attach_audio(a)
-    banner = f"gemma-mlx chat - {path.name} ({model_obj.config.model_type})"
-    if model is None:  # the offline default
-        banner += "\nNote: a base (pre-trained) model: it continues text rather than following instructions."
-    chat_repl.repl(session, banner)
+    chat_repl.repl(session, f"gemma-mlx chat - {path.name} ({model_obj.config.model_type})")
 
 
 @app.command()
@@ -308,6 +314,12 @@ def bench(
     """Measure prefill and decode tokens/s and peak memory (random prompt, greedy decode)."""
     path = resolve_model(model)
     model_obj, _ = load(path)
+    typer.secho(
+        f"measuring: 1 warm-up + {trials} trials of {prompt_tokens} prompt and {generation_tokens} "
+        "generated tokens",
+        err=True,
+        dim=True,
+    )
     stats = benchmark(model_obj, prompt_tokens, generation_tokens, trials)
     per_token = footprint(path).bytes_per_token
     data = {
@@ -333,6 +345,9 @@ app.command()(serve)
 
 def main() -> None:
     """Console entry point: user errors become one red line and a non-zero exit code."""
+    if "--debug" in sys.argv[2:]:  # accepted after the sub-command too
+        sys.argv.remove("--debug")
+        sys.argv.insert(1, "--debug")
     try:
         app()
     except (ValueError, OSError, RuntimeError, ConfigError) as e:

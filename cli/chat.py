@@ -79,8 +79,8 @@ def command(session: ChatSession, line: str) -> bool:
             echo("[conversation reset]")
         elif name == "stats":
             s = session.stats
-            if not s.generation_tokens:
-                echo("[no answer yet]")
+            if not session.history:
+                echo("[no turn yet]")
             else:
                 reused = f" after {s.cached_prompt_tokens} cached" if s.cached_prompt_tokens else ""
                 echo(

@@ -6,6 +6,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.console import Console
+from rich.table import Table
 
 from gemma_mlx.convert import MODES, RECIPES, QuantSpec, convert, parse_override
 from gemma_mlx.convert.writer import SHARD_BYTES
@@ -13,8 +15,6 @@ from gemma_mlx.convert.writer import SHARD_BYTES
 
 def report_table(report, title: str):
     """The end-of-conversion summary as a rich Table."""
-    from rich.table import Table
-
     table = Table(title=title)
     table.add_column("measure")
     table.add_column("value", justify="right")
@@ -25,9 +25,12 @@ def report_table(report, title: str):
 
 def convert_command(
     src: Annotated[
-        str, typer.Argument(help="Checkpoint directory or Hugging Face repo id (e.g. google/gemma-4-12B-it).")
+        str,
+        typer.Argument(
+            metavar="SRC", help="Checkpoint directory or Hugging Face repo id (e.g. google/gemma-4-12B-it)."
+        ),
     ],
-    out: Annotated[Path, typer.Argument(help="Output directory (written atomically).")],
+    out: Annotated[Path, typer.Argument(metavar="OUT", help="Output directory (written atomically).")],
     bits: Annotated[
         int, typer.Option(help="Bits per weight: affine 2/3/4/5/6/8; mxfp4/nvfp4 4; mxfp8 8.")
     ] = 4,
@@ -75,8 +78,6 @@ def convert_command(
     ] = False,
 ) -> None:
     """Convert a Hugging Face checkpoint into a (quantized) MLX checkpoint."""
-    from rich.console import Console
-
     try:  # flag errors before any download or reading
         spec = QuantSpec.make(bits, group_size, mode)
         if recipe not in RECIPES:

@@ -25,12 +25,32 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import (
+    GatedRepoError,
+    HFValidationError,
+    LocalEntryNotFoundError,
+    OfflineModeIsEnabled,
+    RepositoryNotFoundError,
+)
 from mlx.utils import tree_flatten
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+from rich.progress import (
+    Progress as ProgressBar,
+)
 
-from gemma_mlx.checkpoint import CheckpointError, _listing, _shard_files, load_drafter
-from gemma_mlx.config import parse_config, parse_drafter_config
+from gemma_mlx.checkpoint import CheckpointError, listing, load_drafter, load_model, shard_files
+from gemma_mlx.config import ConfigError, load_config, parse_config, parse_drafter_config, read_config
 from gemma_mlx.models.drafter import Drafter
 from gemma_mlx.models.gemma import Model
+from gemma_mlx.processor import Processor
 
 from .quantize import (
     TEXT_PREFIX,
@@ -141,14 +161,6 @@ def resolve_source(src: str | Path) -> Path:
         raise CheckpointError(
             f"{src}: not a checkpoint directory (and not a Hub repo id like 'google/gemma-4-12B-it')"
         )
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        HFValidationError,
-        LocalEntryNotFoundError,
-        OfflineModeIsEnabled,
-        RepositoryNotFoundError,
-    )
 
     try:
         return Path(snapshot_download(text, allow_patterns=HUB_PATTERNS))
@@ -235,7 +247,7 @@ class _Checker:
     def finish(self, where: str) -> None:
         missing = sorted(set(self.expected) - set(self.seen))
         if missing:
-            raise CheckpointError(f"{where}: missing tensors: {_listing(missing)}")
+            raise CheckpointError(f"{where}: missing tensors: {listing(missing)}")
 
 
 @dataclass
@@ -267,14 +279,10 @@ def _target(raw: dict, where: str) -> _Target:
 
 def _read_config(src: Path) -> dict:
     f = src / "config.json"
-    if not f.is_file():
-        raise CheckpointError(f"{src}: no config.json")
     try:
-        raw = json.loads(f.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{f}: not valid JSON ({e})") from None
-    if not isinstance(raw, dict):
-        raise CheckpointError(f"{f}: expected a JSON object")
+        raw = read_config(f)
+    except ConfigError as e:  # the source checkpoint as a whole is what cannot be converted
+        raise CheckpointError(str(e)) from None
     if raw.get("quantization") or raw.get("quantization_config"):
         raise CheckpointError(f"{f}: the checkpoint is already quantized; convert from a float checkpoint")
     return raw
@@ -282,7 +290,7 @@ def _read_config(src: Path) -> dict:
 
 def _check_source(src: Path, raw: dict, target: _Target) -> tuple[list[Path], int, int]:
     """Check every header against the config before converting anything -> (shards, tensors, bytes)."""
-    files = _shard_files(src)
+    files = shard_files(src)
     check, count, nbytes = _Checker(target.expected), 0, 0
     tied = raw.get("tie_word_embeddings", (raw.get("text_config") or {}).get("tie_word_embeddings", True))
     for f in files:
@@ -335,15 +343,6 @@ def _progress(progress: bool | Progress | None, total_bytes: int | None, total_t
     if callable(progress) or not progress:
         yield progress or None
         return
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        DownloadColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-        TransferSpeedColumn,
-    )
 
     columns = (
         TextColumn("[bold]converting"),
@@ -353,7 +352,7 @@ def _progress(progress: bool | Progress | None, total_bytes: int | None, total_t
         TextColumn("{task.fields[done]}/{task.fields[count]} tensors"),
         TimeRemainingColumn(),
     )
-    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+    with ProgressBar(*columns, console=Console(stderr=True), transient=True) as bar:
         task = bar.add_task("converting", total=total_bytes, done=0, count=total_tensors or "?")
         done = 0
 
@@ -643,8 +642,6 @@ def model_card(report: ConversionReport) -> str:
 
 
 def _logits_of(path: Path, ids: list[int], dtype: str | None) -> np.ndarray:
-    from gemma_mlx.checkpoint import load_model
-
     model = load_model(path, dtype=dtype)
     logits = np.array(model(mx.array([ids])).astype(mx.float32), dtype=np.float64)[0]
     del model
@@ -676,11 +673,7 @@ CHECK_TEXT = (
 def check_conversion(src: str | Path, out: str | Path, ids: list[int] | None = None) -> dict:
     """Logit differences, top-1 agreement and KL of the converted model against the source on a
     short prompt. The two models are loaded one after the other, so memory holds only one."""
-    from gemma_mlx.config import load_config
-
     if ids is None:
-        from gemma_mlx.processor import Processor
-
         processor = Processor.from_dir(out)
         if processor is not None:
             ids = processor.encode_text(CHECK_TEXT)[:64]

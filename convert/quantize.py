@@ -19,6 +19,9 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from gemma_mlx.config import ModelConfig, load_config, parse_config
+from gemma_mlx.models.gemma import Model
+
 # Bits each mode offers and the group size it uses by default (the fp modes allow only that one).
 MODES = {"affine": (2, 3, 4, 5, 6, 8), "mxfp4": (4,), "mxfp8": (8,), "nvfp4": (4,)}
 DEFAULT_GROUP = {"affine": 64, "mxfp4": 32, "mxfp8": 32, "nvfp4": 16}
@@ -266,9 +269,6 @@ def estimate(
     """Size and bytes per decoded token of a conversion, from the config alone (a `ModelConfig`,
     a config dict, or a checkpoint directory / config.json path): the model skeleton is built
     lazily, so no weight is read or allocated."""
-    from gemma_mlx.config import ModelConfig, load_config, parse_config
-    from gemma_mlx.models.gemma import Model
-
     if isinstance(config, str | Path):
         config = load_config(config)
     elif not isinstance(config, ModelConfig):

@@ -20,6 +20,8 @@ from .models.gemma import Model
 from .processor import Processor
 from .sample import SamplingParams
 
+ANSWER_MARK = "\u2063answer\u2063"  # stands for the last answer when rendering what follows it
+
 
 @dataclass
 class ChatSession:
@@ -56,10 +58,14 @@ class ChatSession:
         return self.model.config.text.max_position_embeddings
 
     def attach_image(self, src: object) -> None:
+        if self.model.config.vision is None:
+            raise ValueError("this model has no vision input: it cannot take images")
         load_image(src)  # fail now, with the file's name, rather than at the next message
         self.pending.append({"type": "image", "image": src})
 
     def attach_audio(self, src: object) -> None:
+        if self.model.config.audio is None:
+            raise ValueError("this model has no audio input: it cannot take audio")
         load_audio(src)
         self.pending.append({"type": "audio", "audio": src})
 
@@ -77,8 +83,11 @@ class ChatSession:
         if not full.startswith(before) or (answer and answer not in before):
             return full, False
         # what the template writes after the last answer ("<turn|>\n"), minus the end-of-turn
-        # token the model generated itself and the cache already holds
-        tail = before[before.rindex(answer) + len(answer) :] if answer else ""
+        # token the model generated itself and the cache already holds; found with a marker in
+        # place of the answer, so an empty (interrupted) answer's turn is closed too
+        marked = self._messages([*self.history[:-1], {"role": "assistant", "content": ANSWER_MARK}])
+        probe = render(marked, add_generation_prompt=False, enable_thinking=self.think)
+        tail = probe[probe.rindex(ANSWER_MARK) + len(ANSWER_MARK) :]
         last = self.processor.tokenizer.decode(self.tokens[-1:])
         if last and tail.startswith(last) and self.tokens[-1] in self.processor.eos_token_ids:
             tail = tail[len(last) :]

@@ -12,7 +12,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .config import load_config, parse_drafter_config
+from .config import load_config, parse_drafter_config, read_config
 from .models.drafter import Drafter
 from .models.gemma import Model
 
@@ -23,7 +23,7 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded; the message names the file or tensors."""
 
 
-def _shard_files(path: Path) -> list[Path]:
+def shard_files(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.is_file():
         try:
@@ -44,7 +44,7 @@ def _shard_files(path: Path) -> list[Path]:
 def read_weights(path: str | Path) -> dict[str, mx.array]:
     """All tensors of a checkpoint directory, loaded lazily (memory-mapped until evaluated)."""
     weights: dict[str, mx.array] = {}
-    for f in _shard_files(Path(path)):
+    for f in shard_files(Path(path)):
         try:
             weights.update(mx.load(str(f)))
         except Exception as e:  # MLX raises RuntimeError/ValueError for bad headers and truncation
@@ -52,7 +52,7 @@ def read_weights(path: str | Path) -> dict[str, mx.array]:
     return weights
 
 
-def _listing(names: list[str], limit: int = 12) -> str:
+def listing(names: list[str], limit: int = 12) -> str:
     shown = ", ".join(names[:limit])
     return shown + (f" ... (+{len(names) - limit} more)" if len(names) > limit else "")
 
@@ -93,7 +93,7 @@ def load_weights(module: nn.Module, path: Path, quantization: dict | None, dtype
     )
     if missing or unexpected or wrong:
         parts = [
-            f"{label}: {_listing(names)}"
+            f"{label}: {listing(names)}"
             for label, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
             if names
         ]
@@ -128,14 +128,8 @@ def load_model(path: str | Path, dtype: str | mx.Dtype | None = None, lazy: bool
 def load_drafter(path: str | Path, dtype: str | mx.Dtype | None = None) -> Drafter:
     """Load a `gemma4_unified_assistant` (MTP drafter) checkpoint, float or converted."""
     path = Path(path)
-    f = path / "config.json"
-    try:
-        raw = json.loads(f.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{f}: cannot read the drafter's config ({e})") from None
-    if not isinstance(raw, dict):
-        raise CheckpointError(f"{f}: expected a JSON object")
-    drafter = Drafter(parse_drafter_config(raw, str(f)))
+    raw = read_config(path)
+    drafter = Drafter(parse_drafter_config(raw, str(path / "config.json")))
     load_weights(drafter, path, raw.get("quantization"), _dtype(dtype))
     mx.eval(drafter.parameters())
     drafter.eval()

@@ -320,10 +320,15 @@ def parse_drafter_config(raw: dict, source: str = "config.json") -> DrafterConfi
     )
 
 
-def load_config(path: str | Path) -> ModelConfig:
-    """Read and parse `<path>/config.json` (or a config.json path)."""
+def config_file(path: str | Path) -> Path:
+    """`<path>/config.json`, or `path` itself when it names a file."""
     p = Path(path)
-    p = p / "config.json" if p.is_dir() else p
+    return p / "config.json" if p.is_dir() else p
+
+
+def read_config(path: str | Path) -> dict:
+    """The JSON object of `<path>/config.json` (or a config.json path), unparsed."""
+    p = config_file(path)
     if not p.is_file():
         raise ConfigError(f"{p}: no config.json found")
     try:
@@ -332,4 +337,9 @@ def load_config(path: str | Path) -> ModelConfig:
         raise ConfigError(f"{p}: not valid JSON ({e})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{p}: expected a JSON object")
-    return parse_config(raw, str(p))
+    return raw
+
+
+def load_config(path: str | Path) -> ModelConfig:
+    """Read and parse `<path>/config.json` (or a config.json path)."""
+    return parse_config(read_config(path), str(config_file(path)))

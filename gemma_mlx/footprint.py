@@ -13,7 +13,7 @@ from pathlib import Path
 
 from mlx.utils import tree_flatten
 
-from .checkpoint import _shard_files
+from .checkpoint import shard_files
 from .config import ModelConfig, load_config
 from .models.gemma import Model
 
@@ -23,7 +23,7 @@ DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "U32": 4, "U8": 1, "I32": 4, "I64"
 def tensor_bytes(path: Path) -> dict[str, int]:
     """Bytes of every tensor of a checkpoint (our names), from the safetensors headers alone."""
     sizes: dict[str, int] = {}
-    for f in _shard_files(path):
+    for f in shard_files(path):
         with f.open("rb") as fh:
             (n,) = struct.unpack("<Q", fh.read(8))
             header = json.loads(fh.read(n))

@@ -159,7 +159,7 @@ def _speculate(
     k: int,
     stats: GenerationStats | None,
 ) -> Iterator[int]:
-    """MTP speculative rounds (design doc §8.4). Each round the drafter proposes `k` tokens after
+    """MTP speculative rounds. Each round the drafter proposes `k` tokens after
     the last token `t0` from the target's hidden state and K/V; the target verifies `[t0, drafts]`
     in one pass and samples its own token at every position; drafts are accepted while they equal
     the target's tokens, then the target's token follows. Rejected positions are trimmed from the

@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import soundfile as sf
+import soxr
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 PATCH = 48  # 16-px patches merged 3x3 (patch_size 16 x pooling_kernel_size 3)
@@ -253,8 +255,6 @@ def load_audio(src: AudioSource, sampling_rate: float | None = None) -> np.ndarr
     ("HQ"). Raises `MediaError` naming the input for unreadable/corrupt files, unsupported sample
     types, empty audio and NaN/Inf samples. Silence is valid (the reference accepts it, and the
     model's per-frame RMSNorm maps an all-zero frame to zeros)."""
-    import soundfile as sf
-
     name = _name(src)
     if isinstance(src, np.ndarray):
         if sampling_rate is None:
@@ -287,8 +287,6 @@ def load_audio(src: AudioSource, sampling_rate: float | None = None) -> np.ndarr
     if not (isinstance(rate, numbers.Real) and math.isfinite(rate) and rate > 0):
         raise MediaError(f"{name}: invalid sampling rate {rate!r}")
     if rate != SAMPLE_RATE:
-        import soxr
-
         data = soxr.resample(data, rate, SAMPLE_RATE, quality="HQ")
     return np.ascontiguousarray(data, dtype=np.float32)
 
@@ -316,7 +314,7 @@ def split_audio(waveform: np.ndarray, max_seconds: float = MAX_CLIP_SECONDS) -> 
 
     Why: the reference processor documents `audio_seq_length=750` as the per-segment cap and the
     model card 30 s per clip, but its extractor does not enforce it, and how the model treats a
-    longer block is unverified (design §11.8). Rather than truncating or refusing, long audio
+    longer block is unverified. Rather than truncating or refusing, long audio
     becomes several consecutive audio blocks (`expand_media_tokens` takes a list of frame counts
     for one placeholder). Cuts fall on frame boundaries, so the clips' frames concatenate to
     exactly the frames of the whole waveform."""

@@ -16,7 +16,9 @@ import jinja2
 import jinja2.ext
 import jinja2.nodes
 import jinja2.utils
+import sentencepiece as spm
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer as HFTokenizer
 
 
 def read_json(path: Path) -> Any:
@@ -86,15 +88,11 @@ class Tokenizer:
         if not isinstance(config, Mapping):
             raise ValueError(f"{config_file}: expected a JSON object")
         if (f := path / "tokenizer.json").is_file():
-            from tokenizers import Tokenizer as HFTokenizer
-
             try:
                 return cls(HFTokenizer.from_file(str(f)), config)
             except Exception as e:  # tokenizers raises a bare Exception on malformed files
                 raise ValueError(f"{f}: cannot be read as a tokenizer ({e})") from None
         if (f := path / "tokenizer.model").is_file():
-            import sentencepiece as spm
-
             sp = spm.SentencePieceProcessor()
             try:
                 sp.load(str(f))

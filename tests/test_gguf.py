@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
-from tiny import rel_err
+from tiny import rel_err, save_sp_tokenizer
 
 gguf = pytest.importorskip("gguf")
 spm = pytest.importorskip("sentencepiece")
@@ -61,33 +61,9 @@ IDS = [2, 17, 99, 5, 300, 42, 7, 250, 12, 64, 128, 33]  # longer than the tiny m
 
 
 def train_sentencepiece(path: Path) -> Path:
-    """A small Gemma-like SentencePiece BPE model: byte fallback, Gemma's special ids, control
-    turn markers, no dummy prefix."""
-    corpus = path / "corpus.txt"
-    corpus.write_text((DATA / "public_domain.txt").read_text() + "\n" + "\n".join(SAMPLES))
-    spm.SentencePieceTrainer.train(
-        input=str(corpus),
-        model_prefix=str(path / "sp"),
-        vocab_size=600,
-        model_type="bpe",
-        byte_fallback=True,
-        add_dummy_prefix=False,
-        pad_id=0,
-        eos_id=1,
-        bos_id=2,
-        unk_id=3,
-        pad_piece="<pad>",
-        eos_piece="<eos>",
-        bos_piece="<bos>",
-        unk_piece="<unk>",
-        control_symbols=["<start_of_turn>", "<end_of_turn>"],
-        user_defined_symbols=["<start_of_image>", "▁▁"],
-        character_coverage=1.0,
-        normalization_rule_name="identity",
-        remove_extra_whitespaces=False,
-        minloglevel=2,
-    )
-    return path / "sp.model"
+    """A small Gemma-like SentencePiece BPE model with a user-defined image marker and run of spaces."""
+    text = (DATA / "public_domain.txt").read_text() + "\n" + "\n".join(SAMPLES)
+    return save_sp_tokenizer(path, text, vocab_size=600, user_defined=("<start_of_image>", "▁▁"))
 
 
 def tiny_reference(vocab: int, **overrides):

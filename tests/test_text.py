@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from tiny import ADDED, CORPUS, SPECIAL, save_tokenizer
+from tiny import save_sp_tokenizer as save_sp_model
 
 from gemma_mlx.text import ChatTemplate, StreamingDetokenizer, Tokenizer
 
@@ -24,36 +25,8 @@ SAMPLES = [
 
 
 def save_sp_tokenizer(path: Path) -> Path:
-    """A SentencePiece tokenizer.model with byte fallback, control pieces (as Gemma 3 GGUFs make
-    <start_of_turn>) and a user-defined piece."""
-    import sentencepiece as spm
-
-    corpus = path / "corpus.txt"
-    corpus.write_text("\n".join(CORPUS * 5 + SAMPLES[:4]))
-    spm.SentencePieceTrainer.train(
-        input=str(corpus),
-        model_prefix=str(path / "tokenizer"),
-        vocab_size=360,
-        model_type="bpe",
-        byte_fallback=True,
-        add_dummy_prefix=False,
-        pad_id=0,
-        eos_id=1,
-        bos_id=2,
-        unk_id=3,
-        pad_piece="<pad>",
-        eos_piece="<eos>",
-        bos_piece="<bos>",
-        unk_piece="<unk>",
-        control_symbols=["<start_of_turn>", "<end_of_turn>"],
-        user_defined_symbols=["<|image|>"],
-        character_coverage=1.0,
-        normalization_rule_name="identity",
-        remove_extra_whitespaces=False,
-        minloglevel=2,
-    )
-    corpus.unlink()
-    (path / "tokenizer.vocab").unlink()
+    """A SentencePiece tokenizer.model with a user-defined piece (`<|image|>`)."""
+    save_sp_model(path, "\n".join(CORPUS * 5 + SAMPLES[:4]))
     return path
 
 

@@ -163,6 +163,42 @@ def save_tokenizer(path: Path, add_bos_token: bool = True) -> Path:
     return path
 
 
+def save_sp_tokenizer(
+    path: Path, text: str, vocab_size: int = 360, user_defined: tuple[str, ...] = ("<|image|>",)
+) -> Path:
+    """`path/tokenizer.model`: a Gemma-like SentencePiece BPE model trained on `text` (byte
+    fallback, Gemma's special ids, control turn markers as Gemma 3 GGUFs make them, no dummy prefix)."""
+    import sentencepiece as spm
+
+    corpus = path / "corpus.txt"
+    corpus.write_text(text)
+    spm.SentencePieceTrainer.train(
+        input=str(corpus),
+        model_prefix=str(path / "tokenizer"),
+        vocab_size=vocab_size,
+        model_type="bpe",
+        byte_fallback=True,
+        add_dummy_prefix=False,
+        pad_id=0,
+        eos_id=1,
+        bos_id=2,
+        unk_id=3,
+        pad_piece="<pad>",
+        eos_piece="<eos>",
+        bos_piece="<bos>",
+        unk_piece="<unk>",
+        control_symbols=["<start_of_turn>", "<end_of_turn>"],
+        user_defined_symbols=list(user_defined),
+        character_coverage=1.0,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        minloglevel=2,
+    )
+    corpus.unlink()
+    (path / "tokenizer.vocab").unlink()
+    return path / "tokenizer.model"
+
+
 def token_ids(path: Path) -> dict[str, int]:
     """Ids of the added (special) tokens of a tokenizer.json."""
     return {t["content"]: t["id"] for t in json.loads((path / "tokenizer.json").read_text())["added_tokens"]}

@@ -578,3 +578,155 @@ def test_cli_serves_on_loopback(model_dir, tmp_path):
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=30)
     assert f"http://127.0.0.1:{port}/v1" in err and proc.returncode == 0
+
+
+# --- tools and thinking, with checkpoints whose greedy decoding really emits them -------------------
+
+
+@pytest.fixture(scope="module")
+def tool_server(tmp_path_factory):
+    from tool_model import build_tool_model
+
+    path = tmp_path_factory.mktemp("tool_model")
+    build_tool_model(path)
+    model, processor = load(path)
+    srv = Server(create_app(model, processor, model_id="tool-model"))
+    yield srv, processor
+    srv.close()
+
+
+@pytest.fixture(scope="module")
+def thinking_server(tmp_path_factory):
+    """The tool model's builder with other pieces: after "<|turn>model\n" (thinking on) it writes
+    a thought and then the answer; after the empty thought channel (thinking off) the answer only."""
+    import tool_model
+
+    path = tmp_path_factory.mktemp("thinking_model")
+    pieces = ["<|channel>", "thought\nHmm.", "<channel|>", "Sunny."]
+    with pytest.MonkeyPatch.context() as mp:  # build_tool_model reads these module globals
+        mp.setattr(tool_model, "PIECES", pieces)
+        mp.setattr(tool_model, "NEW_PIECES", [pieces[1], pieces[3]])
+        mp.setattr(tool_model, "STOP", "<turn|>")
+        tool_model.build_tool_model(path)
+    model, processor = load(path)
+    srv = Server(create_app(model, processor, model_id="thinking-model"))
+    yield srv
+    srv.close()
+
+
+def test_tool_call_round_trip(tool_server):
+    from tool_model import CALL_ARGUMENTS, CALL_NAME, TOOL
+
+    srv, processor = tool_server
+    client = srv.client()
+    messages = [{"role": "user", "content": "What is the weather in Paris?"}]
+    r = client.chat.completions.create(model="tool-model", messages=messages, tools=[TOOL], max_tokens=30)
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls" and not choice.message.content
+    [call] = choice.message.tool_calls
+    assert call.type == "function" and call.function.name == CALL_NAME and call.id
+    assert json.loads(call.function.arguments) == CALL_ARGUMENTS
+    assert r.usage.prompt_tokens == len(processor.prepare(messages, tools=[TOOL]).ids)
+
+    # streamed: one tool-call delta, no content, the same finish
+    chunks = list(
+        client.chat.completions.create(
+            model="tool-model", messages=messages, tools=[TOOL], max_tokens=30, stream=True
+        )
+    )
+    calls = [tc for c in chunks if c.choices for tc in c.choices[0].delta.tool_calls or []]
+    assert [(tc.index, tc.function.name, json.loads(tc.function.arguments)) for tc in calls] == [
+        (0, CALL_NAME, CALL_ARGUMENTS)
+    ]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == ""
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == [
+        "tool_calls"
+    ]
+
+    # the tool's result goes back to the model, rendered by the template as Gemma's tool response
+    result = {"temperature": 21, "sky": "clear"}
+    followup = [
+        *messages,
+        {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+        {"role": "tool", "tool_call_id": call.id, "content": json.dumps(result)},
+    ]
+    r = client.chat.completions.create(model="tool-model", messages=followup, tools=[TOOL], max_tokens=5)
+    rendered = [
+        *messages,
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [
+                {
+                    "id": call.id,
+                    "type": "function",
+                    "function": {"name": CALL_NAME, "arguments": CALL_ARGUMENTS},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": call.id, "name": CALL_NAME, "content": json.dumps(result)},
+    ]
+    text = processor.apply_chat_template(rendered, tools=[TOOL])
+    assert "<|tool_response>response:get_weather" in text
+    assert r.usage.prompt_tokens == len(processor.prepare(rendered, tools=[TOOL]).ids)
+    assert (
+        r.usage.prompt_tokens_details.cached_tokens > len(processor.prepare(messages, tools=[TOOL]).ids) // 2
+    )
+    # tool_choice none: the tools are not declared
+    r = client.chat.completions.create(
+        model="tool-model", messages=messages, tools=[TOOL], tool_choice="none", max_tokens=1
+    )
+    assert r.usage.prompt_tokens == len(processor.prepare(messages).ids)
+
+
+def test_truncated_call_and_forced_tool_choice(tool_server):
+    from tool_model import TOOL
+
+    srv, processor = tool_server
+    client = srv.client()
+    messages = [{"role": "user", "content": "What is the weather in Paris?"}]
+    # cut off inside the call: its text comes back as content (no markup), finish_reason "length"
+    r = client.chat.completions.create(model="tool-model", messages=messages, tools=[TOOL], max_tokens=3)
+    assert r.choices[0].finish_reason == "length" and not r.choices[0].message.tool_calls
+    assert r.choices[0].message.content == 'call:get_weather{city:"'
+    # required / a named function: the call is opened after the generation prompt
+    template = processor.apply_chat_template(messages, tools=[TOOL])
+    for choice, forced in (
+        ("required", "<|tool_call>call:"),
+        ({"type": "function", "function": {"name": "get_weather"}}, "<|tool_call>call:get_weather{"),
+    ):
+        r = client.chat.completions.create(
+            model="tool-model", messages=messages, tools=[TOOL], tool_choice=choice, max_tokens=1
+        )
+        assert r.usage.prompt_tokens == len(processor.encode_text(template + forced, add_bos=False))
+
+
+@pytest.mark.parametrize(
+    "switch",
+    [{"reasoning_effort": "high"}, {"extra_body": {"chat_template_kwargs": {"enable_thinking": True}}}],
+)
+def test_thinking_goes_to_reasoning_content(thinking_server, switch):
+    client = thinking_server.client()
+    messages = [{"role": "user", "content": "Weather?"}]
+    r = client.chat.completions.create(model="thinking-model", messages=messages, max_tokens=10, **switch)
+    message = r.choices[0].message
+    assert (message.content, message.model_extra["reasoning_content"]) == ("Sunny.", "Hmm.")
+    assert r.choices[0].finish_reason == "stop"
+    chunks = list(
+        client.chat.completions.create(
+            model="thinking-model", messages=messages, max_tokens=10, stream=True, **switch
+        )
+    )
+    deltas = [
+        (k, v)
+        for c in chunks
+        if c.choices
+        for k, v in c.choices[0].delta.model_dump().items()
+        if k in ("content", "reasoning_content") and v
+    ]
+    assert deltas == [("reasoning_content", "Hmm."), ("content", "Sunny.")]
+    # thinking off: no thought, the answer only
+    r = client.chat.completions.create(model="thinking-model", messages=messages, max_tokens=10)
+    assert r.choices[0].message.content == "Sunny." and "reasoning_content" not in (
+        r.choices[0].message.model_extra or {}
+    )

@@ -730,3 +730,27 @@ def test_thinking_goes_to_reasoning_content(thinking_server, switch):
     assert r.choices[0].message.content == "Sunny." and "reasoning_content" not in (
         r.choices[0].message.model_extra or {}
     )
+
+
+def test_draft_model_speculates_every_request(causal, tmp_path_factory):
+    """--draft: MTP for every request; greedy answers equal plain decoding, also when resuming from
+    the prefix cache, and the acceptance is reported."""
+    pytest.importorskip("torch")
+    from test_drafter import pair  # the drafter tests' target + drafter pair (built by transformers)
+
+    from gemma_mlx import load_drafter
+
+    target, _, drafter_dir, _ = pair.__wrapped__(causal, tmp_path_factory)
+
+    model, processor = load(target)
+    srv = Server(create_app(model, processor, model_id="t", drafter=load_drafter(drafter_dir)))
+    try:
+        client = srv.client()
+        first = processor.encode_text("The quick brown fox")
+        for prompt in (first, first + processor.encode_text(" jumps over", add_bos=False)):
+            r = client.completions.create(model="t", prompt=prompt, max_tokens=12, temperature=0)
+            assert r.choices[0].text == generate(model, processor, prompt, max_tokens=12).text
+            assert r.model_extra["timings"]["draft_tokens"] > 0
+        assert r.usage.prompt_tokens_details.cached_tokens == len(first)
+    finally:
+        srv.close()

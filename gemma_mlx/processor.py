@@ -130,13 +130,26 @@ class Processor:
         """The prompt text of a conversation (it starts with BOS: the template writes it); `tools`
         are OpenAI function schemas the model may call (see gemma_mlx.tools for its replies).
 
-        Every string in `messages` and `tools` is escaped first (`Tokenizer.escape`): special-token
-        text inside a message ("<turn|>", "<|tool_call>" ...) is encoded as plain text by this
-        tokenizer, and only the template's own markup becomes control tokens. The returned text
-        carries the escape marks (private-use characters) only where content had such strings."""
+        Prompt injection: every string in `messages` and `tools` is escaped first
+        (`Tokenizer.escape`), so special-token text inside a system/user/tool message, a tool
+        call's arguments or a tool declaration ("<turn|>", "<|turn>system", "<|tool_call>" ...) is
+        encoded as plain text, and only the template's own markup becomes control tokens. The one
+        exception is an assistant message's `content`: it is the model's own output, kept as it
+        was generated (the template strips its thoughts by their markup, and a session's cache
+        holds those very tokens). The returned text carries the escape marks (private-use
+        characters) only where data had special-token strings."""
         tok = self.tokenizer
+        messages = [
+            {
+                k: v if k == "content" and m.get("role") in ("assistant", "model") else _escaped(tok, v)
+                for k, v in m.items()
+            }
+            if isinstance(m, Mapping)
+            else m
+            for m in messages
+        ]
         return self.chat_template.render(
-            _escaped(tok, messages),
+            messages,
             add_generation_prompt=add_generation_prompt,
             enable_thinking=enable_thinking,
             tools=_escaped(tok, tools),

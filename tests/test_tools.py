@@ -302,6 +302,21 @@ TOOL_CASES = [
 ]
 
 
+TOOL_CASES.append(  # Google's own shape: the results on the assistant message, as objects
+    (
+        [
+            ASK,
+            {
+                **assistant_call("get_weather", {"city": "Paris"}),
+                "tool_responses": [{"name": "get_weather", "response": {"temp": 15, "sky": "clear"}}],
+            },
+        ],
+        '<|turn>model\n<|tool_call>call:get_weather{city:<|"|>Paris<|"|>}<tool_call|>'
+        '<|tool_response>response:get_weather{sky:<|"|>clear<|"|>,temp:15}<tool_response|>',
+    )
+)
+
+
 @pytest.mark.parametrize(("messages", "expected_end"), TOOL_CASES)
 def test_template_renders_tools_calls_and_responses(messages, expected_end):
     assert GEMMA4.render(messages, tools=[WEATHER]).endswith(expected_end)
@@ -408,10 +423,10 @@ def test_special_token_text_in_messages_is_encoded_as_text(processor, text):
         return [
             {"role": "system", "content": "Be safe. " + content},
             {"role": "user", "content": [{"type": "text", "text": content}]},
-            {**assistant_call("get_weather", {"city": content}), "content": content},
-            {"role": "tool", "name": content, "content": content},
-            {"role": "assistant", "content": content},
+            {"role": "assistant", "content": "It is sunny."},
             {"role": "user", "content": content},
+            {**assistant_call("get_weather", {"city": content}), "reasoning_content": content},
+            {"role": "tool", "name": content, "content": content},
         ]
 
     benign = processor.prepare(conversation("Hello"), tools=[WEATHER]).ids
@@ -423,6 +438,16 @@ def test_special_token_text_in_messages_is_encoded_as_text(processor, text):
     rendered = processor.apply_chat_template(conversation(text), tools=[WEATHER])
     plain = rendered.replace("\ue000", "").replace("\ue001", "")
     assert processor.tokenizer.decode(ids) == plain
+
+
+def test_assistant_content_is_the_models_own_tokens(processor):
+    """An assistant message's content is kept as generated: its markup is rendered as tokens (the
+    template strips thoughts by it; a chat session's cache holds those tokens)."""
+    tok = processor.tokenizer
+    answer = "<|channel>thought\nhmm<channel|>Hi<|image|>"
+    text = processor.apply_chat_template([ASK, {"role": "assistant", "content": answer}, ASK])
+    assert "hmm" not in text and "Hi<|image|>" in text and "\ue000" not in text
+    assert tok.token_to_id("<|image|>") in tok.encode(text)
 
 
 def test_escape_keeps_template_markup_special(processor):

@@ -4,8 +4,8 @@ Sliding-window layers keep a ring that can only be rolled back by its slack, so 
 past a divergence point cannot be reused from there. Instead, snapshots of every layer's cache
 state are taken at chosen points (the end of each prompt, the end of each answer) and stored
 under the token sequence they hold; a new prompt restores the snapshot sharing its longest
-prefix and rolls it back by at most the rollback room it had when taken. MLX arrays are values,
-so a snapshot is a set of references, not a copy; the cache writes into fresh array objects.
+prefix and rolls it back by at most the rollback room it had when taken. A cache's `state` is a
+snapshot that shares the arrays' memory until the cache writes again, not a copy.
 
 Media soft tokens all share one placeholder id, so the key replaces each image's or audio
 block's placeholders by a hash of its preprocessed tensors: the same text with another image
@@ -22,14 +22,6 @@ import mlx.core as mx
 import numpy as np
 
 from .processor import Inputs
-
-
-def _fresh(state):
-    """New array objects for a state: a cache writes into its arrays in place, which must not
-    reach a snapshot (`x[...]` is a new value sharing the buffer until one side is written)."""
-    if state is None:
-        return None
-    return tuple(x[...] if isinstance(x, mx.array) else x for x in state)
 
 
 def _runs(ids: np.ndarray, token: int | None) -> list[tuple[int, int]]:
@@ -139,7 +131,7 @@ class PromptCache:
         self._entries.move_to_end(best)
         e = self._entries[best]
         for c, s in zip(cache, e.states, strict=True):
-            c.state = _fresh(s)
+            c.state = s
             c.trim(len(e.tokens) - best_n)
         return best_n
 
@@ -151,8 +143,9 @@ class PromptCache:
         if name in self._entries:
             self._entries.move_to_end(name)
             return
-        states = [_fresh(c.state) for c in cache]
-        size = sum(x.nbytes for s in states if s is not None for x in s if isinstance(x, mx.array))
+        states = [c.state for c in cache]
+        mx.eval(states)  # a snapshot holds data, not the lazy computation that led to it
+        size = sum(c.nbytes for c in cache)
         if size > self.max_bytes:
             return
         # a snapshot equal to a stored one extended is cheap, but keep the set small: drop stored
@@ -169,4 +162,3 @@ def _extends(tokens: np.ndarray, trim: int, shorter: np.ndarray) -> bool:
     """Whether a snapshot of `tokens` rolled back by up to `trim` covers the prefix `shorter`."""
     n = len(shorter)
     return n <= len(tokens) and len(tokens) - n <= trim and bool(np.array_equal(tokens[:n], shorter))
-

@@ -530,7 +530,7 @@ def test_prompt_cache_is_bounded_by_bytes_lru(loaded):
         return cache
 
     prompts = [processor.encode_text(t) for t in ("The quick brown fox", "Hello world, this", "The lazy dog")]
-    one = sum(x.nbytes for c in filled(prompts[0]) for x in c.state[:2])
+    one = sum(c.nbytes for c in filled(prompts[0]))
     store = PromptCache(int(2.5 * one))
     for ids in prompts:
         store.store(np.asarray(ids, np.int64), filled(ids))

@@ -13,9 +13,7 @@ drafter's names are the assistant checkpoint's own).
 
 from __future__ import annotations
 
-import json
 import shutil
-import struct
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -46,22 +44,25 @@ from rich.progress import (
     Progress as ProgressBar,
 )
 
-from gemma_mlx.checkpoint import CheckpointError, listing, load_drafter, load_model, shard_files
+from gemma_mlx.checkpoint import CheckpointError, listing, load_drafter, load_model
 from gemma_mlx.config import ConfigError, load_config, parse_config, parse_drafter_config, read_config
+from gemma_mlx.footprint import TEXT_PREFIX, decode_bytes
 from gemma_mlx.models.drafter import Drafter
 from gemma_mlx.models.gemma import Model
 from gemma_mlx.processor import Processor
+from gemma_mlx.safetensors_file import DTYPE_SIZES, FLOAT_DTYPES, read_headers
 
 from .quantize import (
-    TEXT_PREFIX,
+    FLOAT_BYTES,
     Override,
     QuantSpec,
     check_supported,
     config_block,
+    layout_sizes,
     plan,
     quantize_weight,
 )
-from .writer import SHARD_BYTES, atomic_directory, write_json, write_shards
+from .writer import SHARD_BYTES, atomic_directory, human_size, write_json, write_shards
 
 DRAFTER = "gemma4_unified_assistant"
 # Files of a checkpoint besides the weights that a converted directory keeps.
@@ -79,7 +80,7 @@ COPIED = (
     "video_preprocessor_config.json",
 )
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja"]
-SAFETENSORS_DTYPES = {"F32": mx.float32, "BF16": mx.bfloat16, "F16": mx.float16}
+FLOAT_ARRAY_DTYPES = (mx.float32, mx.bfloat16, mx.float16)
 DTYPE_NAMES = {
     "float32": "float32",
     "fp32": "float32",
@@ -130,8 +131,8 @@ class ConversionReport:
         rows = [
             ("quantization", self.how),
             ("bits per weight", f"{self.bits_per_weight:.3f}"),
-            ("size on disk", _gb(self.bytes_on_disk)),
-            (per, _gb(self.bytes_per_token)),
+            ("size on disk", human_size(self.bytes_on_disk)),
+            (per, human_size(self.bytes_per_token)),
             ("parameters", f"{self.parameters:,}"),
         ]
         if self.kept_float:
@@ -139,10 +140,6 @@ class ConversionReport:
         for key, value in (self.check or {}).items():
             rows.append((f"check: {key.replace('_', ' ')}", f"{value:.4f}"))
         return rows
-
-
-def _gb(n: int) -> str:
-    return f"{n / 1e9:.3f} GB" if n >= 1e8 else f"{n / 1e6:.3f} MB"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -179,46 +176,6 @@ def resolve_source(src: str | Path) -> Path:
         raise CheckpointError(f"{src}: not a checkpoint directory nor a valid Hub repo id ({e})") from None
     except OSError as e:  # HTTP and connection errors
         raise CheckpointError(f"{src}: download from the Hugging Face Hub failed ({e})") from None
-
-
-def read_header(f: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """`name -> (safetensors dtype, shape)` of one shard, with truncation and header checks."""
-    size = f.stat().st_size
-    with f.open("rb") as fh:
-        head = fh.read(8)
-        if len(head) < 8:
-            raise CheckpointError(f"{f}: not a safetensors file (only {size} bytes)")
-        (n,) = struct.unpack("<Q", head)
-        if n > min(size - 8, 100 << 20):
-            raise CheckpointError(f"{f}: bad safetensors header (claims {n} header bytes, file has {size})")
-        try:
-            header = json.loads(fh.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{f}: bad safetensors header ({e})") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{f}: bad safetensors header (not a JSON object)")
-    header.pop("__metadata__", None)
-    out, end = {}, 0
-    for name, info in header.items():
-        try:
-            dtype, shape, (start, stop) = (
-                info["dtype"],
-                tuple(int(d) for d in info["shape"]),
-                info["data_offsets"],
-            )
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{f}: bad safetensors header entry for tensor {name}") from None
-        if (
-            dtype in SAFETENSORS_DTYPES
-            and stop - start != int(np.prod(shape)) * SAFETENSORS_DTYPES[dtype].size
-        ):
-            raise CheckpointError(f"{f}: tensor {name}: header offsets disagree with its shape {shape}")
-        out[name], end = (dtype, shape), max(end, stop)
-    if 8 + n + end > size:
-        raise CheckpointError(
-            f"{f}: truncated: its header describes {8 + n + end} bytes, the file has {size}"
-        )
-    return out
 
 
 class _Checker:
@@ -288,23 +245,25 @@ def _read_config(src: Path) -> dict:
     return raw
 
 
-def _check_source(src: Path, raw: dict, target: _Target) -> tuple[list[Path], int, int]:
-    """Check every header against the config before converting anything -> (shards, tensors, bytes)."""
-    files = shard_files(src)
-    check, count, nbytes = _Checker(target.expected), 0, 0
+def _check_source(src: Path, raw: dict, target: _Target) -> tuple[list[Path], int, int, dict[str, int]]:
+    """Check every header against the config before converting anything -> (shards, tensors,
+    bytes, element size of each tensor by our name)."""
+    headers = read_headers(src)
+    check, count, nbytes, itemsize = _Checker(target.expected), 0, 0, {}
     tied = raw.get("tie_word_embeddings", (raw.get("text_config") or {}).get("tie_word_embeddings", True))
-    for f in files:
-        for name, (dtype, shape) in read_header(f).items():
+    for f, header in headers.items():
+        for name, t in header.items():
             if name == "lm_head.weight" and tied is False:
                 raise CheckpointError(f"{f}: an untied lm_head.weight; Gemma's LM head is the tied embedding")
             ours = target.rename(name)
             if ours is None:
                 continue
-            check(ours, shape, dtype, dtype in SAFETENSORS_DTYPES, str(f))
+            check(ours, t.shape, t.dtype, t.dtype in FLOAT_DTYPES, str(f))
             count += 1
-            nbytes += int(np.prod(shape)) * SAFETENSORS_DTYPES[dtype].size
+            nbytes += t.nbytes
+            itemsize[ours] = DTYPE_SIZES[t.dtype]
     check.finish(str(src))
-    return files, count, nbytes
+    return list(headers), count, nbytes, itemsize
 
 
 def _read_source(
@@ -414,9 +373,11 @@ def _write(
     shard_bytes: int,
     progress: bool | Progress | None,
     totals: tuple[int | None, int | None],
+    itemsize: Mapping[str, int] | None = None,
 ) -> ConversionReport:
     """The output directory, atomically: shards + index, config.json (with the quantization block
-    if anything is quantized), extra files, model card."""
+    if anything is quantized), extra files, model card. `itemsize`: element size of each source
+    tensor (our names), for the expected output size checked against the free disk space."""
     for s in {s for s in layout.values() if s is not None}:
         check_supported(s)
     report.parameters = sum(v.size for _, v in tree_flatten(target.module.parameters()))
@@ -431,16 +392,22 @@ def _write(
     # towards the size of the model over a conversion.
     cache_limit = mx.set_cache_limit(0)
     try:
-        with atomic_directory(out, force=force) as tmp, _progress(progress, *totals) as advance:
+        float_bytes = FLOAT_BYTES[dtype] if dtype else itemsize
+        needed = sum(layout_sizes(target.module, layout, float_bytes).values()) if float_bytes else None
+        sizes: dict[str, int] = {}
+        with (
+            atomic_directory(out, force=force, needed=needed) as tmp,
+            _progress(progress, *totals) as advance,
+        ):
 
             def on_tensor(name: str, a: mx.array) -> None:
                 report.tensors += 1
                 report.weight_bytes += a.nbytes
-                if name.startswith(target.prefix):
-                    report.bytes_per_token += a.nbytes
+                sizes[name] = a.nbytes
 
             float_dtype = getattr(mx, dtype) if dtype else None
             write_shards(tmp, _encode(items, layout, float_dtype, advance), shard_bytes, on_tensor)
+            report.bytes_per_token = decode_bytes(sizes, target.prefix)
             write_json(tmp / "config.json", raw)
             for name, content in extra_files.items():
                 if isinstance(content, Path):
@@ -459,9 +426,13 @@ def _write(
 
 
 def _refuse_overlap(src: Path, out: Path) -> None:
+    """OUT may be neither SRC, nor inside it (the source would change under the converter and
+    keep the result), nor around it (--force would delete the source with the old OUT)."""
     src, out = src.resolve(), out.resolve()
     if out == src or out in src.parents:
         raise CheckpointError(f"{out}: would replace the source checkpoint {src}; choose another output")
+    if src in out.parents:
+        raise CheckpointError(f"{out}: lies inside the source checkpoint {src}; choose another output")
 
 
 def convert(
@@ -504,7 +475,7 @@ def convert(
     target = _target(raw, str(source / "config.json"))
     if target.kind == "drafter":
         quantize = quantize and quantize_drafter
-    files, count, nbytes = _check_source(source, raw, target)
+    files, count, nbytes, itemsize = _check_source(source, raw, target)
     notes: dict[str, str] = {}
     layout = plan(target.module, spec, recipe, quantize_embedding, overrides, notes) if quantize else {}
     report = ConversionReport(
@@ -525,6 +496,7 @@ def convert(
         shard_bytes=shard_bytes,
         progress=progress,
         totals=(nbytes, count),
+        itemsize=itemsize,
     )
     if check:
         check_fn = check_drafter if target.kind == "drafter" else check_conversion
@@ -567,15 +539,17 @@ def write_checkpoint(
     target = _target(config, f"{source} (config)")
     check = _Checker(target.expected)
     totals: tuple[int | None, int | None] = (None, None)
+    itemsize = None
     if isinstance(weights, Mapping):
         totals = (sum(a.nbytes for a in weights.values()), len(weights))
+        itemsize = {target.rename(k): a.dtype.size for k, a in weights.items()}
         weights = weights.items()
 
     def items() -> Iterator[tuple[str, mx.array, int]]:
         for key, a in weights:
             name = target.rename(key)
             if name is not None:
-                check(name, a.shape, str(a.dtype), a.dtype in SAFETENSORS_DTYPES.values(), source)
+                check(name, a.shape, str(a.dtype), a.dtype in FLOAT_ARRAY_DTYPES, source)
                 yield name, a, a.nbytes
         check.finish(source)
 
@@ -598,6 +572,7 @@ def write_checkpoint(
         shard_bytes=shard_bytes,
         progress=progress,
         totals=totals,
+        itemsize=itemsize,
     )
 
 

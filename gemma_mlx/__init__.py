@@ -27,17 +27,18 @@ __version__ = "0.1.0"
 
 
 def load(
-    path: str | Path, dtype: str | mx.Dtype | None = None, lazy: bool = False
+    path: str | Path, dtype: str | mx.Dtype | None = None, lazy: bool = False, check_finite: bool = False
 ) -> tuple[Model, Processor | None]:
     """Load a checkpoint directory (Hugging Face or converted) -> `(model, processor)`.
 
     The processor is None when the directory has no tokenizer files (weights-only checks).
     `dtype` ("bfloat16", "float16", "float32") casts the unquantized weights; default: as stored.
+    `check_finite` refuses weights with NaN or infinite values, naming them (reads every weight).
     """
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a directory (expected a checkpoint with config.json)")
-    return load_model(path, dtype, lazy), Processor.from_dir(path)
+    return load_model(path, dtype, lazy, check_finite), Processor.from_dir(path)
 
 
 __all__ = [

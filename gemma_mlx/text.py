@@ -196,15 +196,19 @@ class StreamingDetokenizer:
 
     Each step decodes only a short window: the tokens from the previous emission point (kept as
     left context, so leading-space rules see what the full decode sees) to the newest token, and
-    emits what the newest tokens added. A window ending in U+FFFD (a character split across
-    byte-fallback tokens) waits for more tokens. For valid UTF-8 the deltas concatenate exactly to
-    `tokenizer.decode(all ids)`.
+    emits what the newest tokens added. A run of byte-fallback tokens (`<0xNN>`) is held until it
+    ends, since the full decode turns an invalid run into U+FFFD as a whole (valid bytes included),
+    and a window ending in U+FFFD waits for more tokens. So the deltas concatenate exactly to
+    `tokenizer.decode(all ids)`, for runs of up to `MAX_HELD` byte tokens.
     """
 
-    MAX_HELD = 8  # a UTF-8 character spans <= 4 byte tokens: holding more means the bytes are invalid
+    MAX_HELD = 32  # a longer run of byte tokens is emitted as it comes (latency over exactness)
 
     def __init__(self, tokenizer: Tokenizer):
         self.tokenizer = tokenizer
+        ids = (tokenizer.token_to_id(f"<0x{b:02X}>") for b in range(256))
+        self.byte_ids = frozenset(i for i in ids if i is not None)
+        self.vocab_size = tokenizer.vocab_size
         self.reset()
 
     def reset(self) -> None:
@@ -220,11 +224,15 @@ class StreamingDetokenizer:
 
     def add_token(self, token: int) -> str:
         """Feed one token id; returns the text it completes (often "", or several characters)."""
-        self.tokens.append(operator.index(token))
+        token = operator.index(token)
+        self.tokens.append(token)
+        held = len(self.tokens) - self._read
+        # ids beyond the tokenizer's vocabulary decode to nothing: they do not end a byte run
+        if (token in self.byte_ids or token >= self.vocab_size) and held < self.MAX_HELD:
+            return ""
         if self._before is None:
             self._before = self.tokenizer.decode(self.tokens[self._prefix : self._read])
         window = self.tokenizer.decode(self.tokens[self._prefix :])
-        held = len(self.tokens) - self._read
         if len(window) <= len(self._before) or (window.endswith("\ufffd") and held < self.MAX_HELD):
             return ""
         delta = window[len(self._before) :]

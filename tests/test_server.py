@@ -754,3 +754,24 @@ def test_draft_model_speculates_every_request(causal, tmp_path_factory):
         assert r.usage.prompt_tokens_details.cached_tokens == len(first)
     finally:
         srv.close()
+
+
+def test_quantized_kv_cache(loaded):
+    """`--kv-bits 8`: answers equal the Python API's with the same cache, also when the prefix
+    cache resumes a conversation from a quantized snapshot."""
+    model, processor = loaded
+    srv = Server(create_app(model, processor, model_id=MODEL, api_key=KEY, kv_bits=8, kv_group_size=32))
+    try:
+        client = srv.client()
+        first = [{"role": "user", "content": "Hello there"}]
+        r1 = client.chat.completions.create(model=MODEL, messages=first, temperature=0, max_tokens=6)
+        ref = generate(model, processor, processor.prepare(first), max_tokens=6, kv_bits=8, kv_group_size=32)
+        assert r1.choices[0].message.content == parse_output(ref.text).content
+        second = [*first, {"role": "assistant", "content": r1.choices[0].message.content}]
+        second.append({"role": "user", "content": "The quick brown fox"})
+        r2 = client.chat.completions.create(model=MODEL, messages=second, temperature=0, max_tokens=6)
+        assert r2.usage.prompt_tokens_details.cached_tokens > 0
+        ref = generate(model, processor, processor.prepare(second), max_tokens=6, kv_bits=8, kv_group_size=32)
+        assert r2.choices[0].message.content == parse_output(ref.text).content
+    finally:
+        srv.close()

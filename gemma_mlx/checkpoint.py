@@ -57,19 +57,29 @@ def listing(names: list[str], limit: int = 12) -> str:
     return shown + (f" ... (+{len(names) - limit} more)" if len(names) > limit else "")
 
 
-def quantize_skeleton(model: nn.Module, q: dict, weights: dict[str, mx.array]) -> None:
-    """Turn the layers that have quantized tensors on disk into quantized layers (mlx-lm schema
-    `q`: global `group_size`/`bits`/`mode`, per-layer overrides keyed by module path)."""
-    default = {k: q[k] for k in ("group_size", "bits", "mode") if k in q}
+QUANT_KEYS = ("group_size", "bits", "mode")
 
-    def predicate(path: str, module: nn.Module):
+
+def quantize_skeleton(module: nn.Module, q: dict, weights: dict[str, mx.array]) -> None:
+    """Turn the layers that have quantized tensors on disk into quantized layers. `q` is the
+    mlx-lm / mlx-vlm `quantization` block: global `group_size`/`bits`/`mode`, and per-layer
+    overrides keyed by module path in the writer's own naming (mapped by the module's `sanitize`,
+    like the tensor names), each a dict of what differs."""
+    default = {k: q[k] for k in QUANT_KEYS if k in q}
+    overrides = {}
+    for key, value in q.items():
+        if isinstance(value, dict):
+            name = next(iter(module.sanitize({f"{key}.weight": None})), None)
+            if name is not None:
+                overrides[name.removesuffix(".weight")] = {k: value[k] for k in QUANT_KEYS if k in value}
+
+    def predicate(path: str, m: nn.Module):
         if f"{path}.scales" not in weights:
             return False
-        override = q.get(path)
-        return override if isinstance(override, dict) else default
+        return {**default, **overrides.get(path, {})}
 
     nn.quantize(
-        model,
+        module,
         group_size=default.get("group_size", 64),
         bits=default.get("bits", 4),
         mode=default.get("mode", "affine"),

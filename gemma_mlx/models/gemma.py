@@ -224,6 +224,10 @@ class MultimodalEmbedder(nn.Module):
         return self.embedding_projection(mx.fast.rms_norm(x, None, self.eps))
 
 
+# Top-level modules of `Model`; any other on-disk name belongs to the text model.
+PARTS = ("language_model.", "vision_embedder.", "embed_vision.", "embed_audio.")
+
+
 class Model(nn.Module):
     """Gemma text model, or the unified 12B (text + encoder-free vision and audio embedders).
 
@@ -353,15 +357,18 @@ class Model(nn.Module):
 
     @staticmethod
     def sanitize(weights: dict[str, mx.array]) -> dict[str, mx.array]:
-        """Map on-disk names to ours: drop the leading `model.`; a bare text checkpoint's
-        `model.layers...` become `language_model.layers...`; the tied `lm_head.weight` is dropped."""
+        """Map on-disk names to ours, for every layout in use: Hugging Face (`model.language_model.*`,
+        a bare text model's `model.layers...`), mlx-vlm / mlx-community (`language_model.model.*`),
+        mlx-lm (`model.layers...`) and ours (`language_model.layers...`). The tied head
+        (`lm_head.*`) is dropped. Also maps quantization-block module paths (`checkpoint`)."""
         out = {}
         for k, v in weights.items():
             if k.startswith("lm_head."):
                 continue
-            if k.startswith("model."):
-                k = k[len("model.") :]
-                if not k.startswith(("language_model.", "vision_embedder.", "embed_vision.", "embed_audio.")):
-                    k = "language_model." + k
+            k = k.removeprefix("model.")
+            if k.startswith("language_model.model."):
+                k = "language_model." + k.removeprefix("language_model.model.")
+            elif not k.startswith(PARTS):
+                k = "language_model." + k
             out[k] = v
         return out

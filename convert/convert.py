@@ -7,8 +7,10 @@
 3. The output appears only when complete (`writer.atomic_directory`): an exception or Ctrl-C
    leaves nothing behind.
 
-Output tensors carry our names (the models' `sanitize`: `Model` drops the leading `model.`; the MTP
-drafter's names are the assistant checkpoint's own).
+Output tensors and quantization-block paths carry the names the MLX ecosystem uses (`saved_name`:
+mlx-vlm's `language_model.model.*` for the unified model, mlx-lm's `model.*` for text models, the
+assistant checkpoint's own for the MTP drafter), so mlx-vlm and mlx-lm load our output too; the
+models' `sanitize` reads every layout back.
 """
 
 from __future__ import annotations
@@ -421,8 +423,9 @@ def _write(
         check_supported(s)
     report.parameters = sum(v.size for _, v in tree_flatten(target.module.parameters()))
     report.kept_float = {p: report.kept_float.get(p, "") for p, s in layout.items() if s is None}
+    save = target.module.saved_name
     if any(s is not None for s in layout.values()):
-        report.quantization = config_block(layout, spec)
+        report.quantization = config_block({save(p): s for p, s in layout.items()}, spec)
         raw = {**raw, "quantization": report.quantization, "quantization_config": report.quantization}
     dtype = report.dtype
     raw = _with_dtype(raw, dtype)
@@ -433,14 +436,16 @@ def _write(
     try:
         with atomic_directory(out, force=force) as tmp, _progress(progress, *totals) as advance:
 
-            def on_tensor(name: str, a: mx.array) -> None:
-                report.tensors += 1
-                report.weight_bytes += a.nbytes
-                if name.startswith(target.prefix):
-                    report.bytes_per_token += a.nbytes
+            def counted(encoded: Iterable[tuple[str, mx.array]]) -> Iterator[tuple[str, mx.array]]:
+                for name, a in encoded:
+                    report.tensors += 1
+                    report.weight_bytes += a.nbytes
+                    if name.startswith(target.prefix):
+                        report.bytes_per_token += a.nbytes
+                    yield save(name), a
 
             float_dtype = getattr(mx, dtype) if dtype else None
-            write_shards(tmp, _encode(items, layout, float_dtype, advance), shard_bytes, on_tensor)
+            write_shards(tmp, counted(_encode(items, layout, float_dtype, advance)), shard_bytes)
             write_json(tmp / "config.json", raw)
             for name, content in extra_files.items():
                 if isinstance(content, Path):

@@ -76,12 +76,8 @@ def assert_weights_at_theory(out: Path, source: Path) -> None:
     (MLX rounds to a grid shifted so that 0 is exact), and the RMS error within 5% of the
     uniform-noise theory, step/sqrt(12) with step = group range / (2^bits - 1) (measured: within 1%
     for 4-8 bits on Gaussian weights)."""
-    src = {k.removeprefix("model."): v for k, v in load_file(str(source / "model.safetensors")).items()}
-    src = {
-        (k if k.startswith(("language_model.", "vision_", "embed_")) else f"language_model.{k}"): v
-        for k, v in src.items()
-    }
-    q = read_weights(out)
+    src = Model.sanitize(load_file(str(source / "model.safetensors")))
+    q = Model.sanitize(read_weights(out))
     checked = 0
     for name in (k for k in q if k.endswith(".scales")):
         path = name.removesuffix(".scales")
@@ -111,7 +107,10 @@ def test_float_conversion_is_exact_and_keeps_the_files(unified, causal, tmp_path
         assert json.loads((tmp_path / name / "config.json").read_text()) == json.loads(
             (src / "config.json").read_text()
         )
-        assert not any(k.startswith(("model.", "lm_head")) for k in read_weights(tmp_path / name))
+        # the MLX ecosystem's names (mlx-vlm's for the unified model, mlx-lm's for a text model)
+        text = "language_model.model." if name == "u" else "model."
+        names = read_weights(tmp_path / name)
+        assert all(k.startswith((text, "vision_", "embed_")) for k in names) and "lm_head.weight" not in names
         for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja"):
             assert (tmp_path / name / f).read_bytes() == (src / f).read_bytes()
         assert load(tmp_path / name)[1] is not None  # the processor comes along
@@ -181,8 +180,9 @@ def test_mixed_recipe_and_overrides(causal, tmp_path):
     overrides = {r"layers\.1\.mlp\.up_proj": None, r"layers\.2\.self_attn\.q_proj": 8}
     report = convert(path, tmp_path / "m", recipe="mixed_4_6", overrides=overrides, progress=False)
     q = json.loads((tmp_path / "m" / "config.json").read_text())["quantization"]
-    assert q["language_model.layers.3.mlp.down_proj"]["bits"] == 6
-    assert q["language_model.layers.1.mlp.up_proj"] is False
+    # keyed by the module paths mlx-lm uses for a text model (`model.layers...`), so it loads them too
+    assert q["model.layers.3.mlp.down_proj"]["bits"] == 6
+    assert q["model.layers.1.mlp.up_proj"] is False
     assert report.kept_float == {
         "language_model.layers.1.mlp.up_proj": "override 'layers\\\\.1\\\\.mlp\\\\.up_proj'"
     }

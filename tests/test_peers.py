@@ -20,6 +20,7 @@ from tiny import UNIFIED_CONFIG, VOCAB, save_checkpoint
 
 import gemma_mlx
 from gemma_mlx.checkpoint import read_weights
+from gemma_mlx.convert import convert
 
 pytestmark = pytest.mark.slow  # each peer conversion takes seconds on CPU
 
@@ -32,7 +33,8 @@ PROMPT = [[2, *np.random.default_rng(0).integers(5, VOCAB, 23).tolist()]]  # pas
 # `per_layer_config`), which is what the peers read.
 UNIFIED = copy.deepcopy(UNIFIED_CONFIG)
 UNIFIED["text_config"].pop("per_layer_config")
-UNIFIED["text_config"].update(global_head_dim=64, num_global_key_value_heads=1)
+UNIFIED["text_config"].update(global_head_dim=64, num_global_key_value_heads=1, hidden_size_per_layer_input=0)
+UNIFIED["vocab_size"] = VOCAB  # mlx-lm reads the top-level one (default 262144, the 12B's)
 GEMMA3 = dict(
     model_type="gemma3_text",
     architectures=["Gemma3ForCausalLM"],
@@ -192,3 +194,35 @@ def test_weights_read_for_every_layout(vlm_checkpoints):
     q8 = read_weights(vlm_checkpoints["mlp8"])
     key = "language_model.model.layers.0.mlp.down_proj.weight"
     assert q8[key].shape[-1] == 2 * q4[key].shape[-1]  # 8 bits pack half as many per uint32
+
+
+# Our conversions in each peer: the unified model in mlx-vlm and mlx-lm (its text part), Gemma 3
+# text in mlx-lm; float, uniform 4-bit and a mixed recipe (per-layer entries in the config).
+OURS = {"float": dict(quantize=False), "uniform": {}, "mixed_4_6": dict(recipe="mixed_4_6")}
+PEERS = {
+    "mlx_vlm": ("unified",),
+    "mlx_lm": ("unified", "gemma3"),
+}
+
+
+def peer_model(peer: str, path: Path):
+    if peer == "mlx_vlm":
+        from mlx_vlm.utils import load_model
+
+        return load_model(path)
+    from mlx_lm.utils import load_model
+
+    return load_model(path)[0]
+
+
+@pytest.mark.parametrize("recipe", OURS)
+@pytest.mark.parametrize(("peer", "family"), [(p, f) for p, fs in PEERS.items() for f in fs])
+def test_peers_load_our_conversion(unified_src, gemma3_src, tmp_path, peer, family, recipe):
+    pytest.importorskip(peer)
+    src = unified_src if family == "unified" else gemma3_src
+    out = tmp_path / "out"
+    convert(src, out, progress=False, **OURS[recipe])
+    ours, _ = gemma_mlx.load(out)
+    scale = MLX_LM_GEMMA3_SCALE if family == "gemma3" else None
+    diff = np.abs(logits(ours, scale) - logits(peer_model(peer, out))).max()
+    assert diff <= TOLERANCE, diff

@@ -355,6 +355,16 @@ class Model(nn.Module):
         """Logits `[B, L, vocab]` (or the last `logits_to_keep`); the arguments of `forward`."""
         return self.forward(input_ids, cache, **kwargs).logits
 
+    def saved_name(self, name: str) -> str:
+        """Our parameter or module name -> the one the MLX ecosystem saves (mlx-vlm's
+        `language_model.model.*` for the unified model, mlx-lm's `model.*` for a bare text model),
+        so that mlx-vlm and mlx-lm load what we write; `sanitize` maps it back."""
+        if not name.startswith("language_model."):
+            return name
+        return ("language_model.model." if self.config.multimodal else "model.") + name.removeprefix(
+            "language_model."
+        )
+
     @staticmethod
     def sanitize(weights: dict[str, mx.array]) -> dict[str, mx.array]:
         """Map on-disk names to ours, for every layout in use: Hugging Face (`model.language_model.*`,

@@ -19,7 +19,7 @@ import json
 import shutil
 import struct
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,8 +48,16 @@ from rich.progress import (
     Progress as ProgressBar,
 )
 
-from gemma_mlx.checkpoint import CheckpointError, listing, load_drafter, load_model, shard_files
+from gemma_mlx.checkpoint import (
+    CheckpointError,
+    layer_quantization,
+    listing,
+    load_drafter,
+    load_model,
+    shard_files,
+)
 from gemma_mlx.config import ConfigError, load_config, parse_config, parse_drafter_config, read_config
+from gemma_mlx.footprint import footprint
 from gemma_mlx.models.drafter import Drafter
 from gemma_mlx.models.gemma import Model
 from gemma_mlx.processor import Processor
@@ -82,6 +90,8 @@ COPIED = (
 )
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja"]
 SAFETENSORS_DTYPES = {"F32": mx.float32, "BF16": mx.bfloat16, "F16": mx.float16}
+# bytes per element of what MLX checkpoints store: floats, packed quantized weights, fp-mode scales
+STORED_BYTES = {**{k: v.size for k, v in SAFETENSORS_DTYPES.items()}, "U32": 4, "U8": 1}
 DTYPE_NAMES = {
     "float32": "float32",
     "fp32": "float32",
@@ -110,6 +120,7 @@ class ConversionReport:
     # bytes of weights read per decoded token (model: text weights, tied embedding once as the
     # LM head, vision/audio excluded; drafter: all of its weights, per draft step)
     bytes_per_token: int = 0
+    source_bytes_per_token: int = 0  # the same measure for the source (model conversions)
     kept_float: dict[str, str] = field(default_factory=dict)  # quantizable layer -> why float
     seconds: float = 0.0
     check: dict | None = None
@@ -134,6 +145,7 @@ class ConversionReport:
             ("bits per weight", f"{self.bits_per_weight:.3f}"),
             ("size on disk", _gb(self.bytes_on_disk)),
             (per, _gb(self.bytes_per_token)),
+            *([(f"{per} (source)", _gb(self.source_bytes_per_token))] if self.source_bytes_per_token else []),
             ("parameters", f"{self.parameters:,}"),
         ]
         if self.kept_float:
@@ -285,45 +297,117 @@ def _read_config(src: Path) -> dict:
         raw = read_config(f)
     except ConfigError as e:  # the source checkpoint as a whole is what cannot be converted
         raise CheckpointError(str(e)) from None
-    if raw.get("quantization") or raw.get("quantization_config"):
-        raise CheckpointError(f"{f}: the checkpoint is already quantized; convert from a float checkpoint")
+    if raw.get("quantization_config") and not raw.get("quantization"):
+        raise CheckpointError(
+            f"{f}: quantized by another tool (quantization_config without an MLX 'quantization' block); "
+            "convert from the float checkpoint"
+        )
     return raw
 
 
-def _check_source(src: Path, raw: dict, target: _Target) -> tuple[list[Path], int, int]:
-    """Check every header against the config before converting anything -> (shards, tensors, bytes)."""
+def _source_quantization(raw: dict, target: _Target, names: list[str]) -> dict[str, QuantSpec]:
+    """Our module path -> how the source stores it, for every layer an MLX source has quantized."""
+    if not raw.get("quantization"):
+        return {}
+    found = layer_quantization(target.module, raw["quantization"], [target.rename(n) or "" for n in names])
+    try:
+        return {path: QuantSpec(**spec) for path, spec in found.items()}
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"config.json: unsupported 'quantization' block ({e})") from None
+
+
+def _check_source(src: Path, raw: dict, target: _Target) -> tuple[list[Path], int, int, dict[str, QuantSpec]]:
+    """Check every header against the config before converting anything -> (shards, tensors,
+    bytes, the source's quantized layers). A quantized layer is checked with its float shape."""
     files = shard_files(src)
+    headers = {f: read_header(f) for f in files}
+    quantized = _source_quantization(raw, target, [n for h in headers.values() for n in h])
     check, count, nbytes = _Checker(target.expected), 0, 0
     tied = raw.get("tie_word_embeddings", (raw.get("text_config") or {}).get("tie_word_embeddings", True))
-    for f in files:
-        for name, (dtype, shape) in read_header(f).items():
+    for f, header in headers.items():
+        for name, (dtype, shape) in header.items():
             if name == "lm_head.weight" and tied is False:
                 raise CheckpointError(f"{f}: an untied lm_head.weight; Gemma's LM head is the tied embedding")
             ours = target.rename(name)
             if ours is None:
                 continue
-            check(ours, shape, dtype, dtype in SAFETENSORS_DTYPES, str(f))
+            path, _, leaf = ours.rpartition(".")
+            nbytes += int(np.prod(shape)) * STORED_BYTES.get(dtype, 0)
+            if path in quantized and leaf in ("scales", "biases"):
+                continue  # checked with their weight when dequantized
+            if path in quantized and leaf == "weight":
+                shape = (*shape[:-1], shape[-1] * 32 // quantized[path].bits)
+                check(ours, shape, dtype, dtype == "U32", str(f))
+            else:
+                check(ours, shape, dtype, dtype in SAFETENSORS_DTYPES, str(f))
             count += 1
-            nbytes += int(np.prod(shape)) * SAFETENSORS_DTYPES[dtype].size
     check.finish(str(src))
-    return files, count, nbytes
+    return files, count, nbytes, quantized
+
+
+def _quantized_part(name: str, quantized: Mapping[str, QuantSpec]) -> bool:
+    path, _, leaf = name.rpartition(".")
+    return path in quantized and leaf in ("weight", "scales", "biases")
 
 
 def _read_source(
-    files: list[Path], rename: Callable[[str], str | None]
+    files: list[Path],
+    rename: Callable[[str], str | None],
+    quantized: Mapping[str, QuantSpec],
+    packed: Collection[str] = (),
 ) -> Iterator[tuple[str, mx.array, int]]:
-    """(our name, lazy array, bytes) shard by shard; each tensor is dropped from the shard's dict
-    when handed out, so it is freed as soon as the consumer has converted it."""
+    """(our name, lazy array, input bytes) shard by shard; each tensor is dropped from the shard's
+    dict when handed out, so it is freed as soon as the consumer has converted it. Quantized
+    layers come out dequantized (MLX's own `mx.dequantize` with the source's spec); their
+    `scales`/`biases` are held (lazily) until their weight arrives; those in `packed` (kept as
+    they are) come out as stored."""
+    held: dict[str, mx.array] = {}
+    packed_names = {f"{p}.{leaf}" for p in packed for leaf in ("weight", "scales", "biases")}
     for f in files:
         try:
             shard = mx.load(str(f))
         except Exception as e:  # MLX raises RuntimeError/ValueError for bad headers and truncation
             raise CheckpointError(f"{f}: not a readable safetensors file ({e})") from None
-        for key in list(shard):
+        names = {rename(k): k for k in shard}
+        names.pop(None, None)
+        held.update(
+            {
+                n: shard.pop(k)
+                for n, k in names.items()
+                if _quantized_part(n, quantized) and n not in packed_names
+            }
+        )
+        for name, key in names.items():
+            if key not in shard:
+                continue
             a = shard.pop(key)
-            name = rename(key)
-            if name is not None:
-                yield name, a, a.nbytes
+            yield name, a, a.nbytes
+        for name in [n for n in held if n.endswith(".weight")]:
+            path = name.removesuffix(".weight")
+            if f"{path}.scales" not in held or (
+                quantized[path].mode == "affine" and f"{path}.biases" not in held
+            ):
+                continue  # its scales/biases are in a later shard
+            w, scales, biases = held.pop(name), held.pop(f"{path}.scales"), held.pop(f"{path}.biases", None)
+            spec = quantized[path]
+            nbytes = w.nbytes + scales.nbytes + (0 if biases is None else biases.nbytes)
+            yield name, mx.dequantize(w, scales, biases, spec.group_size, spec.bits, mode=spec.mode), nbytes
+    if held:
+        raise CheckpointError(f"quantized tensors without their weight or scales: {listing(sorted(held))}")
+
+
+def _refuse_more_bits(
+    src: Path, layout: Mapping[str, QuantSpec | None], quantized: Mapping[str, QuantSpec]
+) -> None:
+    """Requantizing cannot restore precision the source has already lost."""
+    for path, spec in layout.items():
+        have = quantized.get(path)
+        if spec is not None and have is not None and spec.bits > have.bits:
+            raise CheckpointError(
+                f"{src}: {path} is stored at {have.bits} bits; requantizing it to {spec.bits} bits "
+                f"cannot restore what was lost. Choose at most {have.bits} bits for it (--bits, --recipe, "
+                "--override), or convert from the float checkpoint"
+            )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -371,13 +455,17 @@ def _encode(
     layout: Mapping[str, QuantSpec | None],
     dtype: mx.Dtype | None,
     advance: Progress | None,
+    packed: Collection[str] = (),
 ) -> Iterator[tuple[str, mx.array]]:
     """Quantize the planned `.weight`s, cast the rest; evaluate each result at once so that its
-    input can be freed (a lazy graph would keep every input alive until the shard is saved)."""
+    input can be freed (a lazy graph would keep every input alive until the shard is saved).
+    Layers in `packed` arrive already quantized as planned and are written as they are."""
     for name, a, nbytes in items:
         path, _, leaf = name.rpartition(".")
         spec = layout.get(path) if leaf == "weight" else None
-        if spec is not None:
+        if path in packed:
+            out = [(name, a)]
+        elif spec is not None:
             out = [(f"{path}.{k}", v) for k, v in quantize_weight(a, spec, dtype or a.dtype).items()]
         else:
             out = [(name, a if dtype is None else a.astype(dtype))]
@@ -416,6 +504,7 @@ def _write(
     shard_bytes: int,
     progress: bool | Progress | None,
     totals: tuple[int | None, int | None],
+    packed: Collection[str] = (),
 ) -> ConversionReport:
     """The output directory, atomically: shards + index, config.json (with the quantization block
     if anything is quantized), extra files, model card."""
@@ -445,7 +534,7 @@ def _write(
                     yield save(name), a
 
             float_dtype = getattr(mx, dtype) if dtype else None
-            write_shards(tmp, counted(_encode(items, layout, float_dtype, advance)), shard_bytes)
+            write_shards(tmp, counted(_encode(items, layout, float_dtype, advance, packed)), shard_bytes)
             write_json(tmp / "config.json", raw)
             for name, content in extra_files.items():
                 if isinstance(content, Path):
@@ -509,14 +598,20 @@ def convert(
     target = _target(raw, str(source / "config.json"))
     if target.kind == "drafter":
         quantize = quantize and quantize_drafter
-    files, count, nbytes = _check_source(source, raw, target)
+    files, count, nbytes, quantized = _check_source(source, raw, target)
     notes: dict[str, str] = {}
     layout = plan(target.module, spec, recipe, quantize_embedding, overrides, notes) if quantize else {}
+    _refuse_more_bits(source, layout, quantized)
+    # a layer the source already stores as planned is copied: requantizing is not idempotent
+    # (measured: 12 % of 4-bit attention weights move by up to 2/3 of a step)
+    packed = {p for p, q in quantized.items() if layout.get(p) == q and dtype is None}
     report = ConversionReport(
         out, str(src), target.kind, recipe=recipe or "uniform", dtype=dtype, kept_float=notes
     )
+    if target.kind == "model":
+        report.source_bytes_per_token = footprint(source).bytes_per_token
     extra = {n: source / n for n in COPIED if (source / n).is_file()}
-    items = _read_source(files, target.rename)
+    items = _read_source(files, target.rename, quantized, packed)
     _write(
         out,
         raw,
@@ -530,6 +625,7 @@ def convert(
         shard_bytes=shard_bytes,
         progress=progress,
         totals=(nbytes, count),
+        packed=packed,
     )
     if check:
         check_fn = check_drafter if target.kind == "drafter" else check_conversion

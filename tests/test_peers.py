@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
@@ -226,3 +227,22 @@ def test_peers_load_our_conversion(unified_src, gemma3_src, tmp_path, peer, fami
     scale = MLX_LM_GEMMA3_SCALE if family == "gemma3" else None
     diff = np.abs(logits(ours, scale) - logits(peer_model(peer, out))).max()
     assert diff <= TOLERANCE, diff
+
+
+def test_requantize_mlx_community_layout(vlm_checkpoints, tmp_path):
+    """mlx-vlm's 8-bit-MLP "4bit" checkpoint -> a true 4-bit one: its 4-bit layers copied as they
+    are, the MLPs requantized; mlx-vlm loads the result and agrees with us."""
+    from mlx_vlm.utils import load_model
+
+    src = vlm_checkpoints["mlp8"]
+    report = convert(src, tmp_path / "q4", progress=False)
+    assert report.bytes_per_token < report.source_bytes_per_token
+    before, after = read_weights(src), read_weights(tmp_path / "q4")
+    for k, v in before.items():
+        if ".self_attn." in k:
+            assert np.array_equal(numpy(v), numpy(after[k])), k
+    ours, _ = gemma_mlx.load(tmp_path / "q4")
+    assert {m.bits for m in ours.modules() if isinstance(m, nn.QuantizedLinear | nn.QuantizedEmbedding)} == {
+        4
+    }
+    assert np.abs(logits(ours) - logits(load_model(tmp_path / "q4"))).max() <= TOLERANCE

@@ -27,14 +27,6 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from huggingface_hub import snapshot_download
-from huggingface_hub.errors import (
-    GatedRepoError,
-    HFValidationError,
-    LocalEntryNotFoundError,
-    OfflineModeIsEnabled,
-    RepositoryNotFoundError,
-)
 from mlx.utils import tree_flatten
 from rich.console import Console
 from rich.progress import (
@@ -58,6 +50,7 @@ from gemma_mlx.checkpoint import (
 )
 from gemma_mlx.config import ConfigError, load_config, parse_config, parse_drafter_config, read_config
 from gemma_mlx.footprint import footprint
+from gemma_mlx.hub import parse_repo_id, resolve
 from gemma_mlx.models.drafter import Drafter
 from gemma_mlx.models.gemma import Model
 from gemma_mlx.processor import Processor
@@ -88,7 +81,6 @@ COPIED = (
     "preprocessor_config.json",
     "video_preprocessor_config.json",
 )
-HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja"]
 SAFETENSORS_DTYPES = {"F32": mx.float32, "BF16": mx.bfloat16, "F16": mx.float16}
 # bytes per element of what MLX checkpoints store: floats, packed quantized weights, fp-mode scales
 STORED_BYTES = {**{k: v.size for k, v in SAFETENSORS_DTYPES.items()}, "U32": 4, "U8": 1}
@@ -145,7 +137,11 @@ class ConversionReport:
             ("bits per weight", f"{self.bits_per_weight:.3f}"),
             ("size on disk", _gb(self.bytes_on_disk)),
             (per, _gb(self.bytes_per_token)),
-            *([(f"{per} (source)", _gb(self.source_bytes_per_token))] if self.source_bytes_per_token else []),
+            *(
+                [("source bytes read per token", _gb(self.source_bytes_per_token))]
+                if self.source_bytes_per_token
+                else []
+            ),
             ("parameters", f"{self.parameters:,}"),
         ]
         if self.kept_float:
@@ -164,35 +160,9 @@ def _gb(n: int) -> str:
 
 
 def resolve_source(src: str | Path) -> Path:
-    """A local checkpoint directory, or a Hub repo id downloaded (only the files a conversion
-    needs; resumable) into the user's Hugging Face cache, honouring HF_HUB_OFFLINE, HF_HOME and
-    the saved token."""
-    path = Path(src).expanduser()
-    if path.is_dir():
-        return path
-    text = str(src)
-    if path.exists() or text.count("/") != 1 or text.startswith((".", "/", "~")):
-        raise CheckpointError(
-            f"{src}: not a checkpoint directory (and not a Hub repo id like 'google/gemma-4-12B-it')"
-        )
-
-    try:
-        return Path(snapshot_download(text, allow_patterns=HUB_PATTERNS))
-    except (LocalEntryNotFoundError, OfflineModeIsEnabled) as e:
-        raise CheckpointError(
-            f"{src}: no such local directory, not in the Hugging Face cache, and the Hub cannot be "
-            f"reached (offline or no network): {e}"
-        ) from None
-    except GatedRepoError:
-        raise CheckpointError(
-            f"{src}: gated on the Hub; accept its licence on huggingface.co and log in (`hf auth login`)"
-        ) from None
-    except RepositoryNotFoundError:
-        raise CheckpointError(f"{src}: no such local directory and no such Hub repo") from None
-    except HFValidationError as e:
-        raise CheckpointError(f"{src}: not a checkpoint directory nor a valid Hub repo id ({e})") from None
-    except OSError as e:  # HTTP and connection errors
-        raise CheckpointError(f"{src}: download from the Hugging Face Hub failed ({e})") from None
+    """A local checkpoint directory, or a Hub id `org/name[@revision]` downloaded into the Hugging
+    Face cache (`gemma_mlx.hub.resolve`, the resolver `--model` and `--draft` use too)."""
+    return resolve(src, "checkpoint")
 
 
 def read_header(f: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
@@ -707,10 +677,10 @@ def write_checkpoint(
 
 
 def model_card(report: ConversionReport) -> str:
-    hub = not Path(report.source).expanduser().exists() and report.source.count("/") == 1
+    hub = None if Path(report.source).expanduser().exists() else parse_repo_id(report.source)
     front = ["---", "library_name: mlx", "tags: [mlx, gemma-mlx, gemma4]"]
     if hub:
-        front.append(f"base_model: {report.source}")
+        front.append(f"base_model: {hub[0]}")
     lines = [
         *front,
         "---",

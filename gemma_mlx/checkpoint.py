@@ -74,7 +74,9 @@ def layer_quantization(module: nn.Module, q: dict, names: Collection[str]) -> di
             if name is not None:
                 overrides[name.removesuffix(".weight")] = {k: value[k] for k in QUANT_KEYS if k in value}
     paths = (n.removesuffix(".scales") for n in names if n.endswith(".scales"))
-    return {p: {"group_size": 64, "bits": 4, "mode": "affine", **default, **overrides.get(p, {})} for p in paths}
+    return {
+        p: {"group_size": 64, "bits": 4, "mode": "affine", **default, **overrides.get(p, {})} for p in paths
+    }
 
 
 def quantize_skeleton(module: nn.Module, q: dict, weights: dict[str, mx.array]) -> None:

@@ -64,6 +64,11 @@ AudioOpt = Annotated[
     list[str] | None,
     typer.Option("--audio", metavar="FILE", help="An audio clip (repeatable; chat: first message)."),
 ]
+KvBitsOpt = Annotated[
+    int | None,
+    typer.Option("--kv-bits", help="Quantize the KV cache to 8 or 4 bits (less memory for long contexts)."),
+]
+KvGroupOpt = Annotated[int, typer.Option("--kv-group-size", help="KV quantization group: 32, 64 or 128.")]
 DraftOpt = Annotated[
     str | None, typer.Option("--draft", help="MTP drafter checkpoint: speculative decoding.")
 ]
@@ -150,9 +155,9 @@ def check_media(path: Path, images: list[str], audio: list[str]) -> None:
         fail(f"{path}: this model has no audio input (--audio)")
 
 
-def load_checked(path: Path) -> tuple[Model, Processor]:
+def load_checked(path: Path, kv_bits: int | None = None, kv_group_size: int = 64) -> tuple[Model, Processor]:
     """Load after warning when weights plus the KV cache will not fit the memory available now."""
-    warning = memory_warning(footprint(path))
+    warning = memory_warning(footprint(path, kv_bits=kv_bits, kv_group_size=kv_group_size))
     if warning:
         typer.secho(f"warning: {warning}", fg=typer.colors.YELLOW, err=True)
     model, processor = load(path)
@@ -186,6 +191,8 @@ def generate(
     as_json: JsonOpt = False,
     draft: DraftOpt = None,
     draft_block_size: DraftBlockOpt = 4,
+    kv_bits: KvBitsOpt = None,
+    kv_group_size: KvGroupOpt = 64,
 ) -> None:
     """Complete a prompt and print the text as it is generated."""
     if prompt is None:
@@ -197,7 +204,7 @@ def generate(
     path = resolve_model(model)
     images, clips = image or [], audio or []
     check_media(path, images, clips)
-    model_obj, processor = load_checked(path)
+    model_obj, processor = load_checked(path, kv_bits, kv_group_size)
     sampling = SamplingParams(temperature, top_k, top_p, min_p, seed)
     last, text = None, []
     chunks = stream_generate(
@@ -211,6 +218,8 @@ def generate(
         prefill_progress=PrefillBar(),
         drafter=load_draft(draft),
         draft_block_size=draft_block_size,
+        kv_bits=kv_bits,
+        kv_group_size=kv_group_size,
     )
     try:
         for last in chunks:
@@ -245,11 +254,13 @@ def chat(
     seed: SeedOpt = None,
     draft: DraftOpt = None,
     draft_block_size: DraftBlockOpt = 4,
+    kv_bits: KvBitsOpt = None,
+    kv_group_size: KvGroupOpt = 64,
 ) -> None:
     """Chat in the terminal: multi-turn with cache reuse, streaming, images and audio, /commands."""
     path = resolve_model(model)
     check_media(path, image or [], audio or [])
-    model_obj, processor = load_checked(path)
+    model_obj, processor = load_checked(path, kv_bits, kv_group_size)
     session = ChatSession(
         model_obj,
         processor,
@@ -260,6 +271,8 @@ def chat(
         prefill_progress=PrefillBar(),
         drafter=load_draft(draft),
         draft_block_size=draft_block_size,
+        kv_bits=kv_bits,
+        kv_group_size=kv_group_size,
     )
     for i in image or []:
         session.attach_image(i)
@@ -272,11 +285,13 @@ def chat(
 def info(
     model: ModelOpt = None,
     context: Annotated[int, typer.Option("--context", min=1, help="Context for the memory estimate.")] = 8192,
+    kv_bits: KvBitsOpt = None,
+    kv_group_size: KvGroupOpt = 64,
     as_json: JsonOpt = False,
 ) -> None:
     """What a checkpoint is and costs: parameters, bits per weight, bytes per token, memory."""
     path = resolve_model(model)
-    fp = footprint(path, context)
+    fp = footprint(path, context, kv_bits=kv_bits, kv_group_size=kv_group_size)
     total, available = memory_bytes()
     t, q = fp.config.text, fp.config.quantization
     quant = "none" if not q else f"{q.get('mode', 'affine')} {q.get('bits')}-bit, group {q.get('group_size')}"
@@ -291,7 +306,7 @@ def info(
         "bits per weight": f"{fp.bits_per_weight:.3f}",
         "weights": human_bytes(fp.weight_bytes),
         "bytes read per decoded token": human_bytes(fp.bytes_per_token),
-        f"KV cache at {context} tokens": human_bytes(fp.kv_bytes),
+        f"KV cache at {context} tokens" + (f" ({kv_bits}-bit)" if kv_bits else ""): human_bytes(fp.kv_bytes),
         "estimated memory": human_bytes(fp.total_bytes),
         "this machine": f"{human_bytes(available)} available of {human_bytes(total)}: "
         + ("fits" if fp.total_bytes <= available else "does NOT fit"),
@@ -311,6 +326,8 @@ def bench(
     prompt_tokens: Annotated[int, typer.Option("--prompt-tokens", "-p", min=1)] = 512,
     generation_tokens: Annotated[int, typer.Option("--generation-tokens", "-g", min=2)] = 128,
     trials: Annotated[int, typer.Option("--trials", "-n", min=1)] = 3,
+    kv_bits: KvBitsOpt = None,
+    kv_group_size: KvGroupOpt = 64,
     as_json: JsonOpt = False,
 ) -> None:
     """Measure prefill and decode tokens/s and peak memory (random prompt, greedy decode)."""
@@ -322,7 +339,9 @@ def bench(
         err=True,
         dim=True,
     )
-    stats = benchmark(model_obj, prompt_tokens, generation_tokens, trials)
+    stats = benchmark(
+        model_obj, prompt_tokens, generation_tokens, trials, kv_bits=kv_bits, kv_group_size=kv_group_size
+    )
     per_token = footprint(path).bytes_per_token
     data = {
         "model": str(path),

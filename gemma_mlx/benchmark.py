@@ -20,6 +20,8 @@ def benchmark(
     trials: int = 3,
     prefill_step_size: int = 512,
     seed: int = 0,
+    kv_bits: int | None = None,
+    kv_group_size: int = 64,
 ) -> GenerationStats:
     """Mean prefill and decode tokens/s over `trials` runs after one warm-up run, and peak memory."""
     vocab = model.config.text.vocab_size
@@ -28,7 +30,7 @@ def benchmark(
     prompt_tps, gen_tps = [], []
     mx.reset_peak_memory()
     for trial in range(trials + 1):  # the first run warms up kernels and allocations
-        cache = make_cache(model)
+        cache = make_cache(model, kv_bits=kv_bits, kv_group_size=kv_group_size)
         start = time.perf_counter()
         tokens = generate_tokens(model, ids, cache, sample, prefill_step_size=prefill_step_size)
         next(tokens)

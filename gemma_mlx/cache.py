@@ -7,13 +7,88 @@ caring where in a ring a key lives. Key order does not matter to attention once 
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import mlx.core as mx
 
 Positions = mx.array  # int32 [K]; -1 marks an empty slot
 Mask = mx.array | str | None  # what `mx.fast.scaled_dot_product_attention` takes
-SharedView = tuple[mx.array, mx.array, mx.array | None]  # keys, values, mask
+
+
+class QuantizedKV(NamedTuple):
+    """Keys or values `[B, H, K, D]` stored quantized along D (`mx.quantize`); attention reads them
+    with `mx.quantized_matmul`, never as a float copy."""
+
+    packed: mx.array  # uint32 [B, H, K, D * bits / 32]
+    scales: mx.array  # [B, H, K, D / group_size]
+    biases: mx.array
+    group_size: int
+    bits: int
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (*self.packed.shape[:3], self.scales.shape[3] * self.group_size)
+
+
+KV = mx.array | QuantizedKV
+SharedView = tuple[KV, KV, mx.array | None]  # keys, values, mask
+KVBits = tuple[int, int] | None  # (bits, group_size) of a quantized cache, None = float
+
+
+def _encode(x: mx.array, quant: KVBits) -> KV:
+    if quant is None:
+        return x
+    bits, group_size = quant
+    return QuantizedKV(*mx.quantize(x, group_size=group_size, bits=bits), group_size, bits)
+
+
+def _empty(like: KV, slots: int) -> KV:
+    """Zeroed storage for `slots` tokens with the layout of `like`."""
+    if isinstance(like, QuantizedKV):
+        arrays = (mx.zeros((*a.shape[:2], slots, a.shape[3]), a.dtype) for a in like[:3])
+        return QuantizedKV(*arrays, like.group_size, like.bits)
+    return mx.zeros((*like.shape[:2], slots, like.shape[3]), like.dtype)
+
+
+def _slots(x: KV, start: int | None, end: int | None) -> KV:
+    if isinstance(x, QuantizedKV):
+        return x._replace(**{f: getattr(x, f)[..., start:end, :] for f in ("packed", "scales", "biases")})
+    return x[..., start:end, :]
+
+
+def _store(x: KV, start: int, value: KV) -> None:
+    """Write `value` into the slots from `start` of `x`, in place."""
+    n = value.shape[2]
+    if isinstance(x, QuantizedKV):
+        for dst, src in zip(x[:3], value[:3], strict=True):
+            dst[..., start : start + n, :] = src
+    else:
+        x[..., start : start + n, :] = value
+
+
+def _concat(a: KV, b: KV) -> KV:
+    if isinstance(a, QuantizedKV):
+        return a._replace(
+            **{
+                f: mx.concatenate([getattr(a, f), getattr(b, f)], axis=2)
+                for f in ("packed", "scales", "biases")
+            }
+        )
+    return mx.concatenate([a, b], axis=2)
+
+
+def _handle(x: KV) -> KV:
+    """A new handle on the same data: in-place slot writes through one handle leave the other as
+    it was, so a saved `state` stays a snapshot."""
+    if isinstance(x, QuantizedKV):
+        return x._replace(**{f: mx.array(getattr(x, f)) for f in ("packed", "scales", "biases")})
+    return mx.array(x)
+
+
+def _nbytes(x: KV | None) -> int:
+    if x is None:
+        return 0
+    return sum(a.nbytes for a in x[:3]) if isinstance(x, QuantizedKV) else x.nbytes
 
 
 class Cache(Protocol):
@@ -21,7 +96,7 @@ class Cache(Protocol):
 
     offset: int  # tokens fed so far
 
-    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]: ...
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[KV, KV]: ...
     def key_positions(self, n: int) -> Positions: ...
     def shared_view(self, position: int) -> SharedView: ...
     def trim(self, n: int) -> int: ...
@@ -34,31 +109,33 @@ class Cache(Protocol):
 
 
 class KVCache:
-    """Growing cache for full-attention layers, preallocated in `step`-token blocks."""
+    """Growing cache for full-attention layers, preallocated in `step`-token blocks; `quant`
+    (bits, group_size) stores keys and values quantized."""
 
     step = 256
 
-    def __init__(self) -> None:
-        self.keys: mx.array | None = None
-        self.values: mx.array | None = None
+    def __init__(self, quant: KVBits = None) -> None:
+        self.quant = quant
+        self.keys: KV | None = None
+        self.values: KV | None = None
         self.offset = 0
 
-    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[KV, KV]:
         """Append `[B, H, L, D]` keys/values; return all cached ones up to the new offset."""
         prev, n = self.offset, keys.shape[2]
+        keys, values = _encode(keys, self.quant), _encode(values, self.quant)
         if self.keys is None or prev + n > self.keys.shape[2]:
             grow = ((n + self.step - 1) // self.step) * self.step
-            new_k = mx.zeros((*keys.shape[:2], grow, keys.shape[3]), keys.dtype)
-            new_v = mx.zeros((*values.shape[:2], grow, values.shape[3]), values.dtype)
+            new_k, new_v = _empty(keys, grow), _empty(values, grow)
             if self.keys is None:
                 self.keys, self.values = new_k, new_v
             else:
-                self.keys = mx.concatenate([self.keys[..., :prev, :], new_k], axis=2)
-                self.values = mx.concatenate([self.values[..., :prev, :], new_v], axis=2)
+                self.keys = _concat(_slots(self.keys, 0, prev), new_k)
+                self.values = _concat(_slots(self.values, 0, prev), new_v)
         self.offset += n
-        self.keys[..., prev : self.offset, :] = keys
-        self.values[..., prev : self.offset, :] = values
-        return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
+        _store(self.keys, prev, keys)
+        _store(self.values, prev, values)
+        return _slots(self.keys, 0, self.offset), _slots(self.values, 0, self.offset)
 
     def key_positions(self, n: int) -> Positions:
         """Positions of the keys the next `update_and_fetch` of `n` tokens will return."""
@@ -67,7 +144,7 @@ class KVCache:
     def shared_view(self, position: int) -> SharedView:
         """Every cached key and value, as a query from another model (the MTP drafter) at
         `position` reads them: a full-attention layer hides nothing."""
-        return self.keys[..., : self.offset, :], self.values[..., : self.offset, :], None
+        return _slots(self.keys, 0, self.offset), _slots(self.values, 0, self.offset), None
 
     def trim(self, n: int) -> int:
         """Forget the last `n` tokens (O(1)); returns how many were removed."""
@@ -81,21 +158,21 @@ class KVCache:
 
     @property
     def nbytes(self) -> int:
-        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+        return _nbytes(self.keys) + _nbytes(self.values)
 
     @property
-    def state(self) -> tuple[mx.array, mx.array, int] | None:
+    def state(self) -> tuple[KV, KV, int] | None:
         if self.keys is None:
             return None
-        return self.keys[..., : self.offset, :], self.values[..., : self.offset, :], self.offset
+        return _slots(self.keys, 0, self.offset), _slots(self.values, 0, self.offset), self.offset
 
     @state.setter
-    def state(self, s: tuple[mx.array, mx.array, int] | None) -> None:
+    def state(self, s: tuple[KV, KV, int] | None) -> None:
         if s is None:
             self.keys = self.values = None
             self.offset = 0
         else:
-            self.keys, self.values, self.offset = s[0], s[1], int(s[2])
+            self.keys, self.values, self.offset = _handle(s[0]), _handle(s[1]), int(s[2])
 
 
 class RingKVCache:
@@ -112,11 +189,11 @@ class RingKVCache:
     itself overwrites), then stores the chunk's tail.
     """
 
-    def __init__(self, window: int, slack: int = 128) -> None:
-        self.window, self.slack = window, slack
+    def __init__(self, window: int, slack: int = 128, quant: KVBits = None) -> None:
+        self.window, self.slack, self.quant = window, slack, quant
         self.capacity = window + slack
-        self.keys: mx.array | None = None
-        self.values: mx.array | None = None
+        self.keys: KV | None = None
+        self.values: KV | None = None
         self.offset = 0
         self.written = 0  # furthest offset ever written: trimmed slots stay overwritten until passed
 
@@ -125,35 +202,39 @@ class RingKVCache:
         s = mx.arange(self.capacity, dtype=mx.int32)
         return last - mx.remainder(last - s, self.capacity)
 
-    def _write(self, keys: mx.array, values: mx.array, start: int) -> None:
+    def _write(self, keys: KV, values: KV, start: int) -> None:
         n, cap = keys.shape[2], self.capacity
         if n > cap:  # only the newest `cap` tokens can be kept
-            keys, values, start, n = keys[..., -cap:, :], values[..., -cap:, :], start + n - cap, cap
+            keys, values, start, n = (
+                _slots(keys, -cap, None),
+                _slots(values, -cap, None),
+                start + n - cap,
+                cap,
+            )
         s = start % cap
         first = min(n, cap - s)
-        self.keys[..., s : s + first, :] = keys[..., :first, :]
-        self.values[..., s : s + first, :] = values[..., :first, :]
-        if first < n:  # wrap around
-            self.keys[..., : n - first, :] = keys[..., first:, :]
-            self.values[..., : n - first, :] = values[..., first:, :]
+        for store, new in ((self.keys, keys), (self.values, values)):
+            _store(store, s, _slots(new, 0, first))
+            if first < n:  # wrap around
+                _store(store, 0, _slots(new, first, None))
 
-    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[KV, KV]:
         prev, n = self.offset, keys.shape[2]
+        keys, values = _encode(keys, self.quant), _encode(values, self.quant)
         if self.keys is None:
-            self.keys = mx.zeros((*keys.shape[:2], self.capacity, keys.shape[3]), keys.dtype)
-            self.values = mx.zeros((*values.shape[:2], self.capacity, values.shape[3]), values.dtype)
+            self.keys, self.values = _empty(keys, self.capacity), _empty(values, self.capacity)
         self.offset += n
         self.written = max(self.written, self.offset)
         if n == 1:
             self._write(keys, values, prev)
             stored = min(self.offset, self.capacity)
-            return self.keys[..., :stored, :], self.values[..., :stored, :]
+            return _slots(self.keys, 0, stored), _slots(self.values, 0, stored)
         stored = min(prev, self.capacity)
         if stored == 0:
             out_k, out_v = keys, values
         else:
-            out_k = mx.concatenate([self.keys[..., :stored, :], keys], axis=2)
-            out_v = mx.concatenate([self.values[..., :stored, :], values], axis=2)
+            out_k = _concat(_slots(self.keys, 0, stored), keys)
+            out_v = _concat(_slots(self.values, 0, stored), values)
         self._write(keys, values, prev)
         return out_k, out_v
 
@@ -174,7 +255,7 @@ class RingKVCache:
         stored = min(self.offset, self.capacity)
         kpos = self._slot_positions(self.offset - 1)[:stored]
         mask = (kpos >= 0) & (kpos >= position - 1 - self.window)
-        return self.keys[..., :stored, :], self.values[..., :stored, :], mask
+        return _slots(self.keys, 0, stored), _slots(self.values, 0, stored), mask
 
     def trim(self, n: int) -> int:
         """Forget the last `n` tokens; exact for `n <= max_trim`."""
@@ -191,11 +272,11 @@ class RingKVCache:
 
     @property
     def nbytes(self) -> int:
-        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+        return _nbytes(self.keys) + _nbytes(self.values)
 
     @property
-    def state(self) -> tuple[mx.array, mx.array, int] | None:
-        return None if self.keys is None else (self.keys, self.values, self.offset)
+    def state(self) -> tuple[KV, KV, int] | None:
+        return None if self.keys is None else (_handle(self.keys), _handle(self.values), self.offset)
 
     @state.setter
     def state(self, s: tuple[mx.array, mx.array, int] | None) -> None:
@@ -203,7 +284,7 @@ class RingKVCache:
             self.keys = self.values = None
             self.offset = self.written = 0
         else:
-            self.keys, self.values, self.offset = s[0], s[1], int(s[2])
+            self.keys, self.values, self.offset = _handle(s[0]), _handle(s[1]), int(s[2])
             self.written = self.offset
 
 

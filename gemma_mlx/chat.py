@@ -37,6 +37,8 @@ class ChatSession:
     prefill_progress: Callable[[int, int], None] | None = None
     drafter: Drafter | None = None  # an MTP drafter: speculative decoding
     draft_block_size: int = 4
+    kv_bits: int | None = None  # quantized KV cache (8 or 4 bits)
+    kv_group_size: int = 64
 
     def __post_init__(self) -> None:
         self.pending: list[dict] = []
@@ -44,7 +46,7 @@ class ChatSession:
         self._reset_cache()
 
     def _reset_cache(self) -> None:
-        self.cache = make_cache(self.model)
+        self.cache = make_cache(self.model, kv_bits=self.kv_bits, kv_group_size=self.kv_group_size)
         self.tokens: list[int] = []  # every token id in the cache, in order
         self._cached_messages = 0  # how many history messages the cache holds
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from mlx.utils import tree_flatten
 
 from .checkpoint import shard_files
-from .config import ModelConfig, load_config
+from .config import ModelConfig, TextConfig, load_config
 from .models.gemma import Model
 
 DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "U32": 4, "U8": 1, "I32": 4, "I64": 8, "F64": 8, "I8": 1}
@@ -57,18 +57,49 @@ class Footprint:
         return 8 * self.weight_bytes / self.parameters
 
 
-def footprint(path: str | Path, context: int = 8192, kv_dtype_bytes: int = 2, slack: int = 128) -> Footprint:
+def kv_cache_bytes(
+    text: TextConfig,
+    context: int,
+    *,
+    kv_bits: int | None = None,
+    kv_group_size: int = 64,
+    dtype_bytes: int = 2,
+    slack: int = 128,
+) -> tuple[int, int]:
+    """(bytes per token of the growing global caches, fixed bytes of the sliding-window rings) at
+    `context` tokens; quantized caches hold `kv_bits` per element plus a scale and a bias
+    (`dtype_bytes` each) per group of `kv_group_size`."""
+    element = dtype_bytes if kv_bits is None else kv_bits / 8 + 2 * dtype_bytes / kv_group_size
+    per_token = fixed = 0.0
+    for spec in text.layers:
+        token = 2 * spec.num_kv_heads * spec.head_dim * element  # K and V (they differ)
+        if spec.sliding:
+            fixed += token * min(context, text.sliding_window + slack)
+        else:
+            per_token += token
+    return round(per_token), round(fixed)
+
+
+def footprint(
+    path: str | Path,
+    context: int = 8192,
+    *,
+    kv_bits: int | None = None,
+    kv_group_size: int = 64,
+    kv_dtype_bytes: int = 2,
+    slack: int = 128,
+) -> Footprint:
     path = Path(path)
     config = load_config(path)
     sizes = tensor_bytes(path)
-    text = config.text
-    kv_per_token = fixed = 0
-    for spec in text.layers:
-        per_token = 2 * spec.num_kv_heads * spec.head_dim * kv_dtype_bytes  # K and V (they differ)
-        if spec.sliding:
-            fixed += per_token * min(context, text.sliding_window + slack)
-        else:
-            kv_per_token += per_token
+    kv_per_token, fixed = kv_cache_bytes(
+        config.text,
+        context,
+        kv_bits=kv_bits,
+        kv_group_size=kv_group_size,
+        dtype_bytes=kv_dtype_bytes,
+        slack=slack,
+    )
     parameters = sum(v.size for _, v in tree_flatten(Model(config).parameters()))  # lazy skeleton
     return Footprint(
         config=config,
@@ -113,6 +144,6 @@ def memory_warning(fp: Footprint) -> str | None:
         f"this model needs about {fp.total_bytes / 1e9:.1f} GB (weights {fp.weight_bytes / 1e9:.1f} GB + "
         f"KV cache "
         f"{fp.kv_bytes / 1e9:.1f} GB at {fp.context} tokens) but only {available / 1e9:.1f} GB of "
-        f"{total / 1e9:.1f} GB is available: convert with fewer bits (gemma-mlx convert SRC OUT --bits 4) "
-        "or use a shorter context"
+        f"{total / 1e9:.1f} GB is available: convert with fewer bits (gemma-mlx convert SRC OUT --bits 4), "
+        "quantize the KV cache (--kv-bits 8 or 4) or use a shorter context"
     )

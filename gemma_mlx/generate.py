@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 
 import mlx.core as mx
+import numpy as np
 
 from .cache import Cache, RingKVCache
 from .models.drafter import Drafter
@@ -76,9 +77,29 @@ class GenerationResult:
         return self.stats.peak_memory_gb
 
 
-def make_cache(model: Model, slack: int = 128) -> list[Cache]:
-    """Per-layer KV caches for `model`; `slack` is the rollback room of the sliding-window rings."""
-    return model.make_cache(slack)
+def make_cache(
+    model: Model,
+    slack: int = 128,
+    *,
+    kv_bits: int | None = None,
+    kv_group_size: int = 64,
+    quantize_rings: bool = True,
+) -> list[Cache]:
+    """Per-layer KV caches for `model`; `slack` is the rollback room of the sliding-window rings.
+    `kv_bits` 8 or 4 stores keys and values quantized in groups of `kv_group_size` along the head
+    dimension (on every layer, or only the global ones without `quantize_rings`)."""
+    if kv_bits is None:
+        return model.make_cache(slack)
+    if kv_bits not in (4, 8) or kv_group_size not in (32, 64, 128):
+        raise ValueError(
+            f"kv_bits={kv_bits}, kv_group_size={kv_group_size}: expected 8 or 4 bits, groups of 32/64/128"
+        )
+    for spec in model.config.text.layers:
+        if spec.head_dim % kv_group_size:
+            raise ValueError(
+                f"kv_group_size={kv_group_size} does not divide the head dimension {spec.head_dim}"
+            )
+    return model.make_cache(slack, (kv_bits, kv_group_size), quantize_rings)
 
 
 def prefill(
@@ -90,15 +111,33 @@ def prefill(
     step: int = 512,
     progress: Progress | None = None,
 ) -> None:
-    """Feed `ids [L]` into `cache` in chunks of `step` tokens (`progress(done, total)` after each);
-    with `media` (pixel_values, input_features, ...) in one chunk, since an image block must not
-    be split. The caches are evaluated, so the work is done when this returns."""
-    chunks = [(0, ids.shape[0])] if media else [(i, i + step) for i in range(0, ids.shape[0], step)]
-    for start, end in chunks:
-        model(ids[None, start:end], cache, logits_to_keep=1, **(media or {}))
+    """Feed `ids [L]` into `cache` in chunks of about `step` tokens (`progress(done, total)` after
+    each). With `media` (pixel_values, input_features, ...) the embeddings are computed once and
+    chunked too; a chunk is extended to the end of an image block it would cut, since an image
+    attends bidirectionally within its block. The caches are evaluated, so the work is done when
+    this returns."""
+    n = ids.shape[0]
+    embeds = blocks = None
+    if media:
+        embeds, blocks = model.embed_inputs(ids[None], **media)
+    in_block = np.zeros(n + 1, bool)  # position i continues the image block of position i - 1
+    if blocks is not None:
+        b = np.array(blocks[0])
+        in_block[1:n] = (b[1:] >= 0) & (b[1:] == b[:-1])
+    start = 0
+    while start < n:
+        end = min(start + step, n)
+        while in_block[end]:
+            end += 1
+        if embeds is None:
+            model(ids[None, start:end], cache, logits_to_keep=1)
+        else:
+            chunk_blocks = None if blocks is None else blocks[:, start:end]
+            model(inputs_embeds=embeds[:, start:end], cache=cache, block_ids=chunk_blocks, logits_to_keep=1)
         mx.eval([c.state for c in cache])
+        start = end
         if progress is not None:
-            progress(min(end, ids.shape[0]), ids.shape[0])
+            progress(end, n)
 
 
 def generate_tokens(
@@ -262,13 +301,16 @@ def stream_generate(
     prefill_progress: Progress | None = None,
     drafter: Drafter | None = None,
     draft_block_size: int = 4,
+    kv_bits: int | None = None,
+    kv_group_size: int = 64,
 ) -> Iterator[GenerationChunk]:
     """Stream a completion of `prompt` (text, token ids, or chat messages, whose parts may hold
     images and audio; a text prompt takes `images`/`audio` for its placeholders).
 
     Stops at `max_tokens` (0: nothing is generated), on the processor's EOS ids, or when a `stop`
     string appears (the stop string itself is not emitted). A `cache` already holding earlier
-    tokens is continued: only `prompt`'s tokens are prefilled. With a `drafter` (see
+    tokens is continued: only `prompt`'s tokens are prefilled (a new cache is quantized with
+    `kv_bits`, see `make_cache`). With a `drafter` (see
     `load_drafter`), decoding is speculative with blocks of `draft_block_size` tokens (greedy
     output is unchanged). Arguments are checked before any work; errors are ValueErrors naming them.
     """
@@ -288,7 +330,7 @@ def stream_generate(
     if not ids:
         raise ValueError("prompt is empty")
     _check_ids(ids, model.config.text.vocab_size)
-    cache = make_cache(model) if cache is None else cache
+    cache = make_cache(model, kv_bits=kv_bits, kv_group_size=kv_group_size) if cache is None else cache
     context = model.config.text.max_position_embeddings
     used = cache[0].offset
     if used + len(ids) >= context:

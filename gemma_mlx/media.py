@@ -341,7 +341,8 @@ def batch_audio(clips: Sequence[AudioInput]) -> tuple[np.ndarray, np.ndarray]:
 
 # --- prompt --------------------------------------------------------------------------------
 
-_PLACEHOLDER = re.compile(f"{re.escape(IMAGE_TOKEN)}|{re.escape(AUDIO_TOKEN)}")
+# a placeholder right after the literal-text mark (gemma_mlx.text.LITERAL_OPEN) is message text, not media
+_PLACEHOLDER = re.compile(f"(?<!\ue000)(?:{re.escape(IMAGE_TOKEN)}|{re.escape(AUDIO_TOKEN)})")
 
 
 def expand_media_tokens(
@@ -353,13 +354,14 @@ def expand_media_tokens(
     (`replace_audio_token`). An audio entry that is a list of frame counts (a long clip cut by
     `split_audio`) becomes that many consecutive audio blocks. Placeholder and media counts must
     match (`MediaError`, a ValueError, as the reference's `validate_inputs`)."""
+    found = [m.group() for m in _PLACEHOLDER.finditer(text)]
     for token, counts, kind in (
         (IMAGE_TOKEN, image_counts, "images"),
         (AUDIO_TOKEN, audio_counts, "audio clips"),
     ):
-        if text.count(token) != len(counts):
+        if found.count(token) != len(counts):
             raise MediaError(
-                f"the prompt has {text.count(token)} {token} placeholders for {len(counts)} {kind}"
+                f"the prompt has {found.count(token)} {token} placeholders for {len(counts)} {kind}"
             )
     images = iter(BOI + IMAGE_TOKEN * n + EOI for n in image_counts)
     audio = iter(

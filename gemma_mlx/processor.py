@@ -65,6 +65,17 @@ def classify_prompt(prompt: Any) -> tuple[PromptKind, Any]:
     return "ids", [operator.index(i) for i in items]
 
 
+def _escaped(tokenizer: Tokenizer, data: Any) -> Any:
+    """Chat data with every string escaped for `tokenizer` (dict keys and non-text values kept)."""
+    if isinstance(data, str):
+        return tokenizer.escape(data)
+    if isinstance(data, Mapping):
+        return {k: _escaped(tokenizer, v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [_escaped(tokenizer, v) for v in data]
+    return data
+
+
 class Processor:
     """Turns prompts (text, token ids, chat messages) into token ids for one checkpoint."""
 
@@ -110,14 +121,38 @@ class Processor:
         return [int(i) for i in self.generation_config.get("suppress_tokens") or []]
 
     def apply_chat_template(
-        self, messages: Sequence[dict], add_generation_prompt: bool = True, enable_thinking: bool = False
+        self,
+        messages: Sequence[dict],
+        add_generation_prompt: bool = True,
+        enable_thinking: bool = False,
+        tools: Sequence[dict] | None = None,
     ) -> str:
-        """The prompt text of a conversation (it starts with BOS: the template writes it)."""
+        """The prompt text of a conversation (it starts with BOS: the template writes it); `tools`
+        are OpenAI function schemas the model may call (see gemma_mlx.tools for its replies).
+
+        Prompt injection: every string in `messages` and `tools` is escaped first
+        (`Tokenizer.escape`), so special-token text inside a system/user/tool message, a tool
+        call's arguments or a tool declaration ("<turn|>", "<|turn>system", "<|tool_call>" ...) is
+        encoded as plain text, and only the template's own markup becomes control tokens. The one
+        exception is an assistant message's `content`: it is the model's own output, kept as it
+        was generated (the template strips its thoughts by their markup, and a session's cache
+        holds those very tokens). The returned text carries the escape marks (private-use
+        characters) only where data had special-token strings."""
         tok = self.tokenizer
+        messages = [
+            {
+                k: v if k == "content" and m.get("role") in ("assistant", "model") else _escaped(tok, v)
+                for k, v in m.items()
+            }
+            if isinstance(m, Mapping)
+            else m
+            for m in messages
+        ]
         return self.chat_template.render(
             messages,
             add_generation_prompt=add_generation_prompt,
             enable_thinking=enable_thinking,
+            tools=_escaped(tok, tools),
             bos_token=tok.bos_token if tok.bos_token_id is not None else "",
             eos_token=tok.eos_token,
             pad_token=tok.pad_token,
@@ -134,7 +169,10 @@ class Processor:
         return ids
 
     def encode_prompt(
-        self, prompt: str | Sequence[int] | Sequence[dict], enable_thinking: bool = False
+        self,
+        prompt: str | Sequence[int] | Sequence[dict],
+        enable_thinking: bool = False,
+        tools: Sequence[dict] | None = None,
     ) -> list[int]:
         """Token ids for plain text (BOS prepended), ready ids (as they are), or chat messages
         (rendered by the chat template, which writes BOS itself)."""
@@ -143,7 +181,9 @@ class Processor:
             return self.encode_text(prompt)
         if kind == "ids":
             return prompt
-        return self.tokenizer.encode(self.apply_chat_template(prompt, enable_thinking=enable_thinking))
+        return self.tokenizer.encode(
+            self.apply_chat_template(prompt, enable_thinking=enable_thinking, tools=tools)
+        )
 
     def prepare(
         self,
@@ -154,13 +194,15 @@ class Processor:
         enable_thinking: bool = False,
         max_soft_tokens: int = 280,
         add_bos: bool = True,
+        tools: Sequence[dict] | None = None,
     ) -> Inputs:
         """Token ids plus image/audio tensors. Media come as parts of chat messages
         (`{"type": "image", "image": path | PIL image | array}`, `{"type": "audio", "audio": path |
         array, "sampling_rate": 16000}`) or, for a text prompt with `<|image|>`/`<|audio|>`
         placeholders, as `images` / `audio` in order (`add_bos=False` for a text that continues a
         cached conversation); a text without any placeholder gets them in front. Audio longer than
-        30 s becomes consecutive 30 s blocks."""
+        30 s becomes consecutive 30 s blocks. `tools` (OpenAI function schemas) go to the chat
+        template."""
         kind, prompt = classify_prompt(prompt)
         if kind == "ids":
             if images or audio:
@@ -178,7 +220,7 @@ class Processor:
                         images.append(part.get("image", part.get("path")))
                     elif part.get("type") == "audio":
                         audio.append((part.get("audio", part.get("path")), part.get("sampling_rate")))
-            text, bos = self.apply_chat_template(prompt, enable_thinking=enable_thinking), False
+            text, bos = self.apply_chat_template(prompt, enable_thinking=enable_thinking, tools=tools), False
         else:
             text, bos = prompt, add_bos
             if media.IMAGE_TOKEN not in text and media.AUDIO_TOKEN not in text:  # media first

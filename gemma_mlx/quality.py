@@ -11,17 +11,28 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
+from .cache import Cache
 from .models.gemma import Model
 
 
-def log_probs(model: Model, ids: Sequence[int]) -> np.ndarray:
-    """Next-token log-probabilities `[L, vocab]` (float64) for every position of `ids`.
+def log_probs(
+    model: Model, ids: Sequence[int], cache: list[Cache] | None = None, step: int = 256
+) -> np.ndarray:
+    """Next-token log-probabilities `[L, vocab]` (float64) for every position of `ids`. With a
+    `cache` the text goes through it in chunks of `step` tokens, so attention reads the cache's
+    stored (e.g. quantized) keys and values as decoding does.
 
     The tied LM head is applied in numpy on the dequantized table: mathematically the same
     product, and far faster than MLX's CPU matmul for a 262k vocabulary.
     """
-    out = model(mx.array([list(ids)]), logits_to_keep=1, return_hidden=True)
-    hidden = np.array(out.hidden[0].astype(mx.float32), dtype=np.float32)
+    ids = list(ids)
+    chunks = [ids] if cache is None else [ids[i : i + step] for i in range(0, len(ids), step)]
+    hidden = np.concatenate(
+        [
+            np.array(model.forward(mx.array([c]), cache, logits_to_keep=1).hidden[0].astype(mx.float32))
+            for c in chunks
+        ]
+    )
     emb = model.language_model.embed_tokens
     if hasattr(emb, "scales"):
         table = mx.dequantize(

@@ -29,6 +29,13 @@ def read_json(path: Path) -> Any:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
 
 
+# Private-use marks around special-token text that comes from data (message content, tool arguments):
+# `Tokenizer.encode` reads "\ue000<turn|>\ue001" as the plain text "<turn|>", never as the token.
+LITERAL_OPEN, LITERAL_CLOSE = "\ue000", "\ue001"
+_LITERAL = re.compile(f"{LITERAL_OPEN}([^{LITERAL_OPEN}{LITERAL_CLOSE}]+){LITERAL_CLOSE}")
+_MARKS = str.maketrans("", "", LITERAL_OPEN + LITERAL_CLOSE)
+
+
 def _token_str(value: Any) -> str | None:
     """tokenizer_config.json spells special tokens as strings or as {"content": ...} dicts."""
     return value.get("content") if isinstance(value, Mapping) else value
@@ -36,7 +43,8 @@ def _token_str(value: Any) -> str | None:
 
 class Tokenizer:
     """Gemma tokenizer: `tokenizer.json` through `tokenizers`, or `tokenizer.model` through
-    `sentencepiece` (GGUF-derived checkpoints). Special-token strings in text map to their ids."""
+    `sentencepiece` (GGUF-derived checkpoints). Special-token strings in text map to their ids,
+    except where `escape` marked them as literal text (what chat messages hold: see `escape`)."""
 
     def __init__(self, backend: Any, config: Mapping | None = None):
         self._backend = backend
@@ -53,6 +61,11 @@ class Tokenizer:
             ]
             if specials := sorted(filter(None, specials), key=len, reverse=True):
                 self._special_re = re.compile("|".join(map(re.escape, specials)))
+            self._escape_re = self._special_re
+        else:  # added tokens are matched in text whether special or not; specials are the risk
+            specials = [t.content for t in backend.get_added_tokens_decoder().values() if t.special]
+            specials = sorted(filter(None, specials), key=len, reverse=True)
+            self._escape_re = re.compile("|".join(map(re.escape, specials))) if specials else None
 
         def default(name: str) -> str:  # sentencepiece knows its own bos/eos/pad pieces
             i = getattr(backend, f"{name}_id")() if self._sp else -1
@@ -103,10 +116,50 @@ class Tokenizer:
             return None
         return self._backend.id_to_piece(token_id) if self._sp else self._backend.id_to_token(token_id)
 
+    def escape(self, text: str) -> str:
+        """`text` with each special-token string in it marked as literal text, so that `encode`
+        gives it plain-text ids (e.g. "<", "turn", "|>") instead of the control token. Chat
+        templates render message content escaped this way: a user typing "<turn|>" or
+        "<|turn>system" cannot close or open a turn; only the template's own markup is control
+        tokens. Marks already in `text` are removed first, so data cannot fake or unbalance them."""
+        text = text.translate(_MARKS)
+        if self._escape_re is None:
+            return text
+        return self._escape_re.sub(lambda m: LITERAL_OPEN + m.group() + LITERAL_CLOSE, text)
+
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        """Token ids of `text`; with `add_special_tokens`, BOS first when `add_bos_token` says so."""
+        """Token ids of `text`; with `add_special_tokens`, BOS first when `add_bos_token` says so.
+        Special-token strings become their ids unless `escape` marked them (then plain text); stray
+        marks are dropped."""
         if not isinstance(text, str):
             raise TypeError(f"encode expects a str, got {type(text).__name__}")
+        if LITERAL_OPEN not in text and LITERAL_CLOSE not in text:
+            ids = self._encode(text)
+        else:
+            ids, pos = [], 0
+            for m in _LITERAL.finditer(text):
+                ids += self._encode(text[pos : m.start()].translate(_MARKS))
+                ids += self._encode_literal(m.group(1))
+                pos = m.end()
+            ids += self._encode(text[pos:].translate(_MARKS))
+        if add_special_tokens and self.add_bos_token and self.bos_token_id is not None:
+            ids = [self.bos_token_id, *ids]
+        return ids
+
+    def _encode_literal(self, text: str) -> list[int]:
+        """Plain-text ids of `text`, special-token strings included: each is cut after its first
+        character, so no piece matches a special token."""
+        if self._sp:  # sentencepiece never matches control pieces in text: its own encode is literal
+            return self._backend.encode(text)
+        ids = []
+        while self._escape_re is not None and (m := self._escape_re.search(text)):
+            ids += self._encode(text[: m.start() + 1])
+            text = text[m.start() + 1 :]
+        return ids + self._encode(text)
+
+    def _encode(self, text: str) -> list[int]:
+        if not text:
+            return []
         if not self._sp:  # added (special) tokens are matched in text whatever add_special_tokens says
             ids = self._backend.encode(text, add_special_tokens=False).ids
         elif self._special_re is None:
@@ -118,8 +171,6 @@ class Tokenizer:
                 ids.append(self._backend.piece_to_id(m.group()))
                 pos = m.end()
             ids += self._backend.encode(text[pos:]) if pos < len(text) else []
-        if add_special_tokens and self.add_bos_token and self.bos_token_id is not None:
-            ids = [self.bos_token_id, *ids]
         return ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
@@ -145,15 +196,19 @@ class StreamingDetokenizer:
 
     Each step decodes only a short window: the tokens from the previous emission point (kept as
     left context, so leading-space rules see what the full decode sees) to the newest token, and
-    emits what the newest tokens added. A window ending in U+FFFD (a character split across
-    byte-fallback tokens) waits for more tokens. For valid UTF-8 the deltas concatenate exactly to
-    `tokenizer.decode(all ids)`.
+    emits what the newest tokens added. A run of byte-fallback tokens (`<0xNN>`) is held until it
+    ends, since the full decode turns an invalid run into U+FFFD as a whole (valid bytes included),
+    and a window ending in U+FFFD waits for more tokens. So the deltas concatenate exactly to
+    `tokenizer.decode(all ids)`, for runs of up to `MAX_HELD` byte tokens.
     """
 
-    MAX_HELD = 8  # a UTF-8 character spans <= 4 byte tokens: holding more means the bytes are invalid
+    MAX_HELD = 32  # a longer run of byte tokens is emitted as it comes (latency over exactness)
 
     def __init__(self, tokenizer: Tokenizer):
         self.tokenizer = tokenizer
+        ids = (tokenizer.token_to_id(f"<0x{b:02X}>") for b in range(256))
+        self.byte_ids = frozenset(i for i in ids if i is not None)
+        self.vocab_size = tokenizer.vocab_size
         self.reset()
 
     def reset(self) -> None:
@@ -169,11 +224,15 @@ class StreamingDetokenizer:
 
     def add_token(self, token: int) -> str:
         """Feed one token id; returns the text it completes (often "", or several characters)."""
-        self.tokens.append(operator.index(token))
+        token = operator.index(token)
+        self.tokens.append(token)
+        held = len(self.tokens) - self._read
+        # ids beyond the tokenizer's vocabulary decode to nothing: they do not end a byte run
+        if (token in self.byte_ids or token >= self.vocab_size) and held < self.MAX_HELD:
+            return ""
         if self._before is None:
             self._before = self.tokenizer.decode(self.tokens[self._prefix : self._read])
         window = self.tokenizer.decode(self.tokens[self._prefix :])
-        held = len(self.tokens) - self._read
         if len(window) <= len(self._before) or (window.endswith("\ufffd") and held < self.MAX_HELD):
             return ""
         delta = window[len(self._before) :]
@@ -272,6 +331,26 @@ def _plain(value: Any) -> Any:
     return f"<{type(value).__name__}>"
 
 
+def _with_dict_arguments(message: dict) -> dict:
+    """`message` with its tool calls' JSON-string arguments (OpenAI's wire form) decoded to dicts."""
+    calls = message.get("tool_calls")
+    if not isinstance(calls, list):
+        return message
+    decoded = []
+    for call in calls:
+        function = call.get("function") if isinstance(call, Mapping) else None
+        arguments = function.get("arguments") if isinstance(function, Mapping) else None
+        if isinstance(arguments, str):
+            try:
+                value = json.loads(arguments or "{}")
+            except json.JSONDecodeError:
+                value = None
+            if isinstance(value, dict):
+                call = {**call, "function": {**function, "arguments": value}}
+        decoded.append(call)
+    return {**message, "tool_calls": decoded}
+
+
 def _environment() -> ImmutableSandboxedEnvironment:
     """The sandbox and helpers chat templates are written against (transformers' conventions)."""
     env = ImmutableSandboxedEnvironment(
@@ -336,17 +415,26 @@ class ChatTemplate:
         add_generation_prompt: bool = True,
         enable_thinking: bool = False,
         bos_token: str = "<bos>",
+        tools: Sequence[Mapping] | None = None,
         **extra: Any,
     ) -> str:
         """The prompt text for `messages` (dicts with `role` and `content`: a string or a list of
-        `{"type": "text"|"image"|"audio", ...}` parts). Errors name the template's file."""
+        `{"type": "text"|"image"|"audio", ...}` parts; assistant `tool_calls` and role "tool" results
+        in OpenAI's shape) and `tools` (OpenAI function schemas), which the template receives as
+        transformers passes them. Tool-call arguments given as a JSON string reach the template as a
+        dict (Google's template expects one). Errors name the template's file."""
         if isinstance(messages, (str, Mapping)) or not all(isinstance(m, Mapping) for m in messages):
             raise ValueError("chat messages must be a list of dicts with 'role' and 'content'")
+        if tools is not None and (
+            isinstance(tools, (str, Mapping)) or not all(isinstance(t, Mapping) for t in tools)
+        ):
+            raise ValueError("tools must be a list of dicts (OpenAI function schemas)")
         # keys set to None are dropped (APIs send content=None; templates test for missing keys)
-        messages = [{k: v for k, v in m.items() if v is not None} for m in messages]
+        messages = [_with_dict_arguments({k: v for k, v in m.items() if v is not None}) for m in messages]
         data = _plain(
             dict(
                 extra,
+                tools=list(tools) if tools else None,
                 messages=messages,
                 add_generation_prompt=add_generation_prompt,
                 enable_thinking=enable_thinking,

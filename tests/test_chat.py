@@ -41,9 +41,11 @@ def run_turn(session: ChatSession, text: str) -> str:
     return "".join(c.text for c in session.send(text))
 
 
-def test_each_turn_prefills_only_new_tokens(model_dir):
+@pytest.mark.parametrize("kv_bits", [None, 8, 4])
+def test_each_turn_prefills_only_new_tokens(model_dir, kv_bits):
     model, processor = load(model_dir)
-    session = ChatSession(model, processor, max_tokens=10, sampling=SamplingParams(temperature=0.0))
+    kv = dict(kv_bits=kv_bits, kv_group_size=32)  # the tiny sliding layers have head_dim 32
+    session = ChatSession(model, processor, max_tokens=10, sampling=SamplingParams(temperature=0.0), **kv)
     run_turn(session, "Hello there")
     first = list(session.tokens)
     assert session.stats.cached_prompt_tokens == 0 and session.stats.prompt_tokens == len(first) - 10
@@ -53,7 +55,7 @@ def test_each_turn_prefills_only_new_tokens(model_dir):
     assert processor.tokenizer.decode(new).startswith("<turn|>\n<|turn>user\nThe quick brown fox")
     # the answer is exactly what a fresh run on the same token sequence gives
     answer = session.tokens[len(first) + len(new) :]
-    assert generate(model, processor, first + new, max_tokens=10).tokens == answer
+    assert generate(model, processor, first + new, max_tokens=10, **kv).tokens == answer
     assert session.cache[0].offset == len(session.tokens)
 
 

@@ -117,6 +117,20 @@ def test_speculative_greedy_equals_plain(pair, drafter_kind, block):
         assert 0 < stats.accepted < stats.drafted
 
 
+@pytest.mark.parametrize("kv_bits", [8, 4])
+def test_speculative_greedy_equals_plain_with_a_quantized_cache(pair, kv_bits):
+    """Drafts read the quantized K/V; rejected ones are trimmed from quantized rings."""
+    target_dir, _, drafter_dir, _ = pair
+    model, processor = load(target_dir)
+    prompt = list(np.random.default_rng(1).integers(5, 300, size=9))
+    kv = dict(kv_bits=kv_bits, kv_group_size=32)
+    plain = generate(model, processor, prompt, max_tokens=40, **kv)
+    cache = make_cache(model, slack=8, **kv)
+    drafter = load_drafter(drafter_dir)
+    spec = generate(model, processor, prompt, max_tokens=40, drafter=drafter, draft_block_size=4, cache=cache)
+    assert spec.tokens == plain.tokens and spec.stats.drafted > 0
+
+
 def test_speculative_sampling_is_seeded_and_block_checked(pair):
     target_dir, _, drafter_dir, _ = pair
     model, processor = load(target_dir)

@@ -104,6 +104,16 @@ UNIFIED_CONFIG = {
 
 SPECIAL = ["<pad>", "<eos>", "<bos>", "<unk>"]  # ids 0..3, as in Gemma's vocabulary
 ADDED = ["<|turn>", "<turn|>", "<|think|>", "<|channel>", "<channel|>", "<|image|>", "<|audio|>"]
+# tool-call markup, appended so the ids above stay as tests know them
+ADDED += [
+    "<|tool>",
+    "<tool|>",
+    "<|tool_call>",
+    "<tool_call|>",
+    "<|tool_response>",
+    "<tool_response|>",
+    '<|"|>',
+]
 BYTES = [f"<0x{i:02X}>" for i in range(256)]  # regular vocabulary entries, as in Gemma's tokenizer
 # accented letters and two CJK characters are in the training text, so some multi-byte characters
 # are whole tokens and the rest (Korean, kana, emoji) come as byte-fallback tokens

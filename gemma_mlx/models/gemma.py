@@ -12,7 +12,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from ..cache import Cache, KVCache, Mask, RingKVCache, SharedView, attention_mask
+from ..cache import KV, Cache, KVBits, KVCache, Mask, QuantizedKV, RingKVCache, SharedView, attention_mask
 from ..config import SLIDING, LayerSpec, ModelConfig, TextConfig
 from .rope import RoPE
 
@@ -33,6 +33,29 @@ class RMSNorm(nn.Module):
             # would otherwise turn the whole residual stream of a bf16 model into float32)
             return mx.fast.rms_norm(x, w.astype(mx.float32) + self.offset, self.eps).astype(x.dtype)
         return mx.fast.rms_norm(x, w, self.eps)
+
+
+def attend(q: mx.array, k: KV, v: KV, scale: float, mask: Mask) -> mx.array:
+    """Scaled dot-product attention of `q [B, H, L, D]` over `K` keys; keys/values quantized by
+    the cache are read with `mx.quantized_matmul` (no float copy), grouped-query heads folded."""
+    if not isinstance(k, QuantizedKV):
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+    B, H, L, D = q.shape
+    kv_heads, K = k.packed.shape[1], k.packed.shape[2]
+    q = (q * scale).reshape(B, kv_heads, H // kv_heads, L, D)
+
+    def matmul(x: mx.array, t: QuantizedKV, transpose: bool) -> mx.array:
+        w, s, b = (a[:, :, None] for a in t[:3])  # broadcast over the query heads of a group
+        return mx.quantized_matmul(x, w, s, b, transpose=transpose, group_size=t.group_size, bits=t.bits)
+
+    scores = matmul(q, k, True)  # [B, kv_heads, H / kv_heads, L, K]
+    if isinstance(mask, str):  # "causal": the queries are the last L of the K positions
+        mask = mx.arange(K)[None] <= mx.arange(K - L, K)[:, None]
+    if mask is not None:
+        mask = mask[:, :, None] if mask.ndim == 4 else mask  # [B, 1, L, K] -> per kv head group
+        scores = mx.where(mask, scores, mx.finfo(scores.dtype).min)
+    probs = mx.softmax(scores, axis=-1, precise=True)
+    return matmul(probs, v, False).reshape(B, H, L, D)
 
 
 class Attention(nn.Module):
@@ -84,7 +107,7 @@ class Attention(nn.Module):
             if cache is not None:
                 k, v = cache.update_and_fetch(k, v)
         q = self.rope(q, offset)
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        out = attend(q, k, v, self.scale, mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1)), (k, v)
 
 
@@ -251,10 +274,17 @@ class Model(nn.Module):
     def layers(self) -> list[DecoderLayer]:
         return self.language_model.layers
 
-    def make_cache(self, slack: int = 128) -> list[KVCache | RingKVCache]:
-        """One cache per layer: a ring of `window + slack` slots on sliding layers, else growing."""
+    def make_cache(
+        self, slack: int = 128, kv_bits: KVBits = None, quantize_rings: bool = True
+    ) -> list[Cache]:
+        """One cache per layer: a ring of `window + slack` slots on sliding layers, else growing.
+        `kv_bits` (bits, group_size) stores keys/values quantized (the rings too, unless not
+        `quantize_rings`)."""
         w = self.config.text.sliding_window
-        return [RingKVCache(w, slack) if s.sliding else KVCache() for s in self.config.text.layers]
+        return [
+            RingKVCache(w, slack, kv_bits if quantize_rings else None) if s.sliding else KVCache(kv_bits)
+            for s in self.config.text.layers
+        ]
 
     def logits(self, hidden: mx.array) -> mx.array:
         out = self.language_model.embed_tokens.as_linear(hidden)  # tied head, not scaled

@@ -62,6 +62,13 @@ def convert_command(
         bool,
         typer.Option("--quantize-embedding/--keep-embedding", help="Quantize the tied embedding / LM head."),
     ] = True,
+    quantize_multimodal: Annotated[
+        bool,
+        typer.Option(
+            "--quantize-multimodal/--keep-multimodal",
+            help="Quantize the vision/audio projections too (default: keep them in float, as mlx-vlm).",
+        ),
+    ] = False,
     quantize_drafter: Annotated[
         bool,
         typer.Option(
@@ -95,6 +102,7 @@ def convert_command(
         quantize=quantize,
         dtype=dtype,
         quantize_embedding=quantize_embedding,
+        quantize_multimodal=quantize_multimodal,
         quantize_drafter=quantize_drafter,
         overrides=overrides,
         force=force,

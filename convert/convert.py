@@ -539,6 +539,7 @@ def convert(
     quantize: bool = True,
     dtype: str | None = None,
     quantize_embedding: bool = True,
+    quantize_multimodal: bool = False,
     quantize_drafter: bool = False,
     overrides: Mapping[str, Override] | None = None,
     force: bool = False,
@@ -550,7 +551,8 @@ def convert(
     MLX checkpoint at `out`.
 
     - `bits`/`group_size`/`mode`: MLX quantization (group size default: 64 affine, 32 mxfp4/mxfp8,
-      16 nvfp4) of every Linear and of the tied embedding (`quantize_embedding=False` keeps it).
+      16 nvfp4) of every text Linear and of the tied embedding (`quantize_embedding=False` keeps
+      it); the vision/audio projections stay float unless `quantize_multimodal`.
     - `recipe`: None/"uniform" or a mixed recipe (`quantize.RECIPES`); `overrides`: regex on the
       module path -> `QuantSpec`, bits, or None (float); later patterns win.
     - `dtype`: float dtype of everything not quantized ("bfloat16"/"float16"/"float32"; default
@@ -570,7 +572,11 @@ def convert(
         quantize = quantize and quantize_drafter
     files, count, nbytes, quantized = _check_source(source, raw, target)
     notes: dict[str, str] = {}
-    layout = plan(target.module, spec, recipe, quantize_embedding, overrides, notes) if quantize else {}
+    layout = (
+        plan(target.module, spec, recipe, quantize_embedding, overrides, notes, quantize_multimodal)
+        if quantize
+        else {}
+    )
     _refuse_more_bits(source, layout, quantized)
     # a layer the source already stores as planned is copied: requantizing is not idempotent
     # (measured: 12 % of 4-bit attention weights move by up to 2/3 of a step)
@@ -619,6 +625,7 @@ def write_checkpoint(
     quantization: QuantSpec | None = None,
     recipe: str | None = None,
     quantize_embedding: bool = True,
+    quantize_multimodal: bool = False,
     overrides: Mapping[str, Override] | None = None,
     dtype: str | None = None,
     extra_files: Mapping[str, Path | str | bytes] | None = None,
@@ -652,7 +659,11 @@ def write_checkpoint(
 
     spec = quantization or QuantSpec()
     notes: dict[str, str] = {}
-    layout = plan(target.module, spec, recipe, quantize_embedding, overrides, notes) if quantization else {}
+    layout = (
+        plan(target.module, spec, recipe, quantize_embedding, overrides, notes, quantize_multimodal)
+        if quantization
+        else {}
+    )
     report = ConversionReport(
         Path(out), source, target.kind, recipe=recipe or "uniform", dtype=dtype, kept_float=notes
     )

@@ -210,6 +210,16 @@ class TextModel(nn.Module):
         return self.norm(h), kv_out
 
 
+def float_dtype(linear: nn.Module) -> mx.Dtype | None:
+    """The float dtype a Linear computes in: its weight's, or a quantized one's scales/biases'
+    (the packed weight is uint32; fp-mode scales are uint8, which leaves the input as it is)."""
+    for name in ("weight", "scales", "biases"):
+        a = linear.get(name)
+        if a is not None and mx.issubdtype(a.dtype, mx.floating):
+            return a.dtype
+    return None
+
+
 class VisionEmbedder(nn.Module):
     """Raw 48x48 patches -> LN -> Linear -> LN -> + factorized (x, y) position table -> LN."""
 
@@ -223,7 +233,7 @@ class VisionEmbedder(nn.Module):
 
     def __call__(self, patches: mx.array, positions: mx.array) -> mx.array:
         """`patches [n, P, patch_dim]`, `positions [n, P, 2]` (x, y; -1 = padding) -> `[n, P, dim]`."""
-        h = self.patch_ln2(self.patch_dense(self.patch_ln1(patches.astype(self.patch_dense.weight.dtype))))
+        h = self.patch_ln2(self.patch_dense(self.patch_ln1(patches.astype(self.patch_ln1.weight.dtype))))
         valid = (positions >= 0)[..., None].astype(h.dtype)
         pos = mx.maximum(positions, 0)
         h = (
@@ -243,7 +253,8 @@ class MultimodalEmbedder(nn.Module):
         self.eps = eps
 
     def __call__(self, x: mx.array) -> mx.array:
-        x = x.astype(self.embedding_projection.weight.dtype)
+        dtype = float_dtype(self.embedding_projection)
+        x = x if dtype is None else x.astype(dtype)
         return self.embedding_projection(mx.fast.rms_norm(x, None, self.eps))
 
 

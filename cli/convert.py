@@ -27,7 +27,9 @@ def convert_command(
     src: Annotated[
         str,
         typer.Argument(
-            metavar="SRC", help="Checkpoint directory or Hugging Face repo id (e.g. google/gemma-4-12B-it)."
+            metavar="SRC",
+            help="Checkpoint directory or Hub id org/name[@revision] (e.g. google/gemma-4-12B-it); "
+            "float, or an MLX one already quantized (requantized to at most its bits).",
         ),
     ],
     out: Annotated[Path, typer.Argument(metavar="OUT", help="Output directory (written atomically).")],
@@ -84,7 +86,7 @@ def convert_command(
         bool, typer.Option("--check", help="Compare the result with the source on a short prompt.")
     ] = False,
 ) -> None:
-    """Convert a Hugging Face checkpoint into a (quantized) MLX checkpoint."""
+    """Convert a Hugging Face or MLX checkpoint into a (quantized) MLX checkpoint."""
     try:  # flag errors before any download or reading
         spec = QuantSpec.make(bits, group_size, mode)
         if recipe not in RECIPES:

@@ -261,6 +261,8 @@ def chat(
     path = resolve_model(model)
     check_media(path, image or [], audio or [])
     model_obj, processor = load_checked(path, kv_bits, kv_group_size)
+    if think and not processor.supports_thinking:
+        fail(f"--think: the chat template of {path} has no thinking mode")
     session = ChatSession(
         model_obj,
         processor,
@@ -312,7 +314,10 @@ def info(
         + ("fits" if fp.total_bytes <= available else "does NOT fit"),
     }
     if as_json:
-        typer.echo(json.dumps({"path": str(path), **rows}))
+        machine = {"kv_bits": kv_bits, "memory_available_bytes": available, "memory_total_bytes": total}
+        typer.echo(
+            json.dumps({"path": str(path), **fp.as_dict(), **machine, "fits": fp.total_bytes <= available})
+        )
         return
     table = Table(title=str(path), show_header=False)
     for k, v in rows.items():

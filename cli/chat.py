@@ -72,6 +72,8 @@ def command(session: ChatSession, line: str) -> bool:
             session.reset()
             echo("[system prompt set; new conversation]")
         elif name == "think" and arg in ("on", "off"):
+            if arg == "on" and not session.processor.supports_thinking:
+                raise ValueError("this model's chat template has no thinking mode")
             session.think = arg == "on"
             echo(f"[thinking {arg}]")
         elif name == "reset":

@@ -1,5 +1,7 @@
 """Checkpoint conversion: Hugging Face safetensors or llama.cpp GGUF -> (quantized) MLX checkpoints."""
 
+from gemma_mlx.safetensors_file import read_header
+
 from .convert import (
     ConversionReport,
     check_conversion,
@@ -7,7 +9,6 @@ from .convert import (
     convert,
     convert_drafter,
     model_card,
-    read_header,
     resolve_source,
     write_checkpoint,
 )

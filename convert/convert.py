@@ -15,9 +15,7 @@ models' `sanitize` reads every layout back.
 
 from __future__ import annotations
 
-import json
 import shutil
-import struct
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -40,31 +38,26 @@ from rich.progress import (
     Progress as ProgressBar,
 )
 
-from gemma_mlx.checkpoint import (
-    CheckpointError,
-    layer_quantization,
-    listing,
-    load_drafter,
-    load_model,
-    shard_files,
-)
+from gemma_mlx.checkpoint import CheckpointError, layer_quantization, listing, load_drafter, load_model
 from gemma_mlx.config import ConfigError, load_config, parse_config, parse_drafter_config, read_config
-from gemma_mlx.footprint import footprint
+from gemma_mlx.footprint import TEXT_PREFIX, decode_bytes, footprint
 from gemma_mlx.hub import parse_repo_id, resolve
 from gemma_mlx.models.drafter import Drafter
 from gemma_mlx.models.gemma import Model
 from gemma_mlx.processor import Processor
+from gemma_mlx.safetensors_file import DTYPE_SIZES, FLOAT_DTYPES, read_headers
 
 from .quantize import (
-    TEXT_PREFIX,
+    FLOAT_BYTES,
     Override,
     QuantSpec,
     check_supported,
     config_block,
+    layout_sizes,
     plan,
     quantize_weight,
 )
-from .writer import SHARD_BYTES, atomic_directory, write_json, write_shards
+from .writer import SHARD_BYTES, atomic_directory, human_size, write_json, write_shards
 
 DRAFTER = "gemma4_unified_assistant"
 # Files of a checkpoint besides the weights that a converted directory keeps.
@@ -81,9 +74,7 @@ COPIED = (
     "preprocessor_config.json",
     "video_preprocessor_config.json",
 )
-SAFETENSORS_DTYPES = {"F32": mx.float32, "BF16": mx.bfloat16, "F16": mx.float16}
-# bytes per element of what MLX checkpoints store: floats, packed quantized weights, fp-mode scales
-STORED_BYTES = {**{k: v.size for k, v in SAFETENSORS_DTYPES.items()}, "U32": 4, "U8": 1}
+FLOAT_ARRAY_DTYPES = (mx.float32, mx.bfloat16, mx.float16)
 DTYPE_NAMES = {
     "float32": "float32",
     "fp32": "float32",
@@ -135,10 +126,10 @@ class ConversionReport:
         rows = [
             ("quantization", self.how),
             ("bits per weight", f"{self.bits_per_weight:.3f}"),
-            ("size on disk", _gb(self.bytes_on_disk)),
-            (per, _gb(self.bytes_per_token)),
+            ("size on disk", human_size(self.bytes_on_disk)),
+            (per, human_size(self.bytes_per_token)),
             *(
-                [("source bytes read per token", _gb(self.source_bytes_per_token))]
+                [("source bytes read per token", human_size(self.source_bytes_per_token))]
                 if self.source_bytes_per_token
                 else []
             ),
@@ -151,10 +142,6 @@ class ConversionReport:
         return rows
 
 
-def _gb(n: int) -> str:
-    return f"{n / 1e9:.3f} GB" if n >= 1e8 else f"{n / 1e6:.3f} MB"
-
-
 # ---------------------------------------------------------------------------------------------
 # Source: local directory or Hub id; headers checked before any work
 
@@ -163,46 +150,6 @@ def resolve_source(src: str | Path) -> Path:
     """A local checkpoint directory, or a Hub id `org/name[@revision]` downloaded into the Hugging
     Face cache (`gemma_mlx.hub.resolve`, the resolver `--model` and `--draft` use too)."""
     return resolve(src, "checkpoint")
-
-
-def read_header(f: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """`name -> (safetensors dtype, shape)` of one shard, with truncation and header checks."""
-    size = f.stat().st_size
-    with f.open("rb") as fh:
-        head = fh.read(8)
-        if len(head) < 8:
-            raise CheckpointError(f"{f}: not a safetensors file (only {size} bytes)")
-        (n,) = struct.unpack("<Q", head)
-        if n > min(size - 8, 100 << 20):
-            raise CheckpointError(f"{f}: bad safetensors header (claims {n} header bytes, file has {size})")
-        try:
-            header = json.loads(fh.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{f}: bad safetensors header ({e})") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{f}: bad safetensors header (not a JSON object)")
-    header.pop("__metadata__", None)
-    out, end = {}, 0
-    for name, info in header.items():
-        try:
-            dtype, shape, (start, stop) = (
-                info["dtype"],
-                tuple(int(d) for d in info["shape"]),
-                info["data_offsets"],
-            )
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{f}: bad safetensors header entry for tensor {name}") from None
-        if (
-            dtype in SAFETENSORS_DTYPES
-            and stop - start != int(np.prod(shape)) * SAFETENSORS_DTYPES[dtype].size
-        ):
-            raise CheckpointError(f"{f}: tensor {name}: header offsets disagree with its shape {shape}")
-        out[name], end = (dtype, shape), max(end, stop)
-    if 8 + n + end > size:
-        raise CheckpointError(
-            f"{f}: truncated: its header describes {8 + n + end} bytes, the file has {size}"
-        )
-    return out
 
 
 class _Checker:
@@ -286,33 +233,40 @@ def _source_quantization(raw: dict, target: _Target, names: list[str]) -> dict[s
         raise CheckpointError(f"config.json: unsupported 'quantization' block ({e})") from None
 
 
-def _check_source(src: Path, raw: dict, target: _Target) -> tuple[list[Path], int, int, dict[str, QuantSpec]]:
+def _check_source(
+    src: Path, raw: dict, target: _Target
+) -> tuple[list[Path], int, int, dict[str, int], dict[str, QuantSpec]]:
     """Check every header against the config before converting anything -> (shards, tensors,
-    bytes, the source's quantized layers). A quantized layer is checked with its float shape."""
-    files = shard_files(src)
-    headers = {f: read_header(f) for f in files}
+    bytes, element size of each tensor by our name, the source's quantized layers). A quantized
+    layer is checked with its float shape."""
+    headers = read_headers(src)
     quantized = _source_quantization(raw, target, [n for h in headers.values() for n in h])
-    check, count, nbytes = _Checker(target.expected), 0, 0
+    check, count, nbytes, itemsize = _Checker(target.expected), 0, 0, {}
     tied = raw.get("tie_word_embeddings", (raw.get("text_config") or {}).get("tie_word_embeddings", True))
     for f, header in headers.items():
-        for name, (dtype, shape) in header.items():
+        for name, t in header.items():
             if name == "lm_head.weight" and tied is False:
                 raise CheckpointError(f"{f}: an untied lm_head.weight; Gemma's LM head is the tied embedding")
             ours = target.rename(name)
             if ours is None:
                 continue
             path, _, leaf = ours.rpartition(".")
-            nbytes += int(np.prod(shape)) * STORED_BYTES.get(dtype, 0)
+            nbytes += t.nbytes
+            itemsize[ours] = DTYPE_SIZES[t.dtype]
             if path in quantized and leaf in ("scales", "biases"):
                 continue  # checked with their weight when dequantized
             if path in quantized and leaf == "weight":
-                shape = (*shape[:-1], shape[-1] * 32 // quantized[path].bits)
-                check(ours, shape, dtype, dtype == "U32", str(f))
+                shape = (*t.shape[:-1], t.shape[-1] * 32 // quantized[path].bits)
+                check(ours, shape, t.dtype, t.dtype == "U32", str(f))
             else:
-                check(ours, shape, dtype, dtype in SAFETENSORS_DTYPES, str(f))
+                check(ours, t.shape, t.dtype, t.dtype in FLOAT_DTYPES, str(f))
             count += 1
     check.finish(str(src))
-    return files, count, nbytes, quantized
+    for path in quantized:  # dequantized in the dtype of the scales (fp modes: uint8 scales)
+        scales = itemsize.pop(f"{path}.scales", 2)
+        itemsize.pop(f"{path}.biases", None)
+        itemsize[f"{path}.weight"] = scales if scales > 1 else 2
+    return list(headers), count, nbytes, itemsize, quantized
 
 
 def _quantized_part(name: str, quantized: Mapping[str, QuantSpec]) -> bool:
@@ -474,10 +428,12 @@ def _write(
     shard_bytes: int,
     progress: bool | Progress | None,
     totals: tuple[int | None, int | None],
+    itemsize: Mapping[str, int] | None = None,
     packed: Collection[str] = (),
 ) -> ConversionReport:
     """The output directory, atomically: shards + index, config.json (with the quantization block
-    if anything is quantized), extra files, model card."""
+    if anything is quantized), extra files, model card. `itemsize`: element size of each source
+    tensor (our names), for the expected output size checked against the free disk space."""
     for s in {s for s in layout.values() if s is not None}:
         check_supported(s)
     report.parameters = sum(v.size for _, v in tree_flatten(target.module.parameters()))
@@ -493,18 +449,24 @@ def _write(
     # towards the size of the model over a conversion.
     cache_limit = mx.set_cache_limit(0)
     try:
-        with atomic_directory(out, force=force) as tmp, _progress(progress, *totals) as advance:
+        float_bytes = FLOAT_BYTES[dtype] if dtype else itemsize
+        needed = sum(layout_sizes(target.module, layout, float_bytes).values()) if float_bytes else None
+        sizes: dict[str, int] = {}
+        with (
+            atomic_directory(out, force=force, needed=needed) as tmp,
+            _progress(progress, *totals) as advance,
+        ):
 
             def counted(encoded: Iterable[tuple[str, mx.array]]) -> Iterator[tuple[str, mx.array]]:
                 for name, a in encoded:
                     report.tensors += 1
                     report.weight_bytes += a.nbytes
-                    if name.startswith(target.prefix):
-                        report.bytes_per_token += a.nbytes
+                    sizes[name] = a.nbytes
                     yield save(name), a
 
             float_dtype = getattr(mx, dtype) if dtype else None
             write_shards(tmp, counted(_encode(items, layout, float_dtype, advance, packed)), shard_bytes)
+            report.bytes_per_token = decode_bytes(sizes, target.prefix)
             write_json(tmp / "config.json", raw)
             for name, content in extra_files.items():
                 if isinstance(content, Path):
@@ -523,9 +485,13 @@ def _write(
 
 
 def _refuse_overlap(src: Path, out: Path) -> None:
+    """OUT may be neither SRC, nor inside it (the source would change under the converter and
+    keep the result), nor around it (--force would delete the source with the old OUT)."""
     src, out = src.resolve(), out.resolve()
     if out == src or out in src.parents:
         raise CheckpointError(f"{out}: would replace the source checkpoint {src}; choose another output")
+    if src in out.parents:
+        raise CheckpointError(f"{out}: lies inside the source checkpoint {src}; choose another output")
 
 
 def convert(
@@ -570,7 +536,7 @@ def convert(
     target = _target(raw, str(source / "config.json"))
     if target.kind == "drafter":
         quantize = quantize and quantize_drafter
-    files, count, nbytes, quantized = _check_source(source, raw, target)
+    files, count, nbytes, itemsize, quantized = _check_source(source, raw, target)
     notes: dict[str, str] = {}
     layout = (
         plan(target.module, spec, recipe, quantize_embedding, overrides, notes, quantize_multimodal)
@@ -601,6 +567,7 @@ def convert(
         shard_bytes=shard_bytes,
         progress=progress,
         totals=(nbytes, count),
+        itemsize=itemsize,
         packed=packed,
     )
     if check:
@@ -645,15 +612,17 @@ def write_checkpoint(
     target = _target(config, f"{source} (config)")
     check = _Checker(target.expected)
     totals: tuple[int | None, int | None] = (None, None)
+    itemsize = None
     if isinstance(weights, Mapping):
         totals = (sum(a.nbytes for a in weights.values()), len(weights))
+        itemsize = {target.rename(k): a.dtype.size for k, a in weights.items()}
         weights = weights.items()
 
     def items() -> Iterator[tuple[str, mx.array, int]]:
         for key, a in weights:
             name = target.rename(key)
             if name is not None:
-                check(name, a.shape, str(a.dtype), a.dtype in SAFETENSORS_DTYPES.values(), source)
+                check(name, a.shape, str(a.dtype), a.dtype in FLOAT_ARRAY_DTYPES, source)
                 yield name, a, a.nbytes
         check.finish(source)
 
@@ -680,6 +649,7 @@ def write_checkpoint(
         shard_bytes=shard_bytes,
         progress=progress,
         totals=totals,
+        itemsize=itemsize,
     )
 
 

@@ -27,7 +27,7 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-from gemma_mlx.config import parse_config
+from gemma_mlx.config import ConfigError, parse_config
 from gemma_mlx.models.gemma import Model
 
 from .writer import atomic_directory, write_json, write_shards
@@ -83,6 +83,39 @@ def our_name(gguf_name: str) -> str:
     raise KeyError(gguf_name)
 
 
+SPECIAL_IDS = ("bos", "eos", "unknown", "padding")
+
+
+def check_tokenizer(reader, path: str | Path = "<gguf>", pieces: bool = True) -> list[str]:
+    """The vocabulary (`tokenizer.ggml.tokens`), after checking the tokenizer metadata: special
+    token ids inside the vocabulary and, with `pieces` (what a SentencePiece model is built from),
+    scores and token types with one entry per token, types SentencePiece knows. Each failure
+    names the key."""
+    tokens = _field(reader, "tokenizer.ggml.tokens")
+    if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) for t in tokens):
+        raise GGUFError(f"{path}: metadata field 'tokenizer.ggml.tokens' is missing or not a list of strings")
+    for key in ("scores", "token_type") if pieces else ():
+        values = _field(reader, f"tokenizer.ggml.{key}")
+        if not isinstance(values, list):
+            raise GGUFError(f"{path}: metadata field 'tokenizer.ggml.{key}' is missing")
+        if len(values) != len(tokens):
+            raise GGUFError(
+                f"{path}: metadata field 'tokenizer.ggml.{key}' has {len(values)} entries for "
+                f"{len(tokens)} tokens"
+            )
+    bad = [t for t in set(_field(reader, "tokenizer.ggml.token_type") or []) if t not in range(1, 7)]
+    if bad:
+        raise GGUFError(f"{path}: metadata field 'tokenizer.ggml.token_type' has unknown types {sorted(bad)}")
+    for name in SPECIAL_IDS:
+        key = f"tokenizer.ggml.{name}_token_id"
+        i = _field(reader, key)
+        if i is not None and not (isinstance(i, int) and 0 <= i < len(tokens)):
+            raise GGUFError(
+                f"{path}: metadata field '{key}' is {i!r}, outside the vocabulary of {len(tokens)}"
+            )
+    return tokens
+
+
 def gemma3_config(reader, path: str | Path = "<gguf>") -> dict:
     """An HF-style `gemma3_text` config.json from the `gemma3.*` metadata, interpreted as llama.cpp
     runs the file (see the module docstring)."""
@@ -96,10 +129,17 @@ def gemma3_config(reader, path: str | Path = "<gguf>") -> dict:
             raise GGUFError(f"{path}: metadata field '{ARCH}.{key}' is missing")
         return value
 
-    if "tokenizer.ggml.tokens" not in reader.fields:
-        raise GGUFError(f"{path}: metadata field 'tokenizer.ggml.tokens' is missing")
-    n_layers, hidden = int(need("block_count")), int(need("embedding_length"))
-    heads, head_dim = int(need("attention.head_count")), int(need("attention.key_length"))
+    def size(key: str) -> int:
+        value = need(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise GGUFError(
+                f"{path}: metadata field '{ARCH}.{key}' is {value!r}, expected a positive integer"
+            )
+        return value
+
+    vocab = len(check_tokenizer(reader, path, pieces=False))
+    n_layers, hidden = size("block_count"), size("embedding_length")
+    heads, head_dim = size("attention.head_count"), size("attention.key_length")
     value_dim = int(_field(reader, f"{ARCH}.attention.value_length", head_dim))
     if value_dim != head_dim:
         raise GGUFError(f"{path}: '{ARCH}.attention.value_length' {value_dim} != key_length {head_dim}")
@@ -115,17 +155,17 @@ def gemma3_config(reader, path: str | Path = "<gguf>") -> dict:
     return {
         "architectures": ["Gemma3ForCausalLM"],
         "model_type": "gemma3_text",
-        "vocab_size": len(reader.fields["tokenizer.ggml.tokens"].data),
+        "vocab_size": vocab,
         "hidden_size": hidden,
-        "intermediate_size": int(need("feed_forward_length")),
+        "intermediate_size": size("feed_forward_length"),
         "num_hidden_layers": n_layers,
         "num_attention_heads": heads,
         "num_key_value_heads": int(_field(reader, f"{ARCH}.attention.head_count_kv", heads)),
         "head_dim": head_dim,
         "query_pre_attn_scalar": hidden // heads if n_layers == 62 else head_dim,
         "rms_norm_eps": float(need("attention.layer_norm_rms_epsilon")),
-        "sliding_window": window or int(need("context_length")),
-        "max_position_embeddings": int(need("context_length")),
+        "sliding_window": window or size("context_length"),
+        "max_position_embeddings": size("context_length"),
         # without a window llama.cpp runs every layer as global
         "layer_types": [
             "full_attention" if (i + 1) % 6 == 0 or not window else "sliding_attention"
@@ -157,7 +197,11 @@ def check_tensors(reader, config: dict, path: str | Path = "<gguf>") -> None:
     package cannot dequantize (each type is tried on one row)."""
     from gguf.quants import dequantize
 
-    expected = {k: v.shape for k, v in tree_flatten(Model(parse_config(config, str(path))).parameters())}
+    try:
+        parsed = parse_config(config, f"{path} (metadata)")
+    except ConfigError as e:  # a value the size checks above do not cover (eps, rope, head counts)
+        raise GGUFError(str(e)) from None
+    expected = {k: v.shape for k, v in tree_flatten(Model(parsed).parameters())}
     seen, tried = set(), set()
     for t in reader.tensors:
         try:
@@ -200,11 +244,9 @@ def sentencepiece_model(reader, path: str | Path = "<gguf>") -> bytes:
     kind = _field(reader, "tokenizer.ggml.model")
     if kind != "llama":
         raise GGUFError(f"{path}: tokenizer.ggml.model is {kind!r}, expected 'llama' (SentencePiece)")
-    pieces = _field(reader, "tokenizer.ggml.tokens")
+    pieces = check_tokenizer(reader, path)
     scores = _field(reader, "tokenizer.ggml.scores")
     types = _field(reader, "tokenizer.ggml.token_type")
-    if scores is None or types is None or not len(pieces) == len(scores) == len(types):
-        raise GGUFError(f"{path}: tokenizer.ggml.tokens/scores/token_type are missing or of unequal length")
     m = pb.ModelProto()
     for piece, score, t in zip(pieces, scores, types, strict=True):
         if t == 4:  # llama.cpp stores user-defined pieces un-escaped ("▁▁" as "  "); SentencePiece escapes
@@ -244,8 +286,8 @@ def import_gguf(
         raise ValueError(f"dtype {dtype!r}: expected float32, bfloat16 or float16")
     reader = open_gguf(src)
     config = gemma3_config(reader, src)
+    tokenizer = sentencepiece_model(reader, src)  # all metadata is checked before the tensors
     check_tensors(reader, config, src)
-    tokenizer = sentencepiece_model(reader, src)
     pieces = _field(reader, "tokenizer.ggml.tokens")
     eos = [config["eos_token_id"]] + ([pieces.index("<end_of_turn>")] if "<end_of_turn>" in pieces else [])
     # a GGUF of an instruction-tuned model may carry its own template; otherwise ours

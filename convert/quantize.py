@@ -20,13 +20,21 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from gemma_mlx.config import ModelConfig, load_config, parse_config
+from gemma_mlx.config import (
+    QUANT_DEFAULT_GROUP,
+    QUANT_GROUPS,
+    QUANT_MODES,
+    ModelConfig,
+    load_config,
+    parse_config,
+)
+from gemma_mlx.footprint import decode_bytes
 from gemma_mlx.models.gemma import Model
 
 # Bits each mode offers and the group size it uses by default (the fp modes allow only that one).
-MODES = {"affine": (2, 3, 4, 5, 6, 8), "mxfp4": (4,), "mxfp8": (8,), "nvfp4": (4,)}
-DEFAULT_GROUP = {"affine": 64, "mxfp4": 32, "mxfp8": 32, "nvfp4": 16}
-AFFINE_GROUPS = (32, 64, 128)
+MODES = QUANT_MODES
+DEFAULT_GROUP = QUANT_DEFAULT_GROUP
+AFFINE_GROUPS = QUANT_GROUPS["affine"]
 FLOAT_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
@@ -220,34 +228,49 @@ def config_block(layout: Mapping[str, QuantSpec | None], spec: QuantSpec) -> dic
     return block
 
 
-def layout_bytes(
-    model: nn.Module, layout: Mapping[str, QuantSpec | None] | None, float_bytes: int = 2, prefix: str = ""
-) -> int:
-    """Stored bytes of the parameters of `model` whose names start with `prefix`, under `layout`
-    (quantized weights as packed values + scales [+ biases]; everything else in float)."""
+def layout_sizes(
+    model: nn.Module,
+    layout: Mapping[str, QuantSpec | None] | None,
+    float_bytes: int | Mapping[str, int] = 2,
+) -> dict[str, int]:
+    """Stored bytes of each parameter of `model` under `layout` (a quantized weight as packed
+    values + scales [+ biases]; everything else in float). `float_bytes`: the float element size,
+    one for all or per parameter name (a conversion without --dtype keeps each source dtype)."""
     layout = layout or {}
-    total = 0
+    sizes = {}
     for name, p in tree_flatten(model.parameters()):
-        if not name.startswith(prefix):
-            continue
+        fb = float_bytes if isinstance(float_bytes, int) else float_bytes.get(name, 2)
         path, _, leaf = name.rpartition(".")
         s = layout.get(path)
         if s is not None and leaf == "weight":
-            total += s.nbytes(p.size // p.shape[-1], p.shape[-1], float_bytes)
+            sizes[name] = s.nbytes(p.size // p.shape[-1], p.shape[-1], fb)
         else:
-            total += p.size * float_bytes
-    return total
+            sizes[name] = p.size * fb
+    return sizes
 
 
-TEXT_PREFIX = "language_model."
+def layout_bytes(
+    model: nn.Module, layout: Mapping[str, QuantSpec | None] | None, float_bytes: int = 2, prefix: str = ""
+) -> int:
+    """Stored bytes of the parameters of `model` whose names start with `prefix`, under `layout`."""
+    return decode_bytes(layout_sizes(model, layout, float_bytes), prefix)
 
 
 def bytes_per_token(
     model: nn.Module, layout: Mapping[str, QuantSpec | None] | None, float_bytes: int = 2
 ) -> int:
-    """Bytes of weights a decoded token reads: every text weight once, the tied embedding once as
-    the LM head (its row lookup is negligible); vision and audio weights are idle in decode."""
-    return layout_bytes(model, layout, float_bytes, TEXT_PREFIX)
+    """Bytes of weights a decoded token reads (`gemma_mlx.footprint.decode_bytes`)."""
+    return decode_bytes(layout_sizes(model, layout, float_bytes))
+
+
+def source_dtype(raw: Mapping) -> str:
+    """The float dtype a config records for its weights (`dtype`/`torch_dtype`, top level or in
+    text_config), bfloat16 where it names none: what a conversion without --dtype keeps."""
+    for d in (raw, raw.get("text_config") or {}):
+        for key in ("dtype", "torch_dtype"):
+            if isinstance(d, Mapping) and d.get(key) in FLOAT_BYTES:
+                return d[key]
+    return "bfloat16"
 
 
 @dataclass(frozen=True)
@@ -272,16 +295,18 @@ def estimate(
     quantize: bool = True,
     quantize_embedding: bool = True,
     overrides: Mapping[str, Override] | None = None,
-    dtype: str = "bfloat16",
+    dtype: str | None = None,
     quantize_multimodal: bool = False,
 ) -> Estimate:
     """Size and bytes per decoded token of a conversion, from the config alone (a `ModelConfig`,
     a config dict, or a checkpoint directory / config.json path): the model skeleton is built
-    lazily, so no weight is read or allocated."""
+    lazily, so no weight is read or allocated. `dtype` None: as `convert` without --dtype, the
+    source's float dtype as its config records it."""
     if isinstance(config, str | Path):
         config = load_config(config)
     elif not isinstance(config, ModelConfig):
         config = parse_config(config)
+    dtype = dtype or source_dtype(config.raw)
     if dtype not in FLOAT_BYTES:
         raise ValueError(f"--dtype {dtype!r}: expected one of {', '.join(FLOAT_BYTES)}")
     model, notes = Model(config), {}

@@ -28,16 +28,17 @@ __version__ = "0.1.0"
 
 
 def load(
-    path: str | Path, dtype: str | mx.Dtype | None = None, lazy: bool = False
+    path: str | Path, dtype: str | mx.Dtype | None = None, lazy: bool = False, check_finite: bool = False
 ) -> tuple[Model, Processor | None]:
     """Load a checkpoint (a directory: Hugging Face, mlx-vlm / mlx-lm / mlx-community or ours; or a
     Hub id `org/name[@revision]`, downloaded into the Hugging Face cache) -> `(model, processor)`.
 
     The processor is None when the directory has no tokenizer files (weights-only checks).
     `dtype` ("bfloat16", "float16", "float32") casts the unquantized weights; default: as stored.
+    `check_finite` refuses weights with NaN or infinite values, naming them (reads every weight).
     """
     path = resolve(path)
-    return load_model(path, dtype, lazy), Processor.from_dir(path)
+    return load_model(path, dtype, lazy, check_finite), Processor.from_dir(path)
 
 
 __all__ = [

@@ -8,7 +8,7 @@ When the context is full the oldest turns are dropped and the rest is prefilled 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 
 import mlx.core as mx
@@ -17,8 +17,9 @@ from .generate import GenerationChunk, GenerationStats, make_cache, stream_gener
 from .media import load_audio, load_image
 from .models.drafter import Drafter
 from .models.gemma import Model
-from .processor import Processor
+from .processor import Inputs, Processor
 from .sample import SamplingParams
+from .tools import ToolCall, parse_output
 
 ANSWER_MARK = "\u2063answer\u2063"  # stands for the last answer when rendering what follows it
 
@@ -37,11 +38,13 @@ class ChatSession:
     prefill_progress: Callable[[int, int], None] | None = None
     drafter: Drafter | None = None  # an MTP drafter: speculative decoding
     draft_block_size: int = 4
+    tools: list[dict] | None = None  # OpenAI function schemas the model may call
     kv_bits: int | None = None  # quantized KV cache (8 or 4 bits)
     kv_group_size: int = 64
 
     def __post_init__(self) -> None:
         self.pending: list[dict] = []
+        self.last_tool_calls: list[ToolCall] = []  # of the last answer, when it called tools
         self.stats = GenerationStats()  # of the last turn; cached_prompt_tokens > 0: the cache was reused
         self._reset_cache()
 
@@ -74,42 +77,67 @@ class ChatSession:
     def _messages(self, history: list[dict]) -> list[dict]:
         return ([{"role": "system", "content": self.system}] if self.system else []) + history
 
-    def _new_text(self, user: dict) -> tuple[str, bool]:
+    def _render(self, messages: list[dict], generation_prompt: bool = True) -> str:
+        return self.processor.apply_chat_template(
+            self._messages(messages),
+            add_generation_prompt=generation_prompt,
+            enable_thinking=self.think,
+            tools=self.tools,
+        )
+
+    def _new_text(self, new: list[dict]) -> tuple[str, bool]:
         """The text to feed after what the cache holds, and whether it continues the cache."""
-        render = self.processor.apply_chat_template
-        full = render(self._messages([*self.history, user]), enable_thinking=self.think)
+        full = self._render([*self.history, *new])
         if not self.tokens or self._cached_messages != len(self.history):
             return full, False
-        before = render(self._messages(self.history), add_generation_prompt=False, enable_thinking=self.think)
-        answer = self.history[-1]["content"].strip() if self.history else ""  # templates trim answers
-        if not full.startswith(before) or (answer and answer not in before):
+        before = self._render(self.history, generation_prompt=False)
+        last = self.history[-1] if self.history else {}
+        answer = last.get("content", "").strip() if isinstance(last.get("content"), str) else ""
+        if not full.startswith(before) or last.get("tool_calls") or (answer and answer not in before):
             return full, False
         # what the template writes after the last answer ("<turn|>\n"), minus the end-of-turn
         # token the model generated itself and the cache already holds; found with a marker in
         # place of the answer, so an empty (interrupted) answer's turn is closed too
-        marked = self._messages([*self.history[:-1], {"role": "assistant", "content": ANSWER_MARK}])
-        probe = render(marked, add_generation_prompt=False, enable_thinking=self.think)
+        probe = self._render([*self.history[:-1], {"role": "assistant", "content": ANSWER_MARK}], False)
         tail = probe[probe.rindex(ANSWER_MARK) + len(ANSWER_MARK) :]
-        last = self.processor.tokenizer.decode(self.tokens[-1:])
-        if last and tail.startswith(last) and self.tokens[-1] in self.processor.eos_token_ids:
-            tail = tail[len(last) :]
+        end = self.processor.tokenizer.decode(self.tokens[-1:])
+        if end and tail.startswith(end) and self.tokens[-1] in self.processor.eos_token_ids:
+            tail = tail[len(end) :]
         return tail + full[len(before) :], True
 
     @staticmethod
     def _media(messages: list[dict]) -> tuple[list, list]:
-        parts = [p for m in messages if isinstance(m["content"], list) for p in m["content"]]
+        parts = [p for m in messages if isinstance(m.get("content"), list) for p in m["content"]]
         return [p["image"] for p in parts if p["type"] == "image"], [
             p["audio"] for p in parts if p["type"] == "audio"
         ]
 
-    def _inputs(self, user: dict):
-        feed, reuse = self._new_text(user)
+    def _inputs(self, new: list[dict]) -> tuple[Inputs, bool]:
+        feed, reuse = self._new_text(new)
+        images, audio = self._media(new if reuse else [*self.history, *new])
+        inputs = self.processor.prepare(
+            feed, images, audio, add_bos=not reuse, max_soft_tokens=self.max_soft_tokens
+        )
+        if not reuse and self._rewind_to_common_prefix(inputs.ids):
+            return Inputs(inputs.ids[len(self.tokens) :]), True
         if not reuse:
             self._reset_cache()
-        images, audio = self._media([user] if reuse else [*self.history, user])
-        return self.processor.prepare(
-            feed, images, audio, add_bos=not reuse, max_soft_tokens=self.max_soft_tokens
-        ), reuse
+        return inputs, reuse
+
+    def _rewind_to_common_prefix(self, ids: list[int]) -> bool:
+        """Keep the cached tokens the full prompt `ids` starts with, rolling the caches back over the
+        rest where they can (a tool call re-rendered in the template's own spelling, say); False
+        when too little is shared or the new part holds media (its tensors are not split off)."""
+        p = next((i for i, (a, b) in enumerate(zip(self.tokens, ids, strict=False)) if a != b), None)
+        p = min(len(self.tokens), len(ids)) if p is None else p
+        drop = len(self.tokens) - p
+        media = {self.model.config.image_token_id, self.model.config.audio_token_id}
+        if p == 0 or p == len(ids) or drop > min(c.max_trim for c in self.cache) or media & set(ids[p:]):
+            return False
+        for c in self.cache:
+            c.trim(drop)
+        del self.tokens[p:]
+        return True
 
     def send(self, text: str) -> Iterator[GenerationChunk]:
         """Stream the answer to `text` (with any attached images/audio)."""
@@ -117,15 +145,26 @@ class ChatSession:
             "role": "user",
             "content": [*self.pending, {"type": "text", "text": text}] if self.pending else text,
         }
-        inputs, reuse = self._inputs(user)  # may raise (bad media): attachments are kept then
+        return self._turn([user])
+
+    def send_tool_results(self, results: Sequence[dict]) -> Iterator[GenerationChunk]:
+        """Give the model the results of the tool calls of its last answer (`{"name", "content"}`
+        or `{"tool_call_id", "content"}` each, content a string or JSON value) and stream what it
+        says next."""
+        if not self.history or not self.history[-1].get("tool_calls"):
+            raise ValueError("tool results need an answer with tool calls before them")
+        return self._turn([{"role": "tool", **r} for r in results])
+
+    def _turn(self, new: list[dict]) -> Iterator[GenerationChunk]:
+        inputs, _ = self._inputs(new)  # may raise (bad media): attachments are kept then
         self.pending = []
-        while len(self.tokens) + len(inputs.ids) + self.max_tokens > self.context and self.history:
+        while len(self.tokens) + len(inputs.ids) + self.max_tokens > self.context and len(self.history) > 1:
             self.history = self.history[2:]  # drop the oldest exchange and prefill the rest again
             self.notices.append("context full: dropped the oldest turn")
             self._reset_cache()
-            inputs, reuse = self._inputs(user)
-        self.history.append(user)
-        answer = {"role": "assistant", "content": ""}
+            inputs, _ = self._inputs(new)
+        self.history += new
+        text = ""
         self.stats = GenerationStats(prompt_tokens=len(inputs.ids), cached_prompt_tokens=len(self.tokens))
         self.tokens += inputs.ids
         try:
@@ -141,13 +180,26 @@ class ChatSession:
                 **asdict(self.sampling),
             ):
                 self.tokens.append(chunk.token)
-                answer["content"] += chunk.text
+                text += chunk.text
                 self.stats = chunk.stats
                 yield chunk
         finally:
-            self.history.append(answer)
+            self.history.append(self._answer(text))
             self._cached_messages = len(self.history)
             self._sync_cache()
+
+    def _answer(self, text: str) -> dict:
+        """The history entry of an answer: its text as generated, or, with tool calls, the text
+        around them and the calls in OpenAI's form (the template spells them out again)."""
+        out = parse_output(text) if self.tools else None
+        self.last_tool_calls = out.tool_calls if out else []
+        if not self.last_tool_calls:
+            return {"role": "assistant", "content": text}
+        calls = [
+            {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+            for c in out.tool_calls
+        ]
+        return {"role": "assistant", "content": out.content, "tool_calls": calls}
 
     def _sync_cache(self) -> None:
         """Make the cache hold exactly `self.tokens`: speculative decoding leaves the last token

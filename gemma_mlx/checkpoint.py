@@ -5,7 +5,6 @@ Only safetensors are read (never pickles) and no code from a checkpoint is ever 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Collection
 from pathlib import Path
 
@@ -16,46 +15,23 @@ from mlx.utils import tree_flatten
 from .config import load_config, parse_drafter_config, read_config
 from .models.drafter import Drafter
 from .models.gemma import Model
+from .safetensors_file import CheckpointError, read_header, shard_files
+from .weight_checks import check_dtypes, listing, refuse_non_finite
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded; the message names the file or tensors."""
-
-
-def shard_files(path: Path) -> list[Path]:
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index}: malformed index ({e!r})") from None
-        files = sorted({path / f for f in weight_map.values()})
-        missing = [f.name for f in files if not f.is_file()]
-        if missing:
-            raise CheckpointError(f"{index}: names shard(s) that do not exist: {', '.join(missing)}")
-        return files
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise CheckpointError(f"{path}: no *.safetensors weight files")
-    return files
-
-
 def read_weights(path: str | Path) -> dict[str, mx.array]:
-    """All tensors of a checkpoint directory, loaded lazily (memory-mapped until evaluated)."""
+    """All tensors of a checkpoint directory, loaded lazily (memory-mapped until evaluated);
+    every shard's header is checked first (`safetensors_file.read_header`)."""
     weights: dict[str, mx.array] = {}
-    for f in shard_files(Path(path)):
+    for f in shard_files(path):
+        read_header(f)
         try:
             weights.update(mx.load(str(f)))
         except Exception as e:  # MLX raises RuntimeError/ValueError for bad headers and truncation
             raise CheckpointError(f"{f}: not a readable safetensors file ({e})") from None
     return weights
-
-
-def listing(names: list[str], limit: int = 12) -> str:
-    shown = ", ".join(names[:limit])
-    return shown + (f" ... (+{len(names) - limit} more)" if len(names) > limit else "")
 
 
 QUANT_KEYS = ("group_size", "bits", "mode")
@@ -86,9 +62,16 @@ def quantize_skeleton(module: nn.Module, q: dict, weights: dict[str, mx.array]) 
     nn.quantize(module, class_predicate=lambda path, m: specs.get(path, False))
 
 
-def load_weights(module: nn.Module, path: Path, quantization: dict | None, dtype: mx.Dtype | None) -> None:
+def load_weights(
+    module: nn.Module,
+    path: Path,
+    quantization: dict | None,
+    dtype: mx.Dtype | None,
+    check_finite: bool = False,
+) -> None:
     """Load the checkpoint's tensors into `module` (a `Model` or `Drafter` skeleton), after its
-    `sanitize` mapped the names: every parameter checked by name and shape first, mismatches listed."""
+    `sanitize` mapped the names: every parameter checked by name, shape and dtype first, mismatches
+    listed; `check_finite` also refuses NaN/infinite values (reading every weight once)."""
     weights = module.sanitize(read_weights(path))
     if quantization:
         quantize_skeleton(module, quantization, weights)
@@ -107,6 +90,9 @@ def load_weights(module: nn.Module, path: Path, quantization: dict | None, dtype
             if names
         ]
         raise CheckpointError(f"{path}: weights do not match config.json; " + "; ".join(parts))
+    check_dtypes(weights, expected, path)
+    if check_finite:
+        refuse_non_finite(weights, path)
     if dtype is not None:
         weights = {
             k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()
@@ -122,12 +108,15 @@ def _dtype(dtype: str | mx.Dtype | None) -> mx.Dtype | None:
     return dtype
 
 
-def load_model(path: str | Path, dtype: str | mx.Dtype | None = None, lazy: bool = False) -> Model:
-    """Build the model from `path/config.json` and load its weights (checked by name and shape)."""
+def load_model(
+    path: str | Path, dtype: str | mx.Dtype | None = None, lazy: bool = False, check_finite: bool = False
+) -> Model:
+    """Build the model from `path/config.json` and load its weights (checked by name, shape and
+    dtype; with `check_finite`, values too)."""
     path = Path(path)
     config = load_config(path)
     model = Model(config)
-    load_weights(model, path, config.quantization, _dtype(dtype))
+    load_weights(model, path, config.quantization, _dtype(dtype), check_finite)
     if not lazy:
         mx.eval(model.parameters())
     model.eval()

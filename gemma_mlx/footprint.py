@@ -3,34 +3,33 @@ for a context length, and whether that fits this machine's memory. Reads only he
 
 from __future__ import annotations
 
-import json
 import os
-import struct
 import subprocess
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from mlx.utils import tree_flatten
 
-from .checkpoint import shard_files
 from .config import ModelConfig, TextConfig, load_config
 from .models.gemma import Model
+from .safetensors_file import read_headers
 
-DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "U32": 4, "U8": 1, "I32": 4, "I64": 8, "F64": 8, "I8": 1}
+TEXT_PREFIX = "language_model."
+
+
+def decode_bytes(sizes: Mapping[str, int], prefix: str = TEXT_PREFIX) -> int:
+    """Bytes of weights one decoded token reads, from stored tensor sizes (our names): every text
+    weight once, the tied embedding once as the LM head (its row lookup is negligible); vision
+    and audio weights are idle in decode. The one rule behind `info`, the converter's report and
+    its estimate (a drafter passes prefix "": all of its weights, per draft step)."""
+    return sum(n for name, n in sizes.items() if name.startswith(prefix))
 
 
 def tensor_bytes(path: Path) -> dict[str, int]:
-    """Bytes of every tensor of a checkpoint (our names), from the safetensors headers alone."""
-    sizes: dict[str, int] = {}
-    for f in shard_files(path):
-        with f.open("rb") as fh:
-            (n,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(n))
-        for name, info in header.items():
-            if name != "__metadata__":
-                start, end = info["data_offsets"]
-                sizes[name] = end - start
+    """Bytes of every tensor of a checkpoint (our names), from its checked safetensors headers."""
+    sizes = {name: t.nbytes for header in read_headers(path).values() for name, t in header.items()}
     return Model.sanitize(sizes)
 
 
@@ -55,6 +54,28 @@ class Footprint:
     @property
     def bits_per_weight(self) -> float:
         return 8 * self.weight_bytes / self.parameters
+
+    def as_dict(self) -> dict:
+        """Plain numbers (bytes, counts) for JSON output; `info --json` prints these."""
+        t, q = self.config.text, self.config.quantization
+        return {
+            "model_type": self.config.model_type,
+            "layers": t.num_hidden_layers,
+            "sliding_layers": sum(s.sliding for s in t.layers),
+            "sliding_window": t.sliding_window,
+            "hidden_size": t.hidden_size,
+            "vocab_size": t.vocab_size,
+            "vision": self.config.vision is not None,
+            "audio": self.config.audio is not None,
+            "parameters": self.parameters,
+            "quantization": {k: q[k] for k in ("mode", "bits", "group_size") if k in q} if q else None,
+            "bits_per_weight": self.bits_per_weight,
+            "weight_bytes": self.weight_bytes,
+            "bytes_per_token": self.bytes_per_token,
+            "context": self.context,
+            "kv_cache_bytes": self.kv_bytes,
+            "total_bytes": self.total_bytes,
+        }
 
 
 def kv_cache_bytes(
@@ -105,7 +126,7 @@ def footprint(
         config=config,
         parameters=parameters,
         weight_bytes=sum(sizes.values()),
-        bytes_per_token=sum(v for k, v in sizes.items() if k.startswith("language_model.")),
+        bytes_per_token=decode_bytes(sizes),
         kv_bytes_per_token=kv_per_token,
         kv_fixed_bytes=fixed,
         context=context,

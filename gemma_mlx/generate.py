@@ -19,6 +19,7 @@ from .models.gemma import Model
 from .processor import Inputs, Processor
 from .sample import SamplingParams
 from .text import StreamingDetokenizer, Tokenizer
+from .tools import ToolCall, parse_output
 
 Prompt = str | Sequence[int] | Sequence[dict] | Inputs
 Progress = Callable[[int, int], None]
@@ -59,10 +60,16 @@ class GenerationChunk:
 
 @dataclass
 class GenerationResult:
+    """`text` as generated (markup included); with `tools`, the answer parsed: `content` (no
+    markup), `reasoning` (the thought channel) and `tool_calls`, `finish_reason` "tool_calls"."""
+
     text: str = ""
     tokens: list[int] = field(default_factory=list)
     stats: GenerationStats = field(default_factory=GenerationStats)
     finish_reason: str | None = None
+    content: str | None = None
+    reasoning: str | None = None
+    tool_calls: list[ToolCall] = field(default_factory=list)
 
     @property
     def prompt_tps(self) -> float:
@@ -303,6 +310,7 @@ def stream_generate(
     draft_block_size: int = 4,
     kv_bits: int | None = None,
     kv_group_size: int = 64,
+    tools: Sequence[dict] | None = None,
 ) -> Iterator[GenerationChunk]:
     """Stream a completion of `prompt` (text, token ids, or chat messages, whose parts may hold
     images and audio; a text prompt takes `images`/`audio` for its placeholders).
@@ -312,7 +320,9 @@ def stream_generate(
     tokens is continued: only `prompt`'s tokens are prefilled (a new cache is quantized with
     `kv_bits`, see `make_cache`). With a `drafter` (see
     `load_drafter`), decoding is speculative with blocks of `draft_block_size` tokens (greedy
-    output is unchanged). Arguments are checked before any work; errors are ValueErrors naming them.
+    output is unchanged). `tools` (OpenAI function schemas) are declared to a chat prompt; the
+    streamed text keeps the model's markup (`gemma_mlx.tools.OutputParser` splits it). Arguments
+    are checked before any work; errors are ValueErrors naming them.
     """
     sampling = SamplingParams(temperature, top_k, top_p, min_p, seed)
     text = TextStream(processor.tokenizer, stop)
@@ -323,8 +333,15 @@ def stream_generate(
     if isinstance(prompt, Inputs):  # already prepared (e.g. by a chat session)
         inputs = prompt
     else:
+        room = model.config.text.max_position_embeddings - (cache[0].offset if cache else 0)
         inputs = processor.prepare(
-            prompt, images, audio, enable_thinking=enable_thinking, max_soft_tokens=max_soft_tokens
+            prompt,
+            images,
+            audio,
+            enable_thinking=enable_thinking,
+            max_soft_tokens=max_soft_tokens,
+            tools=tools,
+            token_budget=room,
         )
     ids = inputs.ids
     if not ids:
@@ -383,4 +400,13 @@ def generate(model: Model, processor: Processor, prompt: Prompt, **kwargs) -> Ge
         result.text += chunk.text
         result.tokens.append(chunk.token)
         result.stats, result.finish_reason = chunk.stats, chunk.finish_reason
+    if kwargs.get("tools"):
+        parsed = parse_output(result.text)
+        result.content, result.reasoning, result.tool_calls = (
+            parsed.content,
+            parsed.reasoning,
+            parsed.tool_calls,
+        )
+        if parsed.tool_calls:
+            result.finish_reason = "tool_calls"
     return result

@@ -19,7 +19,7 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
-from .checkpoint import CheckpointError
+from .safetensors_file import CheckpointError
 
 # What a checkpoint directory needs: config, weights, tokenizer, templates, processor configs.
 PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja"]

@@ -14,7 +14,9 @@ from __future__ import annotations
 import io
 import math
 import numbers
+import os
 import re
+import stat
 import struct
 import warnings
 from collections.abc import Sequence
@@ -46,7 +48,7 @@ class MediaError(ValueError):
     """An image or audio input that cannot be used; the message names it."""
 
 
-def _name(src: Any) -> str:
+def source_name(src: Any) -> str:
     if isinstance(src, str | Path):
         return str(src)
     if isinstance(src, Image.Image) and getattr(src, "filename", ""):
@@ -62,7 +64,9 @@ def _array_to_image(a: np.ndarray, name: str) -> Image.Image:
     reference's `infer_channel_dimension_format` (last axis first)."""
     if a.ndim == 3 and a.shape[-1] not in (1, 3, 4) and a.shape[0] in (1, 3, 4):
         a = a.transpose(1, 2, 0)
-    if not (a.ndim == 2 or (a.ndim == 3 and a.shape[-1] in (1, 3, 4))) or a.size == 0:
+    if a.size == 0:
+        raise MediaError(f"{name}: the image array is empty (shape {a.shape})")
+    if not (a.ndim == 2 or (a.ndim == 3 and a.shape[-1] in (1, 3, 4))):
         raise MediaError(f"{name}: expected an HWC image array with 1, 3 or 4 channels, got shape {a.shape}")
     if a.dtype == bool:
         a = a.astype(np.uint8) * 255
@@ -81,6 +85,8 @@ def _array_to_image(a: np.ndarray, name: str) -> Image.Image:
 
 def _open(src: str | Path | bytes, name: str) -> Image.Image:
     try:
+        if not isinstance(src, bytes) and stat.S_ISFIFO(os.stat(src).st_mode):
+            raise MediaError(f"{name}: is a FIFO, expected a file")  # reading it would block
         data = src if isinstance(src, bytes) else Path(src).read_bytes()
     except OSError as e:
         raise MediaError(f"{name}: cannot read the file ({e.strerror or e})") from None
@@ -124,7 +130,7 @@ def load_image(src: ImageSource) -> Image.Image:
     BMP, ...); applies the EXIF orientation (as transformers' `load_image`); converts every mode to
     RGB (`_to_rgb`). Raises `MediaError` naming the input for unreadable, truncated or empty files
     and for images over `MAX_PIXELS` (checked before decoding)."""
-    name = _name(src)
+    name = source_name(src)
     if isinstance(src, np.ndarray):
         image = _array_to_image(src, name)
     elif isinstance(src, Image.Image):
@@ -244,6 +250,24 @@ def _pcm_to_float(a: np.ndarray, name: str) -> np.ndarray:
     raise MediaError(f"{name}: unsupported sample type {a.dtype}")
 
 
+def _wav_shortfall(head: bytes, size: int) -> tuple[int, int] | None:
+    """(bytes of samples a RIFF/WAVE header announces, bytes the file holds) when the file is
+    shorter than its header says, else None. libsndfile decodes what is there without a word,
+    so a cut download would otherwise pass as a shorter recording. Streamed WAVs (data size 0
+    or 0xFFFFFFFF: written before the length was known) cannot be judged."""
+    if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+        return None
+    pos = 12
+    while pos + 8 <= len(head):
+        chunk, length = head[pos : pos + 4], struct.unpack("<I", head[pos + 4 : pos + 8])[0]
+        if chunk == b"data":
+            if length in (0, 0xFFFFFFFF) or pos + 8 + length <= size:
+                return None
+            return length, max(size - pos - 8, 0)
+        pos += 8 + length + (length & 1)  # chunks are padded to even sizes
+    return None
+
+
 def load_audio(src: AudioSource, sampling_rate: float | None = None) -> np.ndarray:
     """A mono float32 waveform at 16 kHz.
 
@@ -255,7 +279,7 @@ def load_audio(src: AudioSource, sampling_rate: float | None = None) -> np.ndarr
     ("HQ"). Raises `MediaError` naming the input for unreadable/corrupt files, unsupported sample
     types, empty audio and NaN/Inf samples. Silence is valid (the reference accepts it, and the
     model's per-frame RMSNorm maps an all-zero frame to zeros)."""
-    name = _name(src)
+    name = source_name(src)
     if isinstance(src, np.ndarray):
         if sampling_rate is None:
             raise MediaError(f"{name}: give the sampling rate of an audio array")
@@ -267,8 +291,19 @@ def load_audio(src: AudioSource, sampling_rate: float | None = None) -> np.ndarr
     elif isinstance(src, str | Path | bytes):
         if not isinstance(src, bytes) and not Path(src).is_file():
             raise MediaError(f"{name}: cannot read the file (missing, or not a regular file)")
-        if not (len(src) if isinstance(src, bytes) else Path(src).stat().st_size):
+        size = len(src) if isinstance(src, bytes) else Path(src).stat().st_size
+        if not size:
             raise MediaError(f"{name}: the file is empty")
+        try:
+            with io.BytesIO(src) if isinstance(src, bytes) else open(src, "rb") as fh:
+                head = fh.read(1 << 16)
+        except OSError as e:
+            raise MediaError(f"{name}: cannot read the file ({e.strerror or e})") from None
+        if (short := _wav_shortfall(head, size)) is not None:
+            raise MediaError(
+                f"{name}: truncated WAV file: its header announces {short[0]:,} bytes of samples, "
+                f"the file holds {short[1]:,} (an incomplete download or copy?)"
+            )
         try:
             data, rate = sf.read(
                 io.BytesIO(src) if isinstance(src, bytes) else str(src), dtype="float32", always_2d=True
@@ -324,6 +359,14 @@ def split_audio(waveform: np.ndarray, max_seconds: float = MAX_CLIP_SECONDS) -> 
     if len(waveform) == 0:
         raise MediaError("the audio is empty")
     return [waveform[i : i + per_clip] for i in range(0, len(waveform), per_clip)]
+
+
+def audio_token_count(samples: int, max_seconds: float = MAX_CLIP_SECONDS) -> int:
+    """Prompt tokens a 16 kHz waveform of `samples` becomes: one per 40 ms frame, plus the begin
+    and end markers of each 30 s block (`split_audio`, `expand_media_tokens`)."""
+    frames = -(-samples // FRAME)
+    per_clip = int(max_seconds * SAMPLE_RATE) // FRAME
+    return frames + 2 * -(-frames // per_clip)
 
 
 def batch_audio(clips: Sequence[AudioInput]) -> tuple[np.ndarray, np.ndarray]:

@@ -76,6 +76,43 @@ def _escaped(tokenizer: Tokenizer, data: Any) -> Any:
     return data
 
 
+ROLES = ("system", "developer", "user", "assistant", "model", "tool")
+PART_TYPES = ("text", "image", "audio")
+
+
+def check_messages(messages: Sequence[Any]) -> None:
+    """Raise ValueError naming the message (and part) that a chat template would render wrongly or
+    as an empty turn: not a dict, an unknown role, content that is neither a string nor a list of
+    parts, a part of an unsupported type (video input is not supported) or a text part without text."""
+    for i, m in enumerate(messages):
+        if not isinstance(m, Mapping):
+            raise ValueError(
+                f"message {i}: expected a dict with 'role' and 'content', not {type(m).__name__}"
+            )
+        if m.get("role") not in ROLES:
+            raise ValueError(f"message {i}: role {m.get('role')!r} is not one of {', '.join(ROLES)}")
+        content = m.get("content")
+        if content is None and not (m["role"] in ("assistant", "model") and m.get("tool_calls")):
+            raise ValueError(f"message {i} ({m['role']}): no 'content'")
+        if content is None or isinstance(content, str):
+            continue
+        if m["role"] == "tool":  # a tool result may be any JSON value
+            continue
+        if not isinstance(content, list):
+            raise ValueError(
+                f"message {i}: 'content' must be a string or a list of parts, not {type(content).__name__}"
+            )
+        for j, part in enumerate(content):
+            kind = part.get("type") if isinstance(part, Mapping) else None
+            if kind not in PART_TYPES:
+                raise ValueError(
+                    f"message {i}, part {j}: type {kind!r} is not one of {', '.join(PART_TYPES)}"
+                    + (" (video input is not supported)" if kind == "video" else "")
+                )
+            if kind == "text" and not isinstance(part.get("text"), str):
+                raise ValueError(f"message {i}, part {j}: a text part needs 'text' (a string)")
+
+
 class Processor:
     """Turns prompts (text, token ids, chat messages) into token ids for one checkpoint."""
 
@@ -120,6 +157,11 @@ class Processor:
         """Ids never to sample (Gemma 4: the end-of-image/audio markers)."""
         return [int(i) for i in self.generation_config.get("suppress_tokens") or []]
 
+    @property
+    def supports_thinking(self) -> bool:
+        """Whether the chat template has a thinking switch (Gemma 4's does, Gemma 3's not)."""
+        return "enable_thinking" in self.chat_template.source
+
     def apply_chat_template(
         self,
         messages: Sequence[dict],
@@ -137,7 +179,13 @@ class Processor:
         exception is an assistant message's `content`: it is the model's own output, kept as it
         was generated (the template strips its thoughts by their markup, and a session's cache
         holds those very tokens). The returned text carries the escape marks (private-use
-        characters) only where data had special-token strings."""
+        characters) only where data had special-token strings.
+
+        Messages are checked first (`check_messages`); `enable_thinking` with a template that has
+        no thinking switch is a ValueError rather than a silently ignored flag."""
+        check_messages(messages)
+        if enable_thinking and not self.supports_thinking:
+            raise ValueError(f"{self.chat_template.origin}: this chat template cannot switch thinking on")
         tok = self.tokenizer
         messages = [
             {
@@ -195,6 +243,7 @@ class Processor:
         max_soft_tokens: int = 280,
         add_bos: bool = True,
         tools: Sequence[dict] | None = None,
+        token_budget: int | None = None,
     ) -> Inputs:
         """Token ids plus image/audio tensors. Media come as parts of chat messages
         (`{"type": "image", "image": path | PIL image | array}`, `{"type": "audio", "audio": path |
@@ -202,7 +251,11 @@ class Processor:
         placeholders, as `images` / `audio` in order (`add_bos=False` for a text that continues a
         cached conversation); a text without any placeholder gets them in front. Audio longer than
         30 s becomes consecutive 30 s blocks. `tools` (OpenAI function schemas) go to the chat
-        template."""
+        template.
+
+        `token_budget`: the tokens the context has left; audio that alone needs more is refused
+        (`MediaError` with the count) as soon as it is decoded, before any other media work and
+        long before a prefill of thousands of tokens could start."""
         kind, prompt = classify_prompt(prompt)
         if kind == "ids":
             if images or audio:
@@ -211,15 +264,22 @@ class Processor:
         images = list(images)
         audio = [a if isinstance(a, tuple) else (a, None) for a in audio]  # (clip, sampling rate)
         if kind == "messages":
-            for message in prompt:
+            for i, message in enumerate(prompt):
                 content = message.get("content")
-                for part in content if isinstance(content, list) else []:
-                    if not isinstance(part, Mapping):
+                for j, part in enumerate(content if isinstance(content, list) else []):
+                    if not isinstance(part, Mapping) or part.get("type") not in ("image", "audio"):
                         continue
-                    if part.get("type") == "image":
-                        images.append(part.get("image", part.get("path")))
-                    elif part.get("type") == "audio":
-                        audio.append((part.get("audio", part.get("path")), part.get("sampling_rate")))
+                    what = part["type"]
+                    src = part.get(what, part.get("path"))
+                    if src is None:
+                        raise media.MediaError(
+                            f"message {i}, part {j}: an {what} part without its {what} "
+                            f"(give '{what}': a path, bytes or an array, or 'path')"
+                        )
+                    if what == "image":
+                        images.append(src)
+                    else:
+                        audio.append((src, part.get("sampling_rate")))
             text, bos = self.apply_chat_template(prompt, enable_thinking=enable_thinking, tools=tools), False
         else:
             text, bos = prompt, add_bos
@@ -227,11 +287,18 @@ class Processor:
                 text = media.IMAGE_TOKEN * len(images) + media.AUDIO_TOKEN * len(audio) + text
         if not images and not audio:
             return Inputs(self.encode_text(text, bos))
+        waveforms, audio_tokens = [], 0
+        for a, rate in audio:
+            waveforms.append(media.load_audio(a, rate))
+            audio_tokens += media.audio_token_count(len(waveforms[-1]))
+            if token_budget is not None and audio_tokens > token_budget:
+                raise media.MediaError(
+                    f"{media.source_name(a)}: {len(waveforms[-1]) / media.SAMPLE_RATE:.1f} s of audio needs "
+                    f"{audio_tokens:,} tokens (with the clips before it), but the context has room for "
+                    f"{token_budget:,}: use a shorter clip"
+                )
+        clips = [[media.preprocess_audio(c) for c in media.split_audio(w)] for w in waveforms]
         image_inputs = [media.preprocess_image(i, max_soft_tokens) for i in images]
-        clips = [
-            [media.preprocess_audio(c) for c in media.split_audio(media.load_audio(a, rate))]
-            for a, rate in audio
-        ]
         text = media.expand_media_tokens(
             text, [i.num_soft_tokens for i in image_inputs], [[c.num_frames for c in cs] for cs in clips]
         )

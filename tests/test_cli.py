@@ -69,7 +69,8 @@ def test_convert_info_bench(model_dir, tmp_path):
     info = runner.invoke(app, ["info", "--model", str(out), "--json", "--context", "4096"])
     assert info.exit_code == 0, info.output
     data = json.loads(info.stdout)
-    assert data["quantization"] == "affine 4-bit, group 32" and "fits" in data["this machine"]
+    assert data["quantization"] == {"mode": "affine", "bits": 4, "group_size": 32}
+    assert isinstance(data["fits"], bool) and data["context"] == 4096
     bench = runner.invoke(app, ["bench", "--model", str(out), "-p", "16", "-g", "4", "-n", "1", "--json"])
     assert bench.exit_code == 0, bench.output
     assert json.loads(bench.stdout)["generation_tps"] > 0

@@ -361,7 +361,7 @@ def test_corrupt_inputs_are_named_before_any_work(broken, tmp_path):
 
     good = f.read_bytes()
     f.write_bytes(good[:-1000])
-    fails(r"model.safetensors: truncated: its header describes \d+ bytes, the file has \d+")
+    fails(r"model.safetensors: truncated: tensor .* ends \d+ bytes past the end of the file")
     f.write_bytes(b"\xff" * 64)
     fails("model.safetensors: bad safetensors header")
     f.write_bytes(good[:8] + b"{not json" + good[17:])

@@ -146,3 +146,34 @@ def test_sentencepiece_checkpoint(tmp_path):
     assert ids[:2] == [2, sot] and ids.count(2) == 1
     assert p.tokenizer.decode(ids) == "<bos><start_of_turn>user\nHello<end_of_turn>\n<start_of_turn>model\n"
     assert p.encode_prompt("Hello")[0] == 2
+
+
+@pytest.mark.parametrize(
+    ("messages", "match"),
+    [
+        (
+            [{"role": "user", "content": 5}],
+            "message 0: 'content' must be a string or a list of parts, not int",
+        ),
+        (
+            [{"role": "user", "content": [{"type": "video", "video": "v.mp4"}]}],
+            "video input is not supported",
+        ),
+        ([{"role": "user", "content": [{"type": "text"}]}], "message 0, part 0: a text part needs 'text'"),
+        ([{"role": "user", "content": ["hi"]}], "message 0, part 0: type None"),
+        ([{"role": "user"}], r"message 0 \(user\): no 'content'"),
+        ([{"role": "robot", "content": "x"}], "role 'robot' is not one of"),
+        (["hello"], "message 0: expected a dict"),
+    ],
+)
+def test_messages_that_would_render_wrongly_are_refused(p, messages, match):
+    with pytest.raises(ValueError, match=match):
+        p.apply_chat_template(messages)
+
+
+def test_thinking_needs_a_template_that_has_it(tmp_path):
+    save_sp_tokenizer(tmp_path)  # our Gemma 3 template: no thinking mode
+    gemma3 = Processor.from_dir(tmp_path)
+    assert not gemma3.supports_thinking
+    with pytest.raises(ValueError, match="cannot switch thinking on"):
+        gemma3.apply_chat_template([{"role": "user", "content": "hi"}], enable_thinking=True)

@@ -590,3 +590,36 @@ def test_dropped_markup_cannot_join_text_into_markup(text):
     out = parse_output(text)
     assert not MARKUP_SHAPE.search(out.content)
     assert same(stream(text, list(range(len(text))))[0], out)
+
+
+def test_generate_and_chat_session_with_tools(tool_model):
+    """`generate(..., tools=)` returns the parsed call; `ChatSession` keeps the call in its history,
+    takes the tool's result and continues from its cache (the call re-rendered by the template is
+    rolled back over, not prefilled from scratch); its next answer equals a fresh run."""
+    from tool_model import CALL_ARGUMENTS, CALL_NAME, TOOL
+
+    from gemma_mlx import ChatSession, generate, load
+
+    path, _ = tool_model
+    model, processor = load(path)
+    messages = [{"role": "user", "content": "What is the weather in Paris?"}]
+    result = generate(model, processor, messages, max_tokens=20, tools=[TOOL])
+    assert [(c.name, c.arguments) for c in result.tool_calls] == [(CALL_NAME, CALL_ARGUMENTS)]
+    assert result.finish_reason == "tool_calls" and result.content == "" and "<|" not in result.content
+
+    session = ChatSession(model, processor, max_tokens=6, tools=[TOOL])
+    "".join(c.text for c in session.send("What is the weather in Paris?"))
+    assert [(c.name, c.arguments) for c in session.last_tool_calls] == [(CALL_NAME, CALL_ARGUMENTS)]
+    assert session.history[-1]["tool_calls"][0]["function"]["name"] == CALL_NAME
+    cached = len(session.tokens)
+    answer = "".join(
+        c.text for c in session.send_tool_results([{"name": CALL_NAME, "content": "sunny, 21 C"}])
+    )
+    assert 0 < session.stats.cached_prompt_tokens <= cached  # continued from the cache
+    assert session.cache[0].offset == len(session.tokens)
+    new = session.tokens[: session.stats.cached_prompt_tokens + session.stats.prompt_tokens]
+    assert "<|tool_response>response:get_weather" in processor.tokenizer.decode(new)
+    fresh = generate(model, processor, new, max_tokens=6)
+    assert fresh.text == answer
+    with pytest.raises(ValueError, match="tool results need an answer with tool calls"):
+        ChatSession(model, processor, tools=[TOOL]).send_tool_results([{"name": CALL_NAME, "content": "x"}])

@@ -9,15 +9,19 @@ from typing import Annotated
 import typer
 from rich.progress import Progress
 
-from gemma_mlx import Drafter, load, load_config, load_drafter
+from gemma_mlx import CheckpointError, Drafter, load, load_config, load_drafter
 from gemma_mlx.convert.default_model import DESCRIPTION, default_model_path
 from gemma_mlx.footprint import footprint, memory_warning
+from gemma_mlx.hub import resolve
 from gemma_mlx.models.gemma import Model
 from gemma_mlx.processor import Processor
 
 # Options shared by several commands, declared once.
 ModelOpt = Annotated[
-    str | None, typer.Option("--model", "-m", help="Checkpoint directory (default: the offline model).")
+    str | None,
+    typer.Option(
+        "--model", "-m", help="Checkpoint directory or Hub id org/name[@revision] (default: offline model)."
+    ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object.")]
 TemperatureOpt = Annotated[
@@ -60,12 +64,13 @@ def fail(message: str, code: int = 1) -> None:
 
 
 def resolve_model(model: str | None) -> Path:
-    """A local checkpoint directory; without one, the offline default model."""
+    """A local checkpoint directory or a Hub id `org/name[@revision]`; without one, the offline
+    default model."""
     if model is not None:
-        path = Path(model).expanduser()
-        if not path.is_dir():
-            fail(f"--model {model}: no such checkpoint directory")
-        return path
+        try:
+            return resolve(model, "checkpoint")
+        except CheckpointError as e:
+            fail(f"--model {e}")
     typer.secho(f"Using the offline default model: {DESCRIPTION}", err=True, fg=typer.colors.CYAN)
     return default_model_path(log=lambda line: typer.secho(f"{line} (once; about 20 s)", err=True))
 
@@ -89,13 +94,13 @@ class PrefillBar:
 
 
 def load_draft(draft: str | None) -> Drafter | None:
-    """The MTP drafter for --draft (a `gemma4_unified_assistant` checkpoint directory)."""
+    """The MTP drafter for --draft (a `gemma4_unified_assistant` checkpoint directory or Hub id)."""
     if draft is None:
         return None
-    path = Path(draft).expanduser()
-    if not path.is_dir():
-        fail(f"--draft {draft}: no such drafter checkpoint directory")
-    return load_drafter(path)
+    try:
+        return load_drafter(resolve(draft, "drafter checkpoint"))
+    except CheckpointError as e:
+        fail(f"--draft {e}")
 
 
 def check_media(path: Path, images: list[str], audio: list[str]) -> None:

@@ -27,7 +27,9 @@ def convert_command(
     src: Annotated[
         str,
         typer.Argument(
-            metavar="SRC", help="Checkpoint directory or Hugging Face repo id (e.g. google/gemma-4-12B-it)."
+            metavar="SRC",
+            help="Checkpoint directory or Hub id org/name[@revision] (e.g. google/gemma-4-12B-it); "
+            "float, or an MLX one already quantized (requantized to at most its bits).",
         ),
     ],
     out: Annotated[Path, typer.Argument(metavar="OUT", help="Output directory (written atomically).")],
@@ -62,6 +64,13 @@ def convert_command(
         bool,
         typer.Option("--quantize-embedding/--keep-embedding", help="Quantize the tied embedding / LM head."),
     ] = True,
+    quantize_multimodal: Annotated[
+        bool,
+        typer.Option(
+            "--quantize-multimodal/--keep-multimodal",
+            help="Quantize the vision/audio projections too (default: keep them in float, as mlx-vlm).",
+        ),
+    ] = False,
     quantize_drafter: Annotated[
         bool,
         typer.Option(
@@ -77,7 +86,7 @@ def convert_command(
         bool, typer.Option("--check", help="Compare the result with the source on a short prompt.")
     ] = False,
 ) -> None:
-    """Convert a Hugging Face checkpoint into a (quantized) MLX checkpoint."""
+    """Convert a Hugging Face or MLX checkpoint into a (quantized) MLX checkpoint."""
     try:  # flag errors before any download or reading
         spec = QuantSpec.make(bits, group_size, mode)
         if recipe not in RECIPES:
@@ -95,6 +104,7 @@ def convert_command(
         quantize=quantize,
         dtype=dtype,
         quantize_embedding=quantize_embedding,
+        quantize_multimodal=quantize_multimodal,
         quantize_drafter=quantize_drafter,
         overrides=overrides,
         force=force,

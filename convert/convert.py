@@ -7,15 +7,17 @@
 3. The output appears only when complete (`writer.atomic_directory`): an exception or Ctrl-C
    leaves nothing behind.
 
-Output tensors carry our names (the models' `sanitize`: `Model` drops the leading `model.`; the MTP
-drafter's names are the assistant checkpoint's own).
+Output tensors and quantization-block paths carry the names the MLX ecosystem uses (`saved_name`:
+mlx-vlm's `language_model.model.*` for the unified model, mlx-lm's `model.*` for text models, the
+assistant checkpoint's own for the MTP drafter), so mlx-vlm and mlx-lm load our output too; the
+models' `sanitize` reads every layout back.
 """
 
 from __future__ import annotations
 
 import shutil
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,14 +25,6 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from huggingface_hub import snapshot_download
-from huggingface_hub.errors import (
-    GatedRepoError,
-    HFValidationError,
-    LocalEntryNotFoundError,
-    OfflineModeIsEnabled,
-    RepositoryNotFoundError,
-)
 from mlx.utils import tree_flatten
 from rich.console import Console
 from rich.progress import (
@@ -44,9 +38,10 @@ from rich.progress import (
     Progress as ProgressBar,
 )
 
-from gemma_mlx.checkpoint import CheckpointError, listing, load_drafter, load_model
+from gemma_mlx.checkpoint import CheckpointError, layer_quantization, listing, load_drafter, load_model
 from gemma_mlx.config import ConfigError, load_config, parse_config, parse_drafter_config, read_config
-from gemma_mlx.footprint import TEXT_PREFIX, decode_bytes
+from gemma_mlx.footprint import TEXT_PREFIX, decode_bytes, footprint
+from gemma_mlx.hub import parse_repo_id, resolve
 from gemma_mlx.models.drafter import Drafter
 from gemma_mlx.models.gemma import Model
 from gemma_mlx.processor import Processor
@@ -79,7 +74,6 @@ COPIED = (
     "preprocessor_config.json",
     "video_preprocessor_config.json",
 )
-HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja"]
 FLOAT_ARRAY_DTYPES = (mx.float32, mx.bfloat16, mx.float16)
 DTYPE_NAMES = {
     "float32": "float32",
@@ -109,6 +103,7 @@ class ConversionReport:
     # bytes of weights read per decoded token (model: text weights, tied embedding once as the
     # LM head, vision/audio excluded; drafter: all of its weights, per draft step)
     bytes_per_token: int = 0
+    source_bytes_per_token: int = 0  # the same measure for the source (model conversions)
     kept_float: dict[str, str] = field(default_factory=dict)  # quantizable layer -> why float
     seconds: float = 0.0
     check: dict | None = None
@@ -133,6 +128,11 @@ class ConversionReport:
             ("bits per weight", f"{self.bits_per_weight:.3f}"),
             ("size on disk", human_size(self.bytes_on_disk)),
             (per, human_size(self.bytes_per_token)),
+            *(
+                [("source bytes read per token", human_size(self.source_bytes_per_token))]
+                if self.source_bytes_per_token
+                else []
+            ),
             ("parameters", f"{self.parameters:,}"),
         ]
         if self.kept_float:
@@ -147,35 +147,9 @@ class ConversionReport:
 
 
 def resolve_source(src: str | Path) -> Path:
-    """A local checkpoint directory, or a Hub repo id downloaded (only the files a conversion
-    needs; resumable) into the user's Hugging Face cache, honouring HF_HUB_OFFLINE, HF_HOME and
-    the saved token."""
-    path = Path(src).expanduser()
-    if path.is_dir():
-        return path
-    text = str(src)
-    if path.exists() or text.count("/") != 1 or text.startswith((".", "/", "~")):
-        raise CheckpointError(
-            f"{src}: not a checkpoint directory (and not a Hub repo id like 'google/gemma-4-12B-it')"
-        )
-
-    try:
-        return Path(snapshot_download(text, allow_patterns=HUB_PATTERNS))
-    except (LocalEntryNotFoundError, OfflineModeIsEnabled) as e:
-        raise CheckpointError(
-            f"{src}: no such local directory, not in the Hugging Face cache, and the Hub cannot be "
-            f"reached (offline or no network): {e}"
-        ) from None
-    except GatedRepoError:
-        raise CheckpointError(
-            f"{src}: gated on the Hub; accept its licence on huggingface.co and log in (`hf auth login`)"
-        ) from None
-    except RepositoryNotFoundError:
-        raise CheckpointError(f"{src}: no such local directory and no such Hub repo") from None
-    except HFValidationError as e:
-        raise CheckpointError(f"{src}: not a checkpoint directory nor a valid Hub repo id ({e})") from None
-    except OSError as e:  # HTTP and connection errors
-        raise CheckpointError(f"{src}: download from the Hugging Face Hub failed ({e})") from None
+    """A local checkpoint directory, or a Hub id `org/name[@revision]` downloaded into the Hugging
+    Face cache (`gemma_mlx.hub.resolve`, the resolver `--model` and `--draft` use too)."""
+    return resolve(src, "checkpoint")
 
 
 class _Checker:
@@ -240,15 +214,33 @@ def _read_config(src: Path) -> dict:
         raw = read_config(f)
     except ConfigError as e:  # the source checkpoint as a whole is what cannot be converted
         raise CheckpointError(str(e)) from None
-    if raw.get("quantization") or raw.get("quantization_config"):
-        raise CheckpointError(f"{f}: the checkpoint is already quantized; convert from a float checkpoint")
+    if raw.get("quantization_config") and not raw.get("quantization"):
+        raise CheckpointError(
+            f"{f}: quantized by another tool (quantization_config without an MLX 'quantization' block); "
+            "convert from the float checkpoint"
+        )
     return raw
 
 
-def _check_source(src: Path, raw: dict, target: _Target) -> tuple[list[Path], int, int, dict[str, int]]:
+def _source_quantization(raw: dict, target: _Target, names: list[str]) -> dict[str, QuantSpec]:
+    """Our module path -> how the source stores it, for every layer an MLX source has quantized."""
+    if not raw.get("quantization"):
+        return {}
+    found = layer_quantization(target.module, raw["quantization"], [target.rename(n) or "" for n in names])
+    try:
+        return {path: QuantSpec(**spec) for path, spec in found.items()}
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"config.json: unsupported 'quantization' block ({e})") from None
+
+
+def _check_source(
+    src: Path, raw: dict, target: _Target
+) -> tuple[list[Path], int, int, dict[str, int], dict[str, QuantSpec]]:
     """Check every header against the config before converting anything -> (shards, tensors,
-    bytes, element size of each tensor by our name)."""
+    bytes, element size of each tensor by our name, the source's quantized layers). A quantized
+    layer is checked with its float shape."""
     headers = read_headers(src)
+    quantized = _source_quantization(raw, target, [n for h in headers.values() for n in h])
     check, count, nbytes, itemsize = _Checker(target.expected), 0, 0, {}
     tied = raw.get("tie_word_embeddings", (raw.get("text_config") or {}).get("tie_word_embeddings", True))
     for f, header in headers.items():
@@ -258,29 +250,88 @@ def _check_source(src: Path, raw: dict, target: _Target) -> tuple[list[Path], in
             ours = target.rename(name)
             if ours is None:
                 continue
-            check(ours, t.shape, t.dtype, t.dtype in FLOAT_DTYPES, str(f))
-            count += 1
+            path, _, leaf = ours.rpartition(".")
             nbytes += t.nbytes
             itemsize[ours] = DTYPE_SIZES[t.dtype]
+            if path in quantized and leaf in ("scales", "biases"):
+                continue  # checked with their weight when dequantized
+            if path in quantized and leaf == "weight":
+                shape = (*t.shape[:-1], t.shape[-1] * 32 // quantized[path].bits)
+                check(ours, shape, t.dtype, t.dtype == "U32", str(f))
+            else:
+                check(ours, t.shape, t.dtype, t.dtype in FLOAT_DTYPES, str(f))
+            count += 1
     check.finish(str(src))
-    return list(headers), count, nbytes, itemsize
+    for path in quantized:  # dequantized in the dtype of the scales (fp modes: uint8 scales)
+        scales = itemsize.pop(f"{path}.scales", 2)
+        itemsize.pop(f"{path}.biases", None)
+        itemsize[f"{path}.weight"] = scales if scales > 1 else 2
+    return list(headers), count, nbytes, itemsize, quantized
+
+
+def _quantized_part(name: str, quantized: Mapping[str, QuantSpec]) -> bool:
+    path, _, leaf = name.rpartition(".")
+    return path in quantized and leaf in ("weight", "scales", "biases")
 
 
 def _read_source(
-    files: list[Path], rename: Callable[[str], str | None]
+    files: list[Path],
+    rename: Callable[[str], str | None],
+    quantized: Mapping[str, QuantSpec],
+    packed: Collection[str] = (),
 ) -> Iterator[tuple[str, mx.array, int]]:
-    """(our name, lazy array, bytes) shard by shard; each tensor is dropped from the shard's dict
-    when handed out, so it is freed as soon as the consumer has converted it."""
+    """(our name, lazy array, input bytes) shard by shard; each tensor is dropped from the shard's
+    dict when handed out, so it is freed as soon as the consumer has converted it. Quantized
+    layers come out dequantized (MLX's own `mx.dequantize` with the source's spec); their
+    `scales`/`biases` are held (lazily) until their weight arrives; those in `packed` (kept as
+    they are) come out as stored."""
+    held: dict[str, mx.array] = {}
+    packed_names = {f"{p}.{leaf}" for p in packed for leaf in ("weight", "scales", "biases")}
     for f in files:
         try:
             shard = mx.load(str(f))
         except Exception as e:  # MLX raises RuntimeError/ValueError for bad headers and truncation
             raise CheckpointError(f"{f}: not a readable safetensors file ({e})") from None
-        for key in list(shard):
+        names = {rename(k): k for k in shard}
+        names.pop(None, None)
+        held.update(
+            {
+                n: shard.pop(k)
+                for n, k in names.items()
+                if _quantized_part(n, quantized) and n not in packed_names
+            }
+        )
+        for name, key in names.items():
+            if key not in shard:
+                continue
             a = shard.pop(key)
-            name = rename(key)
-            if name is not None:
-                yield name, a, a.nbytes
+            yield name, a, a.nbytes
+        for name in [n for n in held if n.endswith(".weight")]:
+            path = name.removesuffix(".weight")
+            if f"{path}.scales" not in held or (
+                quantized[path].mode == "affine" and f"{path}.biases" not in held
+            ):
+                continue  # its scales/biases are in a later shard
+            w, scales, biases = held.pop(name), held.pop(f"{path}.scales"), held.pop(f"{path}.biases", None)
+            spec = quantized[path]
+            nbytes = w.nbytes + scales.nbytes + (0 if biases is None else biases.nbytes)
+            yield name, mx.dequantize(w, scales, biases, spec.group_size, spec.bits, mode=spec.mode), nbytes
+    if held:
+        raise CheckpointError(f"quantized tensors without their weight or scales: {listing(sorted(held))}")
+
+
+def _refuse_more_bits(
+    src: Path, layout: Mapping[str, QuantSpec | None], quantized: Mapping[str, QuantSpec]
+) -> None:
+    """Requantizing cannot restore precision the source has already lost."""
+    for path, spec in layout.items():
+        have = quantized.get(path)
+        if spec is not None and have is not None and spec.bits > have.bits:
+            raise CheckpointError(
+                f"{src}: {path} is stored at {have.bits} bits; requantizing it to {spec.bits} bits "
+                f"cannot restore what was lost. Choose at most {have.bits} bits for it (--bits, --recipe, "
+                "--override), or convert from the float checkpoint"
+            )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -328,13 +379,17 @@ def _encode(
     layout: Mapping[str, QuantSpec | None],
     dtype: mx.Dtype | None,
     advance: Progress | None,
+    packed: Collection[str] = (),
 ) -> Iterator[tuple[str, mx.array]]:
     """Quantize the planned `.weight`s, cast the rest; evaluate each result at once so that its
-    input can be freed (a lazy graph would keep every input alive until the shard is saved)."""
+    input can be freed (a lazy graph would keep every input alive until the shard is saved).
+    Layers in `packed` arrive already quantized as planned and are written as they are."""
     for name, a, nbytes in items:
         path, _, leaf = name.rpartition(".")
         spec = layout.get(path) if leaf == "weight" else None
-        if spec is not None:
+        if path in packed:
+            out = [(name, a)]
+        elif spec is not None:
             out = [(f"{path}.{k}", v) for k, v in quantize_weight(a, spec, dtype or a.dtype).items()]
         else:
             out = [(name, a if dtype is None else a.astype(dtype))]
@@ -374,6 +429,7 @@ def _write(
     progress: bool | Progress | None,
     totals: tuple[int | None, int | None],
     itemsize: Mapping[str, int] | None = None,
+    packed: Collection[str] = (),
 ) -> ConversionReport:
     """The output directory, atomically: shards + index, config.json (with the quantization block
     if anything is quantized), extra files, model card. `itemsize`: element size of each source
@@ -382,8 +438,9 @@ def _write(
         check_supported(s)
     report.parameters = sum(v.size for _, v in tree_flatten(target.module.parameters()))
     report.kept_float = {p: report.kept_float.get(p, "") for p, s in layout.items() if s is None}
+    save = target.module.saved_name
     if any(s is not None for s in layout.values()):
-        report.quantization = config_block(layout, spec)
+        report.quantization = config_block({save(p): s for p, s in layout.items()}, spec)
         raw = {**raw, "quantization": report.quantization, "quantization_config": report.quantization}
     dtype = report.dtype
     raw = _with_dtype(raw, dtype)
@@ -400,13 +457,15 @@ def _write(
             _progress(progress, *totals) as advance,
         ):
 
-            def on_tensor(name: str, a: mx.array) -> None:
-                report.tensors += 1
-                report.weight_bytes += a.nbytes
-                sizes[name] = a.nbytes
+            def counted(encoded: Iterable[tuple[str, mx.array]]) -> Iterator[tuple[str, mx.array]]:
+                for name, a in encoded:
+                    report.tensors += 1
+                    report.weight_bytes += a.nbytes
+                    sizes[name] = a.nbytes
+                    yield save(name), a
 
             float_dtype = getattr(mx, dtype) if dtype else None
-            write_shards(tmp, _encode(items, layout, float_dtype, advance), shard_bytes, on_tensor)
+            write_shards(tmp, counted(_encode(items, layout, float_dtype, advance, packed)), shard_bytes)
             report.bytes_per_token = decode_bytes(sizes, target.prefix)
             write_json(tmp / "config.json", raw)
             for name, content in extra_files.items():
@@ -446,6 +505,7 @@ def convert(
     quantize: bool = True,
     dtype: str | None = None,
     quantize_embedding: bool = True,
+    quantize_multimodal: bool = False,
     quantize_drafter: bool = False,
     overrides: Mapping[str, Override] | None = None,
     force: bool = False,
@@ -457,7 +517,8 @@ def convert(
     MLX checkpoint at `out`.
 
     - `bits`/`group_size`/`mode`: MLX quantization (group size default: 64 affine, 32 mxfp4/mxfp8,
-      16 nvfp4) of every Linear and of the tied embedding (`quantize_embedding=False` keeps it).
+      16 nvfp4) of every text Linear and of the tied embedding (`quantize_embedding=False` keeps
+      it); the vision/audio projections stay float unless `quantize_multimodal`.
     - `recipe`: None/"uniform" or a mixed recipe (`quantize.RECIPES`); `overrides`: regex on the
       module path -> `QuantSpec`, bits, or None (float); later patterns win.
     - `dtype`: float dtype of everything not quantized ("bfloat16"/"float16"/"float32"; default
@@ -475,14 +536,24 @@ def convert(
     target = _target(raw, str(source / "config.json"))
     if target.kind == "drafter":
         quantize = quantize and quantize_drafter
-    files, count, nbytes, itemsize = _check_source(source, raw, target)
+    files, count, nbytes, itemsize, quantized = _check_source(source, raw, target)
     notes: dict[str, str] = {}
-    layout = plan(target.module, spec, recipe, quantize_embedding, overrides, notes) if quantize else {}
+    layout = (
+        plan(target.module, spec, recipe, quantize_embedding, overrides, notes, quantize_multimodal)
+        if quantize
+        else {}
+    )
+    _refuse_more_bits(source, layout, quantized)
+    # a layer the source already stores as planned is copied: requantizing is not idempotent
+    # (measured: 12 % of 4-bit attention weights move by up to 2/3 of a step)
+    packed = {p for p, q in quantized.items() if layout.get(p) == q and dtype is None}
     report = ConversionReport(
         out, str(src), target.kind, recipe=recipe or "uniform", dtype=dtype, kept_float=notes
     )
+    if target.kind == "model":
+        report.source_bytes_per_token = footprint(source).bytes_per_token
     extra = {n: source / n for n in COPIED if (source / n).is_file()}
-    items = _read_source(files, target.rename)
+    items = _read_source(files, target.rename, quantized, packed)
     _write(
         out,
         raw,
@@ -497,6 +568,7 @@ def convert(
         progress=progress,
         totals=(nbytes, count),
         itemsize=itemsize,
+        packed=packed,
     )
     if check:
         check_fn = check_drafter if target.kind == "drafter" else check_conversion
@@ -520,6 +592,7 @@ def write_checkpoint(
     quantization: QuantSpec | None = None,
     recipe: str | None = None,
     quantize_embedding: bool = True,
+    quantize_multimodal: bool = False,
     overrides: Mapping[str, Override] | None = None,
     dtype: str | None = None,
     extra_files: Mapping[str, Path | str | bytes] | None = None,
@@ -555,7 +628,11 @@ def write_checkpoint(
 
     spec = quantization or QuantSpec()
     notes: dict[str, str] = {}
-    layout = plan(target.module, spec, recipe, quantize_embedding, overrides, notes) if quantization else {}
+    layout = (
+        plan(target.module, spec, recipe, quantize_embedding, overrides, notes, quantize_multimodal)
+        if quantization
+        else {}
+    )
     report = ConversionReport(
         Path(out), source, target.kind, recipe=recipe or "uniform", dtype=dtype, kept_float=notes
     )
@@ -581,10 +658,10 @@ def write_checkpoint(
 
 
 def model_card(report: ConversionReport) -> str:
-    hub = not Path(report.source).expanduser().exists() and report.source.count("/") == 1
+    hub = None if Path(report.source).expanduser().exists() else parse_repo_id(report.source)
     front = ["---", "library_name: mlx", "tags: [mlx, gemma-mlx, gemma4]"]
     if hub:
-        front.append(f"base_model: {report.source}")
+        front.append(f"base_model: {hub[0]}")
     lines = [
         *front,
         "---",

@@ -17,6 +17,7 @@ from .generate import (
     make_cache,
     stream_generate,
 )
+from .hub import resolve
 from .media import MediaError
 from .models.drafter import Drafter
 from .models.gemma import Model, ModelOutput
@@ -29,7 +30,8 @@ __version__ = "0.1.0"
 def load(
     path: str | Path, dtype: str | mx.Dtype | None = "auto", lazy: bool = False, check_finite: bool = False
 ) -> tuple[Model, Processor | None]:
-    """Load a checkpoint directory (Hugging Face or converted) -> `(model, processor)`.
+    """Load a checkpoint (a directory: Hugging Face, mlx-vlm / mlx-lm / mlx-community or ours; or a
+    Hub id `org/name[@revision]`, downloaded into the Hugging Face cache) -> `(model, processor)`.
 
     The processor is None when the directory has no tokenizer files (weights-only checks).
     `dtype` ("bfloat16", "float16", "float32") casts the float weights (of a quantized checkpoint:
@@ -38,9 +40,7 @@ def load(
     with 16-bit activations are several times slower, and as stored otherwise (`compute_dtype`).
     `check_finite` refuses weights with NaN or infinite values, naming them (reads every weight).
     """
-    path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: not a directory (expected a checkpoint with config.json)")
+    path = resolve(path)
     return load_model(path, dtype, lazy, check_finite), Processor.from_dir(path)
 
 

@@ -5,6 +5,7 @@ Only safetensors are read (never pickles) and no code from a checkpoint is ever 
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from pathlib import Path
 
 import mlx.core as mx
@@ -33,24 +34,32 @@ def read_weights(path: str | Path) -> dict[str, mx.array]:
     return weights
 
 
-def quantize_skeleton(model: nn.Module, q: dict, weights: dict[str, mx.array]) -> None:
-    """Turn the layers that have quantized tensors on disk into quantized layers (mlx-lm schema
-    `q`: global `group_size`/`bits`/`mode`, per-layer overrides keyed by module path)."""
-    default = {k: q[k] for k in ("group_size", "bits", "mode") if k in q}
+QUANT_KEYS = ("group_size", "bits", "mode")
 
-    def predicate(path: str, module: nn.Module):
-        if f"{path}.scales" not in weights:
-            return False
-        override = q.get(path)
-        return override if isinstance(override, dict) else default
 
-    nn.quantize(
-        model,
-        group_size=default.get("group_size", 64),
-        bits=default.get("bits", 4),
-        mode=default.get("mode", "affine"),
-        class_predicate=predicate,
-    )
+def layer_quantization(module: nn.Module, q: dict, names: Collection[str]) -> dict[str, dict]:
+    """Module path (ours) -> `{group_size, bits, mode}` of every layer stored quantized (its
+    `<path>.scales` among `names`, our names). `q` is the mlx-lm / mlx-vlm `quantization` block:
+    global `group_size`/`bits`/`mode`, and per-layer overrides keyed by module path in the
+    writer's own naming (mapped by the module's `sanitize`, like the tensor names)."""
+    default = {k: q[k] for k in QUANT_KEYS if k in q}
+    overrides = {}
+    for key, value in q.items():
+        if isinstance(value, dict):
+            name = next(iter(module.sanitize({f"{key}.weight": None})), None)
+            if name is not None:
+                overrides[name.removesuffix(".weight")] = {k: value[k] for k in QUANT_KEYS if k in value}
+    paths = (n.removesuffix(".scales") for n in names if n.endswith(".scales"))
+    return {
+        p: {"group_size": 64, "bits": 4, "mode": "affine", **default, **overrides.get(p, {})} for p in paths
+    }
+
+
+def quantize_skeleton(module: nn.Module, q: dict, weights: dict[str, mx.array]) -> None:
+    """Turn the layers that have quantized tensors on disk into quantized layers (`q`: the config's
+    `quantization` block, see `layer_quantization`)."""
+    specs = layer_quantization(module, q, weights)
+    nn.quantize(module, class_predicate=lambda path, m: specs.get(path, False))
 
 
 def load_weights(

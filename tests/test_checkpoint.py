@@ -89,7 +89,7 @@ def test_no_weights_and_not_a_directory(tmp_path, ckpt):
     (path / "model.safetensors").unlink()
     with pytest.raises(CheckpointError, match="no \\*.safetensors"):
         load_model(path)
-    with pytest.raises(CheckpointError, match="not a directory"):
+    with pytest.raises(CheckpointError, match="no such checkpoint directory"):
         load(tmp_path / "nowhere")
 
 

@@ -28,6 +28,11 @@ class Drafter(nn.Module):
         self.post_projection = nn.Linear(text.hidden_size, config.backbone_hidden_size, bias=False)
 
     @staticmethod
+    def saved_name(name: str) -> str:
+        """Names are written as the assistant checkpoint has them (ours)."""
+        return name
+
+    @staticmethod
     def sanitize(weights: dict[str, mx.array]) -> dict[str, mx.array]:
         """On-disk names are ours already; the tied `lm_head.weight` is dropped."""
         return {k: v for k, v in weights.items() if not k.startswith("lm_head.")}

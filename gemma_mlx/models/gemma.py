@@ -210,6 +210,16 @@ class TextModel(nn.Module):
         return self.norm(h), kv_out
 
 
+def float_dtype(linear: nn.Module) -> mx.Dtype | None:
+    """The float dtype a Linear computes in: its weight's, or a quantized one's scales/biases'
+    (the packed weight is uint32; fp-mode scales are uint8, which leaves the input as it is)."""
+    for name in ("weight", "scales", "biases"):
+        a = linear.get(name)
+        if a is not None and mx.issubdtype(a.dtype, mx.floating):
+            return a.dtype
+    return None
+
+
 class VisionEmbedder(nn.Module):
     """Raw 48x48 patches -> LN -> Linear -> LN -> + factorized (x, y) position table -> LN."""
 
@@ -223,7 +233,7 @@ class VisionEmbedder(nn.Module):
 
     def __call__(self, patches: mx.array, positions: mx.array) -> mx.array:
         """`patches [n, P, patch_dim]`, `positions [n, P, 2]` (x, y; -1 = padding) -> `[n, P, dim]`."""
-        h = self.patch_ln2(self.patch_dense(self.patch_ln1(patches.astype(self.patch_dense.weight.dtype))))
+        h = self.patch_ln2(self.patch_dense(self.patch_ln1(patches.astype(self.patch_ln1.weight.dtype))))
         valid = (positions >= 0)[..., None].astype(h.dtype)
         pos = mx.maximum(positions, 0)
         h = (
@@ -243,8 +253,13 @@ class MultimodalEmbedder(nn.Module):
         self.eps = eps
 
     def __call__(self, x: mx.array) -> mx.array:
-        x = x.astype(self.embedding_projection.weight.dtype)
+        dtype = float_dtype(self.embedding_projection)
+        x = x if dtype is None else x.astype(dtype)
         return self.embedding_projection(mx.fast.rms_norm(x, None, self.eps))
+
+
+# Top-level modules of `Model`; any other on-disk name belongs to the text model.
+PARTS = ("language_model.", "vision_embedder.", "embed_vision.", "embed_audio.")
 
 
 class Model(nn.Module):
@@ -381,17 +396,30 @@ class Model(nn.Module):
         """Logits `[B, L, vocab]` (or the last `logits_to_keep`); the arguments of `forward`."""
         return self.forward(input_ids, cache, **kwargs).logits
 
+    def saved_name(self, name: str) -> str:
+        """Our parameter or module name -> the one the MLX ecosystem saves (mlx-vlm's
+        `language_model.model.*` for the unified model, mlx-lm's `model.*` for a bare text model),
+        so that mlx-vlm and mlx-lm load what we write; `sanitize` maps it back."""
+        if not name.startswith("language_model."):
+            return name
+        return ("language_model.model." if self.config.multimodal else "model.") + name.removeprefix(
+            "language_model."
+        )
+
     @staticmethod
     def sanitize(weights: dict[str, mx.array]) -> dict[str, mx.array]:
-        """Map on-disk names to ours: drop the leading `model.`; a bare text checkpoint's
-        `model.layers...` become `language_model.layers...`; the tied `lm_head.weight` is dropped."""
+        """Map on-disk names to ours, for every layout in use: Hugging Face (`model.language_model.*`,
+        a bare text model's `model.layers...`), mlx-vlm / mlx-community (`language_model.model.*`),
+        mlx-lm (`model.layers...`) and ours (`language_model.layers...`). The tied head
+        (`lm_head.*`) is dropped. Also maps quantization-block module paths (`checkpoint`)."""
         out = {}
         for k, v in weights.items():
             if k.startswith("lm_head."):
                 continue
-            if k.startswith("model."):
-                k = k[len("model.") :]
-                if not k.startswith(("language_model.", "vision_embedder.", "embed_vision.", "embed_audio.")):
-                    k = "language_model." + k
+            k = k.removeprefix("model.")
+            if k.startswith("language_model.model."):
+                k = "language_model." + k.removeprefix("language_model.model.")
+            elif not k.startswith(PARTS):
+                k = "language_model." + k
             out[k] = v
         return out

@@ -21,13 +21,14 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..generate import GenerationResult, GenerationStats
 from ..media import MediaError
 from ..processor import Inputs, Processor
 from ..prompt_cache import PromptKey
 from ..tools import OutputParser
 from .messages import convert_messages
 from .schema import APIError, ChatRequest, CompletionRequest, validation_error
-from .worker import Job, QueueFull, Stats, Worker
+from .worker import Job, QueueFull, Worker
 
 MAX_BODY_BYTES = 32 << 20  # room for a few base64 images or a 30 s WAV clip
 MAX_QUEUE = 32
@@ -181,21 +182,21 @@ def create_app(
             ) from None
         return job
 
-    async def collect(request: Request, job: Job) -> tuple[list[str], Stats]:
+    async def collect(request: Request, job: Job) -> tuple[list[str], GenerationResult]:
         """All text of a job, cancelling it when the client goes away first."""
 
         async def gone() -> None:
             while (await request.receive())["type"] != "http.disconnect":
                 pass
 
-        async def run() -> tuple[list[str], Stats]:
+        async def run() -> tuple[list[str], GenerationResult]:
             texts = []
             async for ev in job.stream():
                 if ev.error is not None:
                     raise ev.error
                 texts.append(ev.text)
                 if ev.done:
-                    return texts, ev.stats
+                    return texts, ev.result
             raise RuntimeError("the job ended without a result")
 
         watcher, main = asyncio.ensure_future(gone()), asyncio.ensure_future(run())
@@ -246,7 +247,7 @@ def create_app(
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return sse(job, stream_chat(job, parser, rid, now, include_usage))
-        texts, stats = await collect(request, job)
+        texts, result = await collect(request, job)
         deltas = [d for t in texts for d in parser.feed(t)] + parser.finish()
         content = "".join(d.text for d in deltas if d.kind == "content")
         reasoning = "".join(d.text for d in deltas if d.kind == "reasoning")
@@ -256,15 +257,15 @@ def create_app(
             message["reasoning_content"] = reasoning
         if calls:
             message["tool_calls"] = [tool_call_json(c) for c in calls]
-        finish = "tool_calls" if calls else stats.finish_reason
+        finish = "tool_calls" if calls else result.finish_reason
         return {
             "id": rid,
             "object": "chat.completion",
             "created": now,
             "model": model_id,
             "choices": [{"index": 0, "message": message, "finish_reason": finish, "logprobs": None}],
-            "usage": usage(stats),
-            "timings": timings(stats),
+            "usage": usage(result.stats),
+            "timings": timings(result.stats),
         }
 
     @app.post("/v1/completions")
@@ -277,17 +278,17 @@ def create_app(
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return sse(job, stream_text(job, rid, now, include_usage))
-        texts, stats = await collect(request, job)
+        texts, result = await collect(request, job)
         return {
             "id": rid,
             "object": "text_completion",
             "created": now,
             "model": model_id,
             "choices": [
-                {"index": 0, "text": "".join(texts), "finish_reason": stats.finish_reason, "logprobs": None}
+                {"index": 0, "text": "".join(texts), "finish_reason": result.finish_reason, "logprobs": None}
             ],
-            "usage": usage(stats),
-            "timings": timings(stats),
+            "usage": usage(result.stats),
+            "timings": timings(result.stats),
         }
 
     # --- prompts -------------------------------------------------------------------------------
@@ -372,7 +373,7 @@ def create_app(
     ) -> AsyncIterator[dict]:
         yield chunk(rid, now, {"role": "assistant", "content": ""})
         calls = 0
-        stats = None
+        result = None
         async for ev in job.stream():
             if ev.error is not None:
                 yield {
@@ -390,10 +391,10 @@ def create_app(
                 else:
                     yield chunk(rid, now, {"tool_calls": [{"index": calls, **tool_call_json(d.tool_call)}]})
                     calls += 1
-            stats = ev.stats
-        finish = "tool_calls" if calls else stats.finish_reason
+            result = ev.result
+        finish = "tool_calls" if calls else result.finish_reason
         last = chunk(rid, now, {}, finish)
-        last["timings"] = timings(stats)
+        last["timings"] = timings(result.stats)
         yield last
         if include_usage:
             yield {
@@ -402,7 +403,7 @@ def create_app(
                 "created": now,
                 "model": model_id,
                 "choices": [],
-                "usage": usage(stats),
+                "usage": usage(result.stats),
             }
 
     async def stream_text(job: Job, rid: str, now: int, include_usage: bool) -> AsyncIterator[dict]:
@@ -415,7 +416,7 @@ def create_app(
                 "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}],
             }
 
-        stats = None
+        result = None
         async for ev in job.stream():
             if ev.error is not None:
                 yield {
@@ -426,9 +427,9 @@ def create_app(
                 return
             if ev.text:
                 yield text_chunk(ev.text)
-            stats = ev.stats
-        last = text_chunk("", stats.finish_reason)
-        last["timings"] = timings(stats)
+            result = ev.result
+        last = text_chunk("", result.finish_reason)
+        last["timings"] = timings(result.stats)
         yield last
         if include_usage:
             yield {
@@ -437,7 +438,7 @@ def create_app(
                 "created": now,
                 "model": model_id,
                 "choices": [],
-                "usage": usage(stats),
+                "usage": usage(result.stats),
             }
 
     def sse(job: Job, events: AsyncIterator[dict]) -> StreamingResponse:
@@ -473,23 +474,23 @@ class ChatPrompt:
         self.inputs, self.forced = inputs, forced
 
 
-def usage(stats: Stats) -> dict:
+def usage(stats: GenerationStats) -> dict:
     return {
-        "prompt_tokens": stats.prompt_tokens,
-        "completion_tokens": stats.completion_tokens,
-        "total_tokens": stats.prompt_tokens + stats.completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": stats.cached_tokens},
+        "prompt_tokens": stats.prompt_tokens + stats.cached_prompt_tokens,
+        "completion_tokens": stats.generation_tokens,
+        "total_tokens": stats.prompt_tokens + stats.cached_prompt_tokens + stats.generation_tokens,
+        "prompt_tokens_details": {"cached_tokens": stats.cached_prompt_tokens},
     }
 
 
-def timings(stats: Stats) -> dict:
+def timings(stats: GenerationStats) -> dict:
     """The extension field: speeds and speculative decoding's acceptance."""
     return {
         "prompt_tokens_per_second": round(stats.prompt_tps, 2),
         "generation_tokens_per_second": round(stats.generation_tps, 2),
         "draft_tokens": stats.drafted,
         "accepted_draft_tokens": stats.accepted,
-        "draft_acceptance": round(stats.accepted / stats.drafted, 4) if stats.drafted else None,
+        "draft_acceptance": None if stats.acceptance is None else round(stats.acceptance, 4),
     }
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from ..generate import make_cache, prefill, stream_generate
+from ..generate import GenerationResult, make_cache, prefill, stream_generate
 from ..processor import Inputs
 from ..prompt_cache import PromptCache, PromptKey
 
@@ -34,22 +34,10 @@ class _Cancelled(Exception):
 
 
 @dataclass
-class Stats:
-    prompt_tokens: int = 0
-    cached_tokens: int = 0
-    completion_tokens: int = 0
-    prompt_tps: float = 0.0
-    generation_tps: float = 0.0
-    drafted: int = 0
-    accepted: int = 0
-    finish_reason: str | None = None
-
-
-@dataclass
 class Event:
     text: str = ""
     done: bool = False
-    stats: Stats | None = None
+    result: GenerationResult | None = None  # with the last event: tokens, stats, finish reason
     error: BaseException | None = None
 
 
@@ -105,7 +93,7 @@ class Worker:
         self._lock = threading.Lock()
         self._waiting = 0  # submitted and not yet started
         self._thread: threading.Thread | None = None
-        self.last: Stats | None = None  # the stats of the last job run (finished or cancelled)
+        self.last: GenerationResult | None = None  # of the last job run (finished or cancelled)
 
     def start(self) -> None:
         if self._thread is None:
@@ -147,18 +135,20 @@ class Worker:
             return
         try:
             self.last = self._run(job)
-            job.emit(Event(done=True, stats=self.last))
+            job.emit(Event(done=True, result=self.last))
         except _Cancelled:
-            self.last = Stats(finish_reason="cancelled")
-            job.emit(Event(done=True, stats=self.last))
+            self.last = GenerationResult(finish_reason="cancelled")
+            job.emit(Event(done=True, result=self.last))
         except Exception as e:  # reported to the client as a 500; the worker keeps serving
             job.emit(Event(error=e))
 
-    def _run(self, job: Job) -> Stats:
+    def _run(self, job: Job) -> GenerationResult:
         model, ids = self.model, job.inputs.ids
         cache = make_cache(model, **self.kv)
         reused = self.prompt_cache.fetch(job.key, cache, len(ids) - 1)
-        stats = Stats(prompt_tokens=len(ids), cached_tokens=reused)
+        result = GenerationResult()
+        stats = result.stats
+        stats.prompt_tokens, stats.cached_prompt_tokens = len(ids) - reused, reused
 
         def check(done: int = 0, total: int = 0) -> None:
             if job.cancelled.is_set():
@@ -179,7 +169,7 @@ class Worker:
                 self.prompt_cache.store(job.key.tokens[:stop], cache)
         stats.prompt_tps = (len(ids) - reused) / max(time.perf_counter() - tic, 1e-9)
 
-        tokens: list[int] = []
+        tokens = result.tokens
         chunks = stream_generate(
             model,
             self.processor,
@@ -192,18 +182,18 @@ class Worker:
         try:
             for chunk in chunks:
                 tokens.append(chunk.token)
-                stats.completion_tokens = len(tokens)
+                stats.generation_tokens = len(tokens)
                 stats.generation_tps = chunk.stats.generation_tps
                 stats.drafted, stats.accepted = chunk.stats.drafted, chunk.stats.accepted
-                stats.finish_reason = chunk.finish_reason
+                result.finish_reason = chunk.finish_reason
                 job.emit(Event(text=chunk.text))
                 if job.cancelled.is_set() and chunk.finish_reason is None:
-                    stats.finish_reason = "cancelled"
+                    result.finish_reason = "cancelled"
                     break
         finally:
             chunks.close()
             self._store_answer(job.key.tokens, tokens, cache)
-        return stats
+        return result
 
     def _store_answer(self, prompt: np.ndarray, answer: list[int], cache: list) -> None:
         """Snapshot the cache after an answer, for a next request that continues it."""

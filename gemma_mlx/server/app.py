@@ -92,8 +92,7 @@ def create_app(
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, e: Exception) -> JSONResponse:
-        err = APIError(500, f"internal error: {type(e).__name__}: {e}", None, None, "server_error")
-        return JSONResponse(err.body(), status_code=500)
+        return JSONResponse(internal_error(e).body(), status_code=500)
 
     def authorize(request: Request) -> None:
         if api_key is None:
@@ -376,11 +375,7 @@ def create_app(
         result = None
         async for ev in job.stream():
             if ev.error is not None:
-                yield {
-                    "error": APIError(500, f"internal error: {ev.error}", None, None, "server_error").body()[
-                        "error"
-                    ]
-                }
+                yield internal_error(ev.error).body()
                 return
             deltas = parser.feed(ev.text) if not ev.done else parser.finish()
             for d in deltas:
@@ -419,11 +414,7 @@ def create_app(
         result = None
         async for ev in job.stream():
             if ev.error is not None:
-                yield {
-                    "error": APIError(500, f"internal error: {ev.error}", None, None, "server_error").body()[
-                        "error"
-                    ]
-                }
+                yield internal_error(ev.error).body()
                 return
             if ev.text:
                 yield text_chunk(ev.text)
@@ -472,6 +463,11 @@ def make_parser(thinking: bool, forced: str = "") -> OutputParser:
 class ChatPrompt:
     def __init__(self, inputs: Inputs, forced: str) -> None:
         self.inputs, self.forced = inputs, forced
+
+
+def internal_error(e: BaseException) -> APIError:
+    """A failure of ours (500), as an OpenAI error object; the server keeps serving."""
+    return APIError(500, f"internal error: {type(e).__name__}: {e}", None, None, "server_error")
 
 
 def usage(stats: GenerationStats) -> dict:

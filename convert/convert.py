@@ -572,7 +572,11 @@ def convert(
     )
     if check:
         check_fn = check_drafter if target.kind == "drafter" else check_conversion
-        report.check = check_fn(source, out)
+        if progress is True:  # the check loads both models: say so rather than sit silent
+            with Console(stderr=True).status("checking the result against the source (loads both models)"):
+                report.check = check_fn(source, out)
+        else:
+            report.check = check_fn(source, out)
     return report
 
 

@@ -8,27 +8,17 @@ import copy
 import mlx.core as mx
 import numpy as np
 import pytest
-from tiny import UNIFIED_CONFIG, VOCAB, randomized_weights, rel_err
+from tiny import GEMMA3_CONFIG, UNIFIED_CONFIG, VOCAB, randomized_weights, rel_err
 
 from gemma_mlx import Drafter, Model, make_cache
 from gemma_mlx.config import parse_config, parse_drafter_config
 
 TEXT_CONFIG = UNIFIED_CONFIG["text_config"]
-GEMMA3 = dict(
-    model_type="gemma3_text",
-    vocab_size=VOCAB,
-    hidden_size=128,
-    intermediate_size=256,
-    num_hidden_layers=6,
-    num_attention_heads=4,
-    num_key_value_heads=1,
-    head_dim=32,
-    query_pre_attn_scalar=32,
-    sliding_window=12,
-    rope_theta=1_000_000.0,
-    rope_local_base_freq=10_000.0,
-)
-FAMILIES = {"gemma4_unified": UNIFIED_CONFIG, "gemma4_unified_text": TEXT_CONFIG, "gemma3_text": GEMMA3}
+FAMILIES = {
+    "gemma4_unified": UNIFIED_CONFIG,
+    "gemma4_unified_text": TEXT_CONFIG,
+    "gemma3_text": GEMMA3_CONFIG,
+}
 # cached vs full pass and one row vs the batch, max |diff| / max |logit|: 0.0 measured on MLX's CPU
 # backend in both dtypes; other backends' kernels may sum in another order along the two paths
 TOLERANCE = {mx.float32: 1e-4, mx.bfloat16: 0.02}

@@ -17,7 +17,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
-from tiny import UNIFIED_CONFIG, VOCAB, save_checkpoint
+from tiny import GEMMA3_CONFIG, UNIFIED_CONFIG, VOCAB, save_checkpoint
 
 import gemma_mlx
 from gemma_mlx.checkpoint import read_weights
@@ -36,23 +36,6 @@ UNIFIED = copy.deepcopy(UNIFIED_CONFIG)
 UNIFIED["text_config"].pop("per_layer_config")
 UNIFIED["text_config"].update(global_head_dim=64, num_global_key_value_heads=1, hidden_size_per_layer_input=0)
 UNIFIED["vocab_size"] = VOCAB  # mlx-lm reads the top-level one (default 262144, the 12B's)
-GEMMA3 = dict(
-    model_type="gemma3_text",
-    architectures=["Gemma3ForCausalLM"],
-    vocab_size=VOCAB,
-    hidden_size=128,
-    intermediate_size=256,
-    num_hidden_layers=6,
-    num_attention_heads=4,
-    num_key_value_heads=1,
-    head_dim=32,
-    query_pre_attn_scalar=32,
-    sliding_window=12,
-    rope_theta=1_000_000.0,
-    rope_local_base_freq=10_000.0,
-    final_logit_softcapping=None,
-    tie_word_embeddings=True,
-)
 
 
 def hf_checkpoint(path: Path, config: dict) -> Path:
@@ -76,7 +59,7 @@ def unified_src(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def gemma3_src(tmp_path_factory) -> Path:
-    return hf_checkpoint(tmp_path_factory.mktemp("hf") / "gemma3", GEMMA3)
+    return hf_checkpoint(tmp_path_factory.mktemp("hf") / "gemma3", GEMMA3_CONFIG)
 
 
 def logits(model, embed_scale: float | None = None) -> np.ndarray:
@@ -112,7 +95,7 @@ def assert_same_model(ours, peer, quantized: bool, embed_scale: float | None = N
 # (measured). With the same rounded scale ours equal its logits exactly (0.0 measured), so that is
 # what the test compares. (In bfloat16 mlx-lm also adds Gemma 3's norm `1 + w` in bfloat16, where
 # transformers and we add in float32.)
-MLX_LM_GEMMA3_SCALE = mx.array(GEMMA3["hidden_size"] ** 0.5, mx.bfloat16).item()
+MLX_LM_GEMMA3_SCALE = mx.array(GEMMA3_CONFIG["hidden_size"] ** 0.5, mx.bfloat16).item()
 
 
 def mlp_8bit(path: str, module) -> bool | dict:

@@ -102,6 +102,24 @@ UNIFIED_CONFIG = {
     },
 }
 
+GEMMA3_CONFIG = dict(  # a tiny Gemma 3 text model: sliding window 12, one global layer in six
+    model_type="gemma3_text",
+    architectures=["Gemma3ForCausalLM"],
+    vocab_size=VOCAB,
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=6,
+    num_attention_heads=4,
+    num_key_value_heads=1,
+    head_dim=32,
+    query_pre_attn_scalar=32,
+    sliding_window=12,
+    rope_theta=1_000_000.0,
+    rope_local_base_freq=10_000.0,
+    final_logit_softcapping=None,
+    tie_word_embeddings=True,
+)
+
 SPECIAL = ["<pad>", "<eos>", "<bos>", "<unk>"]  # ids 0..3, as in Gemma's vocabulary
 ADDED = ["<|turn>", "<turn|>", "<|think|>", "<|channel>", "<channel|>", "<|image|>", "<|audio|>"]
 # tool-call markup, appended so the ids above stay as tests know them

@@ -94,6 +94,10 @@ def create_app(
     async def _internal(request: Request, e: Exception) -> JSONResponse:
         return JSONResponse(internal_error(e).body(), status_code=500)
 
+    def envelope(rid: str, kind: str, now: int) -> dict:
+        """The fields every OpenAI response object and chunk starts with."""
+        return {"id": rid, "object": kind, "created": now, "model": model_id}
+
     def authorize(request: Request) -> None:
         if api_key is None:
             return
@@ -258,10 +262,7 @@ def create_app(
             message["tool_calls"] = [tool_call_json(c) for c in calls]
         finish = "tool_calls" if calls else result.finish_reason
         return {
-            "id": rid,
-            "object": "chat.completion",
-            "created": now,
-            "model": model_id,
+            **envelope(rid, "chat.completion", now),
             "choices": [{"index": 0, "message": message, "finish_reason": finish, "logprobs": None}],
             "usage": usage(result.stats),
             "timings": timings(result.stats),
@@ -279,10 +280,7 @@ def create_app(
             return sse(job, stream_text(job, rid, now, include_usage))
         texts, result = await collect(request, job)
         return {
-            "id": rid,
-            "object": "text_completion",
-            "created": now,
-            "model": model_id,
+            **envelope(rid, "text_completion", now),
             "choices": [
                 {"index": 0, "text": "".join(texts), "finish_reason": result.finish_reason, "logprobs": None}
             ],
@@ -360,10 +358,7 @@ def create_app(
 
     def chunk(rid: str, now: int, delta: dict, finish: str | None = None) -> dict:
         return {
-            "id": rid,
-            "object": "chat.completion.chunk",
-            "created": now,
-            "model": model_id,
+            **envelope(rid, "chat.completion.chunk", now),
             "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
         }
 
@@ -393,10 +388,7 @@ def create_app(
         yield last
         if include_usage:
             yield {
-                "id": rid,
-                "object": "chat.completion.chunk",
-                "created": now,
-                "model": model_id,
+                **envelope(rid, "chat.completion.chunk", now),
                 "choices": [],
                 "usage": usage(result.stats),
             }
@@ -404,10 +396,7 @@ def create_app(
     async def stream_text(job: Job, rid: str, now: int, include_usage: bool) -> AsyncIterator[dict]:
         def text_chunk(text: str, finish: str | None = None) -> dict:
             return {
-                "id": rid,
-                "object": "text_completion",
-                "created": now,
-                "model": model_id,
+                **envelope(rid, "text_completion", now),
                 "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}],
             }
 
@@ -424,10 +413,7 @@ def create_app(
         yield last
         if include_usage:
             yield {
-                "id": rid,
-                "object": "text_completion",
-                "created": now,
-                "model": model_id,
+                **envelope(rid, "text_completion", now),
                 "choices": [],
                 "usage": usage(result.stats),
             }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from typing import Annotated
 
 import mlx.core as mx
@@ -24,6 +25,7 @@ from gemma_mlx.footprint import footprint, memory_bytes
 from gemma_mlx.sample import SamplingParams
 
 from . import chat as chat_repl
+from .bench_plot import PlotUnavailable, plot_decode, pyplot
 from .common import (
     AudioOpt,
     DraftBlockOpt,
@@ -272,17 +274,29 @@ def bench(
     kv_bits: KvBitsOpt = None,
     kv_group_size: KvGroupOpt = 64,
     as_json: JsonOpt = False,
+    plot: Annotated[
+        Path | None,
+        typer.Option(
+            "--plot", help="Also write decode tok/s against context depth to this PNG (extra: plot)."
+        ),
+    ] = None,
 ) -> None:
     """Measure prefill (tok/s, time to first token), decode at context depths, achieved GB/s
-    against this machine's copy bandwidth, peak memory, and with --draft speculative decoding
-    against plain decoding in the same run (random prompts, greedy)."""
+    against this machine's copy bandwidth, peak memory, a unified model's image and audio prefill
+    latency, and with --draft speculative decoding against plain decoding in the same run (random
+    prompts, greedy)."""
+    if plot is not None:
+        try:
+            pyplot()  # before minutes of measuring
+        except PlotUnavailable as e:
+            fail(str(e))
     lengths = int_list(prompt_tokens, "--prompt-tokens")
     if min(lengths) < 1:
         fail(f"--prompt-tokens {prompt_tokens!r}: prompts need at least 1 token")
     depth_list = None if depths is None else int_list(depths, "--depths")
     path = resolve_model(model)
     drafter = load_draft(draft)
-    model_obj, _ = load(path)
+    model_obj, processor = load(path)
     typer.secho(
         f"measuring on {mx.default_device()}: 1 warm-up + {trials} trials per row, {generation_tokens} "
         "tokens decoded per run",
@@ -300,7 +314,11 @@ def bench(
         kv_group_size=kv_group_size,
         drafter=drafter,
         draft_block_size=draft_block_size,
+        processor=processor,
     )
+    if plot is not None:
+        plot_decode(report, plot, path.name)
+        typer.secho(f"plot written to {plot}", err=True, dim=True)
     if as_json:
         typer.echo(json.dumps({"model": str(path), **report}))
         return
@@ -311,6 +329,15 @@ def bench(
     for row in report["prefill"]:
         tps, ttft = f"{row['prefill_tps']:.1f}", f"{row['ttft_s']:.3f} s"
         table.add_row(f"prefill {row['prompt_tokens']}", tps, ttft)
+    for row in report.get("media", []):  # prompt tokens and the preprocessing time alongside
+        table.add_row(
+            f"prefill {row['input']}",
+            f"{row['prefill_tps']:.1f}",
+            f"{row['ttft_s']:.3f} s",
+            f"{row['prompt_tokens']} tokens",
+            "",
+            f"+{row['preprocess_s']:.2f} s prep",
+        )
     for row in report["decode"]:
         table.add_row(
             f"decode @ {row['depth']}",

@@ -14,8 +14,10 @@ from mlx.utils import tree_flatten
 from .cache import Cache
 from .draft_control import DraftControl
 from .generate import GenerationStats, generate_tokens, make_cache
+from .media import SAMPLE_RATE
 from .models.drafter import Drafter
 from .models.gemma import Model
+from .processor import Processor
 from .sample import SamplingParams
 
 
@@ -135,6 +137,79 @@ def measure(trials: int, fn: Callable[[], Run]) -> Run:
     return median_run([fn() for _ in range(trials)])
 
 
+def synthetic_image(height: int = 768, width: int = 1024) -> np.ndarray:
+    """A deterministic RGB test image (smooth gradients plus a checkerboard, uint8 [H, W, 3])."""
+    y, x = np.mgrid[0:height, 0:width]
+    checker = ((x // 64 + y // 64) % 2) * 64
+    rgb = np.stack([x * 191 // max(width - 1, 1), y * 191 // max(height - 1, 1), (x + y) % 191], -1)
+    return (rgb + checker[..., None]).astype(np.uint8)
+
+
+def synthetic_audio(seconds: float = 3.0) -> np.ndarray:
+    """A deterministic mono clip at 16 kHz: a gliding tone plus low noise, float32 in [-1, 1]."""
+    t = np.arange(int(seconds * SAMPLE_RATE)) / SAMPLE_RATE
+    tone = 0.5 * np.sin(2 * np.pi * (220 + 110 * t) * t)
+    return (tone + 0.01 * np.random.default_rng(0).standard_normal(t.shape)).astype(np.float32)
+
+
+def media_prefill(
+    model: Model,
+    processor: Processor,
+    trials: int = 3,
+    audio_seconds: float = 3.0,
+    prefill_step_size: int = 512,
+) -> list[dict]:
+    """Latency of a prompt with one image (the default soft-token budget) and of one with a few
+    seconds of audio, for the media the model takes: `preprocess_s` (pixels or samples -> tensors,
+    `Processor.prepare`), `ttft_s` (prefill with the media embedded, plus the first token) and the
+    prompt's tokens per second of TTFT. Medians of `trials` after a warm-up."""
+    cases = []
+    if model.config.vision is not None:
+        cases.append(("image", {"images": [synthetic_image()]}))
+    if model.config.audio is not None:
+        cases.append(
+            (f"audio {audio_seconds:g} s", {"audio": [(synthetic_audio(audio_seconds), SAMPLE_RATE)]})
+        )
+    sample = SamplingParams().token_sampler()
+    rows = []
+    for name, media in cases:
+        prep, ttft = [], []
+        for trial in range(trials + 1):
+            start = time.perf_counter()
+            inputs = processor.prepare("Describe this.", **media)
+            kwargs = inputs.model_kwargs()
+            mx.eval(kwargs)
+            ready = time.perf_counter()
+            tokens = generate_tokens(
+                model,
+                mx.array(inputs.ids, mx.int32),
+                make_cache(model),
+                sample,
+                media=kwargs,
+                prefill_step_size=prefill_step_size,
+            )
+            next(tokens)
+            end = time.perf_counter()
+            tokens.close()
+            mx.synchronize()
+            if trial:
+                prep.append(ready - start)
+                ttft.append(end - ready)
+        n = len(inputs.ids)
+        media_id = model.config.image_token_id if name == "image" else model.config.audio_token_id
+        rows.append(
+            {
+                "input": name,
+                "prompt_tokens": n,
+                "media_tokens": inputs.ids.count(media_id),
+                "preprocess_s": float(np.median(prep)),
+                "ttft_s": float(np.median(ttft)),
+                "prefill_tps": n / float(np.median(ttft)),
+            }
+        )
+    return rows
+
+
 def copy_bandwidth(nbytes: int = 256 * 2**20, trials: int = 5) -> float:
     """Bytes per second this machine moves copying a `nbytes` float32 buffer with MLX (read plus
     write; the best of `trials`): the roof that decode speed is compared with."""
@@ -168,10 +243,12 @@ def bench_report(
     drafter: Drafter | None = None,
     draft_block_size: int = 4,
     bandwidth_bytes: int = 256 * 2**20,
+    processor: Processor | None = None,
 ) -> dict:
     """Everything `gemma-mlx bench` reports, as one JSON-ready dict. `weight_bytes` is what a
     decode step reads of the weights (`footprint(path).bytes_per_token`); GB/s adds the KV cache
-    read at each depth."""
+    read at each depth. With a `processor`, a unified model's image and audio prefill latency too
+    (`media`)."""
     depths = default_depths() if depths is None else list(depths)
     kv = dict(kv_bits=kv_bits, kv_group_size=kv_group_size)
     mx.reset_peak_memory()
@@ -230,5 +307,7 @@ def bench_report(
             "drafted": spec.drafted,
             "accepted": spec.accepted,
         }
+    if processor is not None and (model.config.vision is not None or model.config.audio is not None):
+        report["media"] = media_prefill(model, processor, trials)
     report["peak_memory_gb"] = mx.get_peak_memory() / 1e9
     return report

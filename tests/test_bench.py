@@ -4,8 +4,10 @@ checkpoint: no timing thresholds)."""
 from __future__ import annotations
 
 import json
+import sys
 
 import numpy as np
+import pytest
 from tiny import Oracle
 from typer.testing import CliRunner
 
@@ -34,8 +36,58 @@ def test_bench_json(checkpoint):
     assert deeper > shallow  # the KV cache read at depth 20 counts
     positive(report, "ttft_s", "prompt_tps", "generation_tps", "copy_bandwidth_gb_per_s", "peak_memory_gb")
     positive(report, "bandwidth_fraction", "weights_gb_per_s")
+    # the tiny checkpoint is a unified model: one image at the default budget, 3 s of audio
+    image, audio = report["media"]
+    assert (image["input"], audio["input"]) == ("image", "audio 3 s")
+    assert 0 < image["media_tokens"] <= 280  # within the default soft-token budget
+    assert audio["media_tokens"] == 75  # 3 s at 640 samples (40 ms) per token
+    for row in report["media"]:
+        assert row["prompt_tokens"] > row["media_tokens"]
+        positive(row, "preprocess_s", "ttft_s", "prefill_tps")
     table = CliRunner().invoke(app, args[:-1])
     assert table.exit_code == 0 and "decode @ 20" in table.stdout and "copy bandwidth" in table.stdout
+    assert "prefill image" in table.stdout and "prefill audio 3 s" in table.stdout
+
+
+def test_bench_text_model_has_no_media_rows(tmp_path):
+    from tiny import GEMMA3_CONFIG, save_checkpoint
+
+    model, processor = load(save_checkpoint(tmp_path / "g3", GEMMA3_CONFIG))
+    report = bench_report(
+        model, 1000, prompt_lengths=[3], depths=[0], generation_tokens=2, trials=1, processor=processor
+    )
+    assert "media" not in report
+
+
+def test_bench_plot(checkpoint, tmp_path):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "decode.png"
+    args = [
+        "bench",
+        "--model",
+        str(checkpoint),
+        "-p",
+        "4",
+        "-g",
+        "3",
+        "-n",
+        "1",
+        "-d",
+        "0,8,16",
+        "--plot",
+        str(out),
+    ]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 5000
+
+
+def test_bench_plot_without_matplotlib_names_the_extra(checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import fails as if not installed
+    args = ["bench", "--model", str(checkpoint), "--plot", str(tmp_path / "x.png")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code != 0 and "gemma-mlx[plot]" in result.output
+    assert not (tmp_path / "x.png").exists()
 
 
 def test_bench_rejects_bad_lists(checkpoint):

@@ -162,10 +162,9 @@ def case(title: str, peer: str, result: dict, **info) -> dict:
     return {"case": title, "peer": peer, **info, **result, "load_after": load_average()}
 
 
-def gemma3_cases(tmp: Path, rounds: int, prompt: int, gen: int) -> list[dict]:
+def gemma3_cases(src: Path, tmp: Path, rounds: int, prompt: int, gen: int) -> list[dict]:
     from mlx_lm.utils import load_model
 
-    src = default_model_path()
     cases = []
     for label, kwargs in (("float32", dict(quantize=False)), ("8-bit", dict(bits=8, group_size=64))):
         path = tmp / f"gemma3-{label}"
@@ -192,17 +191,17 @@ def gemma3_cases(tmp: Path, rounds: int, prompt: int, gen: int) -> list[dict]:
 
 
 def gemma4_cases(
-    tmp: Path, rounds: int, prompt: int, gen: int, layers: int, vocab: int, block: int
+    tmp: Path, rounds: int, prompt: int, gen: int, layers: int, vocab: int, block: int, hidden: int
 ) -> list[dict]:
     from mlx_vlm.speculative.drafters import load_drafter as vlm_load_drafter
     from mlx_vlm.utils import load_model
 
-    paths = build(tmp / "gemma4", layers=layers, vocab=vocab, bits=4, drafter=True)
+    paths = build(tmp / "gemma4", layers=layers, vocab=vocab, bits=4, drafter=True, hidden=hidden)
     model, _ = load(paths["target"])
     dtype = float_dtype(model)
     peer = load_model(paths["target"])
     peer.set_dtype(dtype)
-    shape = dict(layers=layers, vocab=vocab, bits=4, hidden=3840, dtype=str(dtype))
+    shape = dict(layers=layers, vocab=vocab, bits=4, hidden=hidden, dtype=str(dtype))
     ids = random_ids(model, prompt)
     plain = alternate({"gemma-mlx": ours(model), "mlx-vlm": mlx_vlm_runner(peer)}, ids, gen, rounds)
     cases = [
@@ -305,6 +304,7 @@ def markdown(results: dict) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser()
+    p.add_argument("--model", type=Path, default=None, help="Gemma 3 source (default: the offline 270M)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--prompt-tokens", type=int, default=64)
     p.add_argument("--generation-tokens", type=int, default=16)
@@ -312,6 +312,7 @@ def main() -> None:
     p.add_argument("--g4-generation-tokens", type=int, default=12)
     p.add_argument("--g4-layers", type=int, default=2)
     p.add_argument("--g4-vocab", type=int, default=16384)
+    p.add_argument("--g4-hidden", type=int, default=3840, help="other values: quick plumbing checks only")
     p.add_argument("--draft-block-size", type=int, default=4)
     p.add_argument("--only", choices=("gemma3", "gemma4"), default=None)
     p.add_argument("--out", type=Path, default=None, help="writes OUT.md and OUT.json")
@@ -320,7 +321,8 @@ def main() -> None:
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         if a.only != "gemma4":
-            results["cases"] += gemma3_cases(Path(tmp), a.rounds, a.prompt_tokens, a.generation_tokens)
+            src = a.model or default_model_path()
+            results["cases"] += gemma3_cases(src, Path(tmp), a.rounds, a.prompt_tokens, a.generation_tokens)
         if a.only != "gemma3":
             results["cases"] += gemma4_cases(
                 Path(tmp),
@@ -330,6 +332,7 @@ def main() -> None:
                 a.g4_layers,
                 a.g4_vocab,
                 a.draft_block_size,
+                a.g4_hidden,
             )
     results["wall_s"] = time.perf_counter() - start
     text = markdown(results)

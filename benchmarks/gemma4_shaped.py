@@ -77,9 +77,11 @@ def random_weights(module, seed: int, dtype: mx.Dtype) -> Iterator[tuple[str, mx
         yield name, a.astype(dtype)
 
 
-def build(out: Path, layers: int = 2, vocab: int = 16384, bits: int = 4, drafter: bool = False) -> dict:
+def build(
+    out: Path, layers: int = 2, vocab: int = 16384, bits: int = 4, drafter: bool = False, hidden: int = 3840
+) -> dict:
     """Write `out/target` (and `out/drafter`); returns {"target": path, "drafter": path or None}."""
-    config = target_config(layers, vocab)
+    config = target_config(layers, vocab, hidden)
     model = Model(parse_config(config))
     write_checkpoint(
         out / "target",
@@ -104,8 +106,9 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=16384)
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--drafter", action="store_true")
+    p.add_argument("--hidden", type=int, default=3840, help="only for quick plumbing checks")
     a = p.parse_args()
-    print(build(a.out, a.layers, a.vocab, a.bits, a.drafter))
+    print(build(a.out, a.layers, a.vocab, a.bits, a.drafter, a.hidden))
 
 
 if __name__ == "__main__":

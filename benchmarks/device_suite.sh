@@ -14,11 +14,13 @@
 # returns files from $OUT), else in benchmarks/results/device/; suite.json sums it up.
 #
 # Environment: PYTHON (default python3), QUICK=1, SKIP_INSTALL=1, GEMMA3_MODEL (a Gemma 3 checkpoint
-# instead of the offline 270M, which needs the `demo` extra's package), G4_LAYERS, G4_VOCAB.
+# instead of the offline 270M, which needs the `demo` extra's package), G4_LAYERS, G4_VOCAB,
+# LIMIT_SCALE (multiplies every step's time limit; QUICK on a slow CPU: default 4).
 set -euo pipefail
 
 PY=${PYTHON:-python3}
 QUICK=${QUICK:-0}
+if [ "$QUICK" = 1 ]; then SCALE=${LIMIT_SCALE:-4}; else SCALE=${LIMIT_SCALE:-1}; fi
 RESULTS=${OUT:+$OUT/benchmarks/results/device}
 RESULTS=${RESULTS:-benchmarks/results/device}
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/gemma-mlx-suite.XXXXXX")
@@ -42,7 +44,7 @@ fi
 
 # step NAME SECONDS CMD...: run CMD with a time limit, its output in NAME.log; never stops the suite
 step() {
-  local name=$1 limit=$2 start rc
+  local name=$1 limit=$(($2 * SCALE)) start rc
   shift 2
   start=$(date +%s)
   echo "== $name (limit ${limit}s)" >&2
@@ -83,7 +85,7 @@ else
   step install 150 bash -c "$PY -m pip install -e '.[cuda,peers]' || $PY -m pip install --no-deps --no-build-isolation -e ."
 fi
 
-step environment 30 "$PY" -c '
+json_step environment 60 environment.json "$PY" -c '
 import json, os, platform, subprocess
 import mlx.core as mx
 info = {"mlx": mx.__version__, "device": str(mx.default_device()), "platform": platform.platform(),
@@ -99,7 +101,6 @@ for name in ("mlx_lm", "mlx_vlm"):
     except ImportError:
         info[name] = None
 print(json.dumps(info))'
-cp "$RESULTS/environment.log" "$RESULTS/environment.json" 2>/dev/null || true
 
 step build_gemma4_shaped 90 "$PY" benchmarks/gemma4_shaped.py "$WORK/g4" --drafter "${G4[@]}"
 
@@ -134,7 +135,13 @@ for line in (results / "steps.tsv").read_text().splitlines():
     tail = log.read_text(errors="replace").splitlines()[-15:] if log.exists() else []
     steps.append({"step": name, "status": rc, "ok": rc in ("0", "skipped"), "seconds": int(seconds),
                   **({} if rc in ("0", "skipped") else {"log_tail": tail})})
-reports = {p.stem: json.loads(p.read_text()) for p in sorted(results.glob("*.json")) if p.name != "suite.json"}
+reports = {}
+for p in sorted(results.glob("*.json")):
+    if p.name != "suite.json":
+        try:
+            reports[p.stem] = json.loads(p.read_text())
+        except ValueError as e:
+            reports[p.stem] = {"error": f"not JSON: {e}"}
 (results / "suite.json").write_text(json.dumps({"steps": steps, "reports": reports}, indent=1))
 print(json.dumps([(s["step"], s["status"], s["seconds"]) for s in steps]))
 EOF

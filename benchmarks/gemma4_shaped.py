@@ -32,13 +32,17 @@ from gemma_mlx.models.gemma import Model
 CONFIG_12B = Path(__file__).resolve().parent.parent / "tests" / "data" / "gemma-4-12b-config.json"
 
 
-def target_config(layers: int, vocab: int) -> dict:
+def target_config(layers: int, vocab: int, hidden: int = 3840) -> dict:
+    """`hidden` other than 3840 (FFN 4x, vision projection alike) is only for quick plumbing
+    checks: the point of this model is the 12B's real matrix shapes."""
     config = json.loads(CONFIG_12B.read_text())
     text = config["text_config"]
     types = ["sliding_attention"] * (layers - 1) + ["full_attention"]
     text.update(
         num_hidden_layers=layers, layer_types=types, vocab_size=vocab, vocab_size_per_layer_input=vocab
     )
+    text.update(hidden_size=hidden, intermediate_size=4 * hidden)
+    config["vision_config"].update(mm_embed_dim=hidden, output_proj_dims=hidden)
     config["vocab_size"] = vocab  # mlx-lm reads the top-level one
     return config
 

@@ -56,11 +56,13 @@ def found_libraries() -> list[Path]:
     return [p for p in candidates if exports_sgemm(p)]
 
 
-def measure(lib: Path | None, prompt: int, gen: int) -> dict:
+def measure(lib: Path | None, prompt: int, gen: int, threads: int | None = None) -> dict:
     env = dict(os.environ)
     env.pop("LD_PRELOAD", None)
     if lib is not None:
         env["LD_PRELOAD"] = str(lib)
+    if threads is not None:
+        env["OPENBLAS_NUM_THREADS"] = str(threads)
     out = subprocess.run(
         [sys.executable, "-c", MEASURE, str(prompt), str(gen)],
         env=env,
@@ -77,19 +79,26 @@ def main() -> None:
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--generation-tokens", type=int, default=16)
     p.add_argument("--lib", type=Path, action="append", help="an OpenBLAS .so (default: found ones)")
+    p.add_argument("--threads", type=int, action="append", help="also with OPENBLAS_NUM_THREADS=N")
     p.add_argument("--out", type=Path)
     a = p.parse_args()
     libs = a.lib or found_libraries()
     for lib in libs:
         if not exports_sgemm(lib):
             sys.exit(f"{lib}: cannot be loaded or does not export cblas_sgemm")
-    variants = {"reference BLAS (wheel)": None, **{f"LD_PRELOAD={lib.name}": lib for lib in libs}}
+    variants = {"reference BLAS (wheel)": (None, None)}
+    for lib in libs:
+        variants[f"LD_PRELOAD={lib.name}"] = (lib, None)
+        for n in a.threads or []:
+            variants[f"LD_PRELOAD={lib.name} OPENBLAS_NUM_THREADS={n}"] = (lib, n)
     runs: dict[str, list[dict]] = {name: [] for name in variants}
     names = list(variants)
     load_before = os.getloadavg()
     for r in range(a.rounds):
         for name in names if r % 2 == 0 else names[::-1]:
-            runs[name].append(measure(variants[name], a.prompt_tokens, a.generation_tokens))
+            runs[name].append(
+                measure(*variants[name][:1], a.prompt_tokens, a.generation_tokens, variants[name][1])
+            )
             print(name, runs[name][-1], flush=True)
     base = names[0]
     med = {n: {k: float(np.median([x[k] for x in rs])) for k in rs[0]} for n, rs in runs.items()}
@@ -99,7 +108,7 @@ def main() -> None:
         "rounds": a.rounds,
         "load_before": [round(x, 2) for x in load_before],
         "load_after": [round(x, 2) for x in os.getloadavg()],
-        "libraries": {n: str(lib) if lib else None for n, lib in variants.items()},
+        "libraries": {n: str(lib) if lib else None for n, (lib, _) in variants.items()},
         "median": med,
         "speedup": {n: {k: med[n][k] / med[base][k] for k in med[n]} for n in names[1:]},
         "runs": runs,

@@ -193,10 +193,15 @@ def gemma3_cases(src: Path, tmp: Path, rounds: int, prompt: int, gen: int) -> li
 def gemma4_cases(
     tmp: Path, rounds: int, prompt: int, gen: int, layers: int, vocab: int, block: int, hidden: int
 ) -> list[dict]:
+    """`tmp/target` and `tmp/drafter` are built unless they exist (`gemma4_shaped.py --drafter`)."""
     from mlx_vlm.speculative.drafters import load_drafter as vlm_load_drafter
     from mlx_vlm.utils import load_model
 
-    paths = build(tmp / "gemma4", layers=layers, vocab=vocab, bits=4, drafter=True, hidden=hidden)
+    paths = {"target": tmp / "target", "drafter": tmp / "drafter"}
+    if not all((p / "config.json").is_file() for p in paths.values()):
+        paths = build(tmp, layers=layers, vocab=vocab, bits=4, drafter=True, hidden=hidden)
+    config = json.loads((paths["target"] / "config.json").read_text())["text_config"]
+    layers, vocab, hidden = config["num_hidden_layers"], config["vocab_size"], config["hidden_size"]
     model, _ = load(paths["target"])
     dtype = float_dtype(model)
     peer = load_model(paths["target"])
@@ -313,6 +318,7 @@ def main() -> None:
     p.add_argument("--g4-layers", type=int, default=2)
     p.add_argument("--g4-vocab", type=int, default=16384)
     p.add_argument("--g4-hidden", type=int, default=3840, help="other values: quick plumbing checks only")
+    p.add_argument("--g4-dir", type=Path, default=None, help="reuse target/ and drafter/ built here")
     p.add_argument("--draft-block-size", type=int, default=4)
     p.add_argument("--only", choices=("gemma3", "gemma4"), default=None)
     p.add_argument("--out", type=Path, default=None, help="writes OUT.md and OUT.json")
@@ -325,7 +331,7 @@ def main() -> None:
             results["cases"] += gemma3_cases(src, Path(tmp), a.rounds, a.prompt_tokens, a.generation_tokens)
         if a.only != "gemma3":
             results["cases"] += gemma4_cases(
-                Path(tmp),
+                a.g4_dir or Path(tmp) / "gemma4",
                 a.rounds,
                 a.g4_prompt_tokens,
                 a.g4_generation_tokens,

@@ -15,12 +15,15 @@
 #
 # Environment: PYTHON (default python3), QUICK=1, SKIP_INSTALL=1, GEMMA3_MODEL (a Gemma 3 checkpoint
 # instead of the offline 270M, which needs the `demo` extra's package), G4_LAYERS, G4_VOCAB,
-# LIMIT_SCALE (multiplies every step's time limit; QUICK on a slow CPU: default 4).
+# LIMIT_SCALE (multiplies every step's time limit and the budget; QUICK: default 4), SUITE_BUDGET
+# (seconds for all steps, default 570; a step gets at most what is left).
 set -euo pipefail
 
 PY=${PYTHON:-python3}
 QUICK=${QUICK:-0}
 if [ "$QUICK" = 1 ]; then SCALE=${LIMIT_SCALE:-4}; else SCALE=${LIMIT_SCALE:-1}; fi
+BUDGET=$((${SUITE_BUDGET:-570} * SCALE)) # seconds for all steps: the device tool allows 600 a command
+START=$(date +%s)
 RESULTS=${OUT:+$OUT/benchmarks/results/device}
 RESULTS=${RESULTS:-benchmarks/results/device}
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/gemma-mlx-suite.XXXXXX")
@@ -44,9 +47,15 @@ fi
 
 # step NAME SECONDS CMD...: run CMD with a time limit, its output in NAME.log; never stops the suite
 step() {
-  local name=$1 limit=$(($2 * SCALE)) start rc
+  local name=$1 limit=$(($2 * SCALE)) start rc left
   shift 2
   start=$(date +%s)
+  left=$((BUDGET - (start - START)))
+  if [ "$left" -lt 5 ]; then
+    printf '%s\tout-of-budget\t0\n' "$name" >>"$RESULTS/steps.tsv"
+    return 0
+  fi
+  [ "$limit" -le "$left" ] || limit=$left
   echo "== $name (limit ${limit}s)" >&2
   set +e
   timeout --kill-after=10 "$limit" "$@" >"$RESULTS/$name.log" 2>&1
@@ -82,7 +91,7 @@ if [ "${SKIP_INSTALL:-0}" = 1 ] || ready; then
   printf 'install\tskipped\t0\n' >>"$RESULTS/steps.tsv"
 else
   # offline machines: fall back to installing only this project against what is there
-  step install 150 bash -c "$PY -m pip install -e '.[cuda,peers]' || $PY -m pip install --no-deps --no-build-isolation -e ."
+  step install 120 bash -c "$PY -m pip install -e '.[cuda,peers]' || $PY -m pip install --no-deps --no-build-isolation -e ."
 fi
 
 json_step environment 60 environment.json "$PY" -c '
@@ -119,7 +128,7 @@ json_step bench_gemma4_shaped 60 bench_gemma4_shaped.json \
   "$PY" -m gemma_mlx.cli bench --model "$WORK/g4/target" "${BENCH[@]}" --json
 json_step bench_gemma4_shaped_mtp 60 bench_gemma4_shaped_mtp.json \
   "$PY" -m gemma_mlx.cli bench --model "$WORK/g4/target" --draft "$WORK/g4/drafter" "${BENCH[@]}" --json
-step compare_peers 120 "$PY" benchmarks/compare_peers.py ${M270:+--model "$M270"} "${PEERS[@]}" \
+step compare_peers 180 "$PY" benchmarks/compare_peers.py ${M270:+--model "$M270"} --g4-dir "$WORK/g4" "${PEERS[@]}" \
   --out "$RESULTS/peers"
 step verify_cost 45 "$PY" benchmarks/verify_cost.py --model "$WORK/g4/target" "${VERIFY[@]}"
 

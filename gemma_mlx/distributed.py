@@ -92,10 +92,13 @@ def split_layers(
     (`sizes`: `layer_bytes`, rank 0 also holding the embeddings), else by count. Rank 0's stage
     always reaches back to the last sliding and last full layer (the drafter reads their K/V)."""
     n = config.text.num_hidden_layers
+    first = min(last_of_type(config).values())  # rank 0 holds layers first .. n-1 at least
     if size < 2:
         raise ValueError(f"a pipeline needs at least 2 ranks, the group has {size}")
-    if size > n:
-        raise ValueError(f"{size} ranks for {n} layers: at most one rank per layer")
+    if size - 1 > first:
+        raise ValueError(
+            f"{size} ranks for {n} layers: ranks 1 .. {size - 1} need a layer before layer {first}"
+        )
     if layers_per_rank is not None:
         counts = list(layers_per_rank)
         if len(counts) != size or any(not isinstance(c, int) or c < 1 for c in counts) or sum(counts) != n:
@@ -103,26 +106,26 @@ def split_layers(
                 f"layers_per_rank={counts}: expected {size} counts >= 1 (one per rank, rank 0 "
                 f"holding the last layers) adding up to the {n} layers"
             )
+        if counts[0] < n - first:
+            raise ValueError(
+                f"layers_per_rank={counts}: rank 0 holds the last {counts[0]} layers; it needs at least "
+                f"{n - first} (from layer {first}, the last of its type: the MTP drafter reads its K/V)"
+            )
     else:
         per_layer, rest = sizes if sizes is not None else ([1] * n, 0)
         target = (sum(per_layer) + rest) / size
-        counts, held, i = [0] * size, rest, n
-        while i > 1 and held + per_layer[i - 1] / 2 <= target and n - i < n - (size - 1):
+        i = first  # rank 0's first layer: moved down while rank 0 stays under its share
+        held = rest + sum(per_layer[i:])
+        while i > size - 1 and held + per_layer[i - 1] / 2 <= target:
             i -= 1
             held += per_layer[i]
-        counts[0] = n - i
-        edges = np.cumsum(per_layer[:i])  # the first i layers over ranks 1 .. size-1, by bytes
+        counts = [n - i] + [0] * (size - 1)
+        edges = np.cumsum(per_layer[:i])  # layers 0 .. i-1 over ranks 1 .. size-1, by bytes
         start = 0
         for r in range(1, size):
-            end = i if r == size - 1 else int(np.searchsorted(edges, edges[-1] * r / (size - 1)))
+            end = i if r == size - 1 else int(np.searchsorted(edges, edges[-1] * r / (size - 1))) + 1
             end = min(max(end, start + 1), i - (size - 1 - r))
             counts[r], start = end - start, end
-    first = min(last_of_type(config).values())
-    if n - counts[0] > first:
-        raise ValueError(
-            f"rank 0 holds the last {counts[0]} layers; it needs at least {n - first} (from layer "
-            f"{first}, the last of its type: the MTP drafter reads its K/V)"
-        )
     stages, start = [range(0)] * size, 0
     for r in [*range(1, size), 0]:
         stages[r] = range(start, start + counts[r])

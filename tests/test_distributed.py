@@ -25,7 +25,9 @@ from gemma_mlx.config import parse_config, parse_drafter_config
 from gemma_mlx.distributed import split_layers
 from gemma_mlx.models.drafter import Drafter
 
-pytestmark = pytest.mark.skipif(not mx.distributed.is_available("ring"), reason="no ring backend")
+ring = pytest.mark.skipif(not mx.distributed.is_available("ring"), reason="no ring backend")
+pytestmark = ring
+multiprocess = pytest.mark.slow  # each launch starts two Python processes (about 5-30 s)
 
 RANK_SCRIPT = Path(__file__).parent / "pipeline_rank.py"
 SPLIT = [4, 4]  # rank 0: layers 4..7 (the last sliding and full layers), rank 1: layers 0..3
@@ -145,3 +147,158 @@ def run(tmp_path_factory):
     assert codes == [0, 0], output(work, 0) + output(work, 1)
     reports = [json.loads((work / f"rank{r}.json").read_text()) for r in range(2)]
     return ckpt, drafter, prompt, image_prompt, reports
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "ckpt")
+
+
+@multiprocess
+def test_logits_identical_to_one_process(run):
+    ckpt, _, prompt, _, reports = run
+    model, _ = load(ckpt)
+    cache = model.make_cache()
+    parts = [model(mx.array([prompt[:-3]]), cache)] + [model(mx.array([[t]]), cache) for t in prompt[-3:]]
+    expected = np.array(mx.concatenate(parts, axis=1))
+    assert np.array_equal(np.array(reports[0]["logits"], np.float32), expected)
+
+
+@multiprocess
+def test_greedy_text_identical_to_one_process(run):
+    ckpt, _, prompt, _, reports = run
+    model, processor = load(ckpt)
+    expected = generate(model, processor, prompt, max_tokens=24, prefill_step_size=7).tokens
+    assert reports[0]["text"]["tokens"] == expected and len(expected) == 24
+
+
+@multiprocess
+def test_image_prompt_identical_to_one_process(run):
+    ckpt, _, _, image_prompt, reports = run
+    model, processor = load(ckpt)
+    assert processor.prepare(image_prompt).pixel_values is not None  # the prompt does hold an image
+    expected = generate(model, processor, image_prompt, max_tokens=12).tokens
+    assert reports[0]["image"]["tokens"] == expected
+
+
+@multiprocess
+def test_drafter_identical_to_one_process(run):
+    ckpt, drafter_dir, prompt, _, reports = run
+    model, processor = load(ckpt)
+    drafter = load_drafter(drafter_dir)
+    expected = generate(model, processor, prompt, max_tokens=24, drafter=drafter, draft_block_size=4)
+    got = reports[0]["drafter"]
+    assert got["tokens"] == expected.tokens
+    assert got["drafted"] > 0  # the speculative path (drafts, verify, rollback) ran across ranks
+
+
+@multiprocess
+def test_chat_reuses_cache_across_turns(run):
+    ckpt, _, _, _, reports = run
+    model, processor = load(ckpt)
+    chat = ChatSession(model, processor, max_tokens=10)
+    expected = []
+    for text in ["Hello world", "The quick brown fox"]:
+        tokens = [c.token for c in chat.send(text)]
+        expected.append({"tokens": tokens, "cached": chat.stats.cached_prompt_tokens})
+    assert reports[0]["chat"] == expected
+    assert expected[1]["cached"] > 0  # the second turn continued the cache
+
+
+@multiprocess
+def test_each_rank_holds_only_its_stage(run):
+    ckpt, _, _, _, reports = run
+    model, _ = load(ckpt)
+    full = dict(tree_flatten(model.parameters()))
+    stages = split_layers(model.config, 2, SPLIT)
+    assert [stages[0], stages[1]] == [range(4, 8), range(0, 4)]
+
+    def layer(name: str) -> int | None:
+        parts = name.split(".")
+        return int(parts[2]) if parts[:2] == ["language_model", "layers"] else None
+
+    rank1 = {
+        n.replace(f"language_model.layers.{layer(n)}.", f"layers.{layer(n)}.")
+        for n in full
+        if layer(n) in stages[1]
+    }
+    rank0 = {
+        n if layer(n) is None else n.replace(f".layers.{layer(n)}.", f".layers.{layer(n) - 4}.")
+        for n in full
+        if layer(n) is None or layer(n) in stages[0]
+    }
+    assert set(reports[1]["names"]) == rank1
+    assert set(reports[0]["names"]) == rank0
+    count = {n: v.size for n, v in full.items()}
+    assert reports[0]["params"] + reports[1]["params"] == sum(count.values())
+    assert reports[1]["params"] == sum(count[n] for n in full if layer(n) in stages[1])
+
+
+def start_forever(tmp: Path, ckpt: Path, timeout: float | None = 60) -> list[subprocess.Popen]:
+    """Two ranks, rank 0 decoding without end; returns once it decodes."""
+    procs = launch(tmp, {"checkpoints": [str(ckpt)] * 2, "tasks": [{"kind": "forever"}], "timeout": timeout})
+    deadline = time.monotonic() + LIMIT
+    while not (tmp / "decoding").exists():
+        if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
+            wait_all(procs, 1)
+            pytest.fail("the ranks did not start decoding: " + output(tmp, 0) + output(tmp, 1))
+        time.sleep(0.1)
+    return procs
+
+
+@multiprocess
+@pytest.mark.parametrize("victim", [1, 0])
+def test_killed_rank_stops_the_other_with_an_error(ckpt, tmp_path, victim):
+    procs = start_forever(tmp_path, ckpt)
+    procs[victim].kill()
+    tic = time.monotonic()
+    survivor = 1 - victim
+    code = wait_all([procs[survivor]], limit=20)[0]
+    wait_all(procs, 1)
+    assert time.monotonic() - tic < 20
+    assert code != 0
+    text = output(tmp_path, survivor)
+    assert "PipelineError" in text and f"rank {survivor}" in text and "exited or crashed" in text, text
+
+
+@multiprocess
+def test_hung_rank_ends_the_pipeline_after_the_timeout(ckpt, tmp_path):
+    procs = start_forever(tmp_path, ckpt, timeout=2)
+    os.kill(procs[1].pid, signal.SIGSTOP)  # alive, sockets open, never answering
+    try:
+        tic = time.monotonic()
+        code = wait_all([procs[0]], limit=20)[0]
+        assert time.monotonic() - tic < 15
+    finally:
+        procs[1].kill()
+        wait_all(procs, 5)
+    assert code == 3
+    assert "rank 0: waiting for rank 1 (no answer in 2 s)" in output(tmp_path, 0)
+
+
+@multiprocess
+def test_ranks_with_different_checkpoints_refuse(ckpt, tmp_path):
+    other = save_checkpoint(tmp_path / "other", seed=1)  # same config and shapes, other weights
+    work = tmp_path / "run"
+    work.mkdir()
+    procs = launch(work, {"checkpoints": [str(ckpt), str(other)], "tasks": []})
+    codes = wait_all(procs)
+    assert codes[0] != 0 and codes[1] != 0
+    for rank in range(2):
+        assert "CheckpointError" in output(work, rank) and "ranks [1] do not load the checkpoint" in output(
+            work, rank
+        )
+
+
+def test_split_layers_by_count_bytes_and_refusals():
+    config = parse_config(UNIFIED_CONFIG)  # 8 layers; last sliding 6, last full 7
+    assert split_layers(config, 2) == [range(4, 8), range(0, 4)]
+    assert split_layers(config, 3, [2, 3, 3]) == [range(6, 8), range(0, 3), range(3, 6)]
+    # rank 0 also holds the embeddings: by bytes it takes fewer layers
+    assert split_layers(config, 2, sizes=([10] * 8, 40)) == [range(6, 8), range(0, 6)]
+    with pytest.raises(ValueError, match="rank 0 holds the last 1 layers; it needs at least 2 "):
+        split_layers(config, 2, [1, 7])
+    with pytest.raises(ValueError, match="adding up to the 8 layers"):
+        split_layers(config, 2, [4, 3])
+    with pytest.raises(ValueError, match="at least 2 ranks"):
+        split_layers(config, 1)

@@ -68,6 +68,8 @@ def main() -> None:
                 tokens = [c.token for c in chat.send(text)]
                 turns.append({"tokens": tokens, "cached": chat.stats.cached_prompt_tokens})
             report["chat"] = turns
+        elif kind == "server":
+            report["server"] = serve_requests(model, processor, task["requests"])
         elif kind == "forever":  # generate until killed; tell the test when decoding runs
             for i, _ in enumerate(generate_stream(model, processor)):
                 if i == 5:
@@ -75,6 +77,24 @@ def main() -> None:
     report["bytes_sent"] = model.link.bytes_sent
     (out / f"rank{rank}.json").write_text(json.dumps(report))
     model.close()
+
+
+def serve_requests(model, processor, requests: list[dict]) -> list[dict]:
+    """Post each request to the OpenAI server in order -> its answer text and usage. An assistant
+    message "ANSWER" stands for the previous request's answer."""
+    from fastapi.testclient import TestClient
+
+    from gemma_mlx.server import create_app
+
+    out = []
+    with TestClient(create_app(model, processor, model_id="t")) as client:
+        for body in requests:
+            answer = out[-1]["text"] if out else ""
+            messages = [{**m, "content": answer} if m["content"] == "ANSWER" else m for m in body["messages"]]
+            body = {**body, "messages": messages}
+            r = client.post("/v1/chat/completions", json={"model": "t", **body}).json()
+            out.append({"text": r["choices"][0]["message"]["content"], "usage": r["usage"]})
+    return out
 
 
 def generate_stream(model, processor):

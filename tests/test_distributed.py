@@ -31,6 +31,20 @@ multiprocess = pytest.mark.slow  # each launch starts two Python processes (abou
 
 RANK_SCRIPT = Path(__file__).parent / "pipeline_rank.py"
 SPLIT = [4, 4]  # rank 0: layers 4..7 (the last sliding and full layers), rank 1: layers 0..3
+# the second request continues the first's conversation (its snapshot after the answer), the
+# third shares only the system prompt and the start of the first message (a snapshot rolled back)
+SERVER_REQUESTS = [
+    {"messages": [{"role": "user", "content": "Hello world, the quick brown fox"}], "max_tokens": 6},
+    {
+        "messages": [
+            {"role": "user", "content": "Hello world, the quick brown fox"},
+            {"role": "assistant", "content": "ANSWER"},
+            {"role": "user", "content": "jumps over the lazy dog"},
+        ],
+        "max_tokens": 6,
+    },
+    {"messages": [{"role": "user", "content": "Hello world, the lazy dog"}], "max_tokens": 6},
+]
 LIMIT = 90  # seconds any launch may take: a failing test never hangs
 
 
@@ -137,6 +151,7 @@ def run(tmp_path_factory):
             "kwargs": {"max_tokens": 24, "drafter": str(drafter), "draft_block_size": 4},
         },
         {"kind": "chat", "turns": ["Hello world", "The quick brown fox"], "max_tokens": 10},
+        {"kind": "server", "requests": SERVER_REQUESTS},
     ]
     work = d / "run"
     work.mkdir()
@@ -203,6 +218,18 @@ def test_chat_reuses_cache_across_turns(run):
         expected.append({"tokens": tokens, "cached": chat.stats.cached_prompt_tokens})
     assert reports[0]["chat"] == expected
     assert expected[1]["cached"] > 0  # the second turn continued the cache
+
+
+@multiprocess
+def test_server_prompt_cache_identical_to_one_process(run):
+    ckpt, _, _, _, reports = run
+    model, processor = load(ckpt)
+    from pipeline_rank import serve_requests
+
+    got = reports[0]["server"]
+    assert got == serve_requests(model, processor, SERVER_REQUESTS)
+    cached = [r["usage"]["prompt_tokens_details"]["cached_tokens"] for r in got]
+    assert cached[1] > cached[2] > 0  # both reused snapshots kept on rank 1 and rank 0
 
 
 @multiprocess

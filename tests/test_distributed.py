@@ -58,18 +58,23 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
-def launch(tmp: Path, spec: dict, size: int = 2) -> list[subprocess.Popen]:
-    """Start `size` ranks of tests/pipeline_rank.py with the environment `mlx.launch --backend
-    ring` sets (MLX_HOSTFILE, MLX_RANK), on fresh loopback ports."""
+def launch(
+    tmp: Path, spec: dict | None, size: int = 2, command: list[str] | None = None
+) -> list[subprocess.Popen]:
+    """Start `size` ranks of tests/pipeline_rank.py (or of `command`) with the environment
+    `mlx.launch --backend ring` sets (MLX_HOSTFILE, MLX_RANK), on fresh loopback ports (mlx.launch
+    itself would take fixed ports from 32323)."""
     hostfile = tmp / "hosts.json"
     hostfile.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in free_ports(size)]))
-    (tmp / "spec.json").write_text(json.dumps({**spec, "out": str(tmp)}))
+    if command is None:
+        (tmp / "spec.json").write_text(json.dumps({**spec, "out": str(tmp)}))
+        command = [sys.executable, str(RANK_SCRIPT), str(tmp / "spec.json")]
     env = {**os.environ, "MLX_HOSTFILE": str(hostfile), "PYTHONPATH": str(Path(__file__).parent)}
     procs = []
     for rank in range(size):
         procs.append(
             subprocess.Popen(
-                [sys.executable, str(RANK_SCRIPT), str(tmp / "spec.json")],
+                command,
                 env={**env, "MLX_RANK": str(rank)},
                 stdout=open(tmp / f"rank{rank}.out", "w"),
                 stderr=subprocess.STDOUT,
@@ -329,3 +334,30 @@ def test_split_layers_by_count_bytes_and_refusals():
         split_layers(config, 2, [4, 3])
     with pytest.raises(ValueError, match="at least 2 ranks"):
         split_layers(config, 1)
+
+
+@multiprocess
+def test_cli_generate_distributed_prints_the_one_process_text(ckpt, tmp_path):
+    args = ["generate", "The quick brown", "-m", str(ckpt), "-n", "12", "--json"]
+    cli = [sys.executable, "-m", "gemma_mlx.cli"]
+    procs = launch(tmp_path, None, command=[*cli, *args, "--distributed", "--layers-per-rank", "5,3"])
+    assert wait_all(procs) == [0, 0], output(tmp_path, 0) + output(tmp_path, 1)
+    single = subprocess.run([*cli, *args], capture_output=True, text=True, timeout=LIMIT, check=True)
+    ours = json.loads(output(tmp_path, 0).strip().splitlines()[-1])
+    assert ours["text"] == json.loads(single.stdout)["text"] and ours["generation_tokens"] == 12
+    assert output(tmp_path, 1) == ""  # the follower prints nothing
+
+
+def test_cli_distributed_without_a_group_is_a_clear_error(ckpt):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLX_")}
+    r = subprocess.run(
+        [sys.executable, "-m", "gemma_mlx.cli", "generate", "hi", "-m", str(ckpt), "--distributed"],
+        capture_output=True,
+        text=True,
+        timeout=LIMIT,
+        env=env,
+    )
+    assert r.returncode == 1
+    assert (
+        "--distributed: no distributed group could be formed" in r.stderr and "mlx.launch --hosts" in r.stderr
+    )

@@ -31,11 +31,12 @@ import hashlib
 import itertools
 import os
 import re
+import signal
 import sys
 import threading
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -173,7 +174,7 @@ def run_layers(
     return h, kv_out
 
 
-def stage_names(indices: range, prefix: str) -> callable:
+def stage_names(indices: range, prefix: str) -> Callable[[str], str | None]:
     """On-disk (sanitized) name -> this stage's name for it: layer `g` becomes `prefix{g - start}`,
     other layers are dropped (None)."""
 
@@ -259,6 +260,24 @@ class Watchdog:
         finally:
             with self._cond:
                 self._deadline = None
+
+
+@contextmanager
+def uninterrupted():
+    """Hold a Ctrl-C back until the block ends: an exchange cut between its header and its data
+    would leave the followers expecting data that never comes (the chat REPL stops an answer with
+    Ctrl-C and goes on). Only the main thread receives signals."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda *_: caught.append(True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if caught:
+            raise KeyboardInterrupt
 
 
 class Link:
@@ -527,8 +546,20 @@ class PipelineModel(Model):
         elif inputs_embeds is None:
             inputs_embeds = self.language_model.embed(input_ids)
         h = inputs_embeds
-        B, L, dim = h.shape
         offsets = [c.offset for c in remote]
+        with uninterrupted():
+            h = self._exchange(h, block_ids, remote, offsets)
+        local = cache[self.indices.start :]
+        h, shared = run_layers(self.language_model.layers, self.indices, self.config, h, local, block_ids)
+        hidden = self.language_model.norm(h)
+        logits = self.logits(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
+        return ModelOutput(logits, hidden, shared)
+
+    def _exchange(
+        self, h: mx.array, block_ids: mx.array | None, remote: list, offsets: list[int]
+    ) -> mx.array:
+        """Send `h [B, L, dim]` through the followers' layers and receive it back."""
+        B, L, dim = h.shape
         self._command(
             FORWARD,
             remote[0].set_id,
@@ -543,12 +574,7 @@ class PipelineModel(Model):
         self.link.send(h, self.link.next)
         for c in remote:
             c.advance(L)
-        h = self.link.recv((B, L, dim), h.dtype, self.link.prev)
-        local = cache[self.indices.start :]
-        h, shared = run_layers(self.language_model.layers, self.indices, self.config, h, local, block_ids)
-        hidden = self.language_model.norm(h)
-        logits = self.logits(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
-        return ModelOutput(logits, hidden, shared)
+        return self.link.recv((B, L, dim), h.dtype, self.link.prev)
 
     def close(self) -> None:
         """Let the followers finish (their `load` returns). Also run at interpreter exit."""

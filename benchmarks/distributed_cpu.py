@@ -42,7 +42,11 @@ def main() -> None:
     if args.distributed:
         group = mx.distributed.init(strict=True)
         model = load_stage(args.model, group)
-        report = {"rank": group.rank(), "ranks": group.size(), "layers": [model.indices.start, model.indices.stop]}
+        report = {
+            "rank": group.rank(),
+            "ranks": group.size(),
+            "layers": [model.indices.start, model.indices.stop],
+        }
         report.update(memory(model))
         if isinstance(model, Stage):
             model.follow()

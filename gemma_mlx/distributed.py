@@ -413,10 +413,11 @@ class RemoteRing(_Remote, RingKVCache):
 
 
 class RemoteState:
-    """A snapshot of a follower's layer cache, kept there under `snap_id` while this lives."""
+    """A snapshot of a follower's layer cache (of cache set `set_id`), kept there under `snap_id`
+    while this object lives; taken when rank 0 next talks to the followers."""
 
-    def __init__(self, layer: int, snap_id: int, offset: int):
-        self.layer, self.snap_id, self.offset = layer, snap_id, offset
+    def __init__(self, set_id: int, layer: int, snap_id: int, offset: int):
+        self.set_id, self.layer, self.snap_id, self.offset = set_id, layer, snap_id, offset
 
 
 class PipelineModel(Model):
@@ -478,6 +479,7 @@ class PipelineModel(Model):
         itemsize = self.dtype.size
         for i in self.remote_layers:
             spec, local = self.config.text.layers[i], caches[i]
+            # the twin takes over the local cache's bookkeeping (window, slack, offset, written)
             remote = object.__new__(RemoteRing if spec.sliding else RemoteKV)
             remote.__dict__.update(local.__dict__, peak=0)
             d = spec.head_dim
@@ -492,8 +494,7 @@ class PipelineModel(Model):
         return caches
 
     def snapshot(self, c: _Remote) -> RemoteState:
-        s = RemoteState(c.layer, next(self._ids), c.offset)
-        s.set_id = c.set_id
+        s = RemoteState(c.set_id, c.layer, next(self._ids), c.offset)
         self._pending.append(weakref.ref(s))
         weakref.finalize(s, self._dropped.append, (DROP_SNAPSHOT, s.snap_id))
         return s

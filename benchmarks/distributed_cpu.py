@@ -60,7 +60,12 @@ def main() -> None:
     else:
         model, processor = load(args.model)
         report = {"rank": 0, "ranks": 1, "layers": [0, model.config.text.num_hidden_layers], **memory(model)}
-    ids = np.random.default_rng(0).integers(1000, 20000, size=args.prompt_tokens).tolist()
+    vocab = model.config.text.vocab_size
+    ids = (
+        np.random.default_rng(0)
+        .integers(min(1000, vocab // 4), min(20000, vocab), args.prompt_tokens)
+        .tolist()
+    )
 
     def run(n: int):
         before = link.bytes_sent if link else 0

@@ -155,6 +155,12 @@ def run(tmp_path_factory):
             "prompt": prompt,
             "kwargs": {"max_tokens": 24, "drafter": str(drafter), "draft_block_size": 4},
         },
+        {
+            "kind": "generate",
+            "name": "kv8",
+            "prompt": prompt,
+            "kwargs": {"max_tokens": 16, "kv_bits": 8, "kv_group_size": 32},
+        },
         {"kind": "chat", "turns": ["Hello world", "The quick brown fox"], "max_tokens": 10},
         {"kind": "server", "requests": SERVER_REQUESTS},
     ]
@@ -210,6 +216,14 @@ def test_drafter_identical_to_one_process(run):
     got = reports[0]["drafter"]
     assert got["tokens"] == expected.tokens
     assert got["drafted"] > 0  # the speculative path (drafts, verify, rollback) ran across ranks
+
+
+@multiprocess
+def test_quantized_kv_cache_identical_to_one_process(run):
+    ckpt, _, prompt, _, reports = run
+    model, processor = load(ckpt)
+    expected = generate(model, processor, prompt, max_tokens=16, kv_bits=8, kv_group_size=32).tokens
+    assert reports[0]["kv8"]["tokens"] == expected
 
 
 @multiprocess

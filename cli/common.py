@@ -12,6 +12,7 @@ from rich.progress import Progress
 
 from gemma_mlx import CheckpointError, Drafter, load, load_config, load_drafter
 from gemma_mlx.convert.default_model import DESCRIPTION, default_model_path
+from gemma_mlx.distributed import init_group
 from gemma_mlx.footprint import footprint, memory_warning
 from gemma_mlx.hub import resolve
 from gemma_mlx.models.gemma import Model
@@ -146,7 +147,7 @@ def join_group(distributed: bool) -> mx.distributed.Group | None:
         return None
     hint = "start the same command on every host with mlx.launch --hosts HOST1,HOST2 -- gemma-mlx ..."
     try:
-        group = mx.distributed.init(strict=True)
+        group = init_group(timeout=120)
     except RuntimeError as e:
         fail(f"--distributed: no distributed group could be formed ({e}); {hint}")
     if group.size() < 2:

@@ -31,6 +31,7 @@ import hashlib
 import itertools
 import os
 import re
+import select
 import signal
 import sys
 import threading
@@ -319,6 +320,34 @@ class Link:
     def recv_header(self, src: int) -> np.ndarray:
         # waiting for the next command is no fault (an idle server): no watchdog here
         return np.array(self.recv((self.header_size,), mx.int32, src, guard=False))
+
+
+def init_group(timeout: float | None = 120.0) -> Group:
+    """`mx.distributed.init(strict=True)` (the group `mlx.launch` set up), with a limit: the ring
+    backend waits forever for a peer that never starts or cannot be reached, holding the GIL, so
+    a forked watcher ends this process after `timeout` seconds with a message naming the
+    hostfile. RuntimeError (from MLX) without a group."""
+    if timeout is None:
+        return mx.distributed.init(strict=True)
+    what = (
+        f"rank {os.environ.get('MLX_RANK', '?')}: the group could not be formed (hostfile "
+        f"{os.environ.get('MLX_HOSTFILE') or 'none'}): is the command running on every host, and "
+        f"can the hosts reach each other's addresses? (no answer in {timeout:g} s)"
+    )
+    done, alive = os.pipe()
+    watcher = os.fork()
+    if watcher == 0:  # wait for the parent to close its end; only os calls here
+        os.close(alive)
+        if not select.select([done], [], [], timeout)[0]:
+            os.write(2, f"gemma-mlx distributed: {what}\n".encode())
+            os.kill(os.getppid(), signal.SIGKILL)
+        os._exit(0)
+    os.close(done)
+    try:
+        return mx.distributed.init(strict=True)
+    finally:
+        os.close(alive)
+        os.waitpid(watcher, 0)
 
 
 def fingerprint(path: Path, extra: str) -> mx.array:

@@ -375,3 +375,14 @@ def test_cli_distributed_without_a_group_is_a_clear_error(ckpt):
     assert (
         "--distributed: no distributed group could be formed" in r.stderr and "mlx.launch --hosts" in r.stderr
     )
+
+
+def test_a_peer_that_never_comes_ends_the_wait(tmp_path):
+    hostfile = tmp_path / "hosts.json"
+    hostfile.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in free_ports(2)]))
+    env = {**os.environ, "MLX_HOSTFILE": str(hostfile), "MLX_RANK": "0"}
+    code = "from gemma_mlx.distributed import init_group; init_group(timeout=2)"
+    tic = time.monotonic()
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=LIMIT)
+    assert r.returncode != 0 and time.monotonic() - tic < 30
+    assert "rank 0: the group could not be formed" in r.stderr and "(no answer in 2 s)" in r.stderr

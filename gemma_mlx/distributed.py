@@ -45,10 +45,10 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .cache import Cache, KVBits, KVCache, RingKVCache, attention_mask
-from .checkpoint import _dtype, load_weights
-from .config import SLIDING, ModelConfig, load_config
-from .models.gemma import DecoderLayer, Model, ModelOutput, float_dtype
+from .cache import Cache, KVBits, KVCache, RingKVCache
+from .checkpoint import load_weights, resolve_dtype
+from .config import ModelConfig, load_config
+from .models.gemma import DecoderLayer, Model, ModelOutput, float_dtype, last_of_type, run_layers
 from .safetensors_file import CheckpointError, read_header, shard_files
 
 Group = mx.distributed.Group
@@ -94,7 +94,7 @@ def split_layers(
     (`sizes`: `layer_bytes`, rank 0 also holding the embeddings), else by count. Rank 0's stage
     always reaches back to the last sliding and last full layer (the drafter reads their K/V)."""
     n = config.text.num_hidden_layers
-    first = min(last_of_type(config).values())  # rank 0 holds layers first .. n-1 at least
+    first = min(last_of_type(config.text).values())  # rank 0 holds layers first .. n-1 at least
     if size < 2:
         raise ValueError(f"a pipeline needs at least 2 ranks, the group has {size}")
     if size - 1 > first:
@@ -133,46 +133,6 @@ def split_layers(
         stages[r] = range(start, start + counts[r])
         start += counts[r]
     return stages
-
-
-def last_of_type(config: ModelConfig) -> dict[str, int]:
-    """Layer type -> the index of the model's last layer of that type."""
-    types = config.text.layer_types
-    return {t: len(types) - 1 - types[::-1].index(t) for t in set(types)}
-
-
-# ---------------------------------------------------------------- running a stage's layers
-
-
-def run_layers(
-    layers: Sequence[DecoderLayer],
-    indices: range,
-    config: ModelConfig,
-    h: mx.array,
-    caches: Sequence[Cache],
-    block_ids: mx.array | None,
-) -> tuple[mx.array, dict[str, tuple[mx.array, mx.array]]]:
-    """Run the layers `indices` (global numbers) of a stage, as `TextModel` runs all of them:
-    one mask per layer type from the stage's first cache of that type. -> (hidden, the K/V of
-    the model's last layer of each type, where it lies in this stage)."""
-    text, n = config.text, h.shape[1]
-    types = [text.layer_types[i] for i in indices]
-    masks = {
-        t: attention_mask(
-            caches[types.index(t)],
-            n,
-            text.sliding_window if t == SLIDING else None,
-            block_ids if t == SLIDING else None,
-        )
-        for t in set(types)
-    }
-    last = {i: t for t, i in last_of_type(config).items()}
-    kv_out = {}
-    for layer, c, t, i in zip(layers, caches, types, indices, strict=True):
-        h, kv = layer(h, masks[t], c)
-        if i in last:
-            kv_out[t] = kv
-    return h, kv_out
 
 
 def stage_names(indices: range, prefix: str) -> Callable[[str], str | None]:
@@ -580,7 +540,9 @@ class PipelineModel(Model):
         with uninterrupted():
             h = self._exchange(h, block_ids, remote, offsets)
         local = cache[self.indices.start :]
-        h, shared = run_layers(self.language_model.layers, self.indices, self.config, h, local, block_ids)
+        h, shared = run_layers(
+            self.language_model.layers, self.indices, self.config.text, h, local, block_ids
+        )
         hidden = self.language_model.norm(h)
         logits = self.logits(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
         return ModelOutput(logits, hidden, shared)
@@ -659,7 +621,7 @@ def follow(stage: Stage, link: Link) -> None:
             if d and not last_rank:
                 link.send(blocks, link.next)
             h = link.recv((b, c, stage.config.text.hidden_size), DTYPES[e], link.prev)
-            h, _ = run_layers(stage.layers, stage.indices, stage.config, h, caches, blocks)
+            h, _ = run_layers(stage.layers, stage.indices, stage.config.text, h, caches, blocks)
             link.send(h.astype(DTYPES[e]), link.next)
             mx.eval([(x.keys, x.values) for x in caches])
         else:
@@ -688,7 +650,7 @@ def load_stage(
     stages = split_layers(config, size, layers_per_rank, layer_bytes(path, config))
     check_agreement(group, path, f"dtype={dtype} stages={[(s.start, s.stop) for s in stages]}")
     link = Link(group, HEAD + config.text.num_hidden_layers, timeout)
-    cast = _dtype(dtype, config.quantization)
+    cast = resolve_dtype(dtype, config.quantization)
     module = PipelineModel(config, stages, link) if rank == 0 else Stage(config, stages[rank], link)
     load_weights(module, path, config.quantization, cast, check_finite)
     if not lazy:

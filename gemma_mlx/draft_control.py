@@ -35,7 +35,7 @@ class DraftControl:
         max_probe_every: int = 256,
     ):
         if max_drafts < 1:
-            raise ValueError(f"max_drafts={max_drafts}: must be >= 1")
+            raise ValueError(f"max_drafts={max_drafts}: must be >= 1 (draft blocks of 2 or more tokens)")
         self.max_drafts, self.clock, self.model = max_drafts, clock, cost
         self.decay, self.min_probe, self.max_probe = decay, probe_every, max_probe_every
         self.costs: dict[int, float] = {}  # k -> running mean seconds of a round with k drafts
@@ -83,6 +83,8 @@ class DraftControl:
                 k = max(range(1, self.max_drafts + 1), key=self.rate)
                 self.probe_every = min(2 * self.probe_every, self.max_probe)
         self.plain_rounds = self.plain_rounds + 1 if k == 0 else 0
+        if len(self.history) >= 4096:  # a long-lived controller (a server's) keeps the recent rounds
+            del self.history[:2048]
         self.history.append(k)
         return k
 

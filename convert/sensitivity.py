@@ -7,9 +7,10 @@ the mean KL(float || variant) of the next-token distributions over calibration w
 that unit is quantized (fake-quantized in place: weight <- dequantize(quantize(weight)), the
 values `mx.quantize` stores, so the same product as the quantized matmul up to float rounding).
 The cheapest candidate is measured through the model (the others too, or estimated: `measure`);
-what makes that affordable is that the float input
-of every decoder layer is cached once, so a layer unit's variants run from that layer onwards
-(on average half the layers) plus the head. Only the embedding's variants run the whole model.
+what makes that affordable is that the float input of every decoder layer is cached once, so a
+layer unit's variants run from that layer onwards (on average half the layers) plus the head.
+Only the embedding's variants run the whole model. Calibration windows are text
+(`calibration.calibration_set`); image/audio prompts are left out, as the units are text weights.
 
 The allocation models the total KL as the sum of the unit KLs (first order for small independent
 perturbations) and spends the budget greedily: starting with every unit at its cheapest
@@ -25,7 +26,6 @@ import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -67,16 +67,6 @@ def short_name(unit: str) -> str:
     """`language_model.layers.3.mlp` -> `3.mlp`, the embedding -> `embed`."""
     m = _UNIT.match(unit + ".")
     return f"{m.group(2)}.{'attn' if m.group(3) == 'self_attn' else 'mlp'}" if m else "embed"
-
-
-def text_windows(text: str, encode: Callable[[str], list[int]], tokens: int, length: int) -> list[list[int]]:
-    """Calibration windows: the first `tokens` tokens of `text` in windows of `length`, each
-    starting with the BOS `encode` puts first."""
-    ids = encode(text)
-    bos, body = ids[:1], ids[1 : tokens + 1]
-    step = length - len(bos)
-    windows = [bos + body[i : i + step] for i in range(0, len(body), step)]
-    return [w for w in windows if len(w) > len(bos) + 1]
 
 
 def _module(model: nn.Module, path: str) -> nn.Module:
@@ -333,12 +323,3 @@ def plan_json(alloc: Allocation, sens: Sensitivity, calibration: str) -> dict:
 
 def _key(spec: QuantSpec) -> str:
     return f"{spec.mode}{spec.bits}g{spec.group_size}"
-
-
-def read_calibration_text(calibration: str | Path) -> tuple[str, str]:
-    """(text, description) of a --calibration FILE (plain text)."""
-    path = Path(calibration).expanduser()
-    try:
-        return path.read_text(encoding="utf-8"), str(path)
-    except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"--calibration {calibration}: cannot read it as UTF-8 text ({e})") from None

@@ -107,19 +107,21 @@ def measure(
     windows: Sequence[Sequence[int]],
     units: Mapping[str, Sequence[str]],
     candidates: Sequence[QuantSpec] = CANDIDATES,
-    direct: bool = False,
+    direct: bool = True,
     log: Log | None = None,
 ) -> Sensitivity:
     """Mean output KL against float when only one unit is quantized, for every unit and
     candidate (a candidate whose group size does not divide a unit's input width is left out).
 
-    The cheapest candidate is always measured through the model. The others are measured too
-    with `direct`; without it they are estimated as KL(cheapest) x (the unit's weight error at
-    that spec / at the cheapest): KL is second order in a small perturbation, whose size the
-    squared weight error tracks. On MLX's CPU backend the forward passes dominate, so this
-    divides the cost by the number of candidates (tests/test_sensitivity.py and the Gemma 3
-    270M benchmark compare the estimate with the measured KL). `model` must be float; its
-    weights are restored after each variant."""
+    With `direct` every candidate is run through the model (what `convert --bits-per-weight`
+    does). Without it only the cheapest is, and the others are estimated as KL(cheapest) x (the
+    unit's squared weight error at that spec / at the cheapest), dividing the cost by the number
+    of candidates: KL is second order in a small perturbation, whose size the squared weight
+    error tracks. On the tiny test model the estimate is within 2x of the measured KL for units
+    whose cheapest-candidate KL is below 0.05 nats, but where that KL is large (0.3: 4-bit is past
+    the quadratic regime) it underestimates the costlier candidates by up to 5x
+    (tests/test_sensitivity.py; the Gemma 3 270M benchmark shows it there). `model` must be
+    float; its weights are restored after each variant."""
     start = time.perf_counter()
     tm = model.language_model
     types = tm.config.layer_types

@@ -33,7 +33,7 @@ from gemma_mlx.checkpoint import load_model
 from gemma_mlx.convert import QuantSpec, convert, estimate, plan
 from gemma_mlx.convert.calibration import calibration_set
 from gemma_mlx.convert.default_model import default_model_path
-from gemma_mlx.convert.sensitivity import CANDIDATES, measure, short_name, units_of
+from gemma_mlx.convert.sensitivity import CANDIDATES, Sensitivity, measure, short_name, units_of
 from gemma_mlx.quality import compare, log_probs
 
 ROOT = Path(__file__).parents[1]
@@ -44,7 +44,7 @@ VARIANTS: dict[str, dict | None] = {
     "float32 (reference)": None,
     "uniform 4-bit g64 (default)": dict(bits=4),
     "mlp_8bit (mlx-community 12B '4bit')": dict(bits=4, recipe="mlp_8bit"),
-    "budget 4.5 bpw": dict(bits_per_weight=4.5),
+    "budget 4.6 bpw": dict(bits_per_weight=4.6),
     "budget 5.0 bpw": dict(bits_per_weight=5.0),
     "budget 6.0 bpw": dict(bits_per_weight=6.0),
 }
@@ -66,13 +66,52 @@ def overrides_12b(plan_file: Path, layers: int) -> dict[str, QuantSpec]:
     return out
 
 
+def measure_with_check(model, windows, units, layers) -> tuple[Sensitivity, list[str]]:
+    """The sensitivity (cheapest candidate measured, the others estimated) and table rows that
+    compare the estimate with a direct measurement on the last layers' units (the cheapest to
+    run from, on a loaded 2-core machine)."""
+    t = time.perf_counter()
+    sens = measure(model, windows, units, direct=False, log=lambda line: print(line, flush=True))
+    print(
+        f"sensitivity: {len(units)} units, {sens.tokens} tokens, {time.perf_counter() - t:.0f} s", flush=True
+    )
+    probe = [
+        u
+        for u in units
+        if u.endswith((f".{layers - 2}.mlp", f".{layers - 1}.self_attn", f".{layers - 1}.mlp"))
+    ]
+    direct = measure(model, windows, {u: units[u] for u in probe})
+    check = [
+        f"| {short_name(u)} | {s} | {direct.kl[u][s]:.4g} | {sens.kl[u][s]:.4g} |"
+        for u in probe
+        for s in direct.kl[u]
+        if s != CANDIDATES[0]
+    ]
+    return sens, check
+
+
+def save_sensitivity(path: Path, sens: Sensitivity, check: list[str]) -> None:
+    kl = {u: [[s.as_dict(), v] for s, v in c.items()] for u, c in sens.kl.items()}
+    measured = [[u, s.as_dict()] for u, s in sens.measured]
+    path.write_text(json.dumps(dict(kl=kl, tokens=sens.tokens, measured=measured, check=check)))
+
+
+def load_sensitivity(path: Path) -> tuple[Sensitivity, list[str]]:
+    d = json.loads(path.read_text())
+    kl = {u: {QuantSpec(**s): v for s, v in c} for u, c in d["kl"].items()}
+    return Sensitivity(kl, d["tokens"], {(u, QuantSpec(**s)) for u, s in d["measured"]}), d["check"]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=128, help="held-out tokens measured")
     ap.add_argument("--samples", type=int, default=1, help="calibration windows for the sensitivity")
     ap.add_argument("--length", type=int, default=32, help="tokens per calibration window")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of the rows")
+    ap.add_argument("--sensitivity", type=Path, default=None, help="JSON cache of the measurement")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
+    chosen = args.variants.split(",")
     load_before = os.getloadavg()
     path = default_model_path()
     model, processor = load(path)
@@ -80,32 +119,22 @@ def main() -> None:
     windows = [c.ids for c in calibration_set(processor, "builtin", args.samples, args.length)]
     base = plan(model, CANDIDATES[0])
     units = units_of([p for p, s in base.items() if s is not None])
-    t = time.perf_counter()
-    sens = measure(model, windows, units, direct=False, log=lambda line: print(line, flush=True))
-    took = time.perf_counter() - t
-    print(f"sensitivity: {len(units)} units, {sens.tokens} tokens, {took:.0f} s", flush=True)
-
-    # the estimate for the non-cheapest candidates, against a direct measurement on a few units
-    # (the last layers' units: the cheapest to run from, on a loaded 2-core machine)
-    probe = [
-        u
-        for u in units
-        if u.endswith((f".{layers - 2}.mlp", f".{layers - 1}.self_attn", f".{layers - 1}.mlp"))
-    ]
-    direct = measure(model, windows, {u: units[u] for u in probe}, direct=True)
-    check = [
-        f"| {short_name(u)} | {s} | {direct.kl[u][s]:.4f} | {sens.kl[u][s]:.4f} |"
-        for u in probe
-        for s in direct.kl[u]
-        if s != CANDIDATES[0]
-    ]
+    sens, check = None, []
+    if not any("bits_per_weight" in (VARIANTS[n] or {}) for n in chosen):
+        pass  # no budget row: nothing to measure
+    elif args.sensitivity and args.sensitivity.exists():
+        sens, check = load_sensitivity(args.sensitivity)
+    else:
+        sens, check = measure_with_check(model, windows, units, layers)
+        if args.sensitivity:
+            save_sensitivity(args.sensitivity, sens, check)
     print("\n".join(check), flush=True)
 
     ids = processor.encode_text(HELD_OUT.read_text())[: args.tokens]
     reference = log_probs(model, ids)
     rows, plans = [], []
     with tempfile.TemporaryDirectory() as tmp:
-        for i, (name, kwargs) in enumerate(VARIANTS.items()):
+        for i, (name, kwargs) in enumerate((n, VARIANTS[n]) for n in chosen):
             t = time.perf_counter()
             if kwargs is None:
                 q = compare(reference, reference, ids)
@@ -136,17 +165,23 @@ def main() -> None:
     lines = [
         "# Mixed precision to a budget: Gemma 3 270M",
         "",
-        f"Gemma 3 270M (the offline float32 checkpoint, from the Q4_K_M GGUF), {len(ids)} held-out tokens "
-        f"of benchmarks/data/genesis_kjv.txt; sensitivity on {sens.tokens} tokens of the builtin calibration "
-        f"text ({args.samples} windows of {args.length}), {len(units)} units (embedding; attention and MLP "
-        "of each of 18 layers), cheapest candidate measured, the others estimated by the weight-error ratio "
-        "(checked below). Variants made by `gemma_mlx.convert.convert` with bfloat16 scales and float parts "
-        "(as a 12B conversion ships), read back with float32 activations. 12B columns: "
-        "`convert.estimate` on the released Gemma 4 12B config (tests/data/gemma-4-12b-config.json), "
-        "bfloat16, budget rows carried over by relative depth (12B layer j takes 270M layer "
-        f"floor(j*18/48)'s choice per unit type, the embedding its own). MLX {mx.__version__}, "
-        f"{platform.machine()} {model_name}, {os.cpu_count()} cores shared with other jobs; load average "
-        f"{load_before[0]:.1f} at start, {load_after[0]:.1f} at end.",
+        " ".join(
+            [
+                f"Gemma 3 270M (the offline float32 checkpoint, from the Q4_K_M GGUF), {len(ids)} held-out",
+                "tokens of benchmarks/data/genesis_kjv.txt; sensitivity on",
+                f"{sens.tokens if sens else 0} tokens of the builtin calibration text ({args.samples}",
+                f"windows of {args.length}), {len(units)} units (embedding; attention and MLP of each of",
+                "18 layers), cheapest candidate measured, the others estimated by the weight-error ratio",
+                "(checked below). Variants made by `gemma_mlx.convert.convert` with bfloat16 scales and",
+                "float parts (as a 12B conversion ships), read back with float32 activations. 12B columns:",
+                "`convert.estimate` on the released Gemma 4 12B config",
+                "(tests/data/gemma-4-12b-config.json), bfloat16, budget rows carried over by relative",
+                "depth (12B layer j takes 270M layer floor(j*18/48)'s choice per unit type, the",
+                f"embedding its own). MLX {mx.__version__}, {platform.machine()} {model_name},",
+                f"{os.cpu_count()} cores shared with other jobs; load average {load_before[0]:.1f} at",
+                f"start, {load_after[0]:.1f} at end.",
+            ]
+        ),
         "",
         f"    python benchmarks/mixed_precision.py --tokens {args.tokens} --samples {args.samples} "
         f"--length {args.length}",

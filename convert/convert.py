@@ -573,6 +573,8 @@ def convert(
             source, target.module, layout, bits_per_weight, float_bytes, calibration, sensitivity, progress
         )
         extra["quantization_plan.json"] = json.dumps(plan_doc, indent=1) + "\n"
+        specs = [s for s in layout.values() if s is not None]
+        spec = max(sorted(set(specs), key=str), key=specs.count)  # the config's global entry
     _refuse_more_bits(source, layout, quantized)
     # a layer the source already stores as planned is copied: requantizing is not idempotent
     # (measured: 12 % of 4-bit attention weights move by up to 2/3 of a step)

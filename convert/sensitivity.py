@@ -39,8 +39,9 @@ from gemma_mlx.quality import head_log_probs, head_table
 
 from .quantize import QuantSpec, layout_sizes
 
-# Candidate precisions, cheapest first: affine 4-bit g64 (the default), 4-bit g32, 6-bit, 8-bit.
-CANDIDATES = (QuantSpec(4, 64), QuantSpec(4, 32), QuantSpec(6, 64), QuantSpec(8, 64))
+# Candidate precisions, cheapest first: affine 3-bit g64 (so budgets below 4.5 can be met),
+# 4-bit g64 (the default), 4-bit g32, 6-bit, 8-bit.
+CANDIDATES = (QuantSpec(3, 64), QuantSpec(4, 64), QuantSpec(4, 32), QuantSpec(6, 64), QuantSpec(8, 64))
 EMBEDDING = "language_model.embed_tokens"
 _UNIT = re.compile(r"^(language_model\.layers\.(\d+)\.(self_attn|mlp))\.")
 Log = Callable[[str], None]

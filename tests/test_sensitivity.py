@@ -73,7 +73,7 @@ def test_units_group_layers_by_attention_and_mlp(measured):
 
 
 @pytest.mark.parametrize("unit", ["language_model.layers.3.mlp", "language_model.embed_tokens"])
-@pytest.mark.parametrize("spec", [CANDIDATES[0], CANDIDATES[2]])
+@pytest.mark.parametrize("spec", [CANDIDATES[0], CANDIDATES[1], CANDIDATES[3]])
 def test_measured_kl_equals_kl_of_really_quantized_model(src, measured, unit, spec):
     """Running from the cached layer input with fake-quantized weights is the same as the whole
     model with that unit quantized by `nn.quantize`."""
@@ -94,13 +94,18 @@ def test_estimate_tracks_measured_kl_in_the_quadratic_regime(measured):
     assert len(small) >= len(units) // 2
     for u in units:
         assert est.kl[u][LOW] == pytest.approx(direct.kl[u][LOW], rel=1e-6)
-        assert direct.kl[u][CANDIDATES[3]] < direct.kl[u][CANDIDATES[2]] < direct.kl[u][LOW]
+        assert (
+            direct.kl[u][CANDIDATES[4]]
+            < direct.kl[u][CANDIDATES[3]]
+            < direct.kl[u][CANDIDATES[1]]
+            < direct.kl[u][LOW]
+        )
         for s in CANDIDATES[1:]:
             if u in small:
                 assert 0.5 < est.kl[u][s] / direct.kl[u][s] < 2, (u, s, est.kl[u][s], direct.kl[u][s])
 
 
-@pytest.mark.parametrize("budget", [5.2, 5.5, 6.3, 7.0, 7.7])
+@pytest.mark.parametrize("budget", [4.3, 5.0, 5.5, 6.3, 7.7])
 def test_budget_met_as_the_converter_reports_it(src, measured, tmp_path, budget):
     sens = measured[2]
     report = convert(src, tmp_path / "out", bits_per_weight=budget, sensitivity=sens, progress=False)
@@ -130,7 +135,8 @@ def test_more_bits_where_quantizing_hurts(src, measured, tmp_path):
     """Layer 4's MLP made sensitive without changing the function: one hidden unit in each group
     of 64 of down_proj's inputs scaled up 1000x (its up_proj row down as much), so 4-bit rounds the
     other weights of every group to a few levels. The float output stays the same, that unit's
-    KL rises, and at the same budget it gets more bits than in the original model."""
+    KL rises, and at the same budget it never gets fewer bits than in the original model, and
+    more at most budgets."""
     unit = "language_model.layers.4.mlp"
     hurt = save_checkpoint(tmp_path / "hurt", GEMMA3_CONFIG)
     weights = mx.load(str(hurt / "model.safetensors"))
@@ -151,9 +157,13 @@ def test_more_bits_where_quantizing_hurts(src, measured, tmp_path):
     )
     assert after.kl[unit][LOW] > 10 * before.kl[unit][LOW]
     lowest = 8 * layout_bytes(model, base, 4) / sum(p.size for _, p in tree_flatten(model.parameters()))
-    was = allocate(original, base, before.kl, units, lowest + 0.6, 4).choice[unit]
-    now = allocate(model, base, after.kl, units, lowest + 0.6, 4).choice[unit]
-    assert now.bits_per_weight() > was.bits_per_weight()
+    raised = []
+    for extra in (0.3, 0.6, 1.0, 1.5, 2.0):
+        was = allocate(original, base, before.kl, units, lowest + extra, 4).choice[unit]
+        now = allocate(model, base, after.kl, units, lowest + extra, 4).choice[unit]
+        assert now.bits_per_weight() >= was.bits_per_weight(), extra
+        raised.append(now.bits_per_weight() > was.bits_per_weight())
+    assert sum(raised) >= 2, raised
 
 
 @pytest.mark.parametrize(

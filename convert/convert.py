@@ -563,7 +563,11 @@ def convert(
     )
     extra = {n: source / n for n in COPIED if (source / n).is_file()}
     allocation = None
-    if bits_per_weight is not None and target.kind == "model":
+    if bits_per_weight is not None:
+        if target.kind != "model":
+            raise ValueError(
+                "--bits-per-weight measures a model's output; it does not apply to an MTP drafter"
+            )
         if quantized:
             raise CheckpointError(
                 f"{source}: --bits-per-weight measures the float model; convert from a float checkpoint"

@@ -46,7 +46,9 @@ VARIANTS: dict[str, dict | None] = {
     "mlp_8bit (mlx-community 12B '4bit')": dict(bits=4, recipe="mlp_8bit"),
     "budget 4.6 bpw": dict(bits_per_weight=4.6),
     "budget 5.0 bpw": dict(bits_per_weight=5.0),
+    "budget 5.56 bpw (mlp_8bit's size on the 270M)": dict(bits_per_weight=5.56),
     "budget 6.0 bpw": dict(bits_per_weight=6.0),
+    "uniform 6-bit g64": dict(bits=6),
 }
 
 

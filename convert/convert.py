@@ -49,6 +49,7 @@ from gemma_mlx.models.gemma import Model
 from gemma_mlx.processor import Processor
 from gemma_mlx.safetensors_file import DTYPE_SIZES, FLOAT_DTYPES, read_headers
 
+from .calibration import calibration_set
 from .quantize import (
     FLOAT_BYTES,
     Override,
@@ -59,7 +60,7 @@ from .quantize import (
     plan,
     quantize_weight,
 )
-from .sensitivity import CANDIDATES, BudgetError, Sensitivity, allocate, measure, plan_json, units_of
+from .sensitivity import BudgetError, Sensitivity, allocate, measure, plan_json, units_of
 from .writer import SHARD_BYTES, atomic_directory, human_size, write_json, write_shards
 
 DRAFTER = "gemma4_unified_assistant"
@@ -545,7 +546,8 @@ def convert(
     spec = QuantSpec.make(bits, group_size, mode)  # bad flags fail before any download
     if bits_per_weight is not None:
         _check_budget_flags(bits_per_weight, recipe, mode, overrides, quantize)
-        spec = CANDIDATES[0]
+        # the base plan: units get the budget's choice; the rest (--quantize-multimodal) 4-bit g64
+        spec = QuantSpec()
     dtype = _float_dtype(dtype)
     source = resolve_source(src)
     out = Path(out)
@@ -646,8 +648,6 @@ def _budget(
 ):
     """The layout for `budget` bits per weight from the measured sensitivity of the float source
     (measured here unless given) -> (layout, `Allocation`, the plan JSON document)."""
-    from .calibration import calibration_set
-
     units = units_of([p for p, s in base.items() if s is not None])
     if sensitivity is None:
         processor = Processor.from_dir(source)

@@ -227,3 +227,21 @@ def test_mlx_lm_loads_budget_conversion(src, measured, tmp_path):
     ours, _ = gemma_mlx.load(out)
     diff = np.abs(logits(ours, MLX_LM_GEMMA3_SCALE) - logits(peer_model("mlx_lm", out))).max()
     assert diff <= TOLERANCE, diff
+
+
+def test_unified_model_budget(tmp_path):
+    """The unified model: text units measured on a text file, the vision/audio projections
+    (--quantize-multimodal) outside the units at 4-bit g64, the budget met."""
+    src = save_checkpoint(tmp_path / "unified")
+    calib = tmp_path / "calib.txt"
+    calib.write_text("The quick brown fox jumps over the lazy dog. " * 20)
+    out = tmp_path / "out"
+    report = convert(
+        src, out, bits_per_weight=5.0, calibration=calib, quantize_multimodal=True, progress=False
+    )
+    assert 4.95 <= report.bits_per_weight <= 5.0
+    model, _ = gemma_mlx.load(out)
+    proj = model.embed_vision.embedding_projection
+    assert (proj.bits, proj.group_size) == (4, 64)
+    units = json.loads((out / "quantization_plan.json").read_text())["units"]
+    assert len(units) == 1 + 2 * len(model.layers)

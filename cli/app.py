@@ -28,12 +28,14 @@ from . import chat as chat_repl
 from .bench_plot import PlotUnavailable, plot_decode, pyplot
 from .common import (
     AudioOpt,
+    DistributedOpt,
     DraftBlockOpt,
     DraftOpt,
     ImageOpt,
     JsonOpt,
     KvBitsOpt,
     KvGroupOpt,
+    LayersPerRankOpt,
     MinPOpt,
     ModelOpt,
     PrefillBar,
@@ -43,6 +45,9 @@ from .common import (
     TopPOpt,
     check_media,
     fail,
+    int_list,
+    is_follower,
+    join_group,
     load_checked,
     load_draft,
     resolve_model,
@@ -111,9 +116,14 @@ def generate(
     draft_block_size: DraftBlockOpt = 4,
     kv_bits: KvBitsOpt = None,
     kv_group_size: KvGroupOpt = 64,
+    distributed: DistributedOpt = False,
+    layers_per_rank: LayersPerRankOpt = None,
 ) -> None:
     """Complete a prompt and print the text as it is generated."""
-    if prompt is None:
+    group = join_group(distributed)
+    if is_follower(group):
+        prompt = ""  # rank 0 reads the prompt; this rank only runs its layers
+    elif prompt is None:
         if sys.stdin.isatty():
             fail("give a prompt as an argument or on stdin")
         prompt = sys.stdin.buffer.read().decode("utf-8", errors="replace")
@@ -122,7 +132,7 @@ def generate(
     path = resolve_model(model)
     images, clips = image or [], audio or []
     check_media(path, images, clips)
-    model_obj, processor = load_checked(path, kv_bits, kv_group_size)
+    model_obj, processor = load_checked(path, kv_bits, kv_group_size, group, layers_per_rank)
     sampling = SamplingParams(temperature, top_k, top_p, min_p, seed)
     last, text = None, []
     chunks = stream_generate(
@@ -174,11 +184,14 @@ def chat(
     draft_block_size: DraftBlockOpt = 4,
     kv_bits: KvBitsOpt = None,
     kv_group_size: KvGroupOpt = 64,
+    distributed: DistributedOpt = False,
+    layers_per_rank: LayersPerRankOpt = None,
 ) -> None:
     """Chat in the terminal: multi-turn with cache reuse, streaming, images and audio, /commands."""
+    group = join_group(distributed)
     path = resolve_model(model)
     check_media(path, image or [], audio or [])
-    model_obj, processor = load_checked(path, kv_bits, kv_group_size)
+    model_obj, processor = load_checked(path, kv_bits, kv_group_size, group, layers_per_rank)
     if think and not processor.supports_thinking:
         fail(f"--think: the chat template of {path} has no thinking mode")
     session = ChatSession(
@@ -241,16 +254,6 @@ def info(
     for k, v in rows.items():
         table.add_row(k, v)
     Console().print(table)
-
-
-def int_list(text: str, option: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        values = []
-    if not values or min(values) < 0:
-        fail(f"{option} {text!r}: expected comma-separated integers >= 0, like 0,1024,4096")
-    return values
 
 
 @app.command()

@@ -6,11 +6,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
+import mlx.core as mx
 import typer
 from rich.progress import Progress
 
 from gemma_mlx import CheckpointError, Drafter, load, load_config, load_drafter
 from gemma_mlx.convert.default_model import DESCRIPTION, default_model_path
+from gemma_mlx.distributed import init_group
 from gemma_mlx.footprint import footprint, memory_warning
 from gemma_mlx.hub import resolve
 from gemma_mlx.models.gemma import Model
@@ -54,6 +56,23 @@ DraftBlockOpt = Annotated[
         min=2,
         help="Most tokens per speculative round (last token + drafts); each round's size adapts to "
         "what pays, down to plain decoding.",
+    ),
+]
+DistributedOpt = Annotated[
+    bool,
+    typer.Option(
+        "--distributed",
+        help="Be one rank of a layer pipeline started by mlx.launch (same command on every host): "
+        "rank 0 owns the terminal or HTTP side, the other ranks hold the earlier layers.",
+    ),
+]
+LayersPerRankOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--layers-per-rank",
+        metavar="N,N,...",
+        help="With --distributed: layers on rank 0, 1, ... (rank 0 holds the last ones); default: "
+        "balanced by bytes.",
     ),
 ]
 
@@ -112,12 +131,53 @@ def check_media(path: Path, images: list[str], audio: list[str]) -> None:
         fail(f"{path}: this model has no audio input (--audio)")
 
 
-def load_checked(path: Path, kv_bits: int | None = None, kv_group_size: int = 64) -> tuple[Model, Processor]:
-    """Load after warning when weights plus the KV cache will not fit the memory available now."""
-    warning = memory_warning(footprint(path, kv_bits=kv_bits, kv_group_size=kv_group_size))
-    if warning:
-        typer.secho(f"warning: {warning}", fg=typer.colors.YELLOW, err=True)
-    model, processor = load(path)
+def int_list(text: str, option: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 0:
+        fail(f"{option} {text!r}: expected comma-separated integers >= 0, like 0,1024,4096")
+    return values
+
+
+def join_group(distributed: bool) -> mx.distributed.Group | None:
+    """The group of --distributed (None without it); a clear error when it cannot be formed."""
+    if not distributed:
+        return None
+    hint = "start the same command on every host with mlx.launch --hosts HOST1,HOST2 -- gemma-mlx ..."
+    try:
+        group = init_group(timeout=120)
+    except RuntimeError as e:
+        fail(f"--distributed: no distributed group could be formed ({e}); {hint}")
+    if group.size() < 2:
+        fail(f"--distributed: the group has only this process; {hint}")
+    return group
+
+
+def is_follower(group: mx.distributed.Group | None) -> bool:
+    """Whether this process is a rank > 0 of a pipeline: it serves rank 0 and prints nothing."""
+    return group is not None and group.rank() != 0
+
+
+def load_checked(
+    path: Path,
+    kv_bits: int | None = None,
+    kv_group_size: int = 64,
+    group: mx.distributed.Group | None = None,
+    layers_per_rank: str | None = None,
+) -> tuple[Model, Processor]:
+    """Load after warning when weights plus the KV cache will not fit the memory available now.
+    With a `group` (--distributed) this rank loads only its stage; a follower serves rank 0 here
+    and exits when rank 0 is done."""
+    if group is None:
+        warning = memory_warning(footprint(path, kv_bits=kv_bits, kv_group_size=kv_group_size))
+        if warning:
+            typer.secho(f"warning: {warning}", fg=typer.colors.YELLOW, err=True)
+    counts = int_list(layers_per_rank, "--layers-per-rank") if layers_per_rank else None
+    model, processor = load(path, distributed=group, layers_per_rank=counts)
+    if model is None:  # a follower whose rank 0 finished
+        raise typer.Exit(0)
     if processor is None:
         fail(f"{path}: the checkpoint has no tokenizer files")
     return model, processor

@@ -54,6 +54,18 @@ def convert_command(
             "BITS:GROUP, mxfp4, mxfp8, nvfp4). Repeatable; later ones win."
         ),
     ] = None,
+    bits_per_weight: Annotated[
+        float | None,
+        typer.Option(
+            help="Budget instead of --bits/--recipe: per-unit precisions (embedding, each layer's "
+            "attention and MLP; affine 4-bit g64/g32, 6-bit, 8-bit) chosen by their measured effect "
+            "on the output, e.g. 4.5 (the result's bits per weight, scales included).",
+        ),
+    ] = None,
+    calibration: Annotated[
+        str,
+        typer.Option(help="Calibration text for --bits-per-weight: builtin, or a .txt/.jsonl file."),
+    ] = "builtin",
     dtype: Annotated[
         str | None, typer.Option(help="Float dtype of unquantized parts: bfloat16, float16, float32.")
     ] = None,
@@ -92,6 +104,9 @@ def convert_command(
         if recipe not in RECIPES:
             raise ValueError(f"--recipe {recipe!r}: expected one of {', '.join(RECIPES)}")
         overrides = dict(parse_override(o, spec) for o in override or [])
+        if bits_per_weight is not None and (recipe != "uniform" or overrides):
+            flag = f"--recipe {recipe}" if recipe != "uniform" else "--override"
+            raise ValueError(f"--bits-per-weight chooses every unit's precision itself; drop {flag}")
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
     report = convert(
@@ -107,6 +122,8 @@ def convert_command(
         quantize_multimodal=quantize_multimodal,
         quantize_drafter=quantize_drafter,
         overrides=overrides,
+        bits_per_weight=bits_per_weight,
+        calibration=calibration,
         force=force,
         check=check,
         progress=True,

@@ -11,12 +11,15 @@ import uvicorn
 from gemma_mlx.server import create_app
 
 from .common import (
+    DistributedOpt,
     DraftBlockOpt,
     DraftOpt,
     KvBitsOpt,
     KvGroupOpt,
+    LayersPerRankOpt,
     ModelOpt,
     fail,
+    join_group,
     load_checked,
     load_draft,
     resolve_model,
@@ -50,13 +53,16 @@ def serve(
     model_id: Annotated[
         str | None, typer.Option("--model-id", help="The model name clients send (default: the directory's).")
     ] = None,
+    distributed: DistributedOpt = False,
+    layers_per_rank: LayersPerRankOpt = None,
 ) -> None:
     """Serve the model over HTTP with OpenAI's API (/v1/chat/completions, /v1/completions, /v1/models)."""
     for d in allow_files or []:
         if not d.expanduser().is_dir():
             fail(f"--allow-files {d}: no such directory")
+    group = join_group(distributed)
     path = resolve_model(model)
-    loaded, processor = load_checked(path, kv_bits, kv_group_size)
+    loaded, processor = load_checked(path, kv_bits, kv_group_size, group, layers_per_rank)
     drafter = load_draft(draft)
     if host not in LOOPBACK and api_key is None:
         typer.secho(f"warning: serving on {host} without --api-key", fg=typer.colors.YELLOW, err=True)

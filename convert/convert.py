@@ -15,6 +15,8 @@ models' `sanitize` reads every layout back.
 
 from __future__ import annotations
 
+import json
+import math
 import shutil
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
@@ -47,6 +49,7 @@ from gemma_mlx.models.gemma import Model
 from gemma_mlx.processor import Processor
 from gemma_mlx.safetensors_file import DTYPE_SIZES, FLOAT_DTYPES, read_headers
 
+from .calibration import calibration_set
 from .quantize import (
     FLOAT_BYTES,
     Override,
@@ -57,9 +60,12 @@ from .quantize import (
     plan,
     quantize_weight,
 )
+from .sensitivity import BudgetError, Sensitivity, allocate, measure, plan_json, units_of
 from .writer import SHARD_BYTES, atomic_directory, human_size, write_json, write_shards
 
 DRAFTER = "gemma4_unified_assistant"
+# calibration windows for --bits-per-weight: each unit's variants run these through the model
+SENSITIVITY_SAMPLES, SENSITIVITY_LENGTH = 8, 128
 # Files of a checkpoint besides the weights that a converted directory keeps.
 COPIED = (
     "tokenizer.json",
@@ -107,6 +113,7 @@ class ConversionReport:
     kept_float: dict[str, str] = field(default_factory=dict)  # quantizable layer -> why float
     seconds: float = 0.0
     check: dict | None = None
+    allocation: list[tuple[str, str]] | None = None  # --bits-per-weight: (spec, its units) rows
 
     @property
     def bits_per_weight(self) -> float:
@@ -137,6 +144,7 @@ class ConversionReport:
         ]
         if self.kept_float:
             rows.append(("quantizable layers kept in float", str(len(self.kept_float))))
+        rows += [(f"units at {spec}", units) for spec, units in self.allocation or []]
         for key, value in (self.check or {}).items():
             rows.append((f"check: {key.replace('_', ' ')}", f"{value:.4f}"))
         return rows
@@ -508,6 +516,9 @@ def convert(
     quantize_multimodal: bool = False,
     quantize_drafter: bool = False,
     overrides: Mapping[str, Override] | None = None,
+    bits_per_weight: float | None = None,
+    calibration: str | Path = "builtin",
+    sensitivity: Sensitivity | None = None,
     force: bool = False,
     check: bool = False,
     progress: bool | Progress | None = True,
@@ -521,6 +532,11 @@ def convert(
       it); the vision/audio projections stay float unless `quantize_multimodal`.
     - `recipe`: None/"uniform" or a mixed recipe (`quantize.RECIPES`); `overrides`: regex on the
       module path -> `QuantSpec`, bits, or None (float); later patterns win.
+    - `bits_per_weight`: instead of a recipe, per-unit precisions (embedding; each layer's
+      attention and MLP) chosen from `sensitivity.CANDIDATES` by their measured effect on the
+      output (`sensitivity.measure` on `calibration`: "builtin" or a .txt/.jsonl file) to this
+      budget, as `ConversionReport.bits_per_weight` counts it; `quantization_plan.json` in `out`
+      records the choice. `sensitivity`: a measurement of this source to reuse.
     - `dtype`: float dtype of everything not quantized ("bfloat16"/"float16"/"float32"; default
       as in the source); `quantize=False` writes a float checkpoint.
     - A `gemma4_unified_assistant` drafter stays float unless `quantize_drafter`.
@@ -528,6 +544,10 @@ def convert(
     - `check`: compare the result with the source on a short prompt (`check_conversion`).
     """
     spec = QuantSpec.make(bits, group_size, mode)  # bad flags fail before any download
+    if bits_per_weight is not None:
+        _check_budget_flags(bits_per_weight, recipe, mode, overrides, quantize)
+        # the base plan: units get the budget's choice; the rest (--quantize-multimodal) 4-bit g64
+        spec = QuantSpec()
     dtype = _float_dtype(dtype)
     source = resolve_source(src)
     out = Path(out)
@@ -543,6 +563,24 @@ def convert(
         if quantize
         else {}
     )
+    extra = {n: source / n for n in COPIED if (source / n).is_file()}
+    allocation = None
+    if bits_per_weight is not None:
+        if target.kind != "model":
+            raise ValueError(
+                "--bits-per-weight measures a model's output; it does not apply to an MTP drafter"
+            )
+        if quantized:
+            raise CheckpointError(
+                f"{source}: --bits-per-weight measures the float model; convert from a float checkpoint"
+            )
+        float_bytes = FLOAT_BYTES[dtype] if dtype else itemsize
+        layout, allocation, plan_doc = _budget(
+            source, target.module, layout, bits_per_weight, float_bytes, calibration, sensitivity, progress
+        )
+        extra["quantization_plan.json"] = json.dumps(plan_doc, indent=1) + "\n"
+        specs = [s for s in layout.values() if s is not None]
+        spec = max(sorted(set(specs), key=str), key=specs.count)  # the config's global entry
     _refuse_more_bits(source, layout, quantized)
     # a layer the source already stores as planned is copied: requantizing is not idempotent
     # (measured: 12 % of 4-bit attention weights move by up to 2/3 of a step)
@@ -550,9 +588,10 @@ def convert(
     report = ConversionReport(
         out, str(src), target.kind, recipe=recipe or "uniform", dtype=dtype, kept_float=notes
     )
+    if allocation is not None:
+        report.recipe, report.allocation = f"budget {bits_per_weight} bits per weight", allocation.table()
     if target.kind == "model":
         report.source_bytes_per_token = footprint(source).bytes_per_token
-    extra = {n: source / n for n in COPIED if (source / n).is_file()}
     items = _read_source(files, target.rename, quantized, packed)
     _write(
         out,
@@ -578,6 +617,57 @@ def convert(
         else:
             report.check = check_fn(source, out)
     return report
+
+
+def _check_budget_flags(
+    budget: float, recipe: str | None, mode: str, overrides: Mapping | None, quantize: bool
+) -> None:
+    if not isinstance(budget, int | float) or not math.isfinite(budget):
+        raise BudgetError(f"--bits-per-weight {budget!r}: expected a finite number, e.g. 4.5")
+    if not quantize:
+        raise ValueError("--bits-per-weight quantizes; it cannot go with --no-quantize")
+    if recipe not in (None, "uniform"):
+        raise ValueError(
+            f"--bits-per-weight chooses every unit's precision itself; drop --recipe {recipe} (or the budget)"
+        )
+    if mode != "affine":
+        raise ValueError(f"--bits-per-weight uses affine candidates; drop --mode {mode}")
+    if overrides:
+        raise ValueError("--bits-per-weight chooses every unit's precision itself; drop --override")
+
+
+def _budget(
+    source: Path,
+    module: Model,
+    base: dict[str, QuantSpec | None],
+    budget: float,
+    float_bytes: int | Mapping[str, int],
+    calibration: str | Path,
+    sensitivity: Sensitivity | None,
+    progress: bool | Progress | None,
+):
+    """The layout for `budget` bits per weight from the measured sensitivity of the float source
+    (measured here unless given) -> (layout, `Allocation`, the plan JSON document)."""
+    units = units_of([p for p, s in base.items() if s is not None])
+    if sensitivity is None:
+        processor = Processor.from_dir(source)
+        if processor is None:
+            raise CheckpointError(
+                f"{source}: --bits-per-weight needs the tokenizer to read the calibration text"
+            )
+        windows = [
+            c.ids for c in calibration_set(processor, calibration, SENSITIVITY_SAMPLES, SENSITIVITY_LENGTH)
+        ]
+        console = Console(stderr=True)
+        log = console.print if progress is True else None
+        if log:
+            log(f"measuring the sensitivity of {len(units)} units on {sum(map(len, windows))} tokens")
+        model = load_model(source)
+        sensitivity = measure(model, windows, units, log=log)
+        del model
+        mx.clear_cache()
+    alloc = allocate(module, base, sensitivity.kl, units, budget, float_bytes)
+    return alloc.layout, alloc, plan_json(alloc, sensitivity, str(calibration))
 
 
 def convert_drafter(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import mlx.core as mx
@@ -28,8 +29,14 @@ __version__ = "0.1.0"
 
 
 def load(
-    path: str | Path, dtype: str | mx.Dtype | None = "auto", lazy: bool = False, check_finite: bool = False
-) -> tuple[Model, Processor | None]:
+    path: str | Path,
+    dtype: str | mx.Dtype | None = "auto",
+    lazy: bool = False,
+    check_finite: bool = False,
+    *,
+    distributed: mx.distributed.Group | None = None,
+    layers_per_rank: Sequence[int] | None = None,
+) -> tuple[Model | None, Processor | None]:
     """Load a checkpoint (a directory: Hugging Face, mlx-vlm / mlx-lm / mlx-community or ours; or a
     Hub id `org/name[@revision]`, downloaded into the Hugging Face cache) -> `(model, processor)`.
 
@@ -39,8 +46,18 @@ def load(
     default) is float32 for quantized checkpoints on MLX's CPU backend, where quantized matmuls
     with 16-bit activations are several times slower, and as stored otherwise (`compute_dtype`).
     `check_finite` refuses weights with NaN or infinite values, naming them (reads every weight).
+
+    `distributed` (a group of 2 or more ranks, `mx.distributed.init()` under `mlx.launch`) splits
+    the layers into a pipeline (`gemma_mlx.distributed`; `layers_per_rank[r]` layers on rank r,
+    rank 0 holding the last ones, else balanced by bytes): rank 0 gets the model and processor,
+    the other ranks serve it and return `(None, None)` when rank 0 closes (or exits).
     """
     path = resolve(path)
+    if distributed is not None and distributed.size() > 1:
+        from .distributed import load_pipeline
+
+        model = load_pipeline(path, distributed, dtype, lazy, check_finite, layers_per_rank)
+        return model, (Processor.from_dir(path) if model is not None else None)
     return load_model(path, dtype, lazy, check_finite), Processor.from_dir(path)
 
 

@@ -109,7 +109,7 @@ def compute_dtype(quantization: dict | None) -> mx.Dtype | None:
     return mx.float32 if quantization and mx.default_device() == mx.cpu else None
 
 
-def _dtype(dtype: str | mx.Dtype | None, quantization: dict | None) -> mx.Dtype | None:
+def resolve_dtype(dtype: str | mx.Dtype | None, quantization: dict | None) -> mx.Dtype | None:
     if dtype == "auto":
         return compute_dtype(quantization)
     if isinstance(dtype, str):
@@ -127,7 +127,7 @@ def load_model(
     path = Path(path)
     config = load_config(path)
     model = Model(config)
-    load_weights(model, path, config.quantization, _dtype(dtype, config.quantization), check_finite)
+    load_weights(model, path, config.quantization, resolve_dtype(dtype, config.quantization), check_finite)
     if not lazy:
         mx.eval(model.parameters())
     model.eval()
@@ -139,7 +139,7 @@ def load_drafter(path: str | Path, dtype: str | mx.Dtype | None = "auto") -> Dra
     path = Path(path)
     raw = read_config(path)
     drafter = Drafter(parse_drafter_config(raw, str(path / "config.json")))
-    load_weights(drafter, path, raw.get("quantization"), _dtype(dtype, raw.get("quantization")))
+    load_weights(drafter, path, raw.get("quantization"), resolve_dtype(dtype, raw.get("quantization")))
     mx.eval(drafter.parameters())
     drafter.eval()
     return drafter

@@ -69,12 +69,14 @@ class DraftControl:
         return sum(a**i for i in range(k + 1)) / self.cost(k)
 
     def choose(self) -> int:
-        """Drafts for the next round: first full blocks and plain steps until both are timed,
-        then the best expected rate; after `probe_every` plain rounds, one probe with drafts."""
-        if self.model is None and self.max_drafts not in self.costs:
-            k = self.max_drafts
-        elif self.model is None and 0 not in self.costs:
+        """Drafts for the next round: first plain steps and single drafts until both are timed (the
+        cheapest rounds that give the cost line's intercept and slope: a first guess of full blocks
+        wastes up to `max_drafts` steps a round where verify passes are dear), then the best
+        expected rate; after `probe_every` plain rounds, one probe with drafts."""
+        if self.model is None and 0 not in self.costs:
             k = 0
+        elif self.model is None and 1 not in self.costs:
+            k = 1
         else:
             k = max(range(self.max_drafts + 1), key=self.rate)
             if k:

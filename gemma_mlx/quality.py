@@ -20,10 +20,7 @@ def log_probs(
 ) -> np.ndarray:
     """Next-token log-probabilities `[L, vocab]` (float64) for every position of `ids`. With a
     `cache` the text goes through it in chunks of `step` tokens, so attention reads the cache's
-    stored (e.g. quantized) keys and values as decoding does.
-
-    The tied LM head is applied in numpy on the dequantized table: mathematically the same
-    product, and far faster than MLX's CPU matmul for a 262k vocabulary.
+    stored (e.g. quantized) keys and values as decoding does. The head: `head_log_probs`.
     """
     ids = list(ids)
     chunks = [ids] if cache is None else [ids[i : i + step] for i in range(0, len(ids), step)]
@@ -33,6 +30,11 @@ def log_probs(
             for c in chunks
         ]
     )
+    return head_log_probs(model, hidden)
+
+
+def head_table(model: Model) -> np.ndarray:
+    """The tied LM head `[vocab, dim]` as a float32 numpy array (dequantized if quantized)."""
     emb = model.language_model.embed_tokens
     if hasattr(emb, "scales"):
         table = mx.dequantize(
@@ -45,7 +47,18 @@ def log_probs(
         )
     else:
         table = emb.weight
-    logits = (hidden @ np.array(table.astype(mx.float32)).T).astype(np.float64)
+    return np.array(table.astype(mx.float32))
+
+
+def head_log_probs(model: Model, hidden: np.ndarray, table: np.ndarray | None = None) -> np.ndarray:
+    """Log-probabilities `[L, vocab]` (float64) from final-norm hidden states `[L, dim]`.
+
+    The tied LM head is applied in numpy on the dequantized table (`table`, default
+    `head_table(model)`): mathematically the same product, and far faster than MLX's CPU matmul
+    for a 262k vocabulary.
+    """
+    table = head_table(model) if table is None else table
+    logits = (hidden @ table.T).astype(np.float64)
     cap = model.config.text.final_logit_softcapping
     if cap is not None:
         logits = np.tanh(logits / cap) * cap

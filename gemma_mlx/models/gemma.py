@@ -6,6 +6,7 @@ Reference: transformers `gemma4_unified/modeling_gemma4_unified.py` (and `gemma3
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -167,8 +168,7 @@ class TextModel(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = [DecoderLayer(cfg, spec, query_only) for spec in cfg.layers]
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset)
-        types = cfg.layer_types
-        self.last_of_type = {t: len(types) - 1 - types[::-1].index(t) for t in set(types)}
+        self.last_of_type = last_of_type(cfg)
 
     def embed(self, ids: mx.array) -> mx.array:
         h = self.embed_tokens(ids)
@@ -186,28 +186,51 @@ class TextModel(nn.Module):
         """`h [B, L, dim]` -> (final-norm hidden, the K/V the last layer of each type attended to).
         Query-only layers take `shared` (keys, values, mask per layer type) and the `position` of
         the first query."""
-        cfg, n = self.config, h.shape[1]
+        cfg = self.config
         if shared is not None:
             for layer, t in zip(self.layers, cfg.layer_types, strict=True):
                 k, v, mask = shared[t]
                 h, _ = layer(h, mask, shared=(k, v, position))
             return self.norm(h), {}
         cache = cache or [None] * len(self.layers)
-        masks = {
-            t: attention_mask(
-                cache[cfg.layer_types.index(t)],
-                n,
-                cfg.sliding_window if t == SLIDING else None,
-                block_ids if t == SLIDING else None,
-            )
-            for t in self.last_of_type
-        }
-        kv_out = {}
-        for i, (layer, c, t) in enumerate(zip(self.layers, cache, cfg.layer_types, strict=True)):
-            h, kv = layer(h, masks[t], c)
-            if i == self.last_of_type[t]:
-                kv_out[t] = kv
+        h, kv_out = run_layers(self.layers, range(len(self.layers)), cfg, h, cache, block_ids)
         return self.norm(h), kv_out
+
+
+def last_of_type(cfg: TextConfig) -> dict[str, int]:
+    """Layer type -> the number of the model's last layer of that type."""
+    types = cfg.layer_types
+    return {t: len(types) - 1 - types[::-1].index(t) for t in set(types)}
+
+
+def run_layers(
+    layers: Sequence[DecoderLayer],
+    indices: range,
+    cfg: TextConfig,
+    h: mx.array,
+    cache: Sequence[Cache | None],
+    block_ids: mx.array | None,
+) -> tuple[mx.array, dict[str, tuple[mx.array, mx.array]]]:
+    """Run decoder layers with the model's layer numbers `indices` (all of them, or a pipeline
+    stage's) and their caches: one mask per layer type, from the first cache of that type. ->
+    (hidden, the K/V of the model's last layer of each type, where it is among them)."""
+    types = [cfg.layer_types[i] for i in indices]
+    masks = {
+        t: attention_mask(
+            cache[types.index(t)],
+            h.shape[1],
+            cfg.sliding_window if t == SLIDING else None,
+            block_ids if t == SLIDING else None,
+        )
+        for t in set(types)
+    }
+    last = {i: t for t, i in last_of_type(cfg).items()}
+    kv_out = {}
+    for layer, c, t, i in zip(layers, cache, types, indices, strict=True):
+        h, kv = layer(h, masks[t], c)
+        if i in last:
+            kv_out[t] = kv
+    return h, kv_out
 
 
 def float_dtype(linear: nn.Module) -> mx.Dtype | None:

@@ -100,19 +100,23 @@ def fake_quantize(w: mx.array, spec: QuantSpec, dtype: mx.Dtype) -> mx.array:
     ).astype(mx.float32)
 
 
+# Statistics, errors and Hessians leave out each prompt's first position (BOS): Gemma's attention
+# sink carries activations orders of magnitude above the rest, and would otherwise decide the
+# scales and the Hessian alone. Its keys and values still count through the other positions'
+# attention outputs.
 def _flat(xs: list[mx.array]) -> mx.array:
-    return mx.concatenate([x.reshape(-1, x.shape[-1]) for x in xs])
+    return mx.concatenate([x[:, 1:].reshape(-1, x.shape[-1]) for x in xs])
 
 
 def _error(out: list[mx.array], ref: list[mx.array]) -> float:
-    return sum(float(mx.mean(mx.square(o - r))) * o.size for o, r in zip(out, ref, strict=True))
+    return sum(float(mx.sum(mx.square(o[:, 1:] - r[:, 1:]))) for o, r in zip(out, ref, strict=True))
 
 
 def _hessian(xs: list[mx.array]) -> np.ndarray:
-    """`sum X^T X` over every calibration token, float64 (numpy: see `_HostLinear`)."""
+    """`sum X^T X` over the calibration tokens, float64 (numpy: see `_HostLinear`)."""
     h = 0
     for x in xs:
-        x = np.array(x.reshape(-1, x.shape[-1]), dtype=np.float32)
+        x = np.array(x[:, 1:].reshape(-1, x.shape[-1]), dtype=np.float32)
         h = h + (x.T @ x).astype(np.float64)
     return h
 
@@ -269,13 +273,21 @@ def _gptq(L: _Layer, batches: list[_Batch], t: str) -> dict[str, dict[str, mx.ar
         if not group:
             return
         H = _hessian(xs)
+        # Linears that share an input and a spec go as one stacked weight (rows are independent)
+        by_spec: dict[tuple, list[tuple[str, nn.Linear]]] = {}
         for name, m in group:
-            spec = L.spec(name)
-            q = gptq_quantize(m.weight, H, spec, L.dtype(name))
-            out[name] = q
-            m.weight = mx.dequantize(
-                q["weight"], q["scales"], q["biases"], spec.group_size, spec.bits
-            ).astype(mx.float32)
+            by_spec.setdefault((L.spec(name), L.dtype(name)), []).append((name, m))
+        for (spec, dtype), same in by_spec.items():
+            stacked = gptq_quantize(mx.concatenate([m.weight for _, m in same]), H, spec, dtype)
+            start = 0
+            for name, m in same:
+                rows = m.weight.shape[0]
+                q = {k: v[start : start + rows] for k, v in stacked.items()}
+                start += rows
+                out[name] = q
+                m.weight = mx.dequantize(
+                    q["weight"], q["scales"], q["biases"], spec.group_size, spec.bits
+                ).astype(mx.float32)
 
     attn, mlp = layer.self_attn, layer.mlp
     quantize(L.qkv, L.attn_inputs(batches))

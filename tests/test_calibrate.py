@@ -40,7 +40,7 @@ FOLD_TOLERANCE = 3e-4  # the tiny tokenizer's own text, not in the stdlib calibr
 
 @pytest.fixture(autouse=True)
 def short_grid(monkeypatch):
-    monkeypatch.setattr(calibrate_module, "AWQ_GRID", 5)
+    monkeypatch.setattr(calibrate_module, "AWQ_GRID", 3)
 
 
 def gemma3(tmp: Path) -> Path:
@@ -194,7 +194,7 @@ def converted(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("calibrate")
     src = outliers(gemma3(tmp))
     mp = pytest.MonkeyPatch()
-    mp.setattr(calibrate_module, "AWQ_GRID", 5)
+    mp.setattr(calibrate_module, "AWQ_GRID", 3)
     try:
         out = {
             m: convert(
@@ -316,3 +316,18 @@ def test_bad_method_and_missing_file(tmp_path):
         convert(src, tmp_path / "o", method="gptq", calibration=tmp_path / "missing.txt", progress=False)
     assert not (tmp_path / "o").exists()
     assert not list(tmp_path.glob(".calibration-*"))
+
+
+def test_cli_method_flags(tmp_path):
+    from typer.testing import CliRunner
+
+    from gemma_mlx.cli.app import app
+
+    src, runner = gemma3(tmp_path), CliRunner()
+    bad = runner.invoke(app, ["convert", str(src), str(tmp_path / "x"), "--method", "sparse"])
+    assert bad.exit_code != 0 and "--method 'sparse'" in bad.stderr
+    args = ["--method", "gptq", "--calibration-samples", "2", "--calibration-length", "16"]
+    result = runner.invoke(app, ["convert", str(src), str(tmp_path / "q"), *args])
+    assert result.exit_code == 0, result.stderr
+    assert "gptq, calibrated on 2 prompts" in result.stdout
+    gemma_mlx.load(tmp_path / "q")

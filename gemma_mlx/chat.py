@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 
 import mlx.core as mx
 
+from .draft_control import DraftControl
 from .generate import GenerationChunk, GenerationStats, make_cache, stream_generate
 from .media import load_audio, load_image
 from .models.drafter import Drafter
@@ -46,6 +47,8 @@ class ChatSession:
         self.pending: list[dict] = []
         self.last_tool_calls: list[ToolCall] = []  # of the last answer, when it called tools
         self.stats = GenerationStats()  # of the last turn; cached_prompt_tokens > 0: the cache was reused
+        # one draft controller for the whole session: its measured costs carry over between turns
+        self.draft_control = DraftControl(self.draft_block_size - 1) if self.drafter else None
         self._reset_cache()
 
     def _reset_cache(self) -> None:
@@ -182,6 +185,7 @@ class ChatSession:
                 prefill_progress=self.prefill_progress,
                 drafter=self.drafter,
                 draft_block_size=self.draft_block_size,
+                draft_control=self.draft_control,
                 **asdict(self.sampling),
             ):
                 self.tokens.append(chunk.token)

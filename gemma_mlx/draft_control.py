@@ -35,7 +35,7 @@ class DraftControl:
         max_probe_every: int = 256,
     ):
         if max_drafts < 1:
-            raise ValueError(f"max_drafts={max_drafts}: must be >= 1")
+            raise ValueError(f"max_drafts={max_drafts}: must be >= 1 (draft blocks of 2 or more tokens)")
         self.max_drafts, self.clock, self.model = max_drafts, clock, cost
         self.decay, self.min_probe, self.max_probe = decay, probe_every, max_probe_every
         self.costs: dict[int, float] = {}  # k -> running mean seconds of a round with k drafts
@@ -69,12 +69,14 @@ class DraftControl:
         return sum(a**i for i in range(k + 1)) / self.cost(k)
 
     def choose(self) -> int:
-        """Drafts for the next round: first full blocks and plain steps until both are timed,
-        then the best expected rate; after `probe_every` plain rounds, one probe with drafts."""
-        if self.model is None and self.max_drafts not in self.costs:
-            k = self.max_drafts
-        elif self.model is None and 0 not in self.costs:
+        """Drafts for the next round: first plain steps and single drafts until both are timed (the
+        cheapest rounds that give the cost line's intercept and slope: a first guess of full blocks
+        wastes up to `max_drafts` steps a round where verify passes are dear), then the best
+        expected rate; after `probe_every` plain rounds, one probe with drafts."""
+        if self.model is None and 0 not in self.costs:
             k = 0
+        elif self.model is None and 1 not in self.costs:
+            k = 1
         else:
             k = max(range(self.max_drafts + 1), key=self.rate)
             if k:
@@ -83,6 +85,8 @@ class DraftControl:
                 k = max(range(1, self.max_drafts + 1), key=self.rate)
                 self.probe_every = min(2 * self.probe_every, self.max_probe)
         self.plain_rounds = self.plain_rounds + 1 if k == 0 else 0
+        if len(self.history) >= 4096:  # a long-lived controller (a server's) keeps the recent rounds
+            del self.history[:2048]
         self.history.append(k)
         return k
 

@@ -169,6 +169,11 @@ def generate_tokens(
     falls back to plain steps when drafting does not pay)."""
     if drafter is not None:
         check_block_size(draft_block_size, cache)
+        if draft_control is not None and draft_control.max_drafts != draft_block_size - 1:
+            raise ValueError(
+                f"draft_control drafts up to {draft_control.max_drafts} tokens, "
+                f"draft_block_size={draft_block_size} needs {draft_block_size - 1}"
+            )
     if ids.shape[0] > 1:
         prefill(model, ids[:-1], cache, media=media, step=prefill_step_size, progress=progress)
     last = ids[-1:]
@@ -219,14 +224,27 @@ def _speculate(
     decoding's (greedy, or sampled with the same seed)."""
     stats = stats if stats is not None else GenerationStats()
     out = model.forward(last[None], cache)
-    t0, hidden, number = int(sample(out.logits[:, -1], 0).item()), out.hidden[:, -1:], 0
+    t0, hidden, number = sample(out.logits[:, -1], 0), out.hidden[:, -1:], 0
+    done: tuple[int, int] | None = None  # the previous round's (drafts, accepted)
+    tic = control.clock()
     while True:
-        yield t0
-        k = control.choose()
-        start = control.clock()
-        block = mx.array([[t0]])
-        if k:
-            block = mx.concatenate([block, drafter.draft(model, cache, t0, hidden, k)], axis=1)
+        # a round is timed from one choice to the next, the caller's work on its tokens included,
+        # so plain rounds (whose next step runs while the caller works) and drafting rounds compare
+        # by the throughput the caller sees
+        now = control.clock()
+        if done is not None:
+            control.update(*done, now - tic)
+        tic, k = now, control.choose()
+        if k == 0:  # a plain step, queued before `t0` is handed out, as in `_decode`
+            out = model.forward(t0.reshape(1, 1), cache)
+            nxt = sample(out.logits[0], number + 1)
+            mx.async_eval(nxt, out.hidden)
+            yield t0.item()
+            t0, hidden, number, done = nxt, out.hidden, number + 1, (0, 0)
+            continue
+        first = t0.item()
+        yield first
+        block = mx.concatenate([t0.reshape(1, 1), drafter.draft(model, cache, first, hidden, k)], axis=1)
         out = model.forward(block, cache)
         targets = sample(out.logits[0], number + 1)
         mx.eval(block, targets)
@@ -234,14 +252,13 @@ def _speculate(
         n = 0
         while n < k and proposed[n] == chosen[n]:
             n += 1
-        control.update(k, n, control.clock() - start)
         number += n + 1
         stats.drafted += k
         stats.accepted += n
         yield from proposed[:n]
         for c in cache:
             c.trim(k - n)
-        t0, hidden = chosen[n], out.hidden[:, n : n + 1]
+        t0, hidden, done = targets[n : n + 1], out.hidden[:, n : n + 1], (k, n)
 
 
 class TextStream:
@@ -320,6 +337,7 @@ def stream_generate(
     prefill_progress: Progress | None = None,
     drafter: Drafter | None = None,
     draft_block_size: int = 4,
+    draft_control: DraftControl | None = None,
     kv_bits: int | None = None,
     kv_group_size: int = 64,
     tools: Sequence[dict] | None = None,
@@ -331,10 +349,12 @@ def stream_generate(
     string appears (the stop string itself is not emitted). A `cache` already holding earlier
     tokens is continued: only `prompt`'s tokens are prefilled (a new cache is quantized with
     `kv_bits`, see `make_cache`). With a `drafter` (see
-    `load_drafter`), decoding is speculative with blocks of `draft_block_size` tokens (greedy
-    output is unchanged). `tools` (OpenAI function schemas) are declared to a chat prompt; the
-    streamed text keeps the model's markup (`gemma_mlx.tools.OutputParser` splits it). Arguments
-    are checked before any work; errors are ValueErrors naming them.
+    `load_drafter`), decoding is speculative with blocks of at most `draft_block_size` tokens
+    (greedy output is unchanged); pass the same `draft_control` to successive calls to keep what
+    it has measured (a chat session and the server do). `tools` (OpenAI function schemas) are
+    declared to a chat prompt; the streamed text keeps the model's markup
+    (`gemma_mlx.tools.OutputParser` splits it). Arguments are checked before any work; errors are
+    ValueErrors naming them.
     """
     sampling = SamplingParams(temperature, top_k, top_p, min_p, seed)
     text = TextStream(processor.tokenizer, stop)
@@ -381,6 +401,7 @@ def stream_generate(
         sampling.token_sampler(suppressed_ids(model, processor)),
         drafter=drafter,
         draft_block_size=draft_block_size,
+        draft_control=draft_control,
         stats=stats,
         media=inputs.model_kwargs(),
         prefill_step_size=prefill_step_size,

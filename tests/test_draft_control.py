@@ -4,6 +4,7 @@ so the decisions are free of timing noise."""
 
 from __future__ import annotations
 
+import copy
 import itertools
 
 import mlx.core as mx
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 from tiny import Oracle
 
-from gemma_mlx import SamplingParams, load, make_cache
+from gemma_mlx import ChatSession, SamplingParams, load, make_cache
 from gemma_mlx.draft_control import DraftControl
 from gemma_mlx.generate import generate_tokens
 
@@ -83,8 +84,8 @@ def test_default_control_times_rounds_and_keeps_output(target):
     plain = run(model, prompt, SamplingParams())
     control = DraftControl(MAX_DRAFTS)
     assert run(model, prompt, SamplingParams(), Oracle(prompt + plain, 512, wrong=4), control) == plain
-    assert control.history[:3] == [MAX_DRAFTS, MAX_DRAFTS, 0]  # full blocks and steps timed first
-    assert set(control.costs) >= {0, MAX_DRAFTS}
+    assert control.history[:4] == [0, 0, 1, 1]  # plain steps and single drafts timed first
+    assert set(control.costs) >= {0, 1}
 
 
 class Clock:
@@ -131,3 +132,52 @@ def test_probes_back_off_while_drafting_does_not_pay():
 def test_bad_arguments():
     with pytest.raises(ValueError, match="max_drafts=0"):
         DraftControl(0)
+
+
+def test_plain_rounds_queue_the_next_step_before_handing_out_a_token(target, monkeypatch):
+    """When drafting does not pay, a token is handed out only after the step that follows it has
+    been queued (as plain decoding does), so the caller's work overlaps the next step."""
+    model, prompt = target
+    plain = run(model, prompt, SamplingParams())
+    control = DraftControl(MAX_DRAFTS, cost=CPU, probe_every=1000, max_probe_every=1000)
+    calls, forward = [], model.forward
+    monkeypatch.setattr(model, "forward", lambda *a, **k: calls.append(1) or forward(*a, **k))
+    tokens = generate_tokens(
+        model,
+        mx.array(prompt, dtype=mx.int32),
+        make_cache(model),
+        SamplingParams().token_sampler(),
+        drafter=Oracle(prompt + plain, 512),
+        draft_block_size=MAX_DRAFTS + 1,
+        draft_control=control,
+    )
+    out = [next(tokens) for _ in range(20)]
+    tokens.close()
+    assert out == plain[:20] and control.history == [0] * 20
+    # the prefill, the prompt's last token, then for each token handed out the step after it
+    assert len(calls) == 1 + 1 + 20
+
+
+def test_a_controller_kept_across_generations_keeps_its_measurements(checkpoint):
+    """A chat session drafts with one controller for all its turns: what the first turn measured
+    (costs, acceptance) decides the second turn's first round; output stays plain decoding's."""
+    model, processor = load(checkpoint)
+    plain = ChatSession(model, processor, max_tokens=12)
+    first, second = "".join(c.text for c in plain.send("a b")), "".join(c.text for c in plain.send("c"))
+    session = ChatSession(
+        model, processor, max_tokens=12, drafter=Oracle([], 512, wrong=1), draft_block_size=4
+    )
+    control = session.draft_control
+    assert "".join(c.text for c in session.send("a b")) == first
+    rounds = len(control.history)
+    assert control.history[:4] == [0, 0, 1, 1] and set(control.costs) >= {0, 1}  # timed in turn one
+    assert control.acceptance < 0.5  # drafts were always wrong
+    expected = copy.deepcopy(control).choose()  # from turn one's measurements, not a new warm-up
+    assert "".join(c.text for c in session.send("c")) == second
+    assert session.draft_control is control and control.history[rounds] == expected
+
+
+def test_a_controller_for_other_blocks_is_refused(target):
+    model, prompt = target
+    with pytest.raises(ValueError, match="draft_control drafts up to 3 tokens, draft_block_size=8"):
+        run(model, prompt, SamplingParams(), Oracle(prompt, 512), DraftControl(3))

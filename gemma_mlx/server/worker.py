@@ -20,6 +20,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
+from ..draft_control import DraftControl
 from ..generate import GenerationResult, make_cache, prefill, stream_generate
 from ..processor import Inputs
 from ..prompt_cache import PromptCache, PromptKey
@@ -86,6 +87,8 @@ class Worker:
     ) -> None:
         self.model, self.processor, self.drafter = model, processor, drafter
         self.draft_block_size, self.prefill_step_size = draft_block_size, prefill_step_size
+        # one draft controller for all requests: what it measured carries over between them
+        self.draft_control = DraftControl(draft_block_size - 1) if drafter is not None else None
         self.kv = dict(kv_bits=kv_bits, kv_group_size=kv_group_size)
         self.prompt_cache = PromptCache(cache_bytes)
         self.max_queue = max_queue
@@ -177,6 +180,7 @@ class Worker:
             cache=cache,
             drafter=self.drafter,
             draft_block_size=self.draft_block_size,
+            draft_control=self.draft_control,
             **job.sampling,
         )
         try:

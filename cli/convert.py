@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from gemma_mlx.convert import MODES, RECIPES, QuantSpec, convert, parse_override
+from gemma_mlx.convert.calibrate import METHODS
 from gemma_mlx.convert.writer import SHARD_BYTES
 
 
@@ -62,10 +63,6 @@ def convert_command(
             "on the output, e.g. 4.5 (the result's bits per weight, scales included).",
         ),
     ] = None,
-    calibration: Annotated[
-        str,
-        typer.Option(help="Calibration text for --bits-per-weight: builtin, or a .txt/.jsonl file."),
-    ] = "builtin",
     dtype: Annotated[
         str | None, typer.Option(help="Float dtype of unquantized parts: bfloat16, float16, float32.")
     ] = None,
@@ -97,6 +94,24 @@ def convert_command(
     check: Annotated[
         bool, typer.Option("--check", help="Compare the result with the source on a short prompt.")
     ] = False,
+    method: Annotated[
+        str,
+        typer.Option(
+            help="rtn (round to nearest), awq (activation-aware scales folded into the norms) or gptq "
+            "(Hessian error compensation); awq/gptq calibrate layer by layer. Same output layout."
+        ),
+    ] = "rtn",
+    calibration: Annotated[
+        str,
+        typer.Option(
+            help="Calibration prompts for awq/gptq and --bits-per-weight: builtin (stdlib docs and "
+            "code, plus synthetic "
+            "images/audio for the unified model), a .txt file, or a .jsonl of "
+            '{"text", "image", "audio"} lines.'
+        ),
+    ] = "builtin",
+    calibration_samples: Annotated[int, typer.Option(help="Calibration prompts (awq/gptq).")] = 32,
+    calibration_length: Annotated[int, typer.Option(help="Tokens per calibration prompt.")] = 256,
 ) -> None:
     """Convert a Hugging Face or MLX checkpoint into a (quantized) MLX checkpoint."""
     try:  # flag errors before any download or reading
@@ -107,6 +122,8 @@ def convert_command(
         if bits_per_weight is not None and (recipe != "uniform" or overrides):
             flag = f"--recipe {recipe}" if recipe != "uniform" else "--override"
             raise ValueError(f"--bits-per-weight chooses every unit's precision itself; drop {flag}")
+        if method not in METHODS:
+            raise ValueError(f"--method {method!r}: expected one of {', '.join(METHODS)}")
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
     report = convert(
@@ -123,11 +140,14 @@ def convert_command(
         quantize_drafter=quantize_drafter,
         overrides=overrides,
         bits_per_weight=bits_per_weight,
-        calibration=calibration,
         force=force,
         check=check,
         progress=True,
         shard_bytes=int(shard_gb * 2**30),
+        method=method,
+        calibration=calibration,
+        calibration_samples=calibration_samples,
+        calibration_length=calibration_length,
     )
     console = Console()
     console.print(report_table(report, f"{src} -> {out} ({report.seconds:.0f} s)"))

@@ -23,6 +23,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import json
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -81,14 +82,16 @@ def _module_text(name: str) -> str:
     except ImportError:  # a trimmed Python lacks some modules: the rest still make the set
         return ""
     parts = [inspect.getdoc(module) or ""]
-    for attr in sorted(vars(module)):
-        obj = getattr(module, attr)
-        if attr.startswith("_") or getattr(obj, "__module__", None) != module.__name__:
-            continue
-        if inspect.isclass(obj) or inspect.isfunction(obj):
-            doc = inspect.getdoc(obj)
-            if doc:
-                parts.append(f"{attr}: {doc}")
+    with warnings.catch_warnings():  # `typing.io` and friends warn when touched
+        warnings.simplefilter("ignore", DeprecationWarning)
+        for attr in sorted(vars(module)):
+            obj = getattr(module, attr)
+            if attr.startswith("_") or getattr(obj, "__module__", None) != module.__name__:
+                continue
+            if inspect.isclass(obj) or inspect.isfunction(obj):
+                doc = inspect.getdoc(obj)
+                if doc:
+                    parts.append(f"{attr}: {doc}")
     try:
         parts.append(inspect.getsource(module))
     except (OSError, TypeError):
@@ -149,11 +152,16 @@ def synthetic_audio(seed: int, seconds: float = 2.0) -> np.ndarray:
     return (0.5 * (chirp + tone) + 0.05 * rng.standard_normal(t.size)).astype(np.float32)
 
 
-def _media_samples(processor: Processor, count: int, vision: bool, audio: bool) -> list[Inputs]:
+def _media_samples(
+    processor: Processor, count: int, vision: bool, audio: bool, max_soft_tokens: int
+) -> list[Inputs]:
     out = []
     for i in range(count):
         if vision and (i % 2 == 0 or not audio):
-            out.append(processor.prepare(MEDIA_PROMPTS[i % 2], images=[synthetic_image(i)]))
+            image = synthetic_image(i)
+            out.append(
+                processor.prepare(MEDIA_PROMPTS[i % 2], images=[image], max_soft_tokens=max_soft_tokens)
+            )
         elif audio:
             out.append(
                 processor.prepare(
@@ -214,10 +222,12 @@ def calibration_set(
     vision: bool = False,
     audio: bool = False,
     media_fraction: float = 0.25,
+    max_soft_tokens: int = 280,
 ) -> list[Inputs]:
     """The calibration prompts: `samples` windows of `length` tokens of `source` ("builtin", a
     .txt or a .jsonl file). With `vision`/`audio` (the model has them) the builtin set replaces
-    `media_fraction` of its windows (at least one each) with synthetic image/audio prompts."""
+    `media_fraction` of its windows (at least one each) with synthetic image/audio prompts
+    (images at `max_soft_tokens`, the processor's default budget)."""
     if samples < 1 or length < 2:
         raise ValueError(f"calibration: samples ({samples}) must be >= 1 and length ({length}) >= 2")
     bos = processor.tokenizer.bos_token_id
@@ -227,7 +237,7 @@ def calibration_set(
         # about 3.5 characters per token in English prose and code; twice that, for spread
         ids = _tokens(processor, builtin_text(7 * n_text * length))
         text = [Inputs(w) for w in _windows(ids, n_text, length, bos, "builtin calibration text")]
-        return text + _media_samples(processor, n_media, vision, audio)
+        return text + _media_samples(processor, n_media, vision, audio, max_soft_tokens)
     path = Path(source).expanduser()
     if not path.is_file():
         raise CalibrationError(f"--calibration {source}: no such file (expected 'builtin', a .txt or .jsonl)")

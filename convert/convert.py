@@ -18,9 +18,10 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import tempfile
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,7 +50,8 @@ from gemma_mlx.models.gemma import Model
 from gemma_mlx.processor import Processor
 from gemma_mlx.safetensors_file import DTYPE_SIZES, FLOAT_DTYPES, read_headers
 
-from .calibration import calibration_set
+from .calibrate import METHODS, CalibrationReport, calibrate
+from .calibration import BUILTIN, calibration_set
 from .quantize import (
     FLOAT_BYTES,
     Override,
@@ -114,6 +116,9 @@ class ConversionReport:
     seconds: float = 0.0
     check: dict | None = None
     allocation: list[tuple[str, str]] | None = None  # --bits-per-weight: (spec, its units) rows
+    method: str = "rtn"  # rtn, or a calibrated method (`calibrate.METHODS`)
+    calibration: CalibrationReport | None = None
+    calibration_source: str | None = None
 
     @property
     def bits_per_weight(self) -> float:
@@ -127,11 +132,22 @@ class ConversionReport:
         q = self.quantization
         return f"{q['mode']} {q['bits']}-bit, group {q['group_size']}, recipe {self.recipe}"
 
+    @property
+    def method_text(self) -> str:
+        c = self.calibration
+        if c is None:
+            return "rtn (round to nearest)"
+        return (
+            f"{self.method}, calibrated on {c.samples} prompts ({c.tokens:,} tokens, "
+            f"{self.calibration_source}) in {c.seconds:.0f} s"
+        )
+
     def rows(self) -> list[tuple[str, str]]:
         """(measure, value) lines for the summary table and the model card."""
         per = "bytes read per draft step" if self.kind == "drafter" else "bytes read per decoded token"
         rows = [
             ("quantization", self.how),
+            *([("method", self.method_text)] if self.quantization else []),
             ("bits per weight", f"{self.bits_per_weight:.3f}"),
             ("size on disk", human_size(self.bytes_on_disk)),
             (per, human_size(self.bytes_per_token)),
@@ -517,12 +533,15 @@ def convert(
     quantize_drafter: bool = False,
     overrides: Mapping[str, Override] | None = None,
     bits_per_weight: float | None = None,
-    calibration: str | Path = "builtin",
     sensitivity: Sensitivity | None = None,
     force: bool = False,
     check: bool = False,
     progress: bool | Progress | None = True,
     shard_bytes: int = SHARD_BYTES,
+    method: str = "rtn",
+    calibration: str | Path = BUILTIN,
+    calibration_samples: int = 32,
+    calibration_length: int = 256,
 ) -> ConversionReport:
     """Convert a checkpoint (local directory, Hugging Face or float MLX, or a Hub repo id) into an
     MLX checkpoint at `out`.
@@ -542,12 +561,19 @@ def convert(
     - A `gemma4_unified_assistant` drafter stays float unless `quantize_drafter`.
     - `progress`: True for a rich bar on stderr, or a callback `(tensor name, input bytes)`.
     - `check`: compare the result with the source on a short prompt (`check_conversion`).
+    - `method`: "rtn" (round to nearest, MLX's quantizer), or "awq" / "gptq" calibrated on
+      `calibration` ("builtin" or a .txt/.jsonl file, `calibration_samples` prompts of
+      `calibration_length` tokens) layer by layer (`calibrate`); the output layout is the same.
     """
     spec = QuantSpec.make(bits, group_size, mode)  # bad flags fail before any download
     if bits_per_weight is not None:
         _check_budget_flags(bits_per_weight, recipe, mode, overrides, quantize)
         # the base plan: units get the budget's choice; the rest (--quantize-multimodal) 4-bit g64
         spec = QuantSpec()
+    if method not in METHODS:
+        raise ValueError(f"--method {method!r}: expected one of {', '.join(METHODS)}")
+    if method == "gptq" and mode != "affine":
+        raise ValueError(f"--method gptq: affine quantization only (got --mode {mode})")
     dtype = _float_dtype(dtype)
     source = resolve_source(src)
     out = Path(out)
@@ -593,22 +619,41 @@ def convert(
     if target.kind == "model":
         report.source_bytes_per_token = footprint(source).bytes_per_token
     items = _read_source(files, target.rename, quantized, packed)
-    _write(
-        out,
-        raw,
-        items,
-        target,
-        report,
-        layout,
-        spec,
-        extra_files=extra,
-        force=force,
-        shard_bytes=shard_bytes,
-        progress=progress,
-        totals=(nbytes, count),
-        itemsize=itemsize,
-        packed=packed,
-    )
+    calibrated = quantize and method != "rtn" and any(s is not None for s in layout.values())
+    if calibrated:
+        if target.kind != "model":
+            raise ValueError(f"--method {method}: calibration is for models, not the {target.kind}")
+        if quantized:
+            raise CheckpointError(f"{source}: --method {method} needs a float source checkpoint")
+    with ExitStack() as stack:
+        if calibrated:
+            out.resolve().parent.mkdir(parents=True, exist_ok=True)
+            # next to the output: the calibrated layers wait there (on disk, not in memory)
+            scratch = stack.enter_context(
+                tempfile.TemporaryDirectory(prefix=".calibration-", dir=out.resolve().parent)
+            )
+            report.method, report.calibration_source = method, str(calibration)
+            replaced, done = _calibrate(
+                source, layout, method, dtype, Path(scratch), report, progress,
+                calibration, calibration_samples, calibration_length,
+            )  # fmt: skip
+            items, packed = _replaced(items, replaced, done), packed | done
+        _write(
+            out,
+            raw,
+            items,
+            target,
+            report,
+            layout,
+            spec,
+            extra_files=extra,
+            force=force,
+            shard_bytes=shard_bytes,
+            progress=progress,
+            totals=(nbytes, count),
+            itemsize=itemsize,
+            packed=packed,
+        )
     if check:
         check_fn = check_drafter if target.kind == "drafter" else check_conversion
         if progress is True:  # the check loads both models: say so rather than sit silent
@@ -668,6 +713,65 @@ def _budget(
         mx.clear_cache()
     alloc = allocate(module, base, sensitivity.kl, units, budget, float_bytes)
     return alloc.layout, alloc, plan_json(alloc, sensitivity, str(calibration))
+
+
+def _calibrate(
+    source: Path,
+    layout: dict[str, QuantSpec | None],
+    method: str,
+    dtype: str | None,
+    scratch: Path,
+    report: ConversionReport,
+    progress: bool | Progress | None,
+    calibration: str | Path,
+    samples: int,
+    length: int,
+) -> tuple[dict[str, mx.array], set[str]]:
+    """Run the calibrated method on the source's float layers, loaded lazily one at a time."""
+    processor = Processor.from_dir(source)
+    if processor is None:
+        raise CheckpointError(f"{source}: --method {method} needs the checkpoint's tokenizer for calibration")
+    model = load_model(source, dtype=None, lazy=True)
+    prompts = calibration_set(
+        processor,
+        calibration,
+        samples,
+        length,
+        vision=model.config.vision is not None,
+        audio=model.config.audio is not None,
+    )
+    stored = {k: v.dtype for k, v in tree_flatten(model.parameters())}
+    if dtype is not None:
+        stored = dict.fromkeys(stored, getattr(mx, dtype))
+
+    def dtype_of(name: str) -> mx.Dtype:
+        return stored[name]
+
+    log = None
+    if progress is True:
+        console = Console(stderr=True)
+        log = console.print
+    replaced, done, report.calibration = calibrate(model, layout, method, prompts, scratch, dtype_of, log)
+    return replaced, done
+
+
+def _replaced(
+    items: Iterable[tuple[str, mx.array, int]], replaced: Mapping[str, mx.array], done: Collection[str]
+) -> Iterator[tuple[str, mx.array, int]]:
+    """The source's tensors with the calibrated ones in their place; a layer calibrated into its
+    quantized form comes as its weight, scales and biases."""
+    for name, a, nbytes in items:
+        path = name.removesuffix(".weight")
+        if path in done and name.endswith(".weight"):
+            del a
+            yield name, replaced[name], nbytes
+            yield f"{path}.scales", replaced[f"{path}.scales"], 0
+            yield f"{path}.biases", replaced[f"{path}.biases"], 0
+        elif name in replaced:
+            del a
+            yield name, replaced[name], nbytes
+        else:
+            yield name, a, nbytes
 
 
 def convert_drafter(
@@ -781,6 +885,19 @@ def model_card(report: ConversionReport) -> str:
             "\nQuantized with MLX's own quantizer (`mx.quantize`); norms, layer scalars, position "
             "tables and LayerNorms stay in float."
         )
+        if report.calibration is not None:
+            how = {
+                "awq": "AWQ: activation-aware per-input-channel scales, searched on calibration "
+                "activations and folded into the preceding norm (q/k/v, gate/up) or up_proj (down_proj), "
+                "then round to nearest",
+                "gptq": "GPTQ: each decoder Linear quantized column by column with its rounding error "
+                "compensated through the calibration Hessian",
+            }[report.method]
+            lines.append(
+                f"\nMethod: {how}; layer by layer on {report.calibration.samples} calibration prompts "
+                f"({report.calibration_source}). The stored layout is plain MLX affine quantization. "
+                "The tied embedding / LM head and any quantized vision/audio projection use round to nearest."
+            )
     if report.kept_float:
         lines += ["", "Quantizable layers kept in float:", ""]
         lines += [f"- `{p}`: {why}" for p, why in sorted(report.kept_float.items())]

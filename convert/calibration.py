@@ -27,8 +27,6 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
-
 from gemma_mlx import media
 from gemma_mlx.processor import Inputs, Processor
 
@@ -128,44 +126,20 @@ def _tokens(processor: Processor, texts: Iterator[str] | list[str]) -> list[int]
     return ids
 
 
-def synthetic_image(seed: int, size: int = 192) -> np.ndarray:
-    """A deterministic RGB image (HWC uint8): colour gradients, stripes and a little noise."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:size, 0:size] / size
-    f = rng.uniform(2, 12, 3)
-    channels = [
-        0.5 + 0.5 * np.sin(2 * np.pi * (f[0] * x + seed * 0.1)),
-        y * (1 - x),
-        0.5 + 0.5 * np.cos(2 * np.pi * f[2] * (x + y) / 2),
-    ]
-    a = np.stack(channels, -1) * 0.85 + 0.15 * rng.random((size, size, 3))
-    return np.clip(a * 255, 0, 255).astype(np.uint8)
-
-
-def synthetic_audio(seed: int, seconds: float = 2.0) -> np.ndarray:
-    """A deterministic 16 kHz mono clip: a chirp, a steady tone and noise."""
-    rng = np.random.default_rng(seed)
-    t = np.arange(int(seconds * media.SAMPLE_RATE)) / media.SAMPLE_RATE
-    f0, f1 = rng.uniform(100, 400), rng.uniform(800, 3000)
-    chirp = np.sin(2 * np.pi * (f0 + (f1 - f0) * t / (2 * seconds)) * t)
-    tone = 0.3 * np.sin(2 * np.pi * rng.uniform(200, 1000) * t)
-    return (0.5 * (chirp + tone) + 0.05 * rng.standard_normal(t.size)).astype(np.float32)
-
-
 def _media_samples(
     processor: Processor, count: int, vision: bool, audio: bool, max_soft_tokens: int
 ) -> list[Inputs]:
     out = []
     for i in range(count):
         if vision and (i % 2 == 0 or not audio):
-            image = synthetic_image(i)
+            image = media.synthetic_image(i)
             out.append(
                 processor.prepare(MEDIA_PROMPTS[i % 2], images=[image], max_soft_tokens=max_soft_tokens)
             )
         elif audio:
             out.append(
                 processor.prepare(
-                    MEDIA_PROMPTS[2 + i % 2], audio=[(synthetic_audio(i), float(media.SAMPLE_RATE))]
+                    MEDIA_PROMPTS[2 + i % 2], audio=[(media.synthetic_audio(i), float(media.SAMPLE_RATE))]
                 )
             )
     return out

@@ -14,7 +14,7 @@ from mlx.utils import tree_flatten
 from .cache import Cache
 from .draft_control import DraftControl
 from .generate import GenerationStats, generate_tokens, make_cache
-from .media import SAMPLE_RATE
+from .media import SAMPLE_RATE, synthetic_audio, synthetic_image
 from .models.drafter import Drafter
 from .models.gemma import Model
 from .processor import Processor
@@ -137,21 +137,6 @@ def measure(trials: int, fn: Callable[[], Run]) -> Run:
     return median_run([fn() for _ in range(trials)])
 
 
-def synthetic_image(height: int = 768, width: int = 1024) -> np.ndarray:
-    """A deterministic RGB test image (smooth gradients plus a checkerboard, uint8 [H, W, 3])."""
-    y, x = np.mgrid[0:height, 0:width]
-    checker = ((x // 64 + y // 64) % 2) * 64
-    rgb = np.stack([x * 191 // max(width - 1, 1), y * 191 // max(height - 1, 1), (x + y) % 191], -1)
-    return (rgb + checker[..., None]).astype(np.uint8)
-
-
-def synthetic_audio(seconds: float = 3.0) -> np.ndarray:
-    """A deterministic mono clip at 16 kHz: a gliding tone plus low noise, float32 in [-1, 1]."""
-    t = np.arange(int(seconds * SAMPLE_RATE)) / SAMPLE_RATE
-    tone = 0.5 * np.sin(2 * np.pi * (220 + 110 * t) * t)
-    return (tone + 0.01 * np.random.default_rng(0).standard_normal(t.shape)).astype(np.float32)
-
-
 def media_prefill(
     model: Model,
     processor: Processor,
@@ -165,10 +150,10 @@ def media_prefill(
     prompt's tokens per second of TTFT. Medians of `trials` after a warm-up."""
     cases = []
     if model.config.vision is not None:
-        cases.append(("image", {"images": [synthetic_image()]}))
+        cases.append(("image", {"images": [synthetic_image(0, 768, 1024)]}))
     if model.config.audio is not None:
         cases.append(
-            (f"audio {audio_seconds:g} s", {"audio": [(synthetic_audio(audio_seconds), SAMPLE_RATE)]})
+            (f"audio {audio_seconds:g} s", {"audio": [(synthetic_audio(0, audio_seconds), SAMPLE_RATE)]})
         )
     sample = SamplingParams().token_sampler()
     rows = []

@@ -412,3 +412,30 @@ def expand_media_tokens(
         for c in audio_counts
     )
     return _PLACEHOLDER.sub(lambda m: next(images if m.group() == IMAGE_TOKEN else audio), text)
+
+
+def synthetic_image(seed: int = 0, height: int = 192, width: int | None = None) -> np.ndarray:
+    """A deterministic RGB test image (HWC uint8): colour gradients, stripes and a little noise,
+    varied by `seed` (calibration prompts, media benchmarks)."""
+    width = width or height
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    y, x = y / height, x / width
+    f = rng.uniform(2, 12, 3)
+    channels = [
+        0.5 + 0.5 * np.sin(2 * np.pi * (f[0] * x + seed * 0.1)),
+        y * (1 - x),
+        0.5 + 0.5 * np.cos(2 * np.pi * f[2] * (x + y) / 2),
+    ]
+    a = np.stack(channels, -1) * 0.85 + 0.15 * rng.random((height, width, 3))
+    return np.clip(a * 255, 0, 255).astype(np.uint8)
+
+
+def synthetic_audio(seed: int = 0, seconds: float = 2.0) -> np.ndarray:
+    """A deterministic mono clip at `SAMPLE_RATE`, float32: a chirp, a steady tone and noise."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * SAMPLE_RATE)) / SAMPLE_RATE
+    f0, f1 = rng.uniform(100, 400), rng.uniform(800, 3000)
+    chirp = np.sin(2 * np.pi * (f0 + (f1 - f0) * t / (2 * seconds)) * t)
+    tone = 0.3 * np.sin(2 * np.pi * rng.uniform(200, 1000) * t)
+    return (0.5 * (chirp + tone) + 0.05 * rng.standard_normal(t.size)).astype(np.float32)

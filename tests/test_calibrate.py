@@ -168,7 +168,7 @@ def test_awq_fold_is_exact_gemma3(tmp_path):
 def test_awq_fold_is_exact_unified_with_media(tmp_path):
     """Gemma 4 norms (`x w`), k_eq_v layers and the weightless v_norm; calibrated and checked on
     image and audio prompts too."""
-    from gemma_mlx.convert.calibration import synthetic_audio, synthetic_image
+    from gemma_mlx.media import synthetic_audio, synthetic_image
 
     src = outliers(save_checkpoint(tmp_path / "unified", UNIFIED_CONFIG))
 
@@ -278,7 +278,7 @@ def test_txt_and_jsonl_files(tmp_path):
     assert len(windows) == 3 and all(len(w.ids) == 16 for w in windows)
     from PIL import Image
 
-    from gemma_mlx.convert.calibration import synthetic_image
+    from gemma_mlx.media import synthetic_image
 
     Image.fromarray(synthetic_image(0)).save(tmp_path / "i.png")
     (tmp_path / "c.jsonl").write_text(

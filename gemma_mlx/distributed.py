@@ -48,7 +48,7 @@ import numpy as np
 from .cache import Cache, KVBits, KVCache, RingKVCache
 from .checkpoint import load_weights, resolve_dtype
 from .config import ModelConfig, load_config
-from .models.gemma import DecoderLayer, Model, ModelOutput, float_dtype, last_of_type, run_layers
+from .models.gemma import DecoderLayer, Model, float_dtype, last_of_type, run_layers
 from .safetensors_file import CheckpointError, read_header, shard_files
 
 Group = mx.distributed.Group
@@ -501,51 +501,22 @@ class PipelineModel(Model):
 
     # -- forward ----------------------------------------------------------------------------
 
-    def forward(
-        self,
-        input_ids: mx.array | None = None,
-        cache: list[Cache] | None = None,
-        *,
-        inputs_embeds: mx.array | None = None,
-        block_ids: mx.array | None = None,
-        pixel_values: mx.array | None = None,
-        image_position_ids: mx.array | None = None,
-        input_features: mx.array | None = None,
-        input_features_mask: mx.array | None = None,
-        logits_to_keep: int = 0,
-    ) -> ModelOutput:
-        """As `Model.forward`; the early layers run on the other ranks. `cache` must come from
-        this model's `make_cache` (the followers keep the matching caches)."""
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+    def run_decoder(
+        self, h: mx.array, cache: list[Cache] | None, block_ids: mx.array | None
+    ) -> tuple[mx.array, dict[str, tuple[mx.array, mx.array]]]:
+        """As `Model.run_decoder`; the early layers run on the other ranks. `cache` must come
+        from this model's `make_cache` (the followers keep the matching caches)."""
         if cache is None:
             cache = self.make_cache()
-        if len(cache) != self.config.text.num_hidden_layers:
-            raise ValueError(
-                f"cache has {len(cache)} entries, the model has {self.config.text.num_hidden_layers} layers"
-            )
         remote = [cache[i] for i in self.remote_layers]
         if not all(isinstance(c, _Remote) and c.pipeline is self for c in remote):
             raise ValueError("the cache was not made by this pipeline's make_cache")
-        if input_ids is not None and input_ids.ndim == 1:
-            input_ids = input_ids[None]
-        if pixel_values is not None or input_features is not None:
-            inputs_embeds, block_ids = self.embed_inputs(
-                input_ids, pixel_values, image_position_ids, input_features, input_features_mask
-            )
-        elif inputs_embeds is None:
-            inputs_embeds = self.language_model.embed(input_ids)
-        h = inputs_embeds
         offsets = [c.offset for c in remote]
         with uninterrupted():
             h = self._exchange(h, block_ids, remote, offsets)
-        local = cache[self.indices.start :]
-        h, shared = run_layers(
-            self.language_model.layers, self.indices, self.config.text, h, local, block_ids
-        )
-        hidden = self.language_model.norm(h)
-        logits = self.logits(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
-        return ModelOutput(logits, hidden, shared)
+        layers, local = self.language_model.layers, cache[self.indices.start :]
+        h, shared = run_layers(layers, self.indices, self.config.text, h, local, block_ids)
+        return self.language_model.norm(h), shared
 
     def _exchange(
         self, h: mx.array, block_ids: mx.array | None, remote: list, offsets: list[int]

@@ -407,11 +407,19 @@ class Model(nn.Module):
             )
         elif inputs_embeds is None:
             inputs_embeds = self.language_model.embed(input_ids)
-        if cache is not None and len(cache) != len(self.layers):
-            raise ValueError(f"cache has {len(cache)} entries, the model has {len(self.layers)} layers")
-        hidden, shared = self.language_model(inputs_embeds, cache, block_ids)
+        n = self.config.text.num_hidden_layers
+        if cache is not None and len(cache) != n:
+            raise ValueError(f"cache has {len(cache)} entries, the model has {n} layers")
+        hidden, shared = self.run_decoder(inputs_embeds, cache, block_ids)
         logits = self.logits(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
         return ModelOutput(logits, hidden, shared)
+
+    def run_decoder(
+        self, h: mx.array, cache: list[Cache] | None, block_ids: mx.array | None
+    ) -> tuple[mx.array, dict[str, tuple[mx.array, mx.array]]]:
+        """Input embeddings -> (final-norm hidden, shared K/V): the decoder layers, which a
+        pipeline (`gemma_mlx.distributed`) runs partly on other ranks."""
+        return self.language_model(h, cache, block_ids)
 
     def __call__(
         self, input_ids: mx.array | None = None, cache: list[Cache] | None = None, **kwargs

@@ -522,7 +522,13 @@ class PipelineModel(Model):
         self, h: mx.array, block_ids: mx.array | None, remote: list, offsets: list[int]
     ) -> mx.array:
         """Send `h [B, L, dim]` through the followers' layers and receive it back."""
-        B, L, dim = h.shape
+        self._send_forward(h, block_ids, remote, offsets)
+        return self.link.recv(h.shape, h.dtype, self.link.prev)
+
+    def _send_forward(
+        self, h: mx.array, block_ids: mx.array | None, remote: list, offsets: list[int]
+    ) -> None:
+        B, L, _ = h.shape
         self._command(
             FORWARD,
             remote[0].set_id,
@@ -537,7 +543,37 @@ class PipelineModel(Model):
         self.link.send(h, self.link.next)
         for c in remote:
             c.advance(L)
-        return self.link.recv((B, L, dim), h.dtype, self.link.prev)
+
+    def prefill_chunks(self, chunks: list[dict], cache: list[Cache], done: Callable[[int], None]) -> None:
+        """`generate.run_chunks` with the stages overlapped: chunk i+1 goes to rank 1 as soon as
+        chunk i's hidden state is back, before this rank runs its own layers on chunk i, so the
+        followers work on the next chunk meanwhile. Ctrl-C waits for the end of the prefill (a
+        chunk is always in flight until then)."""
+        remote = [cache[i] for i in self.remote_layers]
+        if not all(isinstance(c, _Remote) and c.pipeline is self for c in remote):
+            raise ValueError("the cache was not made by this pipeline's make_cache")
+        local = cache[self.indices.start :]
+
+        def send(chunk: dict) -> tuple[mx.array, mx.array | None]:
+            h = chunk.get("inputs_embeds")
+            if h is None:
+                h = self.language_model.embed(chunk["input_ids"])
+            blocks = chunk.get("block_ids")
+            self._send_forward(h, blocks, remote, [c.offset for c in remote])
+            return h, blocks
+
+        if not chunks:
+            return
+        with uninterrupted():
+            h, blocks = send(chunks[0])
+            for i in range(len(chunks)):
+                h = self.link.recv(h.shape, h.dtype, self.link.prev)
+                following = send(chunks[i + 1]) if i + 1 < len(chunks) else None
+                run_layers(self.language_model.layers, self.indices, self.config.text, h, local, blocks)
+                mx.eval([c.state for c in local])
+                done(i)
+                if following is not None:
+                    h, blocks = following
 
     def close(self) -> None:
         """Let the followers finish (their `load` returns). Also run at interpreter exit."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 
 import mlx.core as mx
 import numpy as np
@@ -132,20 +133,35 @@ def prefill(
     if blocks is not None:
         b = np.array(blocks[0])
         in_block[1:n] = (b[1:] >= 0) & (b[1:] == b[:-1])
-    start = 0
+    chunks, ends, start = [], [], 0
     while start < n:
         end = min(start + step, n)
         while in_block[end]:
             end += 1
         if embeds is None:
-            model(ids[None, start:end], cache, logits_to_keep=1)
+            chunks.append({"input_ids": ids[None, start:end]})
         else:
             chunk_blocks = None if blocks is None else blocks[:, start:end]
-            model(inputs_embeds=embeds[:, start:end], cache=cache, block_ids=chunk_blocks, logits_to_keep=1)
-        mx.eval([c.state for c in cache])
+            chunks.append({"inputs_embeds": embeds[:, start:end], "block_ids": chunk_blocks})
+        ends.append(end)
         start = end
+
+    def done(i: int) -> None:
         if progress is not None:
-            progress(end, n)
+            progress(ends[i], n)
+
+    # a model can run the chunks itself: a pipeline overlaps its stages across chunks
+    run = getattr(model, "prefill_chunks", None) or partial(run_chunks, model)
+    run(chunks, cache, done)
+
+
+def run_chunks(model: Model, chunks: list[dict], cache: list[Cache], done: Callable[[int], None]) -> None:
+    """Run the forward keyword arguments `chunks` one after the other into `cache`, evaluated;
+    `done(i)` after chunk i."""
+    for i, chunk in enumerate(chunks):
+        model(**chunk, cache=cache, logits_to_keep=1)
+        mx.eval([c.state for c in cache])
+        done(i)
 
 
 def generate_tokens(

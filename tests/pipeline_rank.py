@@ -7,8 +7,10 @@ before they serve rank 0.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
+import time
 from pathlib import Path
 
 import mlx.core as mx
@@ -16,7 +18,8 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from gemma_mlx import ChatSession, generate, load_drafter
-from gemma_mlx.distributed import Stage, load_stage
+from gemma_mlx.distributed import Link, Stage, load_stage
+from gemma_mlx.generate import prefill
 from gemma_mlx.processor import Processor
 
 
@@ -37,9 +40,12 @@ def main() -> None:
         timeout=spec.get("timeout"),
     )
     report = {"rank": rank, **param_report(model), "indices": [model.indices.start, model.indices.stop]}
+    timeline = record_hidden_states() if spec.get("timeline") else None
     if isinstance(model, Stage):
         (out / f"rank{rank}.json").write_text(json.dumps(report))
         model.follow()
+        if timeline is not None:
+            (out / f"rank{rank}.json").write_text(json.dumps({**report, "timeline": timeline}))
         return
     processor = Processor.from_dir(spec["checkpoints"][0])
     for task in spec["tasks"]:
@@ -68,6 +74,24 @@ def main() -> None:
                 tokens = [c.token for c in chat.send(text)]
                 turns.append({"tokens": tokens, "cached": chat.stats.cached_prompt_tokens})
             report["chat"] = turns
+        elif kind == "prefill":  # chunked prefill of all but 3 tokens, then those one by one
+            inputs = processor.prepare(task["prompt"])
+            ids, cache, ends = mx.array(inputs.ids), model.make_cache(), []
+            if timeline is not None:
+                timeline.clear()
+            media = inputs.model_kwargs() or None
+            progress = lambda done, n, ends=ends: ends.append((done, time.time()))  # noqa: E731
+            prefill(model, ids[:-3], cache, media=media, step=task["step"], progress=progress)
+            local = [digest(cache[i].state) for i in range(model.indices.start, model.indices.stop)]
+            logits = mx.concatenate(
+                [model(ids[None, i : i + 1], cache) for i in range(ids.size - 3, ids.size)], axis=1
+            )
+            report[task["name"]] = {
+                "ends": ends,
+                "local_cache": local,
+                "logits": np.array(logits.astype(mx.float32)).tolist(),
+                "timeline": list(timeline or []),
+            }
         elif kind == "server":
             report["server"] = serve_requests(model, processor, task["requests"])
         elif kind == "forever":  # generate until killed; tell the test when decoding runs
@@ -77,6 +101,41 @@ def main() -> None:
     report["bytes_sent"] = model.link.bytes_sent
     (out / f"rank{rank}.json").write_text(json.dumps(report))
     model.close()
+
+
+def digest(state) -> str:
+    """Hash of a (float) layer cache's keys and values up to its offset (ring: its filled slots)."""
+    k, v, offset = state
+    h = hashlib.sha256(str(offset).encode())
+    for a in (k, v):
+        h.update(np.array(a[:, :, : min(offset, a.shape[2])].astype(mx.float32)).tobytes())
+    return h.hexdigest()
+
+
+def record_hidden_states() -> list:
+    """Timestamps of every hidden state `[B, L, dim]` this rank receives or sends: ("recv", end)
+    and ("send", start, end), the send's start after its layers were evaluated (so a follower's
+    compute is recv end .. send start)."""
+    events: list = []
+    send, recv = Link.send, Link.recv
+
+    def timed_send(self, x, dst):
+        if x.ndim == 3:
+            mx.eval(x)
+            t = time.time()
+            send(self, x, dst)
+            events.append(("send", t, time.time()))
+        else:
+            send(self, x, dst)
+
+    def timed_recv(self, shape, dtype, src, guard=True):
+        x = recv(self, shape, dtype, src, guard)
+        if len(shape) == 3:
+            events.append(("recv", time.time()))
+        return x
+
+    Link.send, Link.recv = timed_send, timed_recv
+    return events
 
 
 def serve_requests(model, processor, requests: list[dict]) -> list[dict]:

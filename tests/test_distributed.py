@@ -386,3 +386,102 @@ def test_a_peer_that_never_comes_ends_the_wait(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=LIMIT)
     assert r.returncode != 0 and time.monotonic() - tic < 30
     assert "rank 0: the group could not be formed" in r.stderr and "(no answer in 2 s)" in r.stderr
+
+
+@pytest.fixture(scope="module")
+def prefill_run(tmp_path_factory):
+    """One 2-rank launch: chunked prefills (text, then an image prompt) with the hidden-state
+    transfers timed on both ranks, and a greedy image generation after a chunked prefill."""
+    d = tmp_path_factory.mktemp("prefill")
+    ckpt = save_checkpoint(d / "ckpt")
+    image = (np.arange(64 * 48 * 3) % 251).reshape(64, 48, 3).astype(np.uint8)
+    from PIL import Image
+
+    Image.fromarray(image).save(d / "image.png")
+    text = [2, *range(40, 100)]
+    image_prompt = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "Look:"},
+                {"type": "image", "image": str(d / "image.png")},
+                {"type": "text", "text": "What is it? The quick brown fox jumps over the lazy dog."},
+            ],
+        }
+    ]
+    tasks = [
+        {"kind": "prefill", "name": "text", "prompt": text, "step": 6},
+        {"kind": "prefill", "name": "image", "prompt": image_prompt, "step": 5},
+        {
+            "kind": "generate",
+            "name": "generate",
+            "prompt": image_prompt,
+            "kwargs": {"max_tokens": 12, "prefill_step_size": 5},
+        },
+    ]
+    work = d / "run"
+    work.mkdir()
+    spec = {"checkpoints": [str(ckpt)] * 2, "layers_per_rank": SPLIT, "tasks": tasks, "timeout": 60}
+    codes = wait_all(launch(work, {**spec, "timeline": True}))
+    assert codes == [0, 0], output(work, 0) + output(work, 1)
+    reports = [json.loads((work / f"rank{r}.json").read_text()) for r in range(2)]
+    return ckpt, {"text": text, "image": image_prompt}, reports
+
+
+def one_process_prefill(model, processor, prompt, step: int) -> dict:
+    """What tests/pipeline_rank.py's "prefill" task reports, in one process (no pipeline)."""
+    from pipeline_rank import digest
+
+    from gemma_mlx.generate import prefill
+
+    inputs = processor.prepare(prompt)
+    ids, cache, ends = mx.array(inputs.ids), model.make_cache(), []
+    prefill(
+        model,
+        ids[:-3],
+        cache,
+        media=inputs.model_kwargs() or None,
+        step=step,
+        progress=lambda d, n: ends.append(d),
+    )
+    local = [digest(cache[i].state) for i in range(SPLIT[1], sum(SPLIT))]
+    logits = mx.concatenate(
+        [model(ids[None, i : i + 1], cache) for i in range(ids.size - 3, ids.size)], axis=1
+    )
+    return {"ends": ends, "local_cache": local, "logits": np.array(logits)}
+
+
+@multiprocess
+@pytest.mark.parametrize(("name", "step"), [("text", 6), ("image", 5)])
+def test_overlapped_prefill_identical_to_one_process(prefill_run, name, step):
+    ckpt, prompts, reports = prefill_run
+    model, processor = load(ckpt)
+    expected = one_process_prefill(model, processor, prompts[name], step)
+    got = reports[0][name]
+    assert [e for e, _ in got["ends"]] == expected["ends"] and len(expected["ends"]) >= 5
+    assert got["local_cache"] == expected["local_cache"]  # rank 0's layers 4..7
+    # the next logits read every layer's cache, rank 1's included
+    assert np.array_equal(np.array(got["logits"], np.float32), expected["logits"])
+    if name == "image":
+        assert processor.prepare(prompts[name]).pixel_values is not None
+
+
+@multiprocess
+def test_greedy_after_overlapped_image_prefill(prefill_run):
+    ckpt, prompts, reports = prefill_run
+    model, processor = load(ckpt)
+    expected = generate(model, processor, prompts["image"], max_tokens=12, prefill_step_size=5).tokens
+    assert reports[0]["generate"]["tokens"] == expected and len(expected) == 12
+
+
+@multiprocess
+def test_followers_start_next_chunk_before_rank0_finishes(prefill_run):
+    """Rank 1 receives chunk k+1 (and starts its layers) before rank 0 has finished its own layers
+    on chunk k: without the overlap it would get chunk k+1 only afterwards."""
+    _, _, reports = prefill_run
+    ends = [t for _, t in reports[0]["text"]["ends"]]
+    starts = [e[1] for e in reports[1]["timeline"] if e[0] == "recv"][
+        : len(ends)
+    ]  # the text prefill came first
+    assert len(ends) >= 5
+    assert all(starts[k + 1] < ends[k] for k in range(len(ends) - 1)), (starts, ends)

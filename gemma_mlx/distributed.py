@@ -250,6 +250,10 @@ class Link:
         self.header_size = header_size
         self.watchdog = Watchdog(timeout)
         self.bytes_sent = 0
+        # profiling: when a list, ("recv", end) and ("send", start, end) of every hidden state
+        # `[B, L, dim]`, a send starting once its layers are evaluated (a follower's compute is
+        # recv end .. send start)
+        self.events: list[tuple] | None = None
 
     def _run(self, arrays: list[mx.array], what: str, guard: bool) -> None:
         try:
@@ -265,11 +269,19 @@ class Link:
 
     def send(self, x: mx.array, dst: int) -> None:
         self.bytes_sent += x.nbytes
+        timed = self.events is not None and x.ndim == 3
+        if timed:
+            mx.eval(x)
+            start = time.time()
         self._run([mx.distributed.send(x, dst, group=self.group)], f"sending to rank {dst}", True)
+        if timed:
+            self.events.append(("send", start, time.time()))
 
     def recv(self, shape: tuple[int, ...], dtype: mx.Dtype, src: int, guard: bool = True) -> mx.array:
         x = mx.distributed.recv(shape, dtype, src, group=self.group)
         self._run([x], f"waiting for rank {src}", guard)
+        if self.events is not None and len(shape) == 3:
+            self.events.append(("recv", time.time()))
         return x
 
     def send_header(self, values: Sequence[int], dst: int) -> None:

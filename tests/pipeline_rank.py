@@ -18,7 +18,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from gemma_mlx import ChatSession, generate, load_drafter
-from gemma_mlx.distributed import Link, Stage, load_stage
+from gemma_mlx.distributed import Stage, load_stage
 from gemma_mlx.generate import prefill
 from gemma_mlx.processor import Processor
 
@@ -40,7 +40,8 @@ def main() -> None:
         timeout=spec.get("timeout"),
     )
     report = {"rank": rank, **param_report(model), "indices": [model.indices.start, model.indices.stop]}
-    timeline = record_hidden_states() if spec.get("timeline") else None
+    link = model._link if isinstance(model, Stage) else model.link
+    timeline = link.events = [] if spec.get("timeline") else None
     if isinstance(model, Stage):
         (out / f"rank{rank}.json").write_text(json.dumps(report))
         model.follow()
@@ -110,32 +111,6 @@ def digest(state) -> str:
     for a in (k, v):
         h.update(np.array(a[:, :, : min(offset, a.shape[2])].astype(mx.float32)).tobytes())
     return h.hexdigest()
-
-
-def record_hidden_states() -> list:
-    """Timestamps of every hidden state `[B, L, dim]` this rank receives or sends: ("recv", end)
-    and ("send", start, end), the send's start after its layers were evaluated (so a follower's
-    compute is recv end .. send start)."""
-    events: list = []
-    send, recv = Link.send, Link.recv
-
-    def timed_send(self, x, dst):
-        if x.ndim == 3:
-            mx.eval(x)
-            t = time.time()
-            send(self, x, dst)
-            events.append(("send", t, time.time()))
-        else:
-            send(self, x, dst)
-
-    def timed_recv(self, shape, dtype, src, guard=True):
-        x = recv(self, shape, dtype, src, guard)
-        if len(shape) == 3:
-            events.append(("recv", time.time()))
-        return x
-
-    Link.send, Link.recv = timed_send, timed_recv
-    return events
 
 
 def serve_requests(model, processor, requests: list[dict]) -> list[dict]:

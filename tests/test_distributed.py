@@ -477,11 +477,15 @@ def test_greedy_after_overlapped_image_prefill(prefill_run):
 @multiprocess
 def test_followers_start_next_chunk_before_rank0_finishes(prefill_run):
     """Rank 1 receives chunk k+1 (and starts its layers) before rank 0 has finished its own layers
-    on chunk k: without the overlap it would get chunk k+1 only afterwards."""
+    on chunk k: without the overlap it would get chunk k+1 only afterwards (checked: the test
+    fails when prefill takes the sequential path)."""
     _, _, reports = prefill_run
     ends = [t for _, t in reports[0]["text"]["ends"]]
     starts = [e[1] for e in reports[1]["timeline"] if e[0] == "recv"][
         : len(ends)
     ]  # the text prefill came first
     assert len(ends) >= 5
-    assert all(starts[k + 1] < ends[k] for k in range(len(ends) - 1)), (starts, ends)
+    early = [starts[k + 1] < ends[k] for k in range(len(ends) - 1)]
+    # sequential chunks: never (rank 1 gets chunk k+1 only after rank 0's done(k)); overlapped:
+    # always by construction, unless rank 1 is descheduled longer than rank 0's tiny stage runs
+    assert sum(early) >= len(early) / 2, (starts, ends)

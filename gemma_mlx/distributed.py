@@ -564,7 +564,7 @@ class PipelineModel(Model):
         remote = [cache[i] for i in self.remote_layers]
         if not all(isinstance(c, _Remote) and c.pipeline is self for c in remote):
             raise ValueError("the cache was not made by this pipeline's make_cache")
-        local = cache[self.indices.start :]
+        layers, local = self.language_model.layers, cache[self.indices.start :]
 
         def send(chunk: dict) -> tuple[mx.array, mx.array | None]:
             h = chunk.get("inputs_embeds")
@@ -579,11 +579,16 @@ class PipelineModel(Model):
         with uninterrupted():
             h, blocks = send(chunks[0])
             for i in range(len(chunks)):
-                h = self.link.recv(h.shape, h.dtype, self.link.prev)
+                back = self.link.recv(h.shape, h.dtype, self.link.prev)
                 following = send(chunks[i + 1]) if i + 1 < len(chunks) else None
-                run_layers(self.language_model.layers, self.indices, self.config.text, h, local, blocks)
-                mx.eval([c.state for c in local])
-                done(i)
+                try:
+                    run_layers(layers, self.indices, self.config.text, back, local, blocks)
+                    mx.eval([c.state for c in local])
+                    done(i)
+                except BaseException:  # keep the ring in step: take the answer to the chunk in flight
+                    if following is not None:
+                        self.link.recv(following[0].shape, following[0].dtype, self.link.prev)
+                    raise
                 if following is not None:
                     h, blocks = following
 

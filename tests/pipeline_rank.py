@@ -93,6 +93,16 @@ def main() -> None:
                 "logits": np.array(logits.astype(mx.float32)).tolist(),
                 "timeline": list(timeline or []),
             }
+        elif kind == "prefill_fails":  # a progress callback raises mid-prefill; the ring goes on
+
+            def fail(done, n, step=task["step"]):
+                if done > step:
+                    raise KeyError("stop")
+
+            try:
+                prefill(model, mx.array(task["prompt"]), model.make_cache(), step=task["step"], progress=fail)
+            except KeyError:
+                report["prefill_failed"] = True
         elif kind == "server":
             report["server"] = serve_requests(model, processor, task["requests"])
         elif kind == "forever":  # generate until killed; tell the test when decoding runs

@@ -412,6 +412,7 @@ def prefill_run(tmp_path_factory):
     tasks = [
         {"kind": "prefill", "name": "text", "prompt": text, "step": 6},
         {"kind": "prefill", "name": "image", "prompt": image_prompt, "step": 5},
+        {"kind": "prefill_fails", "prompt": text, "step": 6},
         {
             "kind": "generate",
             "name": "generate",
@@ -468,7 +469,9 @@ def test_overlapped_prefill_identical_to_one_process(prefill_run, name, step):
 
 @multiprocess
 def test_greedy_after_overlapped_image_prefill(prefill_run):
+    """Also after a prefill whose progress callback raised with a chunk in flight."""
     ckpt, prompts, reports = prefill_run
+    assert reports[0]["prefill_failed"]
     model, processor = load(ckpt)
     expected = generate(model, processor, prompts["image"], max_tokens=12, prefill_step_size=5).tokens
     assert reports[0]["generate"]["tokens"] == expected and len(expected) == 12

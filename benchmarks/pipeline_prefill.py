@@ -5,7 +5,7 @@ One process:  python benchmarks/pipeline_prefill.py --model DIR
 Two ranks:    (MLX_HOSTFILE, MLX_RANK as `mlx.launch --backend ring` sets them)
               python benchmarks/pipeline_prefill.py --model DIR --distributed
 Rank 0 (or the single process) prints prefill tok/s (median; with two ranks, alternating runs of
-the overlapped `PipelineModel.prefill_chunks` and the sequential `generate.run_chunks`) and, for
+the overlapped `PipelineModel.prefill_chunks` and the sequential `Model.prefill_chunks`) and, for
 the last overlapped run, each chunk's compute interval on rank 0 (time.time()); rank 1 prints its
 compute intervals (recv end .. send start of each hidden state), to be matched by time.
 """
@@ -21,7 +21,7 @@ import numpy as np
 
 from gemma_mlx import load
 from gemma_mlx.distributed import Stage, load_stage
-from gemma_mlx.generate import run_chunks
+from gemma_mlx.models.gemma import Model
 
 
 def main() -> None:
@@ -49,7 +49,7 @@ def main() -> None:
     vocab = model.config.text.vocab_size
     ids = mx.array(np.random.default_rng(0).integers(1000, min(20000, vocab), args.prompt_tokens))
     chunks = [{"input_ids": ids[None, s : s + args.step]} for s in range(0, args.prompt_tokens, args.step)]
-    runners = {"sequential": lambda *a: run_chunks(model, *a)}
+    runners = {"sequential": lambda *a: Model.prefill_chunks(model, *a)}
     if args.distributed:
         runners["overlapped"] = model.prefill_chunks
     tps = {name: [] for name in runners}

@@ -557,7 +557,7 @@ class PipelineModel(Model):
             c.advance(L)
 
     def prefill_chunks(self, chunks: list[dict], cache: list[Cache], done: Callable[[int], None]) -> None:
-        """`generate.run_chunks` with the stages overlapped: chunk i+1 goes to rank 1 as soon as
+        """`Model.prefill_chunks` with the stages overlapped: chunk i+1 goes to rank 1 as soon as
         chunk i's hidden state is back, before this rank runs its own layers on chunk i, so the
         followers work on the next chunk meanwhile. Ctrl-C waits for the end of the prefill (a
         chunk is always in flight until then)."""

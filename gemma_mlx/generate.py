@@ -9,7 +9,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from functools import partial
 
 import mlx.core as mx
 import numpy as np
@@ -150,18 +149,7 @@ def prefill(
         if progress is not None:
             progress(ends[i], n)
 
-    # a model can run the chunks itself: a pipeline overlaps its stages across chunks
-    run = getattr(model, "prefill_chunks", None) or partial(run_chunks, model)
-    run(chunks, cache, done)
-
-
-def run_chunks(model: Model, chunks: list[dict], cache: list[Cache], done: Callable[[int], None]) -> None:
-    """Run the forward keyword arguments `chunks` one after the other into `cache`, evaluated;
-    `done(i)` after chunk i."""
-    for i, chunk in enumerate(chunks):
-        model(**chunk, cache=cache, logits_to_keep=1)
-        mx.eval([c.state for c in cache])
-        done(i)
+    model.prefill_chunks(chunks, cache, done)
 
 
 def generate_tokens(

@@ -6,7 +6,7 @@ Reference: transformers `gemma4_unified/modeling_gemma4_unified.py` (and `gemma3
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -426,6 +426,14 @@ class Model(nn.Module):
     ) -> mx.array:
         """Logits `[B, L, vocab]` (or the last `logits_to_keep`); the arguments of `forward`."""
         return self.forward(input_ids, cache, **kwargs).logits
+
+    def prefill_chunks(self, chunks: list[dict], cache: list[Cache], done: Callable[[int], None]) -> None:
+        """Run prompt chunks (`forward` keyword arguments) into `cache` one after the other, each
+        evaluated, `done(i)` after chunk i (a pipeline overlaps its stages across chunks here)."""
+        for i, chunk in enumerate(chunks):
+            self.forward(**chunk, cache=cache, logits_to_keep=1)
+            mx.eval([c.state for c in cache])
+            done(i)
 
     def saved_name(self, name: str) -> str:
         """Our parameter or module name -> the one the MLX ecosystem saves (mlx-vlm's

@@ -151,6 +151,8 @@ def test_streaming_equals_non_streaming(server):
     assert text == full.choices[0].message.content
     finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
     assert finals == [full.choices[0].finish_reason]
+    last = next(c for c in chunks if c.choices and c.choices[0].finish_reason)
+    assert last.model_extra["timings"]["generation_tokens_per_second"] > 0
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == full.usage.completion_tokens
     assert all(c.usage is None for c in chunks[:-1])
     # on the wire: server-sent events ending with [DONE]

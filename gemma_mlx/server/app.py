@@ -383,15 +383,8 @@ def create_app(
                     calls += 1
             result = ev.result
         finish = "tool_calls" if calls else result.finish_reason
-        last = chunk(rid, now, {}, finish)
-        last["timings"] = timings(result.stats)
-        yield last
-        if include_usage:
-            yield {
-                **envelope(rid, "chat.completion.chunk", now),
-                "choices": [],
-                "usage": usage(result.stats),
-            }
+        for c in closing(chunk(rid, now, {}, finish), result.stats, include_usage):
+            yield c
 
     async def stream_text(job: Job, rid: str, now: int, include_usage: bool) -> AsyncIterator[dict]:
         def text_chunk(text: str, finish: str | None = None) -> dict:
@@ -408,15 +401,16 @@ def create_app(
             if ev.text:
                 yield text_chunk(ev.text)
             result = ev.result
-        last = text_chunk("", result.finish_reason)
-        last["timings"] = timings(result.stats)
-        yield last
+        for c in closing(text_chunk("", result.finish_reason), result.stats, include_usage):
+            yield c
+
+    def closing(last: dict, stats: GenerationStats, include_usage: bool) -> list[dict]:
+        """A stream's last chunk with the timings, and the usage chunk when the client asked."""
+        tail = [{**last, "timings": timings(stats)}]
         if include_usage:
-            yield {
-                **envelope(rid, "text_completion", now),
-                "choices": [],
-                "usage": usage(result.stats),
-            }
+            head = envelope(last["id"], last["object"], last["created"])
+            tail.append({**head, "choices": [], "usage": usage(stats)})
+        return tail
 
     def sse(job: Job, events: AsyncIterator[dict]) -> StreamingResponse:
         async def body() -> AsyncIterator[str]:

@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from gemma_mlx.convert import MODES, RECIPES, QuantSpec, convert, parse_override
-from gemma_mlx.convert.calibrate import METHODS
+from gemma_mlx.convert.convert import METHODS
 from gemma_mlx.convert.writer import SHARD_BYTES
 
 

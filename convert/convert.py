@@ -50,8 +50,10 @@ from gemma_mlx.models.gemma import Model
 from gemma_mlx.processor import Processor
 from gemma_mlx.safetensors_file import DTYPE_SIZES, FLOAT_DTYPES, read_headers
 
-from .calibrate import METHODS, CalibrationReport, calibrate
+from .calibrate import METHODS as CALIBRATED
+from .calibrate import CalibrationReport, calibrate
 from .calibration import BUILTIN, calibration_set
+from .dwq import DISTILLED, STEPS, distill
 from .quantize import (
     FLOAT_BYTES,
     Override,
@@ -68,6 +70,7 @@ from .writer import SHARD_BYTES, atomic_directory, human_size, write_json, write
 DRAFTER = "gemma4_unified_assistant"
 # calibration windows for --bits-per-weight: each unit's variants run these through the model
 SENSITIVITY_SAMPLES, SENSITIVITY_LENGTH = 8, 128
+METHODS = (*CALIBRATED, *DISTILLED)  # every --method
 # Files of a checkpoint besides the weights that a converted directory keeps.
 COPIED = (
     "tokenizer.json",
@@ -542,6 +545,7 @@ def convert(
     calibration: str | Path = BUILTIN,
     calibration_samples: int = 32,
     calibration_length: int = 256,
+    dwq_steps: int = STEPS,
 ) -> ConversionReport:
     """Convert a checkpoint (local directory, Hugging Face or float MLX, or a Hub repo id) into an
     MLX checkpoint at `out`.
@@ -564,6 +568,9 @@ def convert(
     - `method`: "rtn" (round to nearest, MLX's quantizer), or "awq" / "gptq" calibrated on
       `calibration` ("builtin" or a .txt/.jsonl file, `calibration_samples` prompts of
       `calibration_length` tokens) layer by layer (`calibrate`); the output layout is the same.
+      "dwq" / "awq+dwq" / "gptq+dwq": the codes of RTN / AWQ / GPTQ, then the scales and biases
+      trained end to end for `dwq_steps` steps against the float model on the calibration
+      text (`dwq.distill`).
     """
     spec = QuantSpec.make(bits, group_size, mode)  # bad flags fail before any download
     if bits_per_weight is not None:
@@ -572,8 +579,8 @@ def convert(
         spec = QuantSpec()
     if method not in METHODS:
         raise ValueError(f"--method {method!r}: expected one of {', '.join(METHODS)}")
-    if method == "gptq" and mode != "affine":
-        raise ValueError(f"--method gptq: affine quantization only (got --mode {mode})")
+    if method not in ("rtn", "awq") and mode != "affine":
+        raise ValueError(f"--method {method}: affine quantization only (got --mode {mode})")
     dtype = _float_dtype(dtype)
     source = resolve_source(src)
     out = Path(out)
@@ -635,7 +642,7 @@ def convert(
             report.method, report.calibration_source = method, str(calibration)
             replaced, done = _calibrate(
                 source, layout, method, dtype, Path(scratch), report, progress,
-                calibration, calibration_samples, calibration_length,
+                calibration, calibration_samples, calibration_length, dwq_steps,
             )  # fmt: skip
             items, packed = _replaced(items, replaced, done), packed | done
         _write(
@@ -726,8 +733,10 @@ def _calibrate(
     calibration: str | Path,
     samples: int,
     length: int,
+    dwq_steps: int = STEPS,
 ) -> tuple[dict[str, mx.array], set[str]]:
-    """Run the calibrated method on the source's float layers, loaded lazily one at a time."""
+    """Run the calibrated method on the source's float layers, loaded lazily one at a time (and a
+    distilled method's training after it: `dwq.distill`)."""
     processor = Processor.from_dir(source)
     if processor is None:
         raise CheckpointError(f"{source}: --method {method} needs the checkpoint's tokenizer for calibration")
@@ -751,7 +760,16 @@ def _calibrate(
     if progress is True:
         console = Console(stderr=True)
         log = console.print
-    replaced, done, report.calibration = calibrate(model, layout, method, prompts, scratch, dtype_of, log)
+    first = DISTILLED.get(method, method)
+    replaced, done = {}, set()
+    if first != "rtn":
+        replaced, done, report.calibration = calibrate(model, layout, first, prompts, scratch, dtype_of, log)
+    if method in DISTILLED:
+        if first != "rtn":  # calibration released the layers it went through
+            model = load_model(source, dtype=None, lazy=True)
+        replaced, done, report.calibration = distill(
+            model, layout, prompts, dtype_of, method=method, start=replaced, steps=dwq_steps, log=log
+        )
     return replaced, done
 
 
@@ -892,12 +910,28 @@ def model_card(report: ConversionReport) -> str:
                 "then round to nearest",
                 "gptq": "GPTQ: each decoder Linear quantized column by column with its rounding error "
                 "compensated through the calibration Hessian",
-            }[report.method]
-            lines.append(
-                f"\nMethod: {how}; layer by layer on {report.calibration.samples} calibration prompts "
-                f"({report.calibration_source}). The stored layout is plain MLX affine quantization. "
-                "The tied embedding / LM head and any quantized vision/audio projection use round to nearest."
-            )
+            }
+            c = report.calibration
+            if report.method in DISTILLED:
+                trained = (
+                    "decoder Linears and the tied embedding / LM head"
+                    if any(".layers." not in p for p in getattr(c, "trained", ()))
+                    else "decoder Linears (the tied embedding / LM head: round to nearest)"
+                )
+                lines.append(
+                    f"\nMethod: DWQ: the integer codes of {DISTILLED[report.method].upper()}, then the "
+                    f"quantization scales and biases of the {trained} trained end to end ({c.steps} Adam "
+                    "steps on the KL from the float model's next-token distribution) on "
+                    f"{c.samples} calibration prompts ({report.calibration_source}). The stored layout is "
+                    "plain MLX affine quantization."
+                )
+            else:
+                lines.append(
+                    f"\nMethod: {how[report.method]}; layer by layer on {c.samples} calibration prompts "
+                    f"({report.calibration_source}). The stored layout is plain MLX affine quantization. "
+                    "The tied embedding / LM head and any quantized vision/audio projection use round to "
+                    "nearest."
+                )
     if report.kept_float:
         lines += ["", "Quantizable layers kept in float:", ""]
         lines += [f"- `{p}`: {why}" for p, why in sorted(report.kept_float.items())]

@@ -11,6 +11,7 @@ from rich.table import Table
 
 from gemma_mlx.convert import MODES, RECIPES, QuantSpec, convert, parse_override
 from gemma_mlx.convert.convert import METHODS
+from gemma_mlx.convert.dwq import BATCH_SIZE, LEARNING_RATE, STEPS, TOP_K, check_settings
 from gemma_mlx.convert.writer import SHARD_BYTES
 
 
@@ -98,7 +99,9 @@ def convert_command(
         str,
         typer.Option(
             help="rtn (round to nearest), awq (activation-aware scales folded into the norms) or gptq "
-            "(Hessian error compensation); awq/gptq calibrate layer by layer. Same output layout."
+            "(Hessian error compensation); awq/gptq calibrate layer by layer. dwq / awq+dwq / gptq+dwq: "
+            "the codes of rtn / awq / gptq, then the scales and biases trained end to end against the "
+            "float model (distilled weight quantization). Same output layout."
         ),
     ] = "rtn",
     calibration: Annotated[
@@ -112,6 +115,10 @@ def convert_command(
     ] = "builtin",
     calibration_samples: Annotated[int, typer.Option(help="Calibration prompts (awq/gptq).")] = 32,
     calibration_length: Annotated[int, typer.Option(help="Tokens per calibration prompt.")] = 256,
+    dwq_steps: Annotated[
+        int | None,
+        typer.Option(help=f"Adam steps of --method dwq / awq+dwq / gptq+dwq (default {STEPS})."),
+    ] = None,
 ) -> None:
     """Convert a Hugging Face or MLX checkpoint into a (quantized) MLX checkpoint."""
     try:  # flag errors before any download or reading
@@ -124,6 +131,8 @@ def convert_command(
             raise ValueError(f"--bits-per-weight chooses every unit's precision itself; drop {flag}")
         if method not in METHODS:
             raise ValueError(f"--method {method!r}: expected one of {', '.join(METHODS)}")
+        if dwq_steps is not None:
+            check_settings(dwq_steps, LEARNING_RATE, BATCH_SIZE, TOP_K)
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
     report = convert(
@@ -148,6 +157,7 @@ def convert_command(
         calibration=calibration,
         calibration_samples=calibration_samples,
         calibration_length=calibration_length,
+        dwq_steps=dwq_steps,
     )
     console = Console()
     console.print(report_table(report, f"{src} -> {out} ({report.seconds:.0f} s)"))

@@ -53,7 +53,7 @@ from gemma_mlx.safetensors_file import DTYPE_SIZES, FLOAT_DTYPES, read_headers
 from .calibrate import METHODS as CALIBRATED
 from .calibrate import CalibrationReport, calibrate
 from .calibration import BUILTIN, calibration_set
-from .dwq import DISTILLED, STEPS, distill
+from .dwq import DISTILLED, STEPS, check_settings, distill
 from .quantize import (
     FLOAT_BYTES,
     Override,
@@ -545,7 +545,7 @@ def convert(
     calibration: str | Path = BUILTIN,
     calibration_samples: int = 32,
     calibration_length: int = 256,
-    dwq_steps: int = STEPS,
+    dwq_steps: int | None = None,
 ) -> ConversionReport:
     """Convert a checkpoint (local directory, Hugging Face or float MLX, or a Hub repo id) into an
     MLX checkpoint at `out`.
@@ -581,6 +581,8 @@ def convert(
         raise ValueError(f"--method {method!r}: expected one of {', '.join(METHODS)}")
     if method not in ("rtn", "awq") and mode != "affine":
         raise ValueError(f"--method {method}: affine quantization only (got --mode {mode})")
+    if method in DISTILLED:
+        check_settings(STEPS if dwq_steps is None else dwq_steps, 1.0, 1, 1)
     dtype = _float_dtype(dtype)
     source = resolve_source(src)
     out = Path(out)
@@ -733,7 +735,7 @@ def _calibrate(
     calibration: str | Path,
     samples: int,
     length: int,
-    dwq_steps: int = STEPS,
+    dwq_steps: int | None = None,
 ) -> tuple[dict[str, mx.array], set[str]]:
     """Run the calibrated method on the source's float layers, loaded lazily one at a time (and a
     distilled method's training after it: `dwq.distill`)."""

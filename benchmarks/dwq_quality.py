@@ -59,6 +59,7 @@ def main() -> None:
     ap.add_argument("--train-embedding-scales", action="store_true", help="the tied embedding's too")
     ap.add_argument("--only", nargs="*", default=None, help="variant names to run")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--verbose", action="store_true", help="progress and each step's KL on stderr")
     args = ap.parse_args()
     dwq.LEARNING_RATE, dwq.BATCH_SIZE, dwq.TOP_K = args.lr, args.batch_size, args.top_k
     dwq.TRAIN_EMBEDDING = args.train_embedding_scales
@@ -107,7 +108,7 @@ def main() -> None:
             report = convert(
                 path,
                 Path(tmp) / str(i),
-                progress=False,
+                progress=args.verbose,
                 calibration=args.calibration,
                 calibration_samples=args.samples,
                 calibration_length=args.length,

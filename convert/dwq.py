@@ -18,23 +18,28 @@ positions of a batch, both distributions renormalized on it; the teacher's log-p
 `V_b` are computed once, before training, and kept (`DistillReport.restricted_kl` and `full_kl`
 give the approximation on the first batch, before and after training).
 
-Memory (what is bounded, and what is not):
+Memory (what is bounded, and what is not; 12B figures are estimates, not measured: this
+machine has no GPU):
 - Teacher: never whole in float32. The source is read lazily, one decoder layer at a time; each
   layer is cast to float32, runs the calibration batches' hidden states (all of them: `samples x
   length x hidden` float32, 126 MB at 32 x 256 on the 12B) and is then replaced by its quantized
-  student form, so the float weights held at once are one layer plus the float32 embedding
-  (262144 x hidden: 0.67 GB on the 270M, 4 GB on the 12B).
-- Targets: per batch `batch_size x length x |V_b|` float32 log-probs (|V_b| is a few thousand
-  at top_k 32): tens of MB per batch, all batches kept in memory.
-- Student: the quantized model with float32 scales and biases (1/8 of the parameter count in
-  float32 at group 64: 1.5 GB on the 12B), plus their gradients and Adam's two moments (three
-  times that again: 4.5 GB) and the packed codes (6 GB on the 12B at 4-bit).
+  student form, so the float weights held at once are one layer (~1 GB float32 on the 12B) plus
+  the float32 embedding (262144 x hidden: 0.67 GB on the 270M, 4 GB on the 12B), which is
+  quantized once the teacher's targets are computed.
+- Targets: per batch `batch_size x length x |V_b|` float32 log-probs (|V_b| about 3,000 at top_k
+  32 and 4 x 128 tokens): ~10 MB per batch, all batches kept in memory; plus the first prompt's
+  full-vocabulary teacher logits for the approximation check (`length` MB).
+- Student: the packed codes (0.5 byte per weight at 4-bit: 6 GB on the 12B) and per group the
+  float32 `s0`, `b0`, `ds`, `db` (2 values per 64 weights each pair: 3 GB on the 12B), plus the
+  gradients and Adam's two moments of `ds`, `db` (4.5 GB).
 - Activations for the backward pass: NOT bounded by layer: autodiff keeps every layer's
-  activations of one batch (on the 12B about 10 MB per token, so 10 GB for a batch of 4 x 256).
-  With `checkpoint=True` each layer is recomputed in the backward pass and only its input is
-  kept (hidden size per token per layer), at about 1.3x the compute.
-So a 12B DWQ at batch 4 x 256 with checkpointing needs roughly 6 + 6 + 4 + 2 = 18 GB: feasible on
-a 24-32 GB Mac, not measured here (this machine has no GPU; see the 270M measurements).
+  activations of the batch (on the 12B roughly 0.25 GB per layer for 4 x 256 tokens, 12 GB for
+  48 layers). `checkpoint=True` recomputes each layer in the backward pass and keeps only its
+  input (0.75 GB for 48 layers), at about 1.3x the compute. On the CPU backend the student
+  multiplies by dequantized float32 weights (see `_Student`), which the backward pass keeps too:
+  the CPU path is for small models.
+So a 12B DWQ at batch 4 x 256 with `checkpoint=True` should peak around 15 GB on Metal: feasible
+on a 24-32 GB Mac.
 """
 
 from __future__ import annotations

@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import mlx.core as mx
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 from calibrated_quality import TEXT, bpw_bf16, host_linears  # noqa: E402
@@ -127,6 +128,8 @@ def main() -> None:
             if isinstance(c, dwq.DistillReport):
                 rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
                 every = max(1, len(c.losses) // 16)
+                n = len(c.vocab)
+                passes = [np.mean(c.losses[k : k + n]) for k in range(0, len(c.losses), n)]
                 trajectory = ", ".join(f"{k}: {c.losses[k]:.3f}" for k in range(0, len(c.losses), every))
                 details += [
                     f"{name}: DWQ {c.seconds:.0f} s ({c.tokens:,} calibration tokens, "
@@ -137,7 +140,8 @@ def main() -> None:
                     f"{c.restricted_kl[0]:.4f} vs {c.full_kl[0]:.4f}, after {c.restricted_kl[1]:.4f} vs "
                     f"{c.full_kl[1]:.4f}.",
                     f"Training KL (restricted, per step: batch's KL before the step): {trajectory}, "
-                    f"last: {c.losses[-1]:.3f}."
+                    f"last: {c.losses[-1]:.3f}; mean of each pass over the {n} batches: "
+                    f"{', '.join(f'{x:.3f}' for x in passes)}."
                     if c.losses
                     else "No training steps.",
                     "",

@@ -231,15 +231,15 @@ def _kl(target: mx.array, logits: mx.array) -> mx.array:
 
 
 def _teacher_targets(model: Model, b: _Batch, h: mx.array, top_k: int) -> None:
-    """`b.vocab` (union of the teacher's top-k over the batch) and the teacher's log-probs on it,
-    one prompt at a time (a full-vocabulary row of logits is 1 MB per token)."""
-    rows = [_head(model, h[i : i + 1], None) for i in range(h.shape[0])]
-    tops = []
-    for r in rows:
-        tops.append(np.array(mx.argpartition(-r, top_k - 1, axis=-1)[..., :top_k]))
-    vocab = mx.array(np.unique(np.concatenate(tops).ravel()).astype(np.int32))
-    b.vocab = vocab
-    b.target = mx.concatenate([_log_softmax(r[..., vocab]) for r in rows])
+    """`b.vocab` (union of the teacher's top-k over the batch) and the teacher's log-probs on it.
+    The full-vocabulary logits (1 MB per token) exist for one prompt at a time; the restricted
+    ones are computed again from the final hidden states `h`, at |V_b| / vocabulary of the cost."""
+    tops = set()
+    for i in range(h.shape[0]):
+        logits = _head(model, h[i : i + 1], None)
+        tops.update(np.array(mx.argpartition(-logits, top_k - 1, axis=-1)[..., :top_k]).ravel().tolist())
+    b.vocab = mx.array(sorted(tops), dtype=mx.int32)
+    b.target = _log_softmax(_head(model, h, b.vocab))
     mx.eval(b.vocab, b.target)
 
 

@@ -161,7 +161,9 @@ def quantize(method: str, model, config: dict, processor, args) -> tuple[object,
 
         data = calibration_tokens(processor, args.dynamic_samples, args.length)
         high = 5
-        sens = dict(estimate_sensitivities(model, data, BITS, GROUP, high, GROUP))
+        sens = dict(
+            estimate_sensitivities(model, data, BITS, GROUP, high, GROUP, batch_size=args.dynamic_batch)
+        )
         # mlx-lm counts the stored float32 scales; ours counts bf16: shift the target by the
         # difference of the two counts on the plain 4-bit model (0.5 at group 64)
         probe = copy.deepcopy(model)
@@ -177,7 +179,7 @@ def quantize(method: str, model, config: dict, processor, args) -> tuple[object,
 
         model, config = quantize_model(model, config, group_size=GROUP, bits=BITS, quant_predicate=predicate)
         high_layers = sorted(p for p, s in sens.items() if s > threshold)
-        notes["calibration"] = f"{args.dynamic_samples} x {args.length}"
+        notes["calibration"] = f"{args.dynamic_samples} x {args.length}, batch {args.dynamic_batch}"
         notes["target_bpw"] = args.target_bpw
         notes["mlx_lm_bpw_float32_scales"] = round(compute_bits_per_weight(model), 4)
         notes["high_bits_layers"] = high_layers
@@ -307,6 +309,20 @@ def table(results: dict, args) -> str:
             f"{r['mean_kl']:.4f} | {r['notes'].get('calibration', '-')} | {r['seconds']:.0f} | "
             f"{r['mlx_peak_gb']:.2f} | {r['max_rss_gb']:.1f} |"
         )
+    if (r := results.get("dynamic")) and "error" not in r:
+        high = r["notes"]["high_bits_layers"]
+        kinds: dict[str, int] = {}
+        for p in high:
+            kind = p.rsplit(".", 1)[-1]
+            kinds[kind] = kinds.get(kind, 0) + 1
+        lines += [
+            "",
+            f"Dynamic quant: target {r['notes']['target_bpw']} bits/weight (bf16 count; mlx-lm's own count "
+            f"with the float32 scales: {r['notes']['mlx_lm_bpw_float32_scales']}), reached "
+            f"{r['bpw_bf16']:.3f}; {len(high)} layers at 5 bits ("
+            + ", ".join(f"{k} {v}" for k, v in sorted(kinds.items()))
+            + "), the rest (embedding included) at 4 bits.",
+        ]
     lines += ["", "Commands (per method, merged by method into the JSON beside this file):", ""]
     lines += [f"- {LABELS[m]}: `{results[m]['command']}`" for m in METHODS if m in results]
     return "\n".join(lines)
@@ -321,6 +337,7 @@ def main() -> None:
     ap.add_argument("--awq-samples", type=int, default=8)
     ap.add_argument("--awq-grid", type=int, default=10, help="AWQ scale/clip grid (mlx-lm default 20)")
     ap.add_argument("--dynamic-samples", type=int, default=8)
+    ap.add_argument("--dynamic-batch", type=int, default=2, help="sensitivity batch (mlx-lm default 4)")
     ap.add_argument("--target-bpw", type=float, default=4.75, help="dynamic quant target (bf16 count)")
     ap.add_argument("--dwq-samples", type=int, default=8, help="DWQ training windows (one epoch)")
     ap.add_argument("--dwq-batch", type=int, default=2, help="DWQ batch size (also the validation windows)")
@@ -332,7 +349,16 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None, help="Markdown table (default: print only)")
     ap.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    counts = ("tokens", "samples", "awq_samples", "awq_grid", "dynamic_samples", "dwq_samples", "dwq_batch")
+    counts = (
+        "tokens",
+        "samples",
+        "awq_samples",
+        "awq_grid",
+        "dynamic_samples",
+        "dynamic_batch",
+        "dwq_samples",
+        "dwq_batch",
+    )
     for name in counts:
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1")

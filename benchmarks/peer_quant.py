@@ -1,9 +1,10 @@
 """mlx-lm's own 4-bit methods (AWQ, GPTQ, DWQ, dynamic mixed precision) on the real Gemma 3 270M,
 measured with our evaluation, beside our RTN anchor.
 
-    python benchmarks/peer_quant.py [--methods rtn mlx-lm-rtn gptq awq dynamic dwq] [--tokens 512]
+    python benchmarks/peer_quant.py [--methods rtn mlx-lm-rtn gptq awq dynamic budget dwq] [--tokens 512]
         [--samples 32] [--length 256] [--awq-samples 8] [--awq-grid 10] [--dynamic-samples 8]
-        [--target-bpw 4.75] [--dwq-samples 8] [--dwq-lr 1e-6] [--timeout 1800]
+        [--target-bpw 4.75] [--budget-samples 1] [--budget-length 32] [--dwq-samples 8]
+        [--dwq-lr 1e-6] [--timeout 1800] [--eval-text FILE]
         [--json benchmarks/results/peer_quant_gemma3_270m.json] [--out FILE.md]
 
 Methods (all 4-bit affine, group 64, embedding (the tied LM head) included, float32 scales):
@@ -18,6 +19,9 @@ Methods (all 4-bit affine, group 64, embedding (the tied LM head) included, floa
 - `dynamic`: `mlx_lm.quant.dynamic_quant`: `estimate_sensitivities` (4-bit g64 low, 5-bit g64
   high), `estimate_threshold` for `--target-bpw` (ours, bf16 scales: converted to mlx-lm's count,
   which uses the stored float32 scales), `quantize_model` with the resulting predicate.
+- `budget`: ours at the same budget as `dynamic`: `convert(bits_per_weight=--target-bpw,
+  dtype="bfloat16")` (per-unit RTN precisions chosen by measured KL; bf16 scales so that its budget
+  counts as our table does), its sensitivity pass on `--budget-samples` x `--budget-length` tokens.
 - `dwq`: `mlx_lm.quant.dwq.dwq_quantize`: mlx-lm's RTN model distilled towards the float32 model's
   logits (their loss, Adam, temperature 2) on `--dwq-samples` windows, one epoch; scales kept in
   float32 (`dtype`).
@@ -31,7 +35,9 @@ built from its config (`mlx_lm.utils._get_classes`) and given the weights rename
 Evaluation is benchmarks/calibrated_quality.py's: the quantized model is written with mlx-lm's
 `save_model`/`save_config`, loaded by `gemma_mlx.checkpoint.load_model`, its Linears run in numpy
 on the dequantized weights (`host_linears`), and compared (`gemma_mlx.quality.compare`) with the
-float32 model on the first `--tokens` tokens of benchmarks/data/genesis_kjv.txt (held out).
+float32 model on the first `--tokens` tokens of benchmarks/data/genesis_kjv.txt (held out;
+`--eval-text FILE` measures on another UTF-8 text instead, e.g. Python source in the
+calibration's own domain).
 Bits per weight count bfloat16 scales, biases and float parts (as shipped), like that table.
 
 Every method runs in a fresh subprocess (clean peak memory, a failure or `--timeout` costs one row)
@@ -44,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib
 import json
 import os
 import platform
@@ -54,17 +61,19 @@ import tempfile
 import time
 from pathlib import Path
 
-METHODS = ("rtn", "mlx-lm-rtn", "gptq", "awq", "dynamic", "dwq")
+METHODS = ("rtn", "mlx-lm-rtn", "gptq", "awq", "dynamic", "budget", "dwq")
 LABELS = {
     "rtn": "RTN 4-bit g64 (ours)",
     "mlx-lm-rtn": "RTN 4-bit g64 (mlx-lm quantize_model)",
     "gptq": "mlx-lm GPTQ 4-bit g64",
     "awq": "mlx-lm AWQ 4-bit g64",
     "dynamic": "mlx-lm dynamic quant 4/5-bit g64",
+    "budget": "ours: --bits-per-weight budget (RTN, 3/4/6/8-bit)",
     "dwq": "mlx-lm DWQ 4-bit g64",
 }
 BITS, GROUP = 4, 64
 RESULTS = Path(__file__).parent / "results"
+TEXT = Path(__file__).parent / "data" / "genesis_kjv.txt"
 
 
 def calibration_tokens(processor, samples: int, length: int):
@@ -217,7 +226,7 @@ def quantize(method: str, model, config: dict, processor, args) -> tuple[object,
 def worker(method: str, args) -> dict:
     """Quantize with `method` and evaluate -> the row's measurements."""
     import mlx.core as mx
-    from calibrated_quality import TEXT, host_linears
+    from calibrated_quality import host_linears
     from mlx_lm.utils import save_config, save_model
 
     from gemma_mlx import load
@@ -230,14 +239,28 @@ def worker(method: str, args) -> dict:
     mx.random.seed(123)
     path = default_model_path()
     processor = Processor.from_dir(path)
-    row: dict = {"method": method, "label": LABELS[method], "notes": {}}
+    row: dict = {"method": method, "label": LABELS[method], "notes": {}, "eval_text": args.eval_text.name}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "q"
-        if method == "rtn":
+        if method in ("rtn", "budget"):
+            kwargs: dict = {}
+            if method == "budget":
+                # the sensitivity pass's calibration size is a module setting (8 x 128 by default)
+                convert_module = importlib.import_module("gemma_mlx.convert.convert")  # not the function
+                convert_module.SENSITIVITY_SAMPLES = args.budget_samples
+                convert_module.SENSITIVITY_LENGTH = args.budget_length
+                # the budget counts the stored float bytes: bf16 scales make it our bf16 count
+                kwargs = dict(bits_per_weight=args.target_bpw, dtype="bfloat16")
+                row["notes"] = {
+                    "calibration": f"sensitivity {args.budget_samples} x {args.budget_length}, bf16 scales",
+                    "target_bpw": args.target_bpw,
+                }
             mx.reset_peak_memory()
             t = time.perf_counter()
-            convert(path, out, bits=BITS, group_size=GROUP, progress=False)
+            report = convert(path, out, bits=BITS, group_size=GROUP, progress=False, **kwargs)
             row["seconds"] = time.perf_counter() - t
+            if report.allocation:
+                row["notes"]["allocation"] = [list(r) for r in report.allocation]
         else:
             model, config = mlx_lm_model(path)
             mx.reset_peak_memory()
@@ -253,7 +276,7 @@ def worker(method: str, args) -> dict:
         variant = load_model(out)
         row["bpw_bf16"] = bits_per_weight(variant)
         row["bpw_stored"] = bits_per_weight(variant, 32)  # float32 scales/biases, as this run keeps them
-        ids = processor.encode_prompt(TEXT.read_text())[: args.tokens]
+        ids = processor.encode_prompt(args.eval_text.read_text(encoding="utf-8"))[: args.tokens]
         var_lp = log_probs(host_linears(variant), ids)
         del variant
     reference, _ = load(path)
@@ -286,10 +309,11 @@ def table(results: dict, args) -> str:
     tokens = ok[0]["tokens"] if ok else args.tokens
     lines = [
         f"Gemma 3 270M (offline default model, float32), {tokens} held-out tokens of "
-        "benchmarks/data/genesis_kjv.txt, float32 model as the reference; calibration: our builtin "
-        "set (Python stdlib docs and code) for every method (sizes per row). All rows 4-bit affine "
-        "with float32 scales/biases in the run; bits/weight counted with bfloat16 scales, biases and "
-        f"float parts, as shipped. MLX {mx.__version__}, mlx-lm {mlx_lm.__version__}, "
+        f"{args.eval_text.name}, float32 model as the reference; calibration: our builtin "
+        "set (Python stdlib docs and code) for every method (sizes per row). Affine, group 64, "
+        "embedding (the tied LM head) included, float32 scales/biases in the run unless the row says "
+        "otherwise; bits/weight counted with bfloat16 scales, biases and float parts, as shipped. "
+        f"MLX {mx.__version__}, mlx-lm {mlx_lm.__version__}, "
         f"{platform.machine()} CPU, 2 shared cores, load at writing: `{uptime}`.",
         "",
         "| method | bits/weight (bf16) | perplexity | top-1 agreement | mean KL (nats) | calibration | "
@@ -323,6 +347,12 @@ def table(results: dict, args) -> str:
             + ", ".join(f"{k} {v}" for k, v in sorted(kinds.items()))
             + "), the rest (embedding included) at 4 bits.",
         ]
+    if (r := results.get("budget")) and "error" not in r:
+        lines += [
+            "",
+            f"Our budget: target {r['notes']['target_bpw']} bits/weight, reached {r['bpw_bf16']:.3f}; "
+            + "; ".join(f"{spec}: {units}" for spec, units in r["notes"].get("allocation", [])),
+        ]
     lines += ["", "Commands (per method, merged by method into the JSON beside this file):", ""]
     lines += [f"- {LABELS[m]}: `{results[m]['command']}`" for m in METHODS if m in results]
     return "\n".join(lines)
@@ -332,6 +362,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument("--tokens", type=int, default=512, help="held-out evaluation tokens")
+    ap.add_argument("--eval-text", type=Path, default=TEXT, help="evaluation text (default: KJV Genesis)")
     ap.add_argument("--samples", type=int, default=32, help="GPTQ calibration windows")
     ap.add_argument("--length", type=int, default=256, help="calibration window length (tokens)")
     ap.add_argument("--awq-samples", type=int, default=8)
@@ -339,6 +370,8 @@ def main() -> None:
     ap.add_argument("--dynamic-samples", type=int, default=8)
     ap.add_argument("--dynamic-batch", type=int, default=2, help="sensitivity batch (mlx-lm default 4)")
     ap.add_argument("--target-bpw", type=float, default=4.75, help="dynamic quant target (bf16 count)")
+    ap.add_argument("--budget-samples", type=int, default=1, help="our budget's sensitivity windows")
+    ap.add_argument("--budget-length", type=int, default=32, help="their length (convert's default: 8 x 128)")
     ap.add_argument("--dwq-samples", type=int, default=8, help="DWQ training windows (one epoch)")
     ap.add_argument("--dwq-batch", type=int, default=2, help="DWQ batch size (also the validation windows)")
     ap.add_argument("--dwq-lr", type=float, default=1e-6, help="DWQ learning rate (mlx-lm default 1e-6)")
@@ -347,6 +380,7 @@ def main() -> None:
     ap.add_argument("--no-openblas", action="store_true", help="keep MLX's own reference BLAS")
     ap.add_argument("--json", type=Path, default=RESULTS / "peer_quant_gemma3_270m.json")
     ap.add_argument("--out", type=Path, default=None, help="Markdown table (default: print only)")
+    ap.add_argument("--table-only", action="store_true", help="only write the table from --json")
     ap.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
     args = ap.parse_args()
     counts = (
@@ -364,9 +398,20 @@ def main() -> None:
             ap.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.length < 2:
         ap.error("--length must be >= 2")
+    if not args.eval_text.is_file():
+        ap.error(f"--eval-text {args.eval_text}: no such file")
 
     if args.worker:
         print("RESULT " + json.dumps(worker(args.worker, args)), flush=True)
+        return
+
+    if args.table_only:
+        if not args.json.is_file():
+            ap.error(f"--table-only: {args.json} does not exist")
+        text = table(json.loads(args.json.read_text()), args)
+        print(text)
+        if args.out:
+            args.out.write_text(text + "\n")
         return
 
     env = dict(os.environ)

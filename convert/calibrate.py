@@ -43,6 +43,7 @@ from .quantize import QuantSpec, quantize_weight
 
 METHODS = ("rtn", "awq", "gptq")
 AWQ_GRID = 20  # alphas 0, 1/20, ..., 19/20 (0: s = 1, plain RTN, so never worse on calibration)
+AWQ_FLOOR = 0.1  # the smallest channel statistic, as a fraction of the mean (see _search_scales)
 
 
 @dataclass
@@ -212,8 +213,13 @@ def _search_scales(
     L: _Layer, linears: list[tuple[str, nn.Linear]], xs: list[mx.array], run: Callable[[], list[mx.array]]
 ) -> mx.array:
     """AWQ: the per-input-channel scale `s = mean|x|^alpha` (normalized) whose quantized `W s`
-    (with `x / s`) gives the smallest error of `run()`'s output, alpha over a grid."""
-    stat = mx.maximum(mx.mean(mx.abs(_flat(xs)), axis=0), 1e-5)
+    (with `x / s`) gives the smallest error of `run()`'s output, alpha over a grid.
+
+    The statistic is floored at `AWQ_FLOOR` of its mean: a channel (nearly) silent on the
+    calibration text would otherwise get a tiny scale, its weights would round to nothing, and
+    text that does use it would see the error multiplied by 1/s."""
+    stat = mx.mean(mx.abs(_flat(xs)), axis=0)
+    stat = mx.maximum(stat, AWQ_FLOOR * mx.mean(stat))
     ref = run()
     mx.eval(ref)
     originals = [m.weight for _, m in linears]
@@ -239,8 +245,14 @@ def _fold_norm(norm: RMSNorm, s: mx.array) -> None:
 def _awq(L: _Layer, batches: list[_Batch], t: str) -> None:
     layer = L.layer
     xs = L.attn_inputs(batches)
+    # Errors are measured on what each block adds to the residual stream, after Gemma's post-norm:
+    # the norm rescales every token's output to unit RMS, so a token with a small output weighs as
+    # much as one with a large output there.
+    post_attn, post_mlp = layer.post_attention_layernorm, layer.post_feedforward_layernorm
     if any(L.spec(n) for n, _ in L.qkv):
-        run = lambda: [layer.self_attn(x, b.masks[t])[0] for x, b in zip(xs, batches, strict=True)]  # noqa: E731
+        run = lambda: [  # noqa: E731
+            post_attn(layer.self_attn(x, b.masks[t])[0]) for x, b in zip(xs, batches, strict=True)
+        ]
         s = _search_scales(L, L.qkv, xs, run)
         _fold_norm(layer.input_layernorm, s)
         for _, m in L.qkv:
@@ -249,7 +261,7 @@ def _awq(L: _Layer, batches: list[_Batch], t: str) -> None:
     mx.eval(xs)
     mlp = layer.mlp
     if any(L.spec(n) for n, _ in L.gate_up):
-        s = _search_scales(L, L.gate_up, xs, lambda: [mlp(x) for x in xs])
+        s = _search_scales(L, L.gate_up, xs, lambda: [post_mlp(mlp(x)) for x in xs])
         _fold_norm(layer.pre_feedforward_layernorm, s)
         for _, m in L.gate_up:
             m.weight = m.weight * s
@@ -257,7 +269,7 @@ def _awq(L: _Layer, batches: list[_Batch], t: str) -> None:
         acts = [nn.gelu_approx(mlp.gate_proj(x)) * mlp.up_proj(x) for x in xs]
         mx.eval(acts)
         s = _search_scales(
-            L, [("mlp.down_proj", mlp.down_proj)], acts, lambda: [mlp.down_proj(a) for a in acts]
+            L, [("mlp.down_proj", mlp.down_proj)], acts, lambda: [post_mlp(mlp.down_proj(a)) for a in acts]
         )
         mlp.up_proj.weight = mlp.up_proj.weight / s[:, None]
         mlp.down_proj.weight = mlp.down_proj.weight * s

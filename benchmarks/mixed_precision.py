@@ -30,7 +30,7 @@ import mlx.core as mx
 
 from gemma_mlx import load
 from gemma_mlx.checkpoint import load_model
-from gemma_mlx.convert import QuantSpec, convert, estimate, plan
+from gemma_mlx.convert import QuantSpec, calibrate, convert, estimate, plan
 from gemma_mlx.convert.calibration import calibration_set
 from gemma_mlx.convert.default_model import default_model_path
 from gemma_mlx.convert.sensitivity import CANDIDATES, Sensitivity, measure, short_name, units_of
@@ -49,6 +49,12 @@ VARIANTS: dict[str, dict | None] = {
     "budget 5.56 bpw (mlp_8bit's size on the 270M)": dict(bits_per_weight=5.56),
     "budget 6.0 bpw": dict(bits_per_weight=6.0),
     "uniform 6-bit g64": dict(bits=6),
+    # calibrated: AWQ on a small set (4 x 128 builtin tokens) to keep this CPU's run short
+    "AWQ 4-bit g64": dict(bits=4, method="awq", calibration_samples=4, calibration_length=128),
+    "budget 4.75 bpw (mlx-lm dynamic quant's size)": dict(bits_per_weight=4.75),
+    "budget 4.75 bpw + AWQ": dict(
+        bits_per_weight=4.75, method="awq", calibration_samples=4, calibration_length=128
+    ),
 }
 
 
@@ -111,8 +117,10 @@ def main() -> None:
     ap.add_argument("--length", type=int, default=32, help="tokens per calibration window")
     ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of the rows")
     ap.add_argument("--sensitivity", type=Path, default=None, help="JSON cache of the measurement")
+    ap.add_argument("--awq-grid", type=int, default=8, help="alphas AWQ tries per scale search")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
+    calibrate.AWQ_GRID = args.awq_grid
     chosen = args.variants.split(",")
     load_before = os.getloadavg()
     path = default_model_path()
@@ -186,7 +194,7 @@ def main() -> None:
         ),
         "",
         f"    python benchmarks/mixed_precision.py --tokens {args.tokens} --samples {args.samples} "
-        f"--length {args.length}",
+        f"--length {args.length} --awq-grid {args.awq_grid} --variants '{args.variants}'",
         "",
         "| variant | bits/weight (270M) | perplexity | top-1 agreement | mean KL (nats) | 12B bits/weight "
         "| 12B GB read per token |",

@@ -60,7 +60,7 @@ def convert_command(
         float | None,
         typer.Option(
             help="Budget instead of --bits/--recipe: per-unit precisions (embedding, each layer's "
-            "attention and MLP; affine 4-bit g64/g32, 6-bit, 8-bit) chosen by their measured effect "
+            "attention and MLP; affine 3-bit, 4-bit g64/g32, 5/6/8-bit) chosen by their measured effect "
             "on the output, e.g. 4.5 (the result's bits per weight, scales included).",
         ),
     ] = None,

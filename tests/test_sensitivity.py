@@ -73,7 +73,7 @@ def test_units_group_layers_by_attention_and_mlp(measured):
 
 
 @pytest.mark.parametrize("unit", ["language_model.layers.3.mlp", "language_model.embed_tokens"])
-@pytest.mark.parametrize("spec", [CANDIDATES[0], CANDIDATES[1], CANDIDATES[3]])
+@pytest.mark.parametrize("spec", [CANDIDATES[0], CANDIDATES[1], CANDIDATES[4]])
 def test_measured_kl_equals_kl_of_really_quantized_model(src, measured, unit, spec):
     """Running from the cached layer input with fake-quantized weights is the same as the whole
     model with that unit quantized by `nn.quantize`."""
@@ -95,8 +95,8 @@ def test_estimate_tracks_measured_kl_in_the_quadratic_regime(measured):
     for u in units:
         assert est.kl[u][LOW] == pytest.approx(direct.kl[u][LOW], rel=1e-6)
         assert (
-            direct.kl[u][CANDIDATES[4]]
-            < direct.kl[u][CANDIDATES[3]]
+            direct.kl[u][CANDIDATES[5]]
+            < direct.kl[u][CANDIDATES[4]]
             < direct.kl[u][CANDIDATES[1]]
             < direct.kl[u][LOW]
         )

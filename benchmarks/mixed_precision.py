@@ -52,6 +52,9 @@ VARIANTS: dict[str, dict | None] = {
     # calibrated: AWQ on a small set (4 x 128 builtin tokens) to keep this CPU's run short
     "AWQ 4-bit g64": dict(bits=4, method="awq", calibration_samples=4, calibration_length=128),
     "budget 4.75 bpw (mlx-lm dynamic quant's size)": dict(bits_per_weight=4.75),
+    "budget 4.6 bpw + AWQ": dict(
+        bits_per_weight=4.6, method="awq", calibration_samples=4, calibration_length=128
+    ),
     "budget 4.75 bpw + AWQ": dict(
         bits_per_weight=4.75, method="awq", calibration_samples=4, calibration_length=128
     ),

@@ -246,17 +246,22 @@ def converted(tmp_path_factory):
     return src, out
 
 
+def assert_is_its_dequantized_reference(out: Path) -> None:
+    """The checkpoint at `out` loads and computes what its dequantized weights do (4-bit g32)."""
+    model, processor = gemma_mlx.load(out)
+    ids = mx.array([processor.encode_text(HELD_OUT[1])])
+    ours = np.array(model(ids))
+    ref = np.array(dequantized_model(out)(ids))
+    np.testing.assert_allclose(ours, ref, atol=1e-5 * np.abs(ref).max())
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization"]["bits"] == 4 and config["quantization"]["group_size"] == 32
+
+
 @pytest.mark.parametrize("method", ["awq", "gptq"])
 def test_output_is_its_dequantized_reference(converted, method):
     src, reports = converted
     report = reports[method]
-    model, processor = gemma_mlx.load(report.out)
-    ids = mx.array([processor.encode_text(HELD_OUT[1])])
-    ours = np.array(model(ids))
-    ref = np.array(dequantized_model(report.out)(ids))
-    np.testing.assert_allclose(ours, ref, atol=1e-5 * np.abs(ref).max())
-    config = json.loads((report.out / "config.json").read_text())
-    assert config["quantization"]["bits"] == 4 and config["quantization"]["group_size"] == 32
+    assert_is_its_dequantized_reference(report.out)
     assert report.method == method and report.calibration.samples == 4
     assert f"| method | {method}, calibrated on 4 prompts" in (report.out / "README.md").read_text()
 

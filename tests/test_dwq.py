@@ -8,12 +8,10 @@ Tiny random Gemma 3 (float32), 8 calibration prompts of 32 tokens, a few Adam st
 
 from __future__ import annotations
 
-import json
-
 import mlx.core as mx
 import numpy as np
 import pytest
-from test_calibrate import HELD_OUT, dequantized_model, gemma3, outliers
+from test_calibrate import HELD_OUT, assert_is_its_dequantized_reference, gemma3, outliers
 
 import gemma_mlx
 from gemma_mlx.checkpoint import load_model, read_weights
@@ -59,13 +57,7 @@ def _kl(src, out) -> float:
 def test_output_is_its_dequantized_reference(converted, method):
     src, reports = converted
     report = reports[method]
-    model, processor = gemma_mlx.load(report.out)
-    ids = mx.array([processor.encode_text(HELD_OUT[1])])
-    ours = np.array(model(ids))
-    ref = np.array(dequantized_model(report.out)(ids))
-    np.testing.assert_allclose(ours, ref, atol=1e-5 * np.abs(ref).max())
-    config = json.loads((report.out / "config.json").read_text())
-    assert config["quantization"]["bits"] == 4 and config["quantization"]["group_size"] == 32
+    assert_is_its_dequantized_reference(report.out)
     c = report.calibration
     assert report.method == method and c.samples == 8 and len(c.losses) == STEPS
     card = (report.out / "README.md").read_text()

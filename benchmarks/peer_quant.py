@@ -1,7 +1,8 @@
 """mlx-lm's own 4-bit methods (AWQ, GPTQ, DWQ, dynamic mixed precision) on the real Gemma 3 270M,
 measured with our evaluation, beside our RTN anchor.
 
-    python benchmarks/peer_quant.py [--methods rtn mlx-lm-rtn gptq awq dynamic budget dwq] [--tokens 512]
+    python benchmarks/peer_quant.py [--methods rtn mlx-lm-rtn gptq ours-gptq awq ours-awq dynamic budget dwq]
+        [--tokens 512]
         [--samples 32] [--length 256] [--awq-samples 8] [--awq-grid 10] [--dynamic-samples 8]
         [--target-bpw 4.75] [--budget-samples 1] [--budget-length 32] [--dwq-samples 8]
         [--dwq-lr 1e-6] [--timeout 1800] [--eval-text FILE]
@@ -15,6 +16,8 @@ Methods (all 4-bit affine, group 64, embedding (the tied LM head) included, floa
 - `gptq`: `mlx_lm.quant.gptq.gptq_quantize` (fallback for non-Linear layers, i.e. the embedding:
   4-bit g64, like ours). The Hessians are collected through the decoder only (`model.model`),
   skipping the 262144-wide LM head: the head is the tied embedding, which GPTQ does not touch.
+- `ours-gptq`, `ours-awq`: ours (`convert(method=...)`) on the same calibration tokens as
+  mlx-lm's GPTQ (`--samples`) and AWQ (`--awq-samples`, `--awq-grid`) rows.
 - `awq`: `mlx_lm.quant.awq.awq_quantize` with its `gemma3_text` config (embedding 4-bit g64).
 - `dynamic`: `mlx_lm.quant.dynamic_quant`: `estimate_sensitivities` (4-bit g64 low, 5-bit g64
   high), `estimate_threshold` for `--target-bpw` (ours, bf16 scales: converted to mlx-lm's count,
@@ -61,14 +64,16 @@ import tempfile
 import time
 from pathlib import Path
 
-METHODS = ("rtn", "mlx-lm-rtn", "gptq", "awq", "dynamic", "budget", "dwq")
+METHODS = ("rtn", "mlx-lm-rtn", "gptq", "ours-gptq", "awq", "ours-awq", "dynamic", "budget", "dwq")
 LABELS = {
     "rtn": "RTN 4-bit g64 (ours)",
     "mlx-lm-rtn": "RTN 4-bit g64 (mlx-lm quantize_model)",
     "gptq": "mlx-lm GPTQ 4-bit g64",
+    "ours-gptq": "GPTQ 4-bit g64 (ours)",
     "awq": "mlx-lm AWQ 4-bit g64",
+    "ours-awq": "AWQ 4-bit g64 (ours)",
     "dynamic": "mlx-lm dynamic quant 4/5-bit g64",
-    "budget": "ours: --bits-per-weight budget (RTN, 3/4/6/8-bit)",
+    "budget": "ours: --bits-per-weight budget (RTN, 3/4/5/6/8-bit)",
     "dwq": "mlx-lm DWQ 4-bit g64",
 }
 BITS, GROUP = 4, 64
@@ -242,8 +247,18 @@ def worker(method: str, args) -> dict:
     row: dict = {"method": method, "label": LABELS[method], "notes": {}, "eval_text": args.eval_text.name}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "q"
-        if method in ("rtn", "budget"):
+        if method in ("rtn", "budget", "ours-awq", "ours-gptq"):
             kwargs: dict = {}
+            if method.startswith("ours-"):  # the same calibration tokens as mlx-lm's row
+                calibrate = importlib.import_module("gemma_mlx.convert.calibrate")
+                calibrate.AWQ_GRID = args.awq_grid
+                samples = args.awq_samples if method == "ours-awq" else args.samples
+                kwargs = dict(
+                    method=method.removeprefix("ours-"),
+                    calibration_samples=samples,
+                    calibration_length=args.length,
+                )
+                row["notes"] = {"calibration": f"{samples} x {args.length}"}
             if method == "budget":
                 # the sensitivity pass's calibration size is a module setting (8 x 128 by default)
                 convert_module = importlib.import_module("gemma_mlx.convert.convert")  # not the function

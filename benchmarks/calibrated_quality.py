@@ -28,16 +28,17 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx.utils import tree_flatten
 
 from gemma_mlx import load
 from gemma_mlx.checkpoint import load_model
 from gemma_mlx.config import load_config
-from gemma_mlx.convert import calibrate, convert
+from gemma_mlx.convert import ConversionReport, calibrate, convert
 from gemma_mlx.convert.default_model import default_model_path
 from gemma_mlx.convert.quantize import QuantSpec, layout_bytes, plan
 from gemma_mlx.models.gemma import Model
-from gemma_mlx.quality import compare, log_probs
+from gemma_mlx.quality import Quality, compare, log_probs
 
 TEXT = Path(__file__).parent / "data" / "genesis_kjv.txt"
 CONFIG_12B = Path(__file__).parents[1] / "tests" / "data" / "gemma-4-12b-config.json"
@@ -79,6 +80,18 @@ def bpw_bf16(path: Path, kwargs: dict) -> float:
     layout = plan(model, spec, overrides=kwargs.get("overrides"))
     params = sum(p.size for _, p in tree_flatten(model.parameters()))
     return 8 * layout_bytes(model, layout, 2) / params
+
+
+def convert_and_compare(
+    path: Path, out: Path, reference: np.ndarray, ids: list[int], **kwargs
+) -> tuple[ConversionReport, Quality, float]:
+    """`convert(path, out, **kwargs)`, then the result's quality against `reference` log-probs on
+    `ids` (Linears in numpy, `host_linears`), and the conversion's seconds."""
+    t = time.perf_counter()
+    report = convert(path, out, **kwargs)
+    seconds = time.perf_counter() - t
+    q = compare(reference, log_probs(host_linears(load_model(report.out)), ids), ids)
+    return report, q, seconds
 
 
 def per_layer_params(config) -> int:
@@ -147,19 +160,16 @@ def main() -> None:
         for i, (name, kwargs) in enumerate(VARIANTS.items()):
             if args.only and name not in args.only:
                 continue
-            t = time.perf_counter()
-            report = convert(
+            report, q, seconds = convert_and_compare(
                 path,
                 Path(tmp) / str(i),
+                reference,
+                ids,
                 progress=False,
                 calibration_samples=args.samples,
                 calibration_length=args.length,
                 **kwargs,
             )
-            seconds = time.perf_counter() - t
-            variant = host_linears(load_model(report.out))
-            q = compare(reference, log_probs(variant, ids), ids)
-            del variant
             rows.append(
                 f"| {name} | {bpw_bf16(path, kwargs):.2f} | {q.perplexity:.3f} | "
                 f"{q.top1_agreement:.3f} | {q.mean_kl:.4f} |"

@@ -24,18 +24,16 @@ import resource
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from calibrated_quality import TEXT, bpw_bf16, host_linears  # noqa: E402
+from calibrated_quality import TEXT, bpw_bf16, convert_and_compare, host_linears  # noqa: E402
 
 from gemma_mlx import load  # noqa: E402
-from gemma_mlx.checkpoint import load_model  # noqa: E402
-from gemma_mlx.convert import convert, dwq  # noqa: E402
+from gemma_mlx.convert import dwq  # noqa: E402
 from gemma_mlx.convert.default_model import default_model_path  # noqa: E402
 from gemma_mlx.quality import compare, log_probs  # noqa: E402
 
@@ -105,10 +103,11 @@ def main() -> None:
         for i, (name, kwargs) in enumerate(VARIANTS.items()):
             if args.only and name not in args.only:
                 continue
-            t = time.perf_counter()
-            report = convert(
+            report, q, seconds = convert_and_compare(
                 path,
                 Path(tmp) / str(i),
+                reference,
+                ids,
                 progress=args.verbose,
                 calibration=args.calibration,
                 calibration_samples=args.samples,
@@ -116,10 +115,6 @@ def main() -> None:
                 dwq_steps=args.steps,
                 **kwargs,
             )
-            seconds = time.perf_counter() - t
-            variant = host_linears(load_model(report.out))
-            q = compare(reference, log_probs(variant, ids), ids)
-            del variant
             rows.append(
                 f"| {name} | {bpw_bf16(path, kwargs):.2f} | {q.perplexity:.3f} | "
                 f"{q.top1_agreement:.3f} | {q.mean_kl:.4f} | {seconds:.0f} |"

@@ -53,7 +53,9 @@ def serve(
     model_id: Annotated[
         str | None, typer.Option("--model-id", help="The model name clients send (default: the directory's).")
     ] = None,
-    ui: Annotated[bool, typer.Option("--ui/--no-ui", help="Serve the chat page at / (on by default).")] = True,
+    ui: Annotated[
+        bool, typer.Option("--ui/--no-ui", help="Serve the chat page at / (on by default).")
+    ] = True,
     distributed: DistributedOpt = False,
     layers_per_rank: LayersPerRankOpt = None,
 ) -> None:

@@ -372,7 +372,16 @@ function apiError(status, body) {
 
 /** Stream the model's next turn into `c`. */
 async function complete(c) {
-  if (!state.model && !(await fetchModel())) return;
+  if (!state.model) {
+    const error = await fetchModel();
+    if (error) {
+      c.messages.push({ role: "error", text: error.message });
+      save();
+      render();
+      return;
+    }
+  }
+  const body = JSON.stringify(requestBody(c));
   const m = { role: "assistant", content: "", reasoning: "", tool_calls: [] };
   c.messages.push(m);
   state.controller = new AbortController();
@@ -390,7 +399,7 @@ async function complete(c) {
   const stats = {};
   const started = performance.now();
   try {
-    const res = await fetch("/v1/chat/completions", { method: "POST", headers: headers(), body: JSON.stringify(requestBody(c)), signal: state.controller.signal });
+    const res = await fetch("/v1/chat/completions", { method: "POST", headers: headers(), body, signal: state.controller.signal });
     if (!res.ok) throw apiError(res.status, await res.json().catch(() => null));
     const reader = res.body.getReader();
     const decoder = new TextDecoder();
@@ -474,11 +483,11 @@ async function fetchModel() {
     state.model = body.data[0].id;
     $("#model-name").textContent = state.model;
     $("#key-dialog").close();
-    return true;
+    return null;
   } catch (e) {
     if (e.status === 401) askKey(e.message);
     else notice(`The server did not answer: ${e.message}`);
-    return false;
+    return e;
   }
 }
 
@@ -495,7 +504,7 @@ function saveKey(e) {
   state.key = $("#key-input").value.trim();
   localStorage.setItem(STORE.key, state.key);
   $("#key-error").textContent = "Checking…";
-  fetchModel().then((ok) => ok && render());
+  fetchModel().then((error) => error || render());
 }
 
 function notice(text) {
@@ -732,7 +741,7 @@ function init() {
     setTimeout(() => (copy.textContent = "Copy"), 1500);
   });
   render();
-  fetchModel().then((ok) => ok && render());
+  fetchModel().then((error) => error || render());
 }
 
 document.addEventListener("DOMContentLoaded", init);

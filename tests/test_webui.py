@@ -416,3 +416,50 @@ def test_a_tool_call_and_its_result_are_shown(browser, tool_server):
     call_id = second["messages"][1]["tool_calls"][0]["id"]
     assert second["messages"][2] == {"role": "tool", "tool_call_id": call_id, "content": '{"temp_c": 21}'}
     p.close()
+
+
+SEEDED = {
+    "id": "seeded",
+    "title": "Seeded",
+    "created": 0,
+    "messages": [
+        {"role": "user", "text": "Show me"},
+        {
+            "role": "assistant",
+            "content": "A **table**:\n\n| a | b |\n|---|---|\n| 1 | 2 |\n\n<img src=x onerror=alert(1)>\n\n"
+            "```python\ndef f(x):\n    return x + 1  # one more\n```",
+            "stats": {"tps": 12.5, "prompt": 40, "cached": 32, "completion": 20, "acceptance": 0.75},
+        },
+    ],
+}
+
+
+def test_markdown_code_copy_dark_mode_and_phone_width(browser, server):
+    p = Page(browser, server, viewport={"width": 390, "height": 844}, color_scheme="dark")
+    page = p.page
+    p.context.grant_permissions(["clipboard-read", "clipboard-write"], origin=server.url)
+    page.goto(server.url + "/")
+    page.evaluate(f"localStorage.setItem('gemma-mlx.conversations', JSON.stringify([{json.dumps(SEEDED)}]))")
+    page.reload()
+    answer = page.locator(".msg.assistant")
+    expect(answer.locator("table td")).to_have_text(["1", "2"])
+    # model output is text, never markup
+    expect(answer.locator(".markdown img")).to_have_count(0)
+    expect(answer.locator(".markdown")).to_contain_text("<img src=x onerror=alert(1)>")
+    expect(answer.locator(".code .tok-kw").first).to_have_text("def")
+    expect(answer.locator(".code .tok-com")).to_have_text("# one more")
+    answer.locator(".code .copy").click()
+    expect(answer.locator(".code .copy")).to_have_text("Copied")
+    assert page.evaluate("navigator.clipboard.readText()") == "def f(x):\n    return x + 1  # one more"
+    stats = answer.locator(".stats")
+    expect(stats).to_contain_text("12.5 tok/s")
+    expect(stats.locator("[data-k=cached]")).to_have_text("32 cached")
+    expect(stats.locator("[data-k=acceptance]")).to_have_text("draft 75% accepted")
+    # dark mode follows the system's; at phone width the conversation list slides in from a menu
+    assert page.evaluate("getComputedStyle(document.body).backgroundColor") == "rgb(22, 24, 28)"
+    assert page.locator("#sidebar").bounding_box()["x"] < 0
+    page.click("#menu")
+    expect(page.locator("#sidebar")).to_be_in_viewport()
+    page.click("#conversations .conv-title")
+    expect(page.locator("#sidebar")).not_to_be_in_viewport()
+    p.close()

@@ -170,8 +170,7 @@ function messageView(m, i, c, isLastUser, isLast) {
     div.append(el("div", "text", m.text));
     if (isLastUser && !state.controller) div.append(actions([["Edit", "edit", () => editLast(c, i)]]));
   } else if (m.role === "assistant") {
-    fillAssistant(div, m);
-    if (m.tool_calls?.length) div.append(toolCallsView(m, i, c));
+    fillAssistant(div, m, false, m.tool_calls?.length ? toolCallsView(m, i, c) : null);
     if (isLast && !state.controller) div.append(actions([["Regenerate", "regenerate", () => regenerate(c)]]));
   } else if (m.role === "tool") {
     const card = el("div", "tool-result");
@@ -209,8 +208,8 @@ function attachmentsView(list) {
   return box;
 }
 
-/** Thought (folded), answer (Markdown) and statistics of an assistant message into `div`. */
-function fillAssistant(div, m, streaming = false) {
+/** Thought (folded), answer (Markdown), tool calls and statistics of an assistant message. */
+function fillAssistant(div, m, streaming = false, calls = null) {
   div.replaceChildren();
   if (m.reasoning) {
     const d = el("details", "thought");
@@ -220,6 +219,7 @@ function fillAssistant(div, m, streaming = false) {
   const body = el("div", "markdown");
   body.append(window.renderMarkdown(m.content || ""));
   div.append(body);
+  if (calls) div.append(calls);
   if (m.stats) div.append(statsView(m.stats));
 }
 
@@ -391,8 +391,7 @@ async function complete(c) {
   let frame = 0;
   const paint = () => {
     frame = 0;
-    fillAssistant(div, m, true);
-    if (m.tool_calls.length) div.append(toolCallsView(m, c.messages.length - 1, c));
+    fillAssistant(div, m, true, m.tool_calls.length ? toolCallsView(m, c.messages.length - 1, c) : null);
     $("#messages").scrollTop = $("#messages").scrollHeight;
   };
   const schedule = () => (frame ||= requestAnimationFrame(paint));

@@ -73,7 +73,9 @@ function saveSettings() {
 const conv = () => state.convs.find((c) => c.id === state.current) || null;
 
 function newConversation() {
-  const c = { id: crypto.randomUUID(), title: "New chat", created: Date.now(), messages: [] };
+  // crypto.randomUUID exists only in secure contexts (not on http://LAN-ADDRESS)
+  const id = crypto.randomUUID?.() ?? `${Date.now().toString(36)}-${Math.random().toString(36).slice(2)}`;
+  const c = { id, title: "New chat", created: Date.now(), messages: [] };
   state.convs.unshift(c);
   state.current = c.id;
   save();
@@ -391,8 +393,10 @@ async function complete(c) {
   let frame = 0;
   const paint = () => {
     frame = 0;
+    const box = $("#messages");
+    const follow = box.scrollHeight - box.scrollTop - box.clientHeight < 80; // the reader is at the end
     fillAssistant(div, m, true, m.tool_calls.length ? toolCallsView(m, c.messages.length - 1, c) : null);
-    $("#messages").scrollTop = $("#messages").scrollHeight;
+    if (follow) box.scrollTop = box.scrollHeight;
   };
   const schedule = () => (frame ||= requestAnimationFrame(paint));
   const stats = {};
@@ -665,6 +669,22 @@ function bindSettings() {
   });
 }
 
+/** Copies `text`: the Clipboard API where the page is a secure context, else a selection. */
+async function copyText(text) {
+  try {
+    await navigator.clipboard.writeText(text);
+    return true;
+  } catch {
+    const area = el("textarea");
+    area.value = text;
+    document.body.append(area);
+    area.select();
+    const ok = document.execCommand("copy");
+    area.remove();
+    return ok;
+  }
+}
+
 // --- wiring -------------------------------------------------------------------------------------
 
 function autosize() {
@@ -731,12 +751,7 @@ function init() {
     const copy = e.target.closest(".copy");
     if (!copy) return;
     const code = copy.closest(".code").querySelector("code").textContent;
-    try {
-      await navigator.clipboard.writeText(code);
-      copy.textContent = "Copied";
-    } catch {
-      copy.textContent = "Copy failed";
-    }
+    copy.textContent = (await copyText(code)) ? "Copied" : "Copy failed";
     setTimeout(() => (copy.textContent = "Copy"), 1500);
   });
   render();

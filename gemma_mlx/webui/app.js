@@ -212,9 +212,11 @@ function attachmentsView(list) {
 
 /** Thought (folded), answer (Markdown), tool calls and statistics of an assistant message. */
 function fillAssistant(div, m, streaming = false, calls = null) {
+  const unfolded = div.querySelector("details.thought")?.open; // the reader's choice, kept while streaming
   div.replaceChildren();
   if (m.reasoning) {
     const d = el("details", "thought");
+    d.open = !!unfolded;
     d.append(el("summary", null, streaming && !m.content ? "Thinking…" : "Thought"), el("div", "thought-text", m.reasoning));
     div.append(d);
   }

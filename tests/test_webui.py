@@ -156,6 +156,25 @@ def test_page_and_files_carry_a_strict_csp_and_can_be_turned_off(server, media_m
         assert client.get("/health").status_code == 200
 
 
+def test_serve_no_ui(tmp_path, monkeypatch):
+    """`gemma-mlx serve` serves the page unless --no-ui (uvicorn.run replaced: the app is kept)."""
+    from starlette.testclient import TestClient
+    from typer.testing import CliRunner
+
+    import gemma_mlx.cli.serve as serve_cli
+    from gemma_mlx.cli.app import app as cli
+
+    apps = []
+    monkeypatch.setattr(serve_cli.uvicorn, "run", lambda app, **kw: apps.append(app))
+    ckpt = save_checkpoint(tmp_path / "ckpt")
+    for flags in ([], ["--no-ui"]):
+        result = CliRunner().invoke(cli, ["serve", "--model", str(ckpt), *flags])
+        assert result.exit_code == 0, result.output
+        assert ("Chat page: http://127.0.0.1:8080/" in result.output) == (not flags)
+    with TestClient(apps[0]) as on, TestClient(apps[1]) as off:
+        assert on.get("/").status_code == 200 and off.get("/").status_code == 404
+
+
 def test_streamed_answers_and_conversations_that_survive_a_reload(browser, server):
     p = Page(browser, server, key=None)
     page = p.page

@@ -445,7 +445,8 @@ SEEDED = {
         {"role": "user", "text": "Show me"},
         {
             "role": "assistant",
-            "content": "A **table**:\n\n| a | b |\n|---|---|\n| 1 | 2 |\n\n<img src=x onerror=alert(1)>\n\n"
+            "content": "A **table**:\n\n| a | b |\n|---|---|\n| 1 | 2 |\n\n<img src=x onerror=alert(1)>\n"
+            "[ok](https://example.com) [bad](javascript:alert(1))\n\n"
             "```python\ndef f(x):\n    return x + 1  # one more\n```",
             "stats": {"tps": 12.5, "prompt": 40, "cached": 32, "completion": 20, "acceptance": 0.75},
         },
@@ -465,6 +466,9 @@ def test_markdown_code_copy_dark_mode_and_phone_width(browser, server):
     # model output is text, never markup
     expect(answer.locator(".markdown img")).to_have_count(0)
     expect(answer.locator(".markdown")).to_contain_text("<img src=x onerror=alert(1)>")
+    expect(answer.locator(".markdown a")).to_have_count(1)  # only http(s) and mailto links
+    assert answer.locator(".markdown a").get_attribute("rel") == "noopener noreferrer"
+    expect(answer.locator(".markdown")).to_contain_text("[bad](javascript:alert(1))")
     expect(answer.locator(".code .tok-kw").first).to_have_text("def")
     expect(answer.locator(".code .tok-com")).to_have_text("# one more")
     answer.locator(".code .copy").click()

@@ -53,6 +53,9 @@ def serve(
     model_id: Annotated[
         str | None, typer.Option("--model-id", help="The model name clients send (default: the directory's).")
     ] = None,
+    ui: Annotated[
+        bool, typer.Option("--ui/--no-ui", help="Serve the chat page at / (on by default).")
+    ] = True,
     distributed: DistributedOpt = False,
     layers_per_rank: LayersPerRankOpt = None,
 ) -> None:
@@ -79,7 +82,10 @@ def serve(
         allow_files=allow_files or (),
         cache_gb=cache_gb,
         max_queue=max_queue,
+        ui=ui,
     )
     shown = f"[{host}]" if ":" in host else host
     typer.secho(f"Serving {name!r} at http://{shown}:{port}/v1", fg=typer.colors.CYAN, err=True)
+    if ui:
+        typer.secho(f"Chat page: http://{shown}:{port}/", fg=typer.colors.CYAN, err=True)
     uvicorn.run(app, host=host, port=port, log_level="info")

@@ -28,6 +28,7 @@ from ..prompt_cache import PromptKey
 from ..tools import OutputParser
 from .messages import convert_messages
 from .schema import APIError, ChatRequest, CompletionRequest, validation_error
+from .webui import add_webui
 from .worker import Job, QueueFull, Worker
 
 MAX_BODY_BYTES = 32 << 20  # room for a few base64 images or a 30 s WAV clip
@@ -49,11 +50,13 @@ def create_app(
     max_queue: int = MAX_QUEUE,
     max_body_bytes: int = MAX_BODY_BYTES,
     max_soft_tokens: int = 280,
+    ui: bool = True,
 ) -> FastAPI:
     """The server for one loaded model. `kv_bits`: quantized KV caches (see `make_cache`);
     `api_key`: required as a bearer token when set; `allow_files`: directories whose files may be
     sent as image paths; `cache_gb`: bound of the prefix cache; `max_queue`: requests that may
-    wait for the model (beyond: 429); `max_body_bytes`: largest request body (beyond: 413)."""
+    wait for the model (beyond: 429); `max_body_bytes`: largest request body (beyond: 413);
+    `ui`: serve the chat page at `/`."""
     worker = Worker(
         model,
         processor,
@@ -213,6 +216,9 @@ def create_app(
         return main.result()
 
     # --- routes --------------------------------------------------------------------------------
+
+    if ui:
+        add_webui(app)
 
     @app.get("/health")
     async def health() -> dict:

@@ -10,6 +10,8 @@ import typer
 
 from gemma_mlx.chat import ChatSession
 
+from . import agent as agent_cli
+
 HELP = """Commands:
   /image PATH     attach an image to your next message
   /audio PATH     attach an audio clip to your next message
@@ -18,8 +20,10 @@ HELP = """Commands:
   /reset          forget the conversation
   /stats          speed, context used, cache reuse of the last turn
   /save FILE      write the transcript (markdown, or JSON for *.json)
+  /tools          the MCP tools the model may call (--mcp)
+  /mcp            the MCP servers and their state
   /help           this list
-  /quit           leave (Ctrl-D works too); Ctrl-C stops an answer"""
+  /quit           leave (Ctrl-D works too); Ctrl-C stops an answer or a tool"""
 
 
 def _history_file() -> Path:
@@ -51,7 +55,7 @@ def save_transcript(session: ChatSession, path: Path) -> None:
     tmp.replace(path)
 
 
-def command(session: ChatSession, line: str) -> bool:
+def command(session: ChatSession, line: str, agent: agent_cli.Agent | None = None) -> bool:
     """Run one /command; returns False to quit. Errors are reported, the session goes on."""
     name, _, arg = line[1:].partition(" ")
     arg = arg.strip()
@@ -95,6 +99,14 @@ def command(session: ChatSession, line: str) -> bool:
                         else "no drafter]"
                     )
                 )
+        elif name in ("tools", "mcp"):
+            if agent is None:
+                echo("[no MCP servers: start the chat with --mcp 'COMMAND' or --mcp-config FILE]")
+            else:
+                lines = (
+                    agent_cli.tool_lines(agent.mcp) if name == "tools" else agent_cli.server_lines(agent.mcp)
+                )
+                echo("\n".join(lines))
         elif name == "save" and arg:
             save_transcript(session, Path(arg).expanduser())
             echo(f"[transcript saved to {arg}]")
@@ -105,7 +117,7 @@ def command(session: ChatSession, line: str) -> bool:
     return True
 
 
-def repl(session: ChatSession, banner: str) -> None:
+def repl(session: ChatSession, banner: str, agent: agent_cli.Agent | None = None) -> None:
     try:
         import readline  # line editing and history for input()
 
@@ -129,13 +141,16 @@ def repl(session: ChatSession, banner: str) -> None:
             if not line:
                 continue
             if line.startswith("/"):
-                if not command(session, line):
+                if not command(session, line, agent):
                     break
                 continue
-            answer = session.send(line)
+            answer = session.send(line) if agent is None else agent.send(line)
             try:
-                for chunk in answer:
-                    typer.echo(chunk.text, nl=False)
+                if agent is None:
+                    for chunk in answer:
+                        typer.echo(chunk.text, nl=False)
+                else:
+                    agent_cli.render(answer)
                 typer.echo()
             except KeyboardInterrupt:
                 typer.secho("\n[interrupted]", fg=typer.colors.YELLOW)

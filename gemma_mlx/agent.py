@@ -509,9 +509,7 @@ class Agent:
                 return
             if final:
                 yield AgentEvent("notice", f"{len(calls)} more tool call(s) not run: the limit was reached")
-                self._unanswered = [
-                    self._owed(c, "not run: the tool-call limit of this turn is reached") for c in calls
-                ]
+                self._unanswered = [self._owed(c, "not run: the tool-call limit was reached") for c in calls]
                 return
             results, images = [], []
             for i, call in enumerate(calls):

@@ -1,8 +1,10 @@
-"""A real MCP server for the agent tests, run over stdio: `python mcp_server.py [NAME]`.
+"""A real MCP server for the agent tests: `python mcp_server.py [NAME] [--http PORT]` (stdio, or
+streamable HTTP on 127.0.0.1:PORT/mcp).
 
 Its tools take the arguments the tiny tool model writes (`city`, `days`): `get_weather` answers
 with text and a PNG image, `explode` raises, `nap` sleeps (for timeouts), `crash` kills the server,
-`strict` declares `days` a string (the model's integer fails the schema).
+`flaky` sleeps the first time and kills the server the second, `strict` declares `days` a string
+(the model's integer fails the schema), `pid` gives the server's process id.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from PIL import Image as PILImage
 WEATHER = "sunny, 21 C in {city} for {days} days"
 STRIPES = (64, 48)  # the image's size
 
-server = MCPServer(sys.argv[1] if len(sys.argv) > 1 else "weather")
+server = MCPServer(sys.argv[1] if len(sys.argv) > 1 and sys.argv[1] != "--http" else "weather")
+calls = {"flaky": 0}
 
 
 @server.tool()
@@ -54,5 +57,24 @@ def strict(city: str, days: str) -> str:
     return "ok"
 
 
+@server.tool()
+def flaky(city: str, days: int = 1) -> str:
+    """Slow once, then fatal"""
+    calls["flaky"] += 1
+    if calls["flaky"] == 1:
+        time.sleep(60)
+    os._exit(3)
+
+
+@server.tool()
+def pid() -> int:
+    """This server's process id"""
+    return os.getpid()
+
+
 if __name__ == "__main__":
-    server.run()
+    if "--http" in sys.argv:
+        port = int(sys.argv[sys.argv.index("--http") + 1])
+        server.run("streamable-http", host="127.0.0.1", port=port)
+    else:
+        server.run()

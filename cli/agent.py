@@ -12,6 +12,8 @@ import typer
 from gemma_mlx.agent import Agent, AgentEvent, MCPTool, MCPTools, ServerSpec
 from gemma_mlx.tools import OutputParser, ToolCall
 
+from .common import fail
+
 McpOpt = Annotated[
     list[str] | None,
     typer.Option(
@@ -48,9 +50,13 @@ def open_tools(commands: list[str] | None, config: Path | None, timeout: float) 
     try:
         tools = MCPTools(specs, timeout=timeout)
     except MCPUnavailable as e:
-        raise RuntimeError(f"--mcp: {e}") from None
+        fail(f"--mcp: {e}")
     typer.secho(f"connecting to {len(specs)} MCP server(s)...", err=True, dim=True)
-    tools.start()
+    try:
+        tools.start()
+    except BaseException:  # Ctrl-C while connecting: stop what did start
+        tools.close()
+        raise
     for line in server_lines(tools):
         typer.secho(line, err=True, fg=None if "failed" not in line else typer.colors.RED)
     return tools
@@ -72,11 +78,13 @@ def server_lines(tools: MCPTools) -> list[str]:
 def tool_lines(tools: MCPTools) -> list[str]:
     if not tools.tools:
         return ["[no tools]"]
-    return [
-        f"  {t.name} ({t.server}): {t.description.strip().splitlines()[0] if t.description.strip() else ''}"
-        + f"  args: {', '.join(t.input_schema.get('properties', {})) or '-'}"
-        for t in tools.tools.values()
-    ]
+    lines = []
+    for t in tools.tools.values():
+        about = " ".join(t.description.split())
+        about = about[:90] + "..." if len(about) > 90 else about
+        args = ", ".join(t.input_schema.get("properties", {})) or "-"
+        lines.append(f"  {t.name} ({t.server}; args: {args}): {about}")
+    return lines
 
 
 def show_call(call: ToolCall) -> str:

@@ -255,6 +255,30 @@ def test_config_and_command_errors(tmp_path):
     assert parse_server_command("/usr/bin/sqlite-mcp db.sqlite").name == "sqlite-mcp"
 
 
+def test_generate_with_mcp(models, monkeypatch):
+    """`gemma-mlx generate --mcp`: one turn with tool calls (--yes: no terminal to ask at), the
+    results in --json; without --yes and a terminal it refuses; without the SDK it names the extra."""
+    from typer.testing import CliRunner
+
+    from gemma_mlx.cli.app import app
+
+    _, _, path = models("get_weather")
+    args = ["generate", "--model", str(path), "-n", "16", "--mcp", f"{sys.executable} {SERVER}"]
+    result = CliRunner().invoke(app, [*args, "--yes", "--json", "What is the weather in Paris?"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert [(m["name"], m["content"]) for m in out["tool_results"]] == [
+        ("get_weather", WEATHER + "\n[image 1: image/png]")
+    ]
+    assert "every tool call runs without asking" in result.stderr
+    assert "[tool call] get_weather" in result.stderr  # with --json, calls go to stderr
+    refused = CliRunner().invoke(app, [*args, "Hi"])
+    assert refused.exit_code == 1 and "pass --yes" in refused.stderr
+    monkeypatch.setitem(sys.modules, "mcp", None)  # as if the agent extra were not installed
+    missing = CliRunner().invoke(app, [*args, "--yes", "Hi"])
+    assert missing.exit_code == 1 and "pip install 'gemma-mlx[agent]'" in missing.stderr
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -325,7 +349,7 @@ def test_terminal_chat_asks_before_each_call(models, tmp_path):
         child.expect(">>> ")
         child.sendline("/tools")
         child.expect(
-            r"get_weather \(mcp_server\): Current weather in a city, with a forecast chart  args: city, days"
+            r"get_weather \(mcp_server; args: city, days\): Current weather in a city, with a forecast chart"
         )
         child.sendline("/mcp")
         child.expect(r"\[mcp\] no-such-command-gemma: failed")

@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from gemma_mlx.agent import Agent, AgentEvent, MCPTool, MCPTools, ServerSpec
-from gemma_mlx.tools import OutputParser, ToolCall
+from gemma_mlx.tools import ToolCall
 
 from .common import fail
 
@@ -122,31 +122,19 @@ def make_agent(session, tools: MCPTools, yes: bool, max_tool_calls: int) -> Agen
 
 
 def render(events: Iterator[AgentEvent], echo_text: bool = True) -> str:
-    """Print a turn's events: the answers' visible text (their markup parsed away), each call, its
-    result in one line, notices in yellow. Returns the visible text of the last answer."""
-    parser, last = OutputParser(), []
-
-    def flush() -> None:
-        for d in parser.finish():
-            show(d)
-
-    def show(delta) -> None:
-        if delta.kind == "content":
-            last.append(delta.text)
-            if echo_text:
-                typer.echo(delta.text, nl=False)
-        elif delta.kind == "reasoning" and echo_text:
-            typer.secho(delta.text, nl=False, dim=True)
-
+    """Print a turn's events: the answers' visible text (thoughts dimmed), each call, its result in
+    one line, notices in yellow. Returns the text of the last answer."""
+    last: list[str] = []
     for event in events:
-        if event.kind == "text":
-            for d in parser.feed(event.text):
-                show(d)
+        if event.kind in ("text", "reasoning"):
+            if event.kind == "text":
+                last.append(event.text)
+            if echo_text:
+                typer.secho(event.text, nl=False, dim=event.kind == "reasoning")
             continue
-        flush()  # an answer ended: the calls, results and notices follow it
         if last and echo_text:
-            typer.echo()
-        parser, last = OutputParser(), []
+            typer.echo()  # the answer before the call ends its line
+        last = []
         if event.kind == "call":
             typer.secho(f"[tool call] {show_call(event.call)}", fg=typer.colors.CYAN, err=not echo_text)
         elif event.kind == "result" and not (event.result.error and event.result.status != "refused"):
@@ -157,5 +145,4 @@ def render(events: Iterator[AgentEvent], echo_text: bool = True) -> str:
             typer.secho(f"[{event.call.name} -> {r.status}{images}] {head}", dim=True, err=not echo_text)
         elif event.kind == "notice":
             typer.secho(f"[{event.text}]", fg=typer.colors.YELLOW, err=True)
-    flush()
     return "".join(last)

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .chat import ChatSession
-from .tools import ToolCall
+from .tools import OutputParser, ToolCall
 
 EXTRA_HINT = "pip install 'gemma-mlx[agent]'"
 LAUNCHERS = {"python", "python3", "node", "npx", "uv", "uvx", "deno", "bun", "bunx", "docker", "pipx", "sh"}
@@ -450,15 +450,22 @@ Consent = Callable[["MCPTool", ToolCall], "bool | str"]  # True, False or "alway
 
 @dataclass
 class AgentEvent:
-    """What happens in a turn, in order: `text` (a piece of an answer: `chunk`), `call` (a call the
-    model made, before it is checked and run), `result` (its outcome), `notice` (one line for the
-    user: a failure, a refusal, the limit)."""
+    """What happens in a turn, in order: `text` (visible text of an answer; `chunk` is the
+    generation chunk it came with), `reasoning` (of the thought channel), `call` (a call the model
+    made, before it is checked and run), `result` (its outcome), `notice` (one line for the user:
+    a failure, the limit)."""
 
-    kind: Literal["text", "call", "result", "notice"]
+    kind: Literal["text", "reasoning", "call", "result", "notice"]
     text: str = ""
     chunk: Any = None
     call: ToolCall | None = None
     result: ToolResult | None = None
+
+
+def _text_events(deltas: list, chunk: Any) -> Iterator[AgentEvent]:
+    for d in deltas:
+        if d.kind in ("content", "reasoning"):
+            yield AgentEvent("text" if d.kind == "content" else "reasoning", d.text, chunk=chunk)
 
 
 class Agent:
@@ -497,10 +504,11 @@ class Agent:
         ran, final = 0, False
         while True:
             self._unanswered = []
-            chunks = answer()
-            try:
+            chunks, parser, chunk = answer(), OutputParser(thinking=self.session.think), None
+            try:  # the visible text: markup (calls, thought delimiters) parsed away
                 for chunk in chunks:
-                    yield AgentEvent("text", chunk.text, chunk=chunk)
+                    yield from _text_events(parser.feed(chunk.text), chunk)
+                yield from _text_events(parser.finish(), chunk)
             finally:
                 chunks.close()
                 calls = list(self.session.last_tool_calls)

@@ -118,7 +118,21 @@ def warn_yes() -> None:
 def make_agent(session, tools: MCPTools, yes: bool, max_tool_calls: int) -> Agent:
     if yes:
         warn_yes()
-    return Agent(session, tools, consent=None if yes else ask_consent, max_tool_calls=max_tool_calls)
+    agent = Agent(session, tools, consent=None if yes else ask_consent, max_tool_calls=max_tool_calls)
+    if session.tools and not declares_tools(session):
+        typer.secho(
+            "warning: this model's chat template does not declare tools (Gemma 3?): it will not call them",
+            fg=typer.colors.YELLOW,
+            err=True,
+        )
+    return agent
+
+
+def declares_tools(session) -> bool:
+    """Whether the chat template writes the tool declarations into the prompt at all."""
+    name = session.tools[0]["function"]["name"]
+    probe = session.processor.apply_chat_template([{"role": "user", "content": "?"}], tools=session.tools[:1])
+    return name in probe
 
 
 def render(events: Iterator[AgentEvent], echo_text: bool = True) -> str:

@@ -404,3 +404,45 @@ def test_terminal_chat_survives_a_timeout_and_a_crashing_server(models, tmp_path
     finally:
         child.close()
     assert child.exitstatus == 0, child.logfile_read.getvalue()
+
+
+@pytest.mark.slow
+def test_terminal_ctrl_c_stops_a_tool_and_keeps_the_session(models, tmp_path):
+    """Ctrl-C while `nap` runs: the chat says so, its prompt comes back, the server still runs."""
+    _, _, path = models("nap")
+    pexpect, child = spawn_chat(path, tmp_path, "--mcp", f"{sys.executable} {SERVER}", "--yes")
+    try:
+        child.expect(">>> ")
+        child.sendline("Go")
+        child.expect(r"\[tool call\] nap")
+        time.sleep(1.0)
+        child.sendintr()
+        child.expect(r"\[interrupted\]")
+        child.expect(">>> ")
+        child.sendline("/mcp")
+        child.expect(r"\[mcp\] mcp_server: connected")
+        child.sendline("/quit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0, child.logfile_read.getvalue()
+
+
+def test_a_template_without_tools_is_noticed(models, tmp_path):
+    """A chat template that ignores `tools` (Gemma 3's, say): `chat --mcp` warns that the model
+    cannot call them."""
+    import shutil
+
+    from tool_model import TOOL
+
+    from gemma_mlx.cli.agent import declares_tools
+
+    _, _, path = models("get_weather")
+    assert declares_tools(ChatSession(*load(path), tools=[TOOL]))
+    plain = tmp_path / "plain"
+    shutil.copytree(path, plain)
+    (plain / "chat_template.jinja").write_text(
+        "{{ bos_token }}{% for m in messages %}<start_of_turn>{{ m.role }}\n{{ m.content }}<end_of_turn>\n"
+        "{% endfor %}<start_of_turn>model\n"
+    )
+    assert not declares_tools(ChatSession(*load(plain), tools=[TOOL]))

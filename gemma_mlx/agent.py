@@ -27,6 +27,8 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout  # not the builtin one before 3.11
+from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -177,6 +179,7 @@ class ServerState:
     log: Path | None = None
     client: Any = None
     stop: Any = None  # an asyncio.Event on the background loop
+    done: threading.Event = field(default_factory=threading.Event)  # its task has ended
 
 
 def _log_dir() -> Path:
@@ -191,6 +194,9 @@ def _describe_error(e: BaseException) -> str:
         e = e.exceptions[0]
     if isinstance(e, FileNotFoundError):
         return f"command not found: {e.filename or e}"
+    error = getattr(e, "error", None)  # an MCP protocol error: its message, not the tuple
+    if getattr(error, "message", None):
+        return f"{error.message} (MCP error {error.code})"
     text = str(e).strip().splitlines()[0] if str(e).strip() else ""
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
@@ -269,13 +275,16 @@ class MCPTools:
                 if spec.headers:
                     import httpx2  # the SDK's HTTP client
 
-                    http = httpx2.AsyncClient(headers=spec.headers)
+                    # the SDK's own client timeouts: a response stream may stay open for minutes
+                    http = httpx2.AsyncClient(headers=spec.headers, timeout=httpx2.Timeout(30.0, read=300.0))
                 transport: Any = streamable_http_client(spec.url, http_client=http)
             else:
                 server.log = (self.log_dir or _log_dir()) / f"{spec.name}.log"
                 log = open(server.log, "a")  # noqa: SIM115 (closed below, after the server)
-                env = {**os.environ, **spec.env} if spec.env else None
-                params = StdioServerParameters(command=spec.command, args=spec.args, env=env, cwd=spec.cwd)
+                # `env` adds to the few variables the SDK passes on (PATH, HOME, ...), as other hosts do
+                params = StdioServerParameters(
+                    command=spec.command, args=spec.args, env=spec.env, cwd=spec.cwd
+                )
                 transport = stdio_client(params, errlog=log)
             client = Client(transport)
             async with client:
@@ -301,6 +310,7 @@ class MCPTools:
             ready.set()
             if log is not None:
                 log.close()
+            server.done.set()
 
     def _name_tools(self) -> None:
         """Tool names as the model sees them: the server's own unless two servers share one, then
@@ -337,12 +347,11 @@ class MCPTools:
             if server.status == "connected":
                 server.status = "stopped"
             self._stop_server(server)
-        deadline = time.monotonic() + timeout
-        for task in self._tasks:
-            try:
-                task.result(max(0.0, deadline - time.monotonic()))
-            except BaseException:  # noqa: BLE001 (already recorded in the server's state)
+        futures_wait(self._tasks, timeout)
+        for server, task in zip(self.servers, self._tasks, strict=True):
+            if not server.done.is_set():  # it would not stop: cancelling its task kills the process
                 task.cancel()
+                server.done.wait(5.0)
         self._loop.call_soon_threadsafe(self._loop.stop)
         if self._thread is not None:
             self._thread.join(timeout=2.0)
@@ -380,7 +389,7 @@ class MCPTools:
                 try:
                     result = future.result(timeout=min(0.1, max(0.0, deadline - time.monotonic())))
                     break
-                except TimeoutError:
+                except FutureTimeout:
                     if time.monotonic() >= deadline:
                         future.cancel()
                         return ToolResult(

@@ -198,7 +198,11 @@ def test_servers_that_never_start_collisions_config_and_shutdown(tmp_path):
                     "mcpServers": {
                         "a": {"command": sys.executable, "args": [str(SERVER), "a"]},
                         "b": {"command": sys.executable, "args": [str(SERVER), "b"], "env": {"X": "1"}},
-                        "web": {"type": "http", "url": f"http://127.0.0.1:{port}/mcp"},
+                        "web": {
+                            "type": "http",
+                            "url": f"http://127.0.0.1:{port}/mcp",
+                            "headers": {"X-Key": "k"},
+                        },
                     }
                 }
             )

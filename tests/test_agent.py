@@ -450,3 +450,34 @@ def test_a_template_without_tools_is_noticed(models, tmp_path):
         "{% endfor %}<start_of_turn>model\n"
     )
     assert not declares_tools(ChatSession(*load(plain), tools=[TOOL]))
+
+
+def test_results_are_converted_and_cut():
+    """What the model reads of each MCP content type; a long result is cut with a note; a broken
+    image is named instead of failing the call."""
+    import base64
+
+    import mcp_types as t
+
+    from gemma_mlx.agent import MAX_RESULT_CHARS, _convert
+
+    blocks = [
+        t.TextContent(text="hello"),
+        t.ImageContent(data=base64.b64encode(b"not a png").decode(), mime_type="image/png"),
+        t.EmbeddedResource(resource=t.TextResourceContents(uri="file:///x.txt", text="inside")),
+        t.ResourceLink(uri="file:///y.bin", name="y"),
+    ]
+    r = _convert(t.CallToolResult(content=blocks), "f")
+    assert not r.error and r.images == []
+    lines = r.text.split("\n")
+    assert lines[0] == "hello" and lines[1].startswith("[an image the tool returned could not be read: ")
+    assert lines[2:] == ["inside", "[resource link: file:///y.bin]"]
+    long = _convert(t.CallToolResult(content=[t.TextContent(text="a" * (MAX_RESULT_CHARS + 5))]), "f")
+    assert (
+        long.text
+        == "a" * MAX_RESULT_CHARS + f"\n[... cut: the result had {MAX_RESULT_CHARS + 5:,} characters]"
+    )
+    structured = _convert(t.CallToolResult(content=[], structured_content={"n": 1}), "f")
+    assert structured.text == '{"n": 1}'
+    failed = _convert(t.CallToolResult(content=[], is_error=True), "f")
+    assert failed.error and failed.text == "error: f failed"

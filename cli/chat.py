@@ -35,21 +35,25 @@ def _history_file() -> Path:
 def save_transcript(session: ChatSession, path: Path) -> None:
     messages = ([{"role": "system", "content": session.system}] if session.system else []) + session.history
 
-    def text(content) -> str:
-        if isinstance(content, str):
-            return content
+    def text(message: dict) -> str:
+        content = message["content"]
+        if not isinstance(content, str):
+            content = " ".join(
+                p["text"] if p["type"] == "text" else f"[{p['type']}: {p.get(p['type'])}]" for p in content
+            )
+        calls = [c["function"] for c in message.get("tool_calls", [])]
         return " ".join(
-            p["text"] if p["type"] == "text" else f"[{p['type']}: {p.get(p['type'])}]" for p in content
-        )
+            [content, *(f"[tool call: {c['name']} {json.dumps(c['arguments'])}]" for c in calls)]
+        ).strip()
 
     if path.suffix == ".json":
         body = json.dumps(
-            [{"role": m["role"], "content": text(m["content"])} for m in messages],
+            [{"role": m["role"], "content": text(m)} for m in messages],
             indent=2,
             ensure_ascii=False,
         )
     else:
-        body = "\n\n".join(f"**{m['role']}**: {text(m['content'])}" for m in messages) + "\n"
+        body = "\n\n".join(f"**{m['role']}**: {text(m)}" for m in messages) + "\n"
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(body)
     tmp.replace(path)

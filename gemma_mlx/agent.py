@@ -554,6 +554,8 @@ class Agent:
             if final:
                 yield AgentEvent("notice", f"tool-call limit reached ({self.max_tool_calls} calls this turn)")
             note = self._attach(images)
+            if images and note is None:
+                results[-1]["content"] += "\n[the images are not shown: this model has no vision input]"
             answer = lambda r=results, n=note: self.session.send_tool_results(r, note=n)  # noqa: E731
 
     def _owed(self, call: ToolCall, why: str) -> dict:
@@ -563,7 +565,7 @@ class Agent:
         if not images:
             return None
         if self.session.model.config.vision is None:
-            return None  # the result text already says [image N]; this model cannot see it
+            return None
         for image in images:
             self.session.attach_image(image)
         return f"The image{'s' if len(images) > 1 else ''} the tools returned."

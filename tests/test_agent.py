@@ -272,7 +272,10 @@ def test_generate_with_mcp(models, monkeypatch):
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)
     assert [(m["name"], m["content"]) for m in out["tool_results"]] == [
-        ("get_weather", WEATHER + "\n[image 1: image/png]")
+        (
+            "get_weather",
+            WEATHER + "\n[image 1: image/png]\n[the images are not shown: this model has no vision input]",
+        )
     ]
     assert "every tool call runs without asking" in result.stderr
     assert "[tool call] get_weather" in result.stderr  # with --json, calls go to stderr
@@ -364,9 +367,9 @@ def test_terminal_chat_asks_before_each_call(models, tmp_path):
     finally:
         child.close()
     assert child.exitstatus == 0, child.logfile_read.getvalue()
-    tool_messages = [
-        m["content"] for m in json.loads((tmp_path / "t.json").read_text()) if m["role"] == "tool"
-    ]
+    transcript = json.loads((tmp_path / "t.json").read_text())
+    assert transcript[1]["content"] == '[tool call: get_weather {"city": "Paris", "days": 3}]'
+    tool_messages = [m["content"] for m in transcript if m["role"] == "tool"]
     assert tool_messages[:2] == [
         WEATHER + "\n[image 1: image/png]",
         "error: the user did not allow this call",

@@ -234,7 +234,6 @@ def chat(
     model_obj, processor = load_checked(path, kv_bits, kv_group_size, group, layers_per_rank)
     if think and not processor.supports_thinking:
         fail(f"--think: the chat template of {path} has no thinking mode")
-    tools = agent_cli.open_tools(mcp, mcp_config, tool_timeout)
     session = ChatSession(
         model_obj,
         processor,
@@ -253,6 +252,7 @@ def chat(
     for a in audio or []:
         session.attach_audio(a)
     banner = f"gemma-mlx chat - {path.name} ({model_obj.config.model_type})"
+    tools = agent_cli.open_tools(mcp, mcp_config, tool_timeout)
     if tools is None:
         chat_repl.repl(session, banner)
         return

@@ -163,13 +163,13 @@ class ChatSession:
         or `{"tool_call_id", "content"}` each, content a string or JSON value) and stream what it
         says next. Images attached meanwhile (a tool returned them; Gemma's tool responses hold
         text) follow the results in a user message with `note`."""
-        new = self._tool_messages(results)
+        new = self._tool_messages(results, required=True)
         if self.pending:
             new.append({"role": "user", "content": [*self.pending, {"type": "text", "text": note or ""}]})
         return self._turn(new)
 
-    def _tool_messages(self, results: Sequence[dict]) -> list[dict]:
-        if results and (not self.history or not self.history[-1].get("tool_calls")):
+    def _tool_messages(self, results: Sequence[dict], required: bool = False) -> list[dict]:
+        if (results or required) and (not self.history or not self.history[-1].get("tool_calls")):
             raise ValueError("tool results need an answer with tool calls before them")
         return [{"role": "tool", **r} for r in results]
 

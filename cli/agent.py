@@ -37,20 +37,28 @@ ToolTimeoutOpt = Annotated[
 ]
 
 
-def open_tools(commands: list[str] | None, config: Path | None, timeout: float) -> MCPTools | None:
-    """Connect to the servers named by --mcp / --mcp-config and print them with their tools (None
-    when there are none). Servers that fail are reported in one line each; the rest are used."""
-    if not commands and config is None:
-        return None
-    from gemma_mlx.agent import MCPUnavailable, load_server_config, parse_server_command
+def server_specs(commands: list[str] | None, config: Path | None) -> list[ServerSpec]:
+    """The servers named by --mcp / --mcp-config, checked (with the SDK's presence) before the
+    model is loaded."""
+    from gemma_mlx.agent import MCPUnavailable, load_server_config, parse_server_command, require_sdk
 
-    specs: list[ServerSpec] = [parse_server_command(c) for c in commands or []]
+    specs = [parse_server_command(c) for c in commands or []]
     if config is not None:
         specs += load_server_config(config)
-    try:
-        tools = MCPTools(specs, timeout=timeout)
-    except MCPUnavailable as e:
-        fail(f"--mcp: {e}")
+    if specs:
+        try:
+            require_sdk()
+        except MCPUnavailable as e:
+            fail(f"--mcp: {e}")
+    return specs
+
+
+def open_tools(specs: list[ServerSpec], timeout: float) -> MCPTools | None:
+    """Connect to the servers and print them with their tools (None when there are none). Servers
+    that fail are reported in one line each; the rest are used."""
+    if not specs:
+        return None
+    tools = MCPTools(specs, timeout=timeout)
     typer.secho(f"connecting to {len(specs)} MCP server(s)...", err=True, dim=True)
     try:
         tools.start()

@@ -139,13 +139,14 @@ def generate(
     else:  # bytes that were not UTF-8 reach argv as surrogates: show them as U+FFFD instead
         prompt = prompt.encode("utf-8", errors="surrogateescape").decode("utf-8", errors="replace")
     path = resolve_model(model)
+    servers = agent_cli.server_specs(mcp, mcp_config)
+    if servers and not yes and not sys.stdin.isatty():
+        fail("--mcp: tool calls need consent at a terminal; pass --yes to allow every call")
     images, clips = image or [], audio or []
     check_media(path, images, clips)
     model_obj, processor = load_checked(path, kv_bits, kv_group_size, group, layers_per_rank)
     sampling = SamplingParams(temperature, top_k, top_p, min_p, seed)
-    if mcp or mcp_config:
-        if not yes and not sys.stdin.isatty():
-            fail("--mcp: tool calls need consent at a terminal; pass --yes to allow every call")
+    if servers:
         session = ChatSession(
             model_obj,
             processor,
@@ -158,7 +159,7 @@ def generate(
             session.attach_image(i)
         for a in clips:
             session.attach_audio(a)
-        with agent_cli.open_tools(mcp, mcp_config, tool_timeout) as tools:
+        with agent_cli.open_tools(servers, tool_timeout) as tools:
             agent = agent_cli.make_agent(session, tools, yes, max_tool_calls)
             answer = agent_cli.render(agent.send(prompt), echo_text=not as_json)
         if as_json:
@@ -230,6 +231,7 @@ def chat(
     with --mcp, the model calls tools from MCP servers (each call asked first)."""
     group = join_group(distributed)
     path = resolve_model(model)
+    servers = agent_cli.server_specs(mcp, mcp_config)
     check_media(path, image or [], audio or [])
     model_obj, processor = load_checked(path, kv_bits, kv_group_size, group, layers_per_rank)
     if think and not processor.supports_thinking:
@@ -252,7 +254,7 @@ def chat(
     for a in audio or []:
         session.attach_audio(a)
     banner = f"gemma-mlx chat - {path.name} ({model_obj.config.model_type})"
-    tools = agent_cli.open_tools(mcp, mcp_config, tool_timeout)
+    tools = agent_cli.open_tools(servers, tool_timeout)
     if tools is None:
         chat_repl.repl(session, banner)
         return

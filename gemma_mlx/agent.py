@@ -45,7 +45,7 @@ class MCPUnavailable(RuntimeError):
     """The `mcp` SDK is not installed."""
 
 
-def _sdk():
+def require_sdk():
     try:
         import mcp
     except ImportError:
@@ -217,7 +217,7 @@ class MCPTools:
         connect_timeout: float = 60.0,
         log_dir: str | Path | None = None,
     ):
-        _sdk()
+        require_sdk()
         names: dict[str, int] = {}
         self.servers: list[ServerState] = []
         for spec in servers:  # unique server names: the second "server" is "server-2"

@@ -285,7 +285,7 @@ class MCPTools:
                 params = StdioServerParameters(
                     command=spec.command, args=spec.args, env=spec.env, cwd=spec.cwd
                 )
-                transport = stdio_client(params, errlog=log)
+                transport = _Watched(stdio_client(params, errlog=log), lambda: _exited(server))
             client = Client(transport)
             async with client:
                 tools, cursor = [], None
@@ -407,6 +407,52 @@ class MCPTools:
                 why = _describe_error(e)
             return ToolResult(f"error: {name} failed: {why}", error=True, status="error")
         return _convert(result, name)
+
+
+def _exited(server: ServerState) -> None:
+    if server.status == "connected":  # not our own close()
+        server.status, server.error = "failed", "exited"
+
+
+class _Watched:
+    """A transport whose read stream calls `on_end` when it ends: a stdio server that exits while
+    idle shows as failed at once, not only at its next call."""
+
+    def __init__(self, transport: Any, on_end: Callable[[], None]):
+        self.transport, self.on_end = transport, on_end
+
+    async def __aenter__(self):
+        read, write = await self.transport.__aenter__()
+        return _WatchedStream(read, self.on_end), write
+
+    async def __aexit__(self, *exc):
+        return await self.transport.__aexit__(*exc)
+
+
+class _WatchedStream:
+    def __init__(self, stream: Any, on_end: Callable[[], None]):
+        self.stream, self.on_end = stream, on_end
+
+    async def __aenter__(self):
+        await self.stream.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc):
+        return await self.stream.__aexit__(*exc)
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        try:
+            return await self.stream.__anext__()
+        except BaseException as e:
+            if not isinstance(e, asyncio.CancelledError):
+                self.on_end()
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
 
 
 def _connection_closed(e: BaseException) -> bool:

@@ -224,6 +224,12 @@ def test_servers_that_never_start_collisions_config_and_shutdown(tmp_path):
             assert r.status == "ok" and r.text.startswith(WEATHER) and r.images[0].size == (64, 48)
             pids = [int(tools.call(f"{s}__pid", {}).text) for s in ("a", "b")]
             assert all(alive(p) for p in pids)
+            os.kill(pids[0], signal.SIGKILL)  # a server dying while idle is seen without a call
+            deadline = time.monotonic() + 10
+            while tools.servers[0].status == "connected" and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert (tools.servers[0].status, tools.servers[0].error) == ("failed", "exited")
+            assert tools.call("a__get_weather", {"city": "Paris"}).status == "unavailable"
         assert not any(alive(p) for p in pids)
     finally:
         http.terminate()

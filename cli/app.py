@@ -24,6 +24,7 @@ from gemma_mlx.chat import ChatSession
 from gemma_mlx.footprint import footprint, memory_bytes
 from gemma_mlx.sample import SamplingParams
 
+from . import agent as agent_cli
 from . import chat as chat_repl
 from .bench_plot import PlotUnavailable, plot_decode, pyplot
 from .common import (
@@ -118,8 +119,16 @@ def generate(
     kv_group_size: KvGroupOpt = 64,
     distributed: DistributedOpt = False,
     layers_per_rank: LayersPerRankOpt = None,
+    mcp: agent_cli.McpOpt = None,
+    mcp_config: agent_cli.McpConfigOpt = None,
+    yes: agent_cli.YesOpt = False,
+    max_tool_calls: agent_cli.MaxToolCallsOpt = 8,
+    tool_timeout: agent_cli.ToolTimeoutOpt = 60.0,
 ) -> None:
-    """Complete a prompt and print the text as it is generated."""
+    """Complete a prompt and print the text as it is generated; with --mcp, answer it as a chat
+    turn in which the model may call tools from MCP servers."""
+    if (mcp or mcp_config) and (distributed or draft is not None):
+        fail("--mcp: not with --distributed or --draft in generate (use chat)")
     group = join_group(distributed)
     if is_follower(group):
         prompt = ""  # rank 0 reads the prompt; this rank only runs its layers
@@ -130,10 +139,36 @@ def generate(
     else:  # bytes that were not UTF-8 reach argv as surrogates: show them as U+FFFD instead
         prompt = prompt.encode("utf-8", errors="surrogateescape").decode("utf-8", errors="replace")
     path = resolve_model(model)
+    servers = agent_cli.server_specs(mcp, mcp_config)
+    if servers and not yes and not sys.stdin.isatty():
+        fail("--mcp: tool calls need consent at a terminal; pass --yes to allow every call")
     images, clips = image or [], audio or []
     check_media(path, images, clips)
     model_obj, processor = load_checked(path, kv_bits, kv_group_size, group, layers_per_rank)
     sampling = SamplingParams(temperature, top_k, top_p, min_p, seed)
+    if servers:
+        session = ChatSession(
+            model_obj,
+            processor,
+            max_tokens=max_tokens,
+            sampling=sampling,
+            kv_bits=kv_bits,
+            kv_group_size=kv_group_size,
+        )
+        for i in images:
+            session.attach_image(i)
+        for a in clips:
+            session.attach_audio(a)
+        with agent_cli.open_tools(servers, tool_timeout) as tools:
+            agent = agent_cli.make_agent(session, tools, yes, max_tool_calls)
+            answer = agent_cli.render(agent.send(prompt), echo_text=not as_json)
+        if as_json:
+            calls = [m for m in session.history if m["role"] == "tool"]
+            result = {"model": str(path), "text": answer, "tool_results": calls}
+            typer.echo(json.dumps({**result, **session.stats.as_dict()}, ensure_ascii=False))
+        else:
+            typer.echo()
+        return
     last, text = None, []
     chunks = stream_generate(
         model_obj,
@@ -186,10 +221,17 @@ def chat(
     kv_group_size: KvGroupOpt = 64,
     distributed: DistributedOpt = False,
     layers_per_rank: LayersPerRankOpt = None,
+    mcp: agent_cli.McpOpt = None,
+    mcp_config: agent_cli.McpConfigOpt = None,
+    yes: agent_cli.YesOpt = False,
+    max_tool_calls: agent_cli.MaxToolCallsOpt = 8,
+    tool_timeout: agent_cli.ToolTimeoutOpt = 60.0,
 ) -> None:
-    """Chat in the terminal: multi-turn with cache reuse, streaming, images and audio, /commands."""
+    """Chat in the terminal: multi-turn with cache reuse, streaming, images and audio, /commands;
+    with --mcp, the model calls tools from MCP servers (each call asked first)."""
     group = join_group(distributed)
     path = resolve_model(model)
+    servers = agent_cli.server_specs(mcp, mcp_config)
     check_media(path, image or [], audio or [])
     model_obj, processor = load_checked(path, kv_bits, kv_group_size, group, layers_per_rank)
     if think and not processor.supports_thinking:
@@ -211,7 +253,14 @@ def chat(
         session.attach_image(i)
     for a in audio or []:
         session.attach_audio(a)
-    chat_repl.repl(session, f"gemma-mlx chat - {path.name} ({model_obj.config.model_type})")
+    banner = f"gemma-mlx chat - {path.name} ({model_obj.config.model_type})"
+    tools = agent_cli.open_tools(servers, tool_timeout)
+    if tools is None:
+        chat_repl.repl(session, banner)
+        return
+    with tools:  # the servers are stopped on the way out, whatever ends the chat
+        agent = agent_cli.make_agent(session, tools, yes, max_tool_calls)
+        chat_repl.repl(session, banner + f", {len(tools.tools)} MCP tools", agent)
 
 
 @app.command()

@@ -147,21 +147,31 @@ class ChatSession:
         del self.tokens[p:]
         return True
 
-    def send(self, text: str) -> Iterator[GenerationChunk]:
-        """Stream the answer to `text` (with any attached images/audio)."""
+    def send(self, text: str, tool_results: Sequence[dict] = ()) -> Iterator[GenerationChunk]:
+        """Stream the answer to `text` (with any attached images/audio). `tool_results` answer
+        calls of the last answer that got no result yet (stopped, say); they go before `text`."""
         user = {
             "role": "user",
             "content": [*self.pending, {"type": "text", "text": text}] if self.pending else text,
         }
-        return self._turn([user])
+        return self._turn([*self._tool_messages(tool_results), user])
 
-    def send_tool_results(self, results: Sequence[dict]) -> Iterator[GenerationChunk]:
+    def send_tool_results(
+        self, results: Sequence[dict], note: str | None = None
+    ) -> Iterator[GenerationChunk]:
         """Give the model the results of the tool calls of its last answer (`{"name", "content"}`
         or `{"tool_call_id", "content"}` each, content a string or JSON value) and stream what it
-        says next."""
-        if not self.history or not self.history[-1].get("tool_calls"):
+        says next. Images attached meanwhile (a tool returned them; Gemma's tool responses hold
+        text) follow the results in a user message with `note`."""
+        new = self._tool_messages(results, required=True)
+        if self.pending:
+            new.append({"role": "user", "content": [*self.pending, {"type": "text", "text": note or ""}]})
+        return self._turn(new)
+
+    def _tool_messages(self, results: Sequence[dict], required: bool = False) -> list[dict]:
+        if (results or required) and (not self.history or not self.history[-1].get("tool_calls")):
             raise ValueError("tool results need an answer with tool calls before them")
-        return self._turn([{"role": "tool", **r} for r in results])
+        return [{"role": "tool", **r} for r in results]
 
     def _turn(self, new: list[dict]) -> Iterator[GenerationChunk]:
         inputs, _ = self._inputs(new)  # may raise (bad media): attachments are kept then

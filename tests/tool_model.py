@@ -73,27 +73,46 @@ def _append_pieces(path: Path, pieces: list[str]) -> None:
     tok.save(str(path / "tokenizer.json"))
 
 
-def build_tool_model(path: Path) -> str:
+def build_tool_model(path: Path, tool: str = CALL_NAME, again: bool = False, vision: bool = False) -> str:
     """Write the checkpoint (config, weights, tokenizer) to `path`; returns the text greedy decoding
-    produces after a chat prompt (thinking on or off), the stop token excluded. Needs MLX only."""
+    produces after a chat prompt (thinking on or off), the stop token excluded. Needs MLX only.
+    `tool`: the tool it calls (same arguments); `again`: after a tool's result (a prompt ending in
+    "<tool_response|>") it calls once more, endlessly; `vision`: a unified model with a (zero)
+    vision embedder, so that prompts can hold images."""
     from tokenizers import Tokenizer
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     save_tokenizer(path)
-    _append_pieces(path, NEW_PIECES)
+    pieces = [p.replace(CALL_NAME, tool) for p in PIECES]
+    _append_pieces(path, [p.replace(CALL_NAME, tool) for p in NEW_PIECES])
     tok = Tokenizer.from_file(str(path / "tokenizer.json"))
-    ids = [tok.token_to_id(p) for p in PIECES]
+    ids = [tok.token_to_id(p) for p in pieces]
     stop, newline = tok.token_to_id(STOP), tok.encode("\n").ids
     assert None not in ids and stop is not None and len(newline) == 1
     assert len(ids) == len(set(ids)), "a token with two successors cannot be expressed"
     # the prompt ends in "<channel|>" (thinking off) or "<|turn>model\n" (thinking on)
     successor = {tok.token_to_id("<channel|>"): ids[0], newline[0]: ids[0]}
+    if again:
+        successor[tok.token_to_id("<tool_response|>")] = ids[0]
     successor.update(zip(ids, [*ids[1:], stop], strict=True))
     slots = {t: i for i, t in enumerate(dict.fromkeys([*successor, *successor.values()]))}
     assert len(slots) <= HIDDEN
 
-    model = Model(parse_config(CONFIG))
+    config = CONFIG
+    if vision:
+        text = {**CONFIG, "model_type": "gemma4_unified_text"}
+        del text["architectures"]
+        vision_config = {
+            **UNIFIED_CONFIG["vision_config"],
+            "output_proj_dims": HIDDEN,
+            "mm_embed_dim": HIDDEN,
+        }
+        config = {**copy.deepcopy(UNIFIED_CONFIG), "text_config": text, "vision_config": vision_config}
+        config["image_token_id"] = tok.token_to_id("<|image|>")
+        config["audio_token_id"] = tok.token_to_id("<|audio|>")
+        config.pop("audio_config")
+    model = Model(parse_config(config))
     weights = {name: np.zeros(p.shape, np.float32) for name, p in tree_flatten(model.parameters())}
     prefix = "language_model."
     layer = prefix + "layers.0."
@@ -110,8 +129,8 @@ def build_tool_model(path: Path) -> str:
     # the MLP's one-hot output, normed to sqrt(hidden) and scaled x4, outweighs the input token
     weights[layer + "post_feedforward_layernorm.weight"].fill(4.0)
     mx.save_safetensors(str(path / "model.safetensors"), {k: mx.array(v) for k, v in weights.items()})
-    (path / "config.json").write_text(json.dumps(CONFIG, indent=2))
+    (path / "config.json").write_text(json.dumps(config, indent=2))
     # Gemma 4 also stops at <|tool_response>
     eos = [1, tok.token_to_id("<turn|>"), stop]
     (path / "generation_config.json").write_text(json.dumps({"bos_token_id": 2, "eos_token_id": eos}))
-    return "".join(PIECES)
+    return "".join(pieces)

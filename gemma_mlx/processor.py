@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -246,6 +247,7 @@ class Processor:
         add_bos: bool = True,
         tools: Sequence[dict] | None = None,
         token_budget: int | None = None,
+        media_budget: media.MediaBudget | None = None,
     ) -> Inputs:
         """Token ids plus image/audio tensors. Media come as parts of chat messages
         (`{"type": "image", "image": path | PIL image | array}`, `{"type": "audio", "audio": path |
@@ -257,7 +259,10 @@ class Processor:
 
         `token_budget`: the tokens the context has left; audio that alone needs more is refused
         (`MediaError` with the count) as soon as it is decoded, before any other media work and
-        long before a prefill of thousands of tokens could start."""
+        long before a prefill of thousands of tokens could start.
+
+        `media_budget`: what the media may cost in total (`media.MediaBudget`; its defaults when
+        None), charged from every input's header before any of them is decoded."""
         kind, prompt = classify_prompt(prompt)
         if kind == "ids":
             if images or audio:
@@ -289,16 +294,20 @@ class Processor:
                 text = media.IMAGE_TOKEN * len(images) + media.AUDIO_TOKEN * len(audio) + text
         if not images and not audio:
             return Inputs(self.encode_text(text, bos))
-        waveforms, audio_tokens = [], 0
-        for a, rate in audio:
-            waveforms.append(media.load_audio(a, rate))
-            audio_tokens += media.audio_token_count(len(waveforms[-1]))
+        budget = media.MediaBudget() if media_budget is None else media_budget
+        audio_tokens = 0
+        for a, rate in audio:  # headers only: nothing is decoded before every input has been charged
+            seconds = budget.add_audio(a, rate)
+            audio_tokens += media.audio_token_count(math.ceil(seconds * media.SAMPLE_RATE))
             if token_budget is not None and audio_tokens > token_budget:
                 raise media.MediaError(
-                    f"{media.source_name(a)}: {len(waveforms[-1]) / media.SAMPLE_RATE:.1f} s of audio needs "
+                    f"{media.source_name(a)}: {seconds:.1f} s of audio needs "
                     f"{audio_tokens:,} tokens (with the clips before it), but the context has room for "
                     f"{token_budget:,}: use a shorter clip"
                 )
+        for i in images:
+            budget.add_image(i)
+        waveforms = [media.load_audio(a, rate) for a, rate in audio]
         clips = [[media.preprocess_audio(c) for c in media.split_audio(w)] for w in waveforms]
         image_inputs = [media.preprocess_image(i, max_soft_tokens) for i in images]
         text = media.expand_media_tokens(

@@ -28,6 +28,7 @@ from . import chat as chat_repl
 from .bench_plot import PlotUnavailable, plot_decode, pyplot
 from .common import (
     AudioOpt,
+    CheckFiniteOpt,
     DistributedOpt,
     DraftBlockOpt,
     DraftOpt,
@@ -118,6 +119,7 @@ def generate(
     kv_group_size: KvGroupOpt = 64,
     distributed: DistributedOpt = False,
     layers_per_rank: LayersPerRankOpt = None,
+    check_finite: CheckFiniteOpt = False,
 ) -> None:
     """Complete a prompt and print the text as it is generated."""
     group = join_group(distributed)
@@ -132,7 +134,7 @@ def generate(
     path = resolve_model(model)
     images, clips = image or [], audio or []
     check_media(path, images, clips)
-    model_obj, processor = load_checked(path, kv_bits, kv_group_size, group, layers_per_rank)
+    model_obj, processor = load_checked(path, kv_bits, kv_group_size, group, layers_per_rank, check_finite)
     sampling = SamplingParams(temperature, top_k, top_p, min_p, seed)
     last, text = None, []
     chunks = stream_generate(
@@ -186,12 +188,13 @@ def chat(
     kv_group_size: KvGroupOpt = 64,
     distributed: DistributedOpt = False,
     layers_per_rank: LayersPerRankOpt = None,
+    check_finite: CheckFiniteOpt = False,
 ) -> None:
     """Chat in the terminal: multi-turn with cache reuse, streaming, images and audio, /commands."""
     group = join_group(distributed)
     path = resolve_model(model)
     check_media(path, image or [], audio or [])
-    model_obj, processor = load_checked(path, kv_bits, kv_group_size, group, layers_per_rank)
+    model_obj, processor = load_checked(path, kv_bits, kv_group_size, group, layers_per_rank, check_finite)
     if think and not processor.supports_thinking:
         fail(f"--think: the chat template of {path} has no thinking mode")
     session = ChatSession(

@@ -46,9 +46,14 @@ def save_transcript(session: ChatSession, path: Path) -> None:
         )
     else:
         body = "\n\n".join(f"**{m['role']}**: {text(m['content'])}" for m in messages) + "\n"
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a directory: give a file name")
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(body)
-    tmp.replace(path)
+    try:
+        tmp.write_text(body)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)  # after a failed write or rename: leave nothing behind
 
 
 def command(session: ChatSession, line: str) -> bool:

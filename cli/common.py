@@ -46,6 +46,10 @@ KvBitsOpt = Annotated[
     typer.Option("--kv-bits", help="Quantize the KV cache to 8 or 4 bits (less memory for long contexts)."),
 ]
 KvGroupOpt = Annotated[int, typer.Option("--kv-group-size", help="KV quantization group: 32, 64 or 128.")]
+CheckFiniteOpt = Annotated[
+    bool,
+    typer.Option("--check-finite", help="Refuse weights with NaN or infinite values, naming them."),
+]
 DraftOpt = Annotated[
     str | None, typer.Option("--draft", help="MTP drafter checkpoint: speculative decoding.")
 ]
@@ -166,6 +170,7 @@ def load_checked(
     kv_group_size: int = 64,
     group: mx.distributed.Group | None = None,
     layers_per_rank: str | None = None,
+    check_finite: bool = False,
 ) -> tuple[Model, Processor]:
     """Load after warning when weights plus the KV cache will not fit the memory available now.
     With a `group` (--distributed) this rank loads only its stage; a follower serves rank 0 here
@@ -175,7 +180,7 @@ def load_checked(
         if warning:
             typer.secho(f"warning: {warning}", fg=typer.colors.YELLOW, err=True)
     counts = int_list(layers_per_rank, "--layers-per-rank") if layers_per_rank else None
-    model, processor = load(path, distributed=group, layers_per_rank=counts)
+    model, processor = load(path, check_finite=check_finite, distributed=group, layers_per_rank=counts)
     if model is None:  # a follower whose rank 0 finished
         raise typer.Exit(0)
     if processor is None:

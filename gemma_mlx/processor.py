@@ -141,7 +141,31 @@ class Processor:
         gen = read_json(gen_file) if gen_file.is_file() else {}
         if not isinstance(gen, dict):
             raise ValueError(f"{gen_file}: expected a JSON object")
+        for field in ("eos_token_id", "suppress_tokens"):
+            value = gen.get(field)
+            values = value if isinstance(value, list) else [value]
+            if value is not None and not all(type(i) is int and i >= 0 for i in values):
+                raise ValueError(
+                    f"{gen_file}: {field} is {value!r}; expected a token id (an integer >= 0) "
+                    "or a list of them"
+                )
         return cls(tokenizer, template, gen)
+
+    def check_media_token_ids(self, config: Any, inputs: Inputs) -> None:
+        """Raise ValueError when `inputs` hold images (audio) but the model's placeholder id,
+        `config.json`'s `image_token_id` (`audio_token_id`), is not what the tokenizer encodes
+        `<|image|>` (`<|audio|>`) as: the prompt would hold no placeholder for the model to fill."""
+        for field, token, used in (
+            ("image_token_id", media.IMAGE_TOKEN, inputs.pixel_values is not None),
+            ("audio_token_id", media.AUDIO_TOKEN, inputs.input_features is not None),
+        ):
+            cid, tid = getattr(config, field), self.tokenizer.token_to_id(token)
+            if used and cid != tid:
+                found = f"encodes {token} as {tid}" if tid is not None else f"has no {token} token"
+                raise ValueError(
+                    f"config.json's {field} is {cid}, but the tokenizer {found}: the model's "
+                    "config and tokenizer must come from the same checkpoint"
+                )
 
     @property
     def eos_token_ids(self) -> list[int]:
@@ -199,7 +223,7 @@ class Processor:
             else m
             for m in messages
         ]
-        return self.chat_template.render(
+        text = self.chat_template.render(
             messages,
             add_generation_prompt=add_generation_prompt,
             enable_thinking=enable_thinking,
@@ -208,6 +232,27 @@ class Processor:
             eos_token=tok.eos_token,
             pad_token=tok.pad_token,
         )
+        self._check_media_kept(messages, text)
+        return text
+
+    def _check_media_kept(self, messages: Sequence[Mapping], text: str) -> None:
+        """A template without a media input drops (Gemma 3: audio) or respells (Gemma 3:
+        `<start_of_image>`) its parts; refuse that, naming the first part left without a placeholder."""
+        found = [m.group() for m in media._PLACEHOLDER.finditer(text)]
+        for token, kind in ((media.IMAGE_TOKEN, "image"), (media.AUDIO_TOKEN, "audio")):
+            parts = [
+                (i, j)
+                for i, m in enumerate(messages)
+                for j, p in enumerate(m.get("content") if isinstance(m.get("content"), list) else [])
+                if isinstance(p, Mapping) and p.get("type") == kind
+            ]
+            if len(parts) > found.count(token):
+                i, j = parts[found.count(token)]
+                raise media.MediaError(
+                    f"message {i}, part {j}: the chat template ({self.chat_template.origin}) has no "
+                    f"{token} placeholder for an {kind} part, so the {kind} would be dropped: this model "
+                    f"takes no {kind} input (a Gemma 4 model does)"
+                )
 
     def encode_text(self, text: str, add_bos: bool = True) -> list[int]:
         """Token ids of `text`, BOS first (once: not again when the text already starts with it).

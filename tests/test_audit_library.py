@@ -183,3 +183,210 @@ def test_the_same_media_twenty_times_leaves_rss_where_it_was(tmp_path):
     assert run.returncode == 0, run.stderr
     third, last = map(float, run.stdout.split())
     assert last - third < 64, (third, last)
+
+
+# --- Part 1: the rows that were not clear ----------------------------------------------------
+
+
+def cli(capsys, monkeypatch, *args: str) -> tuple[int, str]:
+    """Run the console entry point in-process: (exit code, stderr)."""
+    from gemma_mlx.cli.app import main
+
+    monkeypatch.setattr(sys, "argv", ["gemma-mlx", *args])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main()
+    return e.value.code, capsys.readouterr().err
+
+
+@pytest.fixture
+def nan_ckpt(checkpoint, tmp_path):
+    """Row 1's checkpoint: layer 0's q_proj set to NaN (`t1_checkpoints.py nan`)."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    path = tmp_path / "nanweights"
+    shutil.copytree(checkpoint, path)
+    tensors = load_file(str(path / "model.safetensors"))
+    name = next(n for n in tensors if n.endswith("layers.0.self_attn.q_proj.weight"))
+    tensors[name] = np.full_like(tensors[name], np.nan)
+    save_file(tensors, str(path / "model.safetensors"))
+    return path, name
+
+
+def test_nan_weights_stop_generation_with_a_hint(nan_ckpt, capsys, monkeypatch):
+    """Row 1: NaN weights generated `<pad><pad><pad>` with exit 0 (API and CLI)."""
+    from gemma_mlx import NonFiniteLogitsError, generate, load
+
+    path, name = nan_ckpt
+    model, processor = load(path)
+    with pytest.raises(
+        NonFiniteLogitsError, match=r"NaN or infinite at generated token 1: .*check_finite=True"
+    ):
+        generate(model, processor, "hello", max_tokens=3)
+    with pytest.raises(NonFiniteLogitsError):  # sampled, too
+        generate(model, processor, "hello", max_tokens=3, temperature=1.0, seed=0)
+    code, err = cli(capsys, monkeypatch, "generate", "--model", str(path), "-n", "3", "hello")
+    assert code == 1 and "error: the model's logits turned NaN" in err and "--check-finite" in err
+    code, err = cli(capsys, monkeypatch, "generate", "--model", str(path), "--check-finite", "-n", "3", "hi")
+    assert code == 1 and f"non-finite (NaN or infinite) values in {name}" in err
+
+
+def test_finite_logits_generate_as_before(checkpoint):
+    """The check changes no output: greedy tokens equal the model's own argmax chain."""
+    import mlx.core as mx
+
+    from gemma_mlx import generate, load
+    from gemma_mlx.generate import make_cache
+
+    model, processor = load(checkpoint)
+    result = generate(model, processor, "The quick brown fox", max_tokens=6)
+    ids, cache, expected = processor.encode_text("The quick brown fox"), make_cache(model), []
+    logits = model(mx.array([ids]), cache)[:, -1]
+    for _ in range(6):
+        expected.append(int(mx.argmax(logits, axis=-1).item()))
+        logits = model(mx.array([[expected[-1]]]), cache)[:, -1]
+    assert result.tokens[: len(expected)] == expected[: len(result.tokens)]
+
+
+def test_eos_token_id_that_is_not_an_id_names_file_and_field(checkpoint, tmp_path, capsys, monkeypatch):
+    """Row 2: `{"eos_token_id": "abc"}` gave `invalid literal for int() with base 10: 'abc'`."""
+    import shutil
+
+    from gemma_mlx.processor import Processor
+
+    path = tmp_path / "ckpt"
+    shutil.copytree(checkpoint, path)
+    (path / "generation_config.json").write_text('{"eos_token_id": "abc"}')
+    match = r"generation_config.json: eos_token_id is 'abc'; expected a token id"
+    with pytest.raises(ValueError, match=match):
+        Processor.from_dir(path)
+    code, err = cli(capsys, monkeypatch, "generate", "--model", str(path), "-n", "2", "hi")
+    assert code == 1 and "generation_config.json: eos_token_id is 'abc'" in err
+
+
+def test_group_size_zero_is_refused(checkpoint, tmp_path, capsys, monkeypatch):
+    """Row 3: `convert --group-size 0` wrote `"group_size": 64` with exit 0."""
+    from gemma_mlx.convert.quantize import QuantSpec
+
+    with pytest.raises(ValueError, match=r"--group-size 0: expected 32, 64 or 128"):
+        QuantSpec.make(4, 0)
+    assert QuantSpec.make(4, None).group_size == 64
+    code, err = cli(
+        capsys, monkeypatch, "convert", str(checkpoint), str(tmp_path / "out"), "--group-size", "0"
+    )
+    assert code != 0 and "--group-size 0" in err and not (tmp_path / "out").exists()
+
+
+def test_read_only_or_virtual_output_folder_says_so(checkpoint, tmp_path, monkeypatch, capsys):
+    """Rows 4/5: a read-only folder and /proc/self/out were reported as "not enough free space"."""
+    import os
+
+    from gemma_mlx.convert import writer
+
+    code, err = cli(capsys, monkeypatch, "convert", str(checkpoint), "/proc/self/out")
+    assert code == 1 and "/proc/self is on a virtual file system" in err and "free" not in err
+    real = os.statvfs
+
+    class ReadOnly:  # what statvfs says of a read-only mount (none can be made without privileges)
+        def __init__(self, path):
+            self.__dict__.update({k: getattr(real(path), k) for k in ("f_blocks", "f_bavail", "f_frsize")})
+            self.f_flag = os.ST_RDONLY
+
+    monkeypatch.setattr(writer.os, "statvfs", ReadOnly)
+    with pytest.raises(OSError, match=rf"{tmp_path / 'ro'}: {tmp_path} is on a read-only file system"):
+        with writer.atomic_directory(tmp_path / "ro", needed=10**15):
+            pass
+
+
+def test_sampling_arguments_must_be_finite(checkpoint, capsys, monkeypatch):
+    """Rows 8/12: `temperature=inf` emitted the last vocabulary id every time (API and CLI);
+    `top_k=inf` raised OverflowError."""
+    from gemma_mlx import SamplingParams, generate, load
+
+    model, processor = load(checkpoint)
+    with pytest.raises(ValueError, match=r"temperature=inf: must be >= 0 and finite"):
+        generate(model, processor, "The quick brown fox", temperature=float("inf"), seed=0)
+    for top_k in (float("inf"), float("nan"), 2.5, -1):
+        with pytest.raises(ValueError, match=rf"top_k={top_k}: must be an integer >= 0"):
+            SamplingParams(temperature=1.0, top_k=top_k)
+    code, err = cli(capsys, monkeypatch, "generate", "--model", str(checkpoint), "-n", "4", "-t", "inf", "hi")
+    assert code == 1 and "temperature=inf" in err
+
+
+def test_stop_given_as_a_string_is_one_stop_string(checkpoint):
+    """Row 9: `TextStream(tok, "zzz").stop == ('z', 'z', 'z')`; it stopped after 'the la'."""
+    from gemma_mlx import generate, load
+    from gemma_mlx.generate import TextStream
+
+    model, processor = load(checkpoint)
+    stream = TextStream(processor.tokenizer, "zzz")
+    assert stream.stop == ("zzz",)
+    text = "".join(stream.add(t) for t in processor.tokenizer.encode("the lazy dog")) + stream.add(None, True)
+    assert text == "the lazy dog" and not stream.stopped
+    full = generate(model, processor, "The quick brown fox", max_tokens=12).text
+    stop = full.strip()[1:4]  # a piece of the output that a character split would cut earlier
+    cut = generate(model, processor, "The quick brown fox", max_tokens=12, stop=stop)
+    assert cut.text == full[: full.index(stop)] and cut.finish_reason == "stop"
+
+
+def test_audio_part_for_a_template_without_audio_is_refused(checkpoint, processor, tmp_path):
+    """Rows 10/11: the Gemma 3 template dropped an audio part silently; through generate() the
+    error was `the prompt has 0 <|audio|> placeholders for 1 audio clips`."""
+    from gemma_mlx import generate, load
+    from gemma_mlx.processor import Processor
+    from gemma_mlx.text import ChatTemplate
+
+    gemma3 = Processor(processor.tokenizer, ChatTemplate.default("gemma3"), processor.generation_config)
+    (tmp_path / "x.wav").write_bytes(wav(16_000))
+    messages = [
+        {
+            "role": "user",
+            "content": [{"type": "audio", "audio": str(tmp_path / "x.wav")}, {"type": "text", "text": "hi"}],
+        }
+    ]
+    match = r"message 0, part 0: the chat template \(.*\) has no <\|audio\|> placeholder for an audio part"
+    with pytest.raises(MediaError, match=match):
+        gemma3.apply_chat_template(messages)
+    model, _ = load(checkpoint)
+    with pytest.raises(MediaError, match=match + r".*takes no audio input"):
+        generate(model, gemma3, messages, max_tokens=2)
+    assert "<|audio|>" in processor.apply_chat_template(messages)  # Gemma 4's template keeps it
+
+
+def test_image_token_id_outside_the_tokenizer_is_named(checkpoint, tmp_path):
+    """Row 7: `images: 266 soft tokens for 0 placeholder tokens in the prompt`."""
+    import shutil
+
+    from tiny import rewrite_config
+
+    from gemma_mlx import generate, load
+
+    path = tmp_path / "ckpt"
+    shutil.copytree(checkpoint, path)
+    rewrite_config(path, lambda c: c.update(image_token_id=258880))  # the real id, beyond the tiny vocab
+    model, processor = load(path)
+    image = np.zeros((96, 96, 3), np.uint8)
+    with pytest.raises(
+        ValueError,
+        match=r"config.json's image_token_id is 258880, but the tokenizer encodes <\|image\|> as \d+",
+    ):
+        generate(model, processor, "<|image|>What is this?", images=[image], max_tokens=2)
+    assert generate(model, processor, "No image here.", max_tokens=2).tokens  # text still works
+
+
+def test_save_onto_a_directory_leaves_no_tmp_file(tmp_path):
+    """Row 13: `/save DIR` said `[Errno 21] Is a directory` and left `DIR.tmp` behind."""
+    from types import SimpleNamespace
+
+    from gemma_mlx.cli.chat import save_transcript
+
+    session = SimpleNamespace(system=None, history=[{"role": "user", "content": "hi"}])
+    (tmp_path / "savedir").mkdir()
+    with pytest.raises(IsADirectoryError, match="savedir is a directory"):
+        save_transcript(session, tmp_path / "savedir")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["savedir"]
+    save_transcript(session, tmp_path / "t.md")
+    assert (tmp_path / "t.md").read_text() == "**user**: hi\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["savedir", "t.md"]

@@ -457,6 +457,7 @@ def _write(
     totals: tuple[int | None, int | None],
     itemsize: Mapping[str, int] | None = None,
     packed: Collection[str] = (),
+    finalize: Callable[[Path], None] | None = None,
 ) -> ConversionReport:
     """The output directory, atomically: shards + index, config.json (with the quantization block
     if anything is quantized), extra files, model card. `itemsize`: element size of each source
@@ -506,6 +507,8 @@ def _write(
             report.seconds = time.perf_counter() - start
             if "README.md" not in extra_files:
                 (tmp / "README.md").write_text(model_card(report))
+            if finalize is not None:
+                finalize(tmp)
     finally:
         mx.set_cache_limit(cache_limit)
     return report
@@ -818,11 +821,14 @@ def write_checkpoint(
     shard_bytes: int = SHARD_BYTES,
     progress: bool | Progress | None = False,
     source: str = "in-memory weights",
+    finalize: Callable[[Path], None] | None = None,
 ) -> ConversionReport:
     """Write an MLX checkpoint from an in-memory `config` dict and float `weights` (our names or
     the checkpoint's; any order; an iterator is consumed tensor by tensor), quantized with
     `quantization` (None: float), atomically. `extra_files` maps a file name to a `Path` to copy,
-    `bytes` or `str` content (tokenizer, templates, ...). Same checks and layout as `convert`."""
+    `bytes` or `str` content (tokenizer, templates, ...); `finalize(tmp)` runs on the complete
+    directory just before it is moved into place. Same checks and layout as `convert` (every
+    writer of checkpoints goes through here or `convert`: one layout, which mlx-lm and mlx-vlm load)."""
     config = dict(config)
     if config.get("quantization") or config.get("quantization_config"):
         raise CheckpointError(f"{source}: config already has a quantization block")
@@ -868,6 +874,7 @@ def write_checkpoint(
         progress=progress,
         totals=totals,
         itemsize=itemsize,
+        finalize=finalize,
     )
 
 

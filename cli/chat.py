@@ -10,6 +10,8 @@ import typer
 
 from gemma_mlx.chat import ChatSession
 
+from .common import show_error
+
 HELP = """Commands:
   /image PATH     attach an image to your next message
   /audio PATH     attach an audio clip to your next message
@@ -90,9 +92,10 @@ def command(session: ChatSession, line: str) -> bool:
                 echo("[no turn yet]")
             else:
                 reused = f" after {s.cached_prompt_tokens} cached" if s.cached_prompt_tokens else ""
+                rate = f" at {s.generation_tps:.1f} tok/s" if s.generation_tokens > 1 else ""
                 echo(
                     f"[last turn: {s.prompt_tokens} prompt tokens{reused} at {s.prompt_tps:.1f} tok/s, "
-                    f"{s.generation_tokens} generated at {s.generation_tps:.1f} tok/s; context "
+                    f"{s.generation_tokens} generated{rate}; context "
                     f"{len(session.tokens)}/{session.context} tokens; "
                     + (
                         f"drafts accepted {s.accepted}/{s.drafted} ({s.acceptance:.0%})]"
@@ -106,7 +109,7 @@ def command(session: ChatSession, line: str) -> bool:
         else:
             echo(f"[unknown command or missing argument: /{name}; /help lists the commands]")
     except (ValueError, OSError) as e:
-        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+        show_error(str(e))
     return True
 
 
@@ -145,7 +148,7 @@ def repl(session: ChatSession, banner: str) -> None:
             except KeyboardInterrupt:
                 typer.secho("\n[interrupted]", fg=typer.colors.YELLOW)
             except (ValueError, OSError) as e:
-                typer.secho(f"\nerror: {e}", fg=typer.colors.RED, err=True)
+                show_error(str(e), prefix="\n")
             finally:
                 answer.close()  # settle the session's cache now, not whenever the generator is collected
             for notice in session.notices:

@@ -160,6 +160,7 @@ def convert_command(
         dwq_steps=dwq_steps,
     )
     console = Console()
-    console.print(report_table(report, f"{src} -> {out} ({report.seconds:.0f} s)"))
+    took = f"{report.seconds:.0f} s" + (f" + {report.check_seconds:.0f} s check" if report.check else "")
+    console.print(report_table(report, f"{src} -> {out} ({took})"))
     for path, why in sorted(report.kept_float.items())[:12]:
         console.print(f"  kept in float: {path} ({why})", style="dim")

@@ -116,8 +116,9 @@ class ConversionReport:
     bytes_per_token: int = 0
     source_bytes_per_token: int = 0  # the same measure for the source (model conversions)
     kept_float: dict[str, str] = field(default_factory=dict)  # quantizable layer -> why float
-    seconds: float = 0.0
+    seconds: float = 0.0  # writing the output
     check: dict | None = None
+    check_seconds: float = 0.0  # the --check comparison (it loads both models)
     allocation: list[tuple[str, str]] | None = None  # --bits-per-weight: (spec, its units) rows
     method: str = "rtn"  # rtn, or a calibrated method (`calibrate.METHODS`)
     calibration: CalibrationReport | None = None
@@ -166,6 +167,8 @@ class ConversionReport:
         rows += [(f"units at {spec}", units) for spec, units in self.allocation or []]
         for key, value in (self.check or {}).items():
             rows.append((f"check: {key.replace('_', ' ')}", f"{value:.4f}"))
+        if self.check is not None:
+            rows.append(("check: time", f"{self.check_seconds:.1f} s"))
         return rows
 
 
@@ -668,11 +671,13 @@ def convert(
         )
     if check:
         check_fn = check_drafter if target.kind == "drafter" else check_conversion
+        start = time.perf_counter()
         if progress is True:  # the check loads both models: say so rather than sit silent
             with Console(stderr=True).status("checking the result against the source (loads both models)"):
                 report.check = check_fn(source, out)
         else:
             report.check = check_fn(source, out)
+        report.check_seconds = time.perf_counter() - start
     return report
 
 

@@ -85,6 +85,14 @@ class GenerationResult:
         return self.stats.peak_memory_gb
 
 
+def check_kv_quantization(kv_bits: int | None, kv_group_size: int) -> None:
+    """Raise ValueError for KV-cache quantization settings no model takes (before loading one)."""
+    if kv_bits is not None and (kv_bits not in (4, 8) or kv_group_size not in (32, 64, 128)):
+        raise ValueError(
+            f"kv_bits={kv_bits}, kv_group_size={kv_group_size}: expected 8 or 4 bits, groups of 32/64/128"
+        )
+
+
 def make_cache(
     model: Model,
     slack: int = 128,
@@ -98,10 +106,7 @@ def make_cache(
     dimension (on every layer, or only the global ones without `quantize_rings`)."""
     if kv_bits is None:
         return model.make_cache(slack)
-    if kv_bits not in (4, 8) or kv_group_size not in (32, 64, 128):
-        raise ValueError(
-            f"kv_bits={kv_bits}, kv_group_size={kv_group_size}: expected 8 or 4 bits, groups of 32/64/128"
-        )
+    check_kv_quantization(kv_bits, kv_group_size)
     for spec in model.config.text.layers:
         if spec.head_dim % kv_group_size:
             raise ValueError(

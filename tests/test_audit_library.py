@@ -390,3 +390,84 @@ def test_save_onto_a_directory_leaves_no_tmp_file(tmp_path):
     save_transcript(session, tmp_path / "t.md")
     assert (tmp_path / "t.md").read_text() == "**user**: hi\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["savedir", "t.md"]
+
+
+# --- issue 27 item 10: first-run friction in the CLI -----------------------------------------
+
+
+def test_top_level_help_names_every_command():
+    from typer.main import get_command
+    from typer.testing import CliRunner
+
+    from gemma_mlx.cli.app import app
+
+    names = set(get_command(app).commands)
+    assert names == {"generate", "chat", "serve", "convert", "info", "bench"}
+    description = app.info.help
+    assert all(name in description for name in names), description
+    assert all(name in CliRunner().invoke(app, ["--help"]).stdout for name in names)
+
+
+def test_each_short_option_means_one_thing_across_commands():
+    """`-p` was --prompt-tokens in bench and --port in serve; `-n` --max-tokens and --trials."""
+    from typer.main import get_command
+
+    from gemma_mlx.cli.app import app
+
+    meaning: dict[str, set[str]] = {}
+    for command in get_command(app).commands.values():
+        for param in command.params:
+            longs = [o for o in param.opts if o.startswith("--")]
+            for short in (o for o in param.opts + param.secondary_opts if len(o) == 2):
+                meaning.setdefault(short, set()).update(longs)
+    assert {k: v for k, v in meaning.items() if len(v) > 1} == {}
+    assert meaning["-p"] == {"--prompt-tokens"} and meaning["-n"] == {"--max-tokens"}
+
+
+def test_debug_shows_the_traceback_of_an_error_turned_into_a_red_line(tmp_path, capsys, monkeypatch):
+    code, err = cli(capsys, monkeypatch, "generate", "--model", str(tmp_path / "missing"), "hi")
+    assert code == 1 and "no such checkpoint directory" in err and "Traceback" not in err
+    code, err = cli(capsys, monkeypatch, "--debug", "generate", "--model", str(tmp_path / "missing"), "hi")
+    assert code == 1 and "Traceback (most recent call last)" in err and "CheckpointError" in err
+    assert err.rstrip().endswith("no such checkpoint directory") or "error: --model" in err
+
+
+def test_one_generated_token_prints_no_rate(checkpoint):
+    from typer.testing import CliRunner
+
+    from gemma_mlx.cli.app import app
+
+    result = CliRunner().invoke(app, ["generate", "--model", str(checkpoint), "-n", "1", "hi"])
+    assert result.exit_code == 0, result.output
+    assert ", 1 generated, peak memory" in result.stderr and "0.0 tok/s" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        (["--kv-bits", "3"], "--kv-bits/--kv-group-size: kv_bits=3"),
+        (["--kv-bits", "8", "--kv-group-size", "48"], "kv_group_size=48"),
+        (["-t", "inf"], "temperature=inf"),
+        (["--draft", "/nonexistent/drafter"], "--draft"),
+    ],
+)
+def test_option_checks_run_before_the_model_loads(checkpoint, args, match, capsys, monkeypatch):
+    from gemma_mlx.cli import common
+
+    monkeypatch.setattr(common, "load", never)  # loading would fail the test
+    for command in (["generate", *args, "hi"], ["chat", *args]):
+        code, err = cli(capsys, monkeypatch, command[0], "--model", str(checkpoint), *command[1:])
+        assert code == 1 and match in err, err
+
+
+def test_convert_check_says_how_long_it_took(checkpoint, tmp_path):
+    from typer.testing import CliRunner
+
+    from gemma_mlx.cli.app import app
+
+    result = CliRunner().invoke(
+        app, ["convert", str(checkpoint), str(tmp_path / "q8"), "--bits", "8", "--check"]
+    )
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.stdout.split())  # rich wraps the table to the terminal's width
+    assert "s check)" in text and "check: time" in text, text

@@ -415,6 +415,7 @@ def stream_generate(
         raise ValueError(f"max_tokens={max_tokens!r}: must be an integer >= 0")
     if not isinstance(prefill_step_size, int) or prefill_step_size < 1:
         raise ValueError(f"prefill_step_size={prefill_step_size!r}: must be an integer >= 1")
+    processor.check_media_input(model.config, len(images) > 0, len(audio) > 0)  # before any decoding
     if isinstance(prompt, Inputs):  # already prepared (e.g. by a chat session)
         inputs = prompt
     else:
@@ -431,7 +432,9 @@ def stream_generate(
     ids = inputs.ids
     if not ids:
         raise ValueError("prompt is empty")
-    processor.check_media_token_ids(model.config, inputs)
+    processor.check_media_input(
+        model.config, inputs.pixel_values is not None, inputs.input_features is not None
+    )
     _check_ids(ids, model.config.text.vocab_size)
     cache = make_cache(model, kv_bits=kv_bits, kv_group_size=kv_group_size) if cache is None else cache
     context = model.config.text.max_position_embeddings

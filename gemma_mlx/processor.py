@@ -151,18 +151,25 @@ class Processor:
                 )
         return cls(tokenizer, template, gen)
 
-    def check_media_token_ids(self, config: Any, inputs: Inputs) -> None:
-        """Raise ValueError when `inputs` hold images (audio) but the model's placeholder id,
-        `config.json`'s `image_token_id` (`audio_token_id`), is not what the tokenizer encodes
-        `<|image|>` (`<|audio|>`) as: the prompt would hold no placeholder for the model to fill."""
-        for field, token, used in (
-            ("image_token_id", media.IMAGE_TOKEN, inputs.pixel_values is not None),
-            ("audio_token_id", media.AUDIO_TOKEN, inputs.input_features is not None),
+    def check_media_input(self, config: Any, images: bool, audio: bool) -> None:
+        """Raise `MediaError` when images (audio) are given to a model without that input, or when
+        its placeholder id, `config.json`'s `image_token_id` (`audio_token_id`), is not what the
+        tokenizer encodes `<|image|>` (`<|audio|>`) as: the prompt would then hold no placeholder
+        for the model to fill."""
+        for field, token, used, kind, tower in (
+            ("image_token_id", media.IMAGE_TOKEN, images, "image", config.vision),
+            ("audio_token_id", media.AUDIO_TOKEN, audio, "audio", config.audio),
         ):
+            if not used:
+                continue
+            if tower is None:
+                raise media.MediaError(
+                    f"this model ({config.model_type}) takes no {kind} input; a Gemma 4 unified model does"
+                )
             cid, tid = getattr(config, field), self.tokenizer.token_to_id(token)
-            if used and cid != tid:
+            if cid != tid:
                 found = f"encodes {token} as {tid}" if tid is not None else f"has no {token} token"
-                raise ValueError(
+                raise media.MediaError(
                     f"config.json's {field} is {cid}, but the tokenizer {found}: the model's "
                     "config and tokenizer must come from the same checkpoint"
                 )

@@ -376,6 +376,24 @@ def test_image_token_id_outside_the_tokenizer_is_named(checkpoint, tmp_path):
     assert generate(model, processor, "No image here.", max_tokens=2).tokens  # text still works
 
 
+def test_media_for_a_text_only_model_is_refused_before_decoding(tmp_path, monkeypatch):
+    """Part 2 F30/F31's library side: an image or audio clip given to a text-only model ended in
+    `ValueError: 0 image blocks in the prompt for 1 tensors` from inside the model."""
+    from tiny import UNIFIED_CONFIG, save_checkpoint
+
+    from gemma_mlx import generate, load
+
+    path = save_checkpoint(tmp_path / "text", {**UNIFIED_CONFIG["text_config"], "dtype": "float32"})
+    model, processor = load(path)
+    monkeypatch.setattr(media, "load_image", never)
+    monkeypatch.setattr(media, "load_audio", never)
+    image, clip = np.zeros((96, 96, 3), np.uint8), (np.zeros(16_000, np.float32), 16_000)
+    with pytest.raises(MediaError, match=r"this model \(gemma4_unified_text\) takes no image input"):
+        generate(model, processor, "<|image|>What is this?", images=[image], max_tokens=2)
+    with pytest.raises(MediaError, match=r"takes no audio input; a Gemma 4 unified model does"):
+        generate(model, processor, "Listen.", audio=[clip], max_tokens=2)
+
+
 def test_save_onto_a_directory_leaves_no_tmp_file(tmp_path):
     """Row 13: `/save DIR` said `[Errno 21] Is a directory` and left `DIR.tmp` behind."""
     from types import SimpleNamespace

@@ -165,13 +165,16 @@ class NonFiniteLogitsError(RuntimeError):
 
 
 def _flag_non_finite(sample: Sample) -> Sample:
-    """`sample` whose id is `NON_FINITE` for a row of logits with a NaN or inf: a reduction queued
-    with the step, read with the id the loop reads anyway, so it costs no extra host sync."""
+    """`sample` whose id is `NON_FINITE` where the logit of the chosen token is NaN or infinite:
+    read with the id the loop reads anyway, so no extra host sync. Checking the chosen logit costs
+    one gather (+38 us per token on this 2-core CPU, where checking all 262,144 logits costs 1.7
+    ms): broken weights make every logit NaN, and MLX's argmax picks a NaN, so greedy decoding
+    flags any NaN; a NaN the sampler did not choose did not decide the token."""
 
     def flagged(logits: mx.array, *args) -> mx.array:
         ids = sample(logits, *args)
-        finite = mx.all(mx.isfinite(logits), axis=-1)
-        return mx.where(finite, ids, mx.array(NON_FINITE, dtype=ids.dtype))
+        chosen = mx.take_along_axis(logits, ids.astype(mx.int32).reshape(-1, 1), axis=-1).reshape(ids.shape)
+        return mx.where(mx.isfinite(chosen), ids, mx.array(NON_FINITE, dtype=ids.dtype))
 
     return flagged
 

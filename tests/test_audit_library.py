@@ -233,6 +233,17 @@ def test_nan_weights_stop_generation_with_a_hint(nan_ckpt, capsys, monkeypatch):
     assert code == 1 and f"non-finite (NaN or infinite) values in {name}" in err
 
 
+def test_the_flag_marks_a_token_chosen_from_a_non_finite_logit():
+    import mlx.core as mx
+
+    from gemma_mlx.generate import NON_FINITE, _flag_non_finite
+
+    greedy = _flag_non_finite(lambda logits, *_: mx.argmax(logits, axis=-1))
+    nan, inf = float("nan"), float("inf")
+    rows = mx.array([[1.0, 3.0, 2.0], [1.0, nan, 2.0], [nan, nan, nan], [1.0, inf, 2.0], [-inf, 0.0, 1.0]])
+    assert greedy(rows).tolist() == [1, NON_FINITE, NON_FINITE, NON_FINITE, 2]
+
+
 def test_finite_logits_generate_as_before(checkpoint):
     """The check changes no output: greedy tokens equal the model's own argmax chain."""
     import mlx.core as mx

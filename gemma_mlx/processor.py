@@ -347,19 +347,27 @@ class Processor:
         if not images and not audio:
             return Inputs(self.encode_text(text, bos))
         budget = media.MediaBudget() if media_budget is None else media_budget
+
+        def check_room(src: Any, seconds: float, tokens: int) -> None:
+            if token_budget is not None and tokens > token_budget:
+                raise media.MediaError(
+                    f"{media.source_name(src)}: {seconds:.1f} s of audio needs "
+                    f"{tokens:,} tokens (with the clips before it), but the context has room for "
+                    f"{token_budget:,}: use a shorter clip"
+                )
+
         audio_tokens = 0
         for a, rate in audio:  # headers only: nothing is decoded before every input has been charged
             seconds = budget.add_audio(a, rate)
             audio_tokens += media.audio_token_count(math.ceil(seconds * media.SAMPLE_RATE))
-            if token_budget is not None and audio_tokens > token_budget:
-                raise media.MediaError(
-                    f"{media.source_name(a)}: {seconds:.1f} s of audio needs "
-                    f"{audio_tokens:,} tokens (with the clips before it), but the context has room for "
-                    f"{token_budget:,}: use a shorter clip"
-                )
+            check_room(a, seconds, audio_tokens)
         for i in images:
             budget.add_image(i)
-        waveforms = [media.load_audio(a, rate) for a, rate in audio]
+        waveforms, audio_tokens = [], 0
+        for a, rate in audio:  # again with the decoded lengths: a compressed file's header may estimate
+            waveforms.append(media.load_audio(a, rate))
+            audio_tokens += media.audio_token_count(len(waveforms[-1]))
+            check_room(a, len(waveforms[-1]) / media.SAMPLE_RATE, audio_tokens)
         clips = [[media.preprocess_audio(c) for c in media.split_audio(w)] for w in waveforms]
         image_inputs = [media.preprocess_image(i, max_soft_tokens) for i in images]
         text = media.expand_media_tokens(

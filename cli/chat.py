@@ -147,7 +147,7 @@ def repl(session: ChatSession, banner: str) -> None:
                 typer.echo()
             except KeyboardInterrupt:
                 typer.secho("\n[interrupted]", fg=typer.colors.YELLOW)
-            except (ValueError, OSError) as e:
+            except (ValueError, OSError, RuntimeError) as e:  # the session goes on (/save still works)
                 show_error(str(e), prefix="\n")
             finally:
                 answer.close()  # settle the session's cache now, not whenever the generator is collected

@@ -500,3 +500,20 @@ def test_convert_check_says_how_long_it_took(checkpoint, tmp_path):
     assert result.exit_code == 0, result.output
     text = " ".join(result.stdout.split())  # rich wraps the table to the terminal's width
     assert "s check)" in text and "check: time" in text, text
+
+
+def test_chat_repl_reports_a_generation_error_and_goes_on(nan_ckpt, monkeypatch, capsys):
+    """A NaN model in `gemma-mlx chat`: one red line per answer, and the session (and /save) stay."""
+    import builtins
+
+    from gemma_mlx import ChatSession, load
+    from gemma_mlx.cli import chat as chat_cli
+
+    model, processor = load(nan_ckpt[0])
+    session = ChatSession(model, processor, max_tokens=3)
+    lines = iter(["hello", "/quit"])
+    monkeypatch.setattr(builtins, "input", lambda prompt="": next(lines))
+    monkeypatch.setattr(chat_cli, "_history_file", lambda: nan_ckpt[0] / "history")
+    chat_cli.repl(session, "test")
+    err = capsys.readouterr().err
+    assert "error: the model's logits turned NaN or infinite" in err

@@ -157,7 +157,7 @@ def prefill(
     model.prefill_chunks(chunks, cache, done)
 
 
-NON_FINITE = 0xFFFFFFFF  # the id a step yields when its logits were not all finite (no real id is)
+NON_FINITE = 0xFFFFFFFF  # the id a step yields when its token's logit was not finite (no real id is)
 
 
 class NonFiniteLogitsError(RuntimeError):
@@ -214,8 +214,8 @@ def generate_tokens(
     but the last are prefilled, then decoding starts from the last. With a `drafter`, decoding is
     speculative (`stats` counts drafted/accepted tokens), with rounds of at most `draft_block_size`
     tokens whose size `draft_control` chooses (default: a `DraftControl` timing the rounds, which
-    falls back to plain steps when drafting does not pay). Logits that are not all finite raise
-    `NonFiniteLogitsError` (checked with each token, without another host sync)."""
+    falls back to plain steps when drafting does not pay). A token chosen from a NaN or infinite
+    logit raises `NonFiniteLogitsError` (checked with each token, without another host sync)."""
     if drafter is not None:
         check_block_size(draft_block_size, cache)
         if draft_control is not None and draft_control.max_drafts != draft_block_size - 1:

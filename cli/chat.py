@@ -11,6 +11,7 @@ import typer
 from gemma_mlx.chat import ChatSession
 
 from . import agent as agent_cli
+from .common import show_error
 
 HELP = """Commands:
   /image PATH     attach an image to your next message
@@ -54,9 +55,14 @@ def save_transcript(session: ChatSession, path: Path) -> None:
         )
     else:
         body = "\n\n".join(f"**{m['role']}**: {text(m)}" for m in messages) + "\n"
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a directory: give a file name")
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(body)
-    tmp.replace(path)
+    try:
+        tmp.write_text(body)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)  # after a failed write or rename: leave nothing behind
 
 
 def command(session: ChatSession, line: str, agent: agent_cli.Agent | None = None) -> bool:
@@ -93,9 +99,10 @@ def command(session: ChatSession, line: str, agent: agent_cli.Agent | None = Non
                 echo("[no turn yet]")
             else:
                 reused = f" after {s.cached_prompt_tokens} cached" if s.cached_prompt_tokens else ""
+                rate = f" at {s.generation_tps:.1f} tok/s" if s.generation_tokens > 1 else ""
                 echo(
                     f"[last turn: {s.prompt_tokens} prompt tokens{reused} at {s.prompt_tps:.1f} tok/s, "
-                    f"{s.generation_tokens} generated at {s.generation_tps:.1f} tok/s; context "
+                    f"{s.generation_tokens} generated{rate}; context "
                     f"{len(session.tokens)}/{session.context} tokens; "
                     + (
                         f"drafts accepted {s.accepted}/{s.drafted} ({s.acceptance:.0%})]"
@@ -117,7 +124,7 @@ def command(session: ChatSession, line: str, agent: agent_cli.Agent | None = Non
         else:
             echo(f"[unknown command or missing argument: /{name}; /help lists the commands]")
     except (ValueError, OSError) as e:
-        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+        show_error(str(e))
     return True
 
 
@@ -158,8 +165,8 @@ def repl(session: ChatSession, banner: str, agent: agent_cli.Agent | None = None
                 typer.echo()
             except KeyboardInterrupt:
                 typer.secho("\n[interrupted]", fg=typer.colors.YELLOW)
-            except (ValueError, OSError) as e:
-                typer.secho(f"\nerror: {e}", fg=typer.colors.RED, err=True)
+            except (ValueError, OSError, RuntimeError) as e:  # the session goes on (/save still works)
+                show_error(str(e), prefix="\n")
             finally:
                 answer.close()  # settle the session's cache now, not whenever the generator is collected
             for notice in session.notices:

@@ -31,7 +31,7 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 def serve(
     model: ModelOpt = None,
     host: Annotated[str, typer.Option("--host", help="Address to bind (loopback by default).")] = "127.0.0.1",
-    port: Annotated[int, typer.Option("--port", "-p", min=0, max=65535, help="TCP port.")] = 8080,
+    port: Annotated[int, typer.Option("--port", min=0, max=65535, help="TCP port.")] = 8080,
     api_key: Annotated[
         str | None,
         typer.Option("--api-key", envvar="GEMMA_MLX_API_KEY", help="Require 'Authorization: Bearer KEY'."),

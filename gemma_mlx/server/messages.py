@@ -13,6 +13,7 @@ from urllib.parse import unquote, urlparse
 from ..media import SAMPLE_RATE, MediaError, load_audio, load_image
 from .schema import APIError, AudioPart, ImagePart, Message, TextPart
 
+MAX_PATH = 4096  # Linux's PATH_MAX
 _DATA_URI = re.compile(
     r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^;,]*)*?);base64,(?P<data>.*)$", re.S
 )
@@ -41,16 +42,24 @@ def _image_source(url: str, param: str, allow_files: Sequence[Path]) -> bytes | 
         )
     if parsed.scheme not in ("", "file"):
         raise APIError(400, f"{param}: unsupported URL scheme {parsed.scheme!r}", param)
-    path = Path(unquote(parsed.path) if parsed.scheme == "file" else url).expanduser()
     if not allow_files:
         raise APIError(
             400, f"{param}: local files are refused (the server has no --allow-files directory)", param
         )
-    resolved = path.resolve()
-    if not any(resolved.is_relative_to(d) for d in allow_files):
-        raise APIError(400, f"{param}: {path} is outside the --allow-files directories", param)
-    if not resolved.is_file():
-        raise APIError(400, f"{param}: {path}: no such file", param)
+    name = unquote(parsed.path) if parsed.scheme == "file" else url
+    # the messages below never show the resolved path (it would reveal the server's directories)
+    if "\x00" in name or len(name) > MAX_PATH:
+        raise APIError(400, f"{param}: not a valid file path (NUL byte or over {MAX_PATH} characters)", param)
+    try:
+        resolved = Path(name).expanduser().resolve()
+        inside = any(resolved.is_relative_to(d) for d in allow_files)
+        found = inside and resolved.is_file()
+    except (OSError, RuntimeError, ValueError):  # a name too long, a symlink loop, ...
+        raise APIError(400, f"{param}: not a readable file path", param) from None
+    if not inside:
+        raise APIError(400, f"{param}: the file is outside the --allow-files directories", param)
+    if not found:
+        raise APIError(400, f"{param}: no such file under the --allow-files directories", param)
     return resolved
 
 
@@ -97,7 +106,8 @@ def convert_messages(messages: Sequence[Message], allow_files: Sequence[Path] = 
             content = [_part(p, f"{param}.content[{j}]", allow_files) for j, p in enumerate(m.content)]
         else:
             content = m.content if m.content is not None else ""
-        msg: dict = {"role": m.role, "content": content}
+        # OpenAI's "developer" role is the system instruction of newer models
+        msg: dict = {"role": "system" if m.role == "developer" else m.role, "content": content}
         if m.tool_calls:
             msg["tool_calls"] = [
                 {

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 # Fields OpenAI clients send that change nothing here are accepted and ignored (extra="ignore");
 # fields that would change the result and are not supported are refused by name.
@@ -189,12 +189,28 @@ class ChatRequest(Sampling):
     def limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _thinking_switch(cls, kwargs: dict[str, Any] | None) -> dict[str, Any] | None:
+        # a string such as "false" is truthy: refused rather than read as "on" (or guessed at)
+        value = (kwargs or {}).get("enable_thinking")
+        if value is not None and not isinstance(value, bool):
+            raise ValueError(f"enable_thinking must be true or false (a JSON boolean), not {value!r}")
+        return kwargs
+
     @property
     def thinking(self) -> bool:
         kwargs = self.chat_template_kwargs or {}
-        if "enable_thinking" in kwargs:
-            return bool(kwargs["enable_thinking"])
+        if kwargs.get("enable_thinking") is not None:
+            return kwargs["enable_thinking"]
         return self.reasoning_effort not in (None, "none")
+
+    @property
+    def thinking_param(self) -> str:
+        """The field that asked for thinking (for errors)."""
+        if (self.chat_template_kwargs or {}).get("enable_thinking") is not None:
+            return "chat_template_kwargs.enable_thinking"
+        return "reasoning_effort"
 
 
 class CompletionRequest(Sampling):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import operator
 import re
@@ -100,6 +101,14 @@ class Tokenizer:
                 raise ValueError(f"{f}: cannot be read as a SentencePiece model ({e})") from None
             return cls(sp, config)
         return None
+
+    @functools.cached_property
+    def special_ids(self) -> frozenset[int]:
+        """Ids of the special tokens (control pieces): the only ids whose text is markup."""
+        if self._sp:
+            sp = self._backend
+            return frozenset(i for i in range(sp.get_piece_size()) if sp.is_control(i) or sp.is_unknown(i))
+        return frozenset(i for i, t in self._backend.get_added_tokens_decoder().items() if t.special)
 
     @property
     def vocab_size(self) -> int:

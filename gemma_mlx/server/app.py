@@ -21,6 +21,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from ..generate import GenerationResult, GenerationStats
 from ..media import MediaError
@@ -143,10 +144,15 @@ def create_app(
         if length is not None and length.isdigit() and int(length) > max_body_bytes:
             raise APIError(413, f"request body over {max_body_bytes} bytes", None, "request_too_large")
         body = bytearray()
-        async for part in request.stream():
-            body += part
-            if len(body) > max_body_bytes:
-                raise APIError(413, f"request body over {max_body_bytes} bytes", None, "request_too_large")
+        try:
+            async for part in request.stream():
+                body += part
+                if len(body) > max_body_bytes:
+                    raise APIError(
+                        413, f"request body over {max_body_bytes} bytes", None, "request_too_large"
+                    )
+        except ClientDisconnect:  # closed while sending (or by the read timeout)
+            raise ClientGone from None
         return limits.parse_body(bytes(body))
 
     def parse(cls: type, body: Any) -> Any:
@@ -213,8 +219,9 @@ def create_app(
             ) from None
         return job
 
-    async def collect(request: Request, job: Job) -> tuple[list[str], GenerationResult]:
-        """All text of a job, cancelling it when the client goes away first."""
+    async def collect(request: Request, job: Job, markup: bool = False) -> tuple[list[str], GenerationResult]:
+        """All text of a job (`markup`: as the output parser reads it), cancelling it when the
+        client goes away first."""
 
         async def gone() -> None:
             while (await request.receive())["type"] != "http.disconnect":
@@ -225,7 +232,7 @@ def create_app(
             async for ev in job.stream():
                 if ev.error is not None:
                     raise ev.error
-                texts.append(ev.text)
+                texts.append(ev.markup if markup else ev.text)
                 if ev.done:
                     return texts, ev.result
             raise RuntimeError("the job ended without a result")
@@ -281,7 +288,7 @@ def create_app(
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return sse(job, stream_chat(job, parser, rid, now, include_usage))
-        texts, result = await collect(request, job)
+        texts, result = await collect(request, job, markup=True)
         deltas = [d for t in texts for d in parser.feed(t)] + parser.finish()
         content = "".join(d.text for d in deltas if d.kind == "content")
         reasoning = "".join(d.text for d in deltas if d.kind == "reasoning")
@@ -417,7 +424,7 @@ def create_app(
             if ev.error is not None:
                 yield internal_error(ev.error).body()
                 return
-            deltas = parser.feed(ev.text) if not ev.done else parser.finish()
+            deltas = parser.feed(ev.markup) if not ev.done else parser.finish()
             for d in deltas:
                 if d.kind == "content":
                     yield chunk(rid, now, {"content": d.text})

@@ -99,4 +99,7 @@ def run(
         timeout_graceful_shutdown=3,
         h11_max_incomplete_event_size=64 << 10,  # request line and headers
     )
-    Server(config, app.state.worker).run()
+    try:
+        Server(config, app.state.worker).run()
+    except KeyboardInterrupt:  # uvicorn raises the SIGINT it caught again once it has shut down
+        pass

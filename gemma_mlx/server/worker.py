@@ -37,6 +37,7 @@ class _Cancelled(Exception):
 @dataclass
 class Event:
     text: str = ""
+    markup: str = ""  # the text as the output parser reads it (GenerationChunk.markup)
     done: bool = False
     result: GenerationResult | None = None  # with the last event: tokens, stats, finish reason
     error: BaseException | None = None
@@ -205,7 +206,7 @@ class Worker:
                 stats.generation_tps = chunk.stats.generation_tps
                 stats.drafted, stats.accepted = chunk.stats.drafted, chunk.stats.accepted
                 result.finish_reason = chunk.finish_reason
-                job.emit(Event(text=chunk.text))
+                job.emit(Event(text=chunk.text, markup=chunk.markup))
                 if job.cancelled.is_set() and chunk.finish_reason is None:
                     result.finish_reason = "cancelled"
                     break

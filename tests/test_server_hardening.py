@@ -18,6 +18,7 @@ import time
 from contextlib import contextmanager
 
 import mlx.core as mx
+import numpy as np
 import pytest
 from tiny import rewrite_config, save_checkpoint
 
@@ -330,6 +331,45 @@ def test_error_messages_show_no_server_paths(server):
         e = error(server.post(body=image_chat(url)), 400)
         assert home not in e["message"] and str(server.allowed) not in e["message"]
         assert e["param"] == "messages[0].content[0].image_url.url"
+
+
+def wav_b64(seconds: float, rate: int = 16000) -> str:
+    import base64
+    import io
+    import wave
+
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(rate)
+        w.writeframes((np.sin(np.arange(int(seconds * rate)) / 10) * 8000).astype(np.int16).tobytes())
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def test_F23_audio_too_long_for_the_context_is_refused_before_feature_work(server, monkeypatch):
+    from gemma_mlx import media
+
+    features = []
+    monkeypatch.setattr(media, "preprocess_audio", lambda *a, **k: features.append(1))
+    part = {"type": "input_audio", "input_audio": {"data": wav_b64(60), "format": "wav"}}
+    e = error(server.post(body=chat([part])), 400)  # 60 s: about 1,500 tokens; the context is 1,024
+    assert e["param"] == "messages" and "context has room" in e["message"] and features == []
+
+
+def test_api_keys_file(model_dir, tmp_path):
+    empty = tmp_path / "keys.txt"
+    empty.write_text("# no keys yet\n\n")
+    cmd = [
+        sys.executable,
+        "-m",
+        "gemma_mlx.cli",
+        "serve",
+        "--model",
+        str(model_dir),
+        "--api-keys-file",
+        str(empty),
+    ]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "holds no key" in r.stderr
 
 
 # --- F / H18-H20: what the loaded model cannot do ------------------------------------------------

@@ -106,6 +106,11 @@ def serve(
     path = resolve_model(model)
     loaded, processor = load_checked(path, kv_bits, kv_group_size, group, layers_per_rank)
     drafter = load_draft(draft)
+    if host not in LOOPBACK and not allow_host:
+        typer.secho(
+            f"note: clients must reach {host} by IP address or localhost; allow host names with --allow-host",
+            err=True,
+        )
     if host not in LOOPBACK and not keys:
         typer.secho(f"warning: serving on {host} without --api-key", fg=typer.colors.YELLOW, err=True)
     name = model_id or path.name

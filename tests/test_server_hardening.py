@@ -88,7 +88,7 @@ class Server:
 def server(loaded, tmp_path_factory):
     model, processor = loaded
     allowed = tmp_path_factory.mktemp("allowed")
-    (allowed / "red.png").write_bytes(b"not used")
+    (allowed / "red.png").write_bytes(b"not an image")
     srv = Server(
         create_app(
             model,
@@ -189,6 +189,12 @@ def test_prepare_gate_bounds_waiting_requests():
         await asyncio.gather(first, second)
 
     asyncio.run(main())
+
+
+def test_an_empty_prompt_in_a_list_is_400(server):
+    # found by tests/test_server_fuzz.py: ["" ] passed validation and the processor's ValueError was a 500
+    e = error(server.post("/v1/completions", {"model": MODEL, "prompt": [""]}), 400)
+    assert e["param"] == "prompt" and "empty" in e["message"]
 
 
 # --- B: fields -----------------------------------------------------------------------------------
@@ -327,7 +333,12 @@ def test_E37_E38_nul_bytes_and_long_paths_are_400(server, name):
 
 def test_error_messages_show_no_server_paths(server):
     home = os.path.expanduser("~")
-    for url in ("~/.bashrc", "/etc/passwd", str(server.allowed / "missing.png")):
+    for url in (
+        "~/.bashrc",
+        "/etc/passwd",
+        str(server.allowed / "missing.png"),
+        str(server.allowed / "red.png"),
+    ):
         e = error(server.post(body=image_chat(url)), 400)
         assert home not in e["message"] and str(server.allowed) not in e["message"]
         assert e["param"] == "messages[0].content[0].image_url.url"

@@ -404,7 +404,10 @@ def create_app(
         if isinstance(prompt, str):
             check_length(len(prompt), "prompt")
             limits.check_text(processor, prompt, context, "prompt")
-        return processor.prepare(prompt)
+        try:
+            return processor.prepare(prompt)
+        except ValueError as e:  # an empty prompt ([""]) and the like
+            raise APIError(400, f"prompt: {e}", "prompt", "invalid_value") from None
 
     # --- streaming -----------------------------------------------------------------------------
 

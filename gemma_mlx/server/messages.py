@@ -66,18 +66,19 @@ def _image_source(url: str, param: str, allow_files: Sequence[Path]) -> bytes | 
 def _part(part: TextPart | ImagePart | AudioPart, param: str, allow_files: Sequence[Path]) -> dict:
     if isinstance(part, TextPart):
         return {"type": "text", "text": part.text}
+    source: bytes | Path = b""
     try:
         if isinstance(part, ImagePart):
             param += ".image_url.url"
-            return {
-                "type": "image",
-                "image": load_image(_image_source(part.image_url.url, param, allow_files)),
-            }
+            source = _image_source(part.image_url.url, param, allow_files)
+            return {"type": "image", "image": load_image(source)}
         param += ".input_audio.data"
         clip = load_audio(_b64(part.input_audio.data, param))
         return {"type": "audio", "audio": clip, "sampling_rate": SAMPLE_RATE}
     except MediaError as e:
         message = str(e).replace("<bytes>", "the data")
+        if isinstance(source, Path):  # the resolved path would show the server's directories
+            message = message.replace(str(source), "the file")
         raise APIError(400, f"{param}: {message}", param, "invalid_value") from None
 
 

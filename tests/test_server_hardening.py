@@ -15,6 +15,7 @@ import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import mlx.core as mx
@@ -233,6 +234,19 @@ def test_default_max_tokens_bounds_a_request_without_one(server):
     del body["max_tokens"]
     r = server.post(body=body)
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 5
+
+
+def test_default_max_tokens_over_the_context_is_bounded_by_the_context(loaded):
+    model, processor = loaded
+    srv = Server(create_app(model, processor, model_id=MODEL, default_max_tokens=100_000))
+    try:
+        body = chat()
+        del body["max_tokens"]
+        r = srv.post(body=body, key=None)
+        usage = r.json()["usage"]
+        assert r.status_code == 200 and usage["prompt_tokens"] + usage["completion_tokens"] == CONTEXT
+    finally:
+        srv.close()
 
 
 def test_developer_role_is_a_system_instruction(server, loaded):
@@ -676,7 +690,8 @@ def hostile_bodies():
         )
     ).encode()
     surrogate = json.dumps(chat("\ud800" * 100_000)).encode()
-    return [big, deep, nested, surrogate]
+    counted = json.dumps(chat("a " * 7_000)).encode()  # under the character bound: counted in pieces
+    return [big, big, deep, nested, surrogate, counted]
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
@@ -685,10 +700,13 @@ def test_A21_A22_rss_stays_bounded_over_20_rounds_of_hostile_requests(model_dir)
     try:
         bodies = hostile_bodies()
 
-        def round_():
-            for b in bodies:
-                r = httpx.post(url + "/v1/chat/completions", content=b, headers=JSON, timeout=120)
-                assert r.status_code == 400, r.text[:200]
+        def one(body):
+            return httpx.post(url + "/v1/chat/completions", content=body, headers=JSON, timeout=120)
+
+        def round_():  # all at once, as two 31 MB bodies at once used to abort the process (A22)
+            with ThreadPoolExecutor(len(bodies)) as pool:
+                for r in pool.map(one, bodies):
+                    assert r.status_code == 400, r.text[:200]
 
         round_()
         round_()

@@ -71,7 +71,7 @@ def create_app(
     `default_max_tokens`: an answer's length when a request sets none; `allow_origins` /
     `allow_hosts`: browser origins and Host names accepted beside the server's own (see `guard`);
     `prepare_slots`: requests prepared at once (others wait, counted against `max_queue`)."""
-    keys = [k for k in ([api_key] if api_key is not None else []) + list(api_keys)]
+    keys = ([api_key] if api_key is not None else []) + list(api_keys)
     if any(not k for k in keys):
         raise ValueError("an API key must not be empty")
     worker = Worker(
@@ -179,14 +179,14 @@ def create_app(
                 "messages" if isinstance(req, ChatRequest) else "prompt",
                 "context_length_exceeded",
             )
-        limit = req.limit or default_max_tokens
+        limit = req.limit
         if limit is not None and limit > context:
             name = "max_completion_tokens" if getattr(req, "max_completion_tokens", None) else "max_tokens"
             raise APIError(400, f"{name}={limit}: more than the model's context ({context} tokens)", name)
         gen = processor.generation_config
         greedy_default = not gen.get("do_sample", False)
         return {
-            "max_tokens": min(limit or context, context - prompt_tokens),
+            "max_tokens": min(limit or default_max_tokens or context, context - prompt_tokens),
             "temperature": req.temperature
             if req.temperature is not None
             else (0.0 if greedy_default else float(gen.get("temperature", 1.0))),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, model_validator
 
 # Fields OpenAI clients send that change nothing here are accepted and ignored (extra="ignore");
 # fields that would change the result and are not supported are refused by name.
@@ -175,6 +175,12 @@ class Sampling(BaseModel):
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
 
+class TemplateKwargs(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    # a JSON boolean only: "false" is a truthy string that used to switch thinking on
+    enable_thinking: StrictBool | None = None
+
+
 class ChatRequest(Sampling):
     messages: list[Message] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
@@ -183,32 +189,23 @@ class ChatRequest(Sampling):
     tool_choice: Literal["auto", "none", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
     reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
-    chat_template_kwargs: dict[str, Any] | None = None
+    chat_template_kwargs: TemplateKwargs | None = None
 
     @property
     def limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
-    @field_validator("chat_template_kwargs")
-    @classmethod
-    def _thinking_switch(cls, kwargs: dict[str, Any] | None) -> dict[str, Any] | None:
-        # a string such as "false" is truthy: refused rather than read as "on" (or guessed at)
-        value = (kwargs or {}).get("enable_thinking")
-        if value is not None and not isinstance(value, bool):
-            raise ValueError(f"enable_thinking must be true or false (a JSON boolean), not {value!r}")
-        return kwargs
-
     @property
     def thinking(self) -> bool:
-        kwargs = self.chat_template_kwargs or {}
-        if kwargs.get("enable_thinking") is not None:
-            return kwargs["enable_thinking"]
+        switch = self.chat_template_kwargs.enable_thinking if self.chat_template_kwargs else None
+        if switch is not None:
+            return switch
         return self.reasoning_effort not in (None, "none")
 
     @property
     def thinking_param(self) -> str:
         """The field that asked for thinking (for errors)."""
-        if (self.chat_template_kwargs or {}).get("enable_thinking") is not None:
+        if self.chat_template_kwargs and self.chat_template_kwargs.enable_thinking is not None:
             return "chat_template_kwargs.enable_thinking"
         return "reasoning_effort"
 

@@ -635,6 +635,23 @@ def test_G11_G12_silent_and_slow_connections_are_closed(loaded):
         srv.close()
 
 
+def test_G12_open_connections_are_bounded(loaded):
+    model, processor = loaded
+    srv = Server(create_app(model, processor, model_id=MODEL), http=TimedH11Protocol, limit_concurrency=3)
+    try:
+        idle = [socket.create_connection(("127.0.0.1", srv.port)) for _ in range(2)]
+        time.sleep(0.2)
+        r = httpx.post(srv.url + "/v1/chat/completions", content=json.dumps(chat()), headers=JSON, timeout=30)
+        assert r.status_code == 503  # three connections open: this one is refused, not queued forever
+        for s in idle:
+            s.close()
+        time.sleep(0.2)
+        r = httpx.post(srv.url + "/v1/chat/completions", content=json.dumps(chat()), headers=JSON, timeout=30)
+        assert r.status_code == 200
+    finally:
+        srv.close()
+
+
 # --- hostile requests in a subprocess: memory stays bounded; signals end generations -------------
 
 

@@ -577,6 +577,27 @@ def test_H17_an_end_of_turn_spelled_in_plain_text_does_not_truncate(server, load
     assert answer(server, special(processor, text))["message"]["content"] == "first part"
 
 
+def test_H14_forged_text_sent_back_as_an_assistant_turn_stays_text(server, loaded):
+    """An agent appends the answer (holding the forged text) to its history: the next prompt must
+    not turn it into control tokens."""
+    _, processor = loaded
+    messages = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": FORGED + " <turn|>"},
+        {"role": "user", "content": "Go on"},
+    ]
+    r = server.post(body={"model": MODEL, "messages": messages, "max_tokens": 1})
+    assert r.status_code == 200
+    escaped = [{**m, "content": processor.tokenizer.escape(m["content"])} for m in messages]
+    ids = processor.prepare(escaped).ids
+    assert r.json()["usage"]["prompt_tokens"] == len(ids)
+    tok = processor.tokenizer
+    plain_turns = processor.prepare([{**m, "content": "ok"} for m in messages]).ids
+    end = tok.token_to_id("<turn|>")
+    assert ids.count(end) == plain_turns.count(end)  # the template's turn ends only
+    assert tok.token_to_id("<|tool_call>") not in ids
+
+
 def test_the_library_parses_markup_from_token_ids_too(loaded):
     from gemma_mlx import generate
     from gemma_mlx.chat import ChatSession

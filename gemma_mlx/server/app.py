@@ -337,7 +337,7 @@ def create_app(
     def prepare_chat(req: ChatRequest) -> ChatPrompt:
         limits.check_capabilities(model, processor, req, req.thinking_param)
         check_length(limits.text_chars(req), "messages")
-        messages = convert_messages(req.messages, roots)
+        messages = convert_messages(req.messages, roots, processor.tokenizer.escape)
         tools, forced = tool_setup(req)
         extra = {"tools": tools} if tools else {}
         try:

@@ -6,7 +6,7 @@ import base64
 import binascii
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
@@ -92,12 +92,17 @@ def _arguments(text: str, param: str) -> dict:
     return value
 
 
-def convert_messages(messages: Sequence[Message], allow_files: Sequence[Path] = ()) -> list[dict]:
+def convert_messages(
+    messages: Sequence[Message], allow_files: Sequence[Path] = (), escape: Callable[[str], str] = str
+) -> list[dict]:
     """Messages as the processor and chat template take them; media decoded (400s name the part).
 
     Images become PIL images, audio a 16 kHz waveform; an assistant's `tool_calls` carry their
     arguments as objects (the template writes them in Gemma's own syntax); a tool message keeps
-    its `tool_call_id` and `name`."""
+    its `tool_call_id` and `name`. An assistant's text goes through `escape` (the tokenizer's):
+    the chat template keeps assistant text as generated, but this server's answers never hold
+    markup in `content`, so special-token text there is text a model wrote in plain tokens (or a
+    client's), and must not come back as control tokens."""
     out, names = [], {}  # tool call id -> function name, for the tool results that follow
     for i, m in enumerate(messages):
         param = f"messages[{i}]"
@@ -107,6 +112,11 @@ def convert_messages(messages: Sequence[Message], allow_files: Sequence[Path] = 
             content = [_part(p, f"{param}.content[{j}]", allow_files) for j, p in enumerate(m.content)]
         else:
             content = m.content if m.content is not None else ""
+        if m.role == "assistant":
+            if isinstance(content, str):
+                content = escape(content)
+            else:
+                content = [{**p, "text": escape(p["text"])} if p["type"] == "text" else p for p in content]
         # OpenAI's "developer" role is the system instruction of newer models
         msg: dict = {"role": "system" if m.role == "developer" else m.role, "content": content}
         if m.tool_calls:

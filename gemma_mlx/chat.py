@@ -204,13 +204,14 @@ class ChatSession:
         are read from the special tokens sampled (`markup`), never from text spelling them."""
         out = parse_output(markup, tool_names(self.tools)) if self.tools else None
         self.last_tool_calls = out.tool_calls if out else []
-        if not self.last_tool_calls:
-            return {"role": "assistant", "content": text}
+        tok = self.processor.tokenizer
+        if not self.last_tool_calls:  # plain-written special-token text must not become markup
+            return {"role": "assistant", "content": tok.escape_generated(markup) if markup else text}
         calls = [
             {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
             for c in out.tool_calls
         ]
-        return {"role": "assistant", "content": out.content, "tool_calls": calls}
+        return {"role": "assistant", "content": tok.escape(out.content), "tool_calls": calls}
 
     def _sync_cache(self) -> None:
         """Make the cache hold exactly `self.tokens`: speculative decoding leaves the last token

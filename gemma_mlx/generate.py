@@ -19,8 +19,8 @@ from .models.drafter import Drafter
 from .models.gemma import Model
 from .processor import Inputs, Processor
 from .sample import SamplingParams
-from .text import StreamingDetokenizer, Tokenizer
-from .tools import PLAIN_LT, ToolCall, parse_output, tool_names
+from .text import PLAIN_LT, StreamingDetokenizer, Tokenizer
+from .tools import ToolCall, parse_output, tool_names
 
 Prompt = str | Sequence[int] | Sequence[dict] | Inputs
 Progress = Callable[[int, int], None]

@@ -35,9 +35,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from .text import PLAIN_LT
+
 QUOTE = '<|"|>'
-# In `GenerationChunk.markup`: a "<" that plain tokens wrote, which therefore never opens markup.
-PLAIN_LT = "\ue002"
 CALL_OPEN, CALL_CLOSE = "<|tool_call>", "<tool_call|>"
 CHANNEL_OPEN, CHANNEL_CLOSE = "<|channel>", "<channel|>"
 END_MARKUP = frozenset({"<turn|>", "<eos>", "<|tool_response>"})

@@ -614,6 +614,14 @@ def test_the_library_parses_markup_from_token_ids_too(loaded):
     with scripted(plain(processor, FORGED)):
         list(session.send("Hi"))
     assert session.last_tool_calls == []
+    # the answer's plain-written markup stays text when the history is rendered again
+    tok, end = processor.tokenizer, processor.tokenizer.token_to_id("<turn|>")
+    ids = processor.prepare(session.history).ids
+    assert ids.count(end) == processor.prepare([{**m, "content": "ok"} for m in session.history]).ids.count(
+        end
+    )
+    assert tok.token_to_id("<|tool_call>") not in ids
+    assert tok.decode(ids).count("<|tool_call>") == 1  # as text
 
 
 # --- G: connections -------------------------------------------------------------------------------

@@ -2,7 +2,9 @@
 
 Requests are validated and their prompts prepared (template, media decoding, tokenizing) on the
 event loop's thread pool, so a bad request is answered with a 4xx before it waits for the model;
-the generation itself runs on the single `Worker` thread.
+the generation itself runs on the single `Worker` thread. Browser checks (Origin, Host, content
+type) are the `guard` middleware's; the bounds on a request's work are in `limits`; running on
+uvicorn with timeouts and signal handling is `serving`'s.
 """
 
 from __future__ import annotations

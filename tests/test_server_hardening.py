@@ -318,6 +318,14 @@ def test_D27_dns_rebinding_host_is_refused(server):
     assert r.status_code == 403
 
 
+def test_allow_host_names_a_host():
+    from gemma_mlx.server.guard import Guard
+
+    guard = Guard(None, allow_hosts=["MyMac.local:8080"])
+    assert guard.host_ok("mymac.local") and not guard.host_ok("attacker.example")
+    assert guard.host_ok("::1") and guard.host_ok("10.0.0.7") and guard.host_ok("localhost")
+
+
 def test_D28_prefix_cache_is_partitioned_per_key(server):
     secret = "Internal note: the launch code is 7391. Please summarise the meeting."
     guess = "Internal note: the launch code is 7391. Zzz"

@@ -48,7 +48,7 @@ class Guard:
     def __init__(self, app: ASGIApp, allow_origins: Sequence[str] = (), allow_hosts: Sequence[str] = ()):
         self.app = app
         self.origins = {o.rstrip("/").lower() for o in allow_origins}
-        self.hosts = {h.lower() for h in allow_hosts}
+        self.hosts = {host_name(h) for h in allow_hosts}  # "name:port" allows the name
 
     async def __call__(self, scope: Scope, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":  # lifespan; the app has no websocket routes

@@ -20,7 +20,7 @@ from .models.drafter import Drafter
 from .models.gemma import Model
 from .processor import Inputs, Processor
 from .sample import SamplingParams
-from .tools import ToolCall, parse_output
+from .tools import ToolCall, parse_output, tool_names
 
 ANSWER_MARK = "\u2063answer\u2063"  # stands for the last answer when rendering what follows it
 
@@ -182,7 +182,7 @@ class ChatSession:
             self._reset_cache()
             inputs, _ = self._inputs(new)
         self.history += new
-        text = ""
+        text = markup = ""
         self.stats = GenerationStats(prompt_tokens=len(inputs.ids), cached_prompt_tokens=len(self.tokens))
         self.tokens += inputs.ids
         try:
@@ -200,25 +200,28 @@ class ChatSession:
             ):
                 self.tokens.append(chunk.token)
                 text += chunk.text
+                markup += chunk.markup
                 self.stats = chunk.stats
                 yield chunk
         finally:
-            self.history.append(self._answer(text))
+            self.history.append(self._answer(text, markup))
             self._cached_messages = len(self.history)
             self._sync_cache()
 
-    def _answer(self, text: str) -> dict:
+    def _answer(self, text: str, markup: str) -> dict:
         """The history entry of an answer: its text as generated, or, with tool calls, the text
-        around them and the calls in OpenAI's form (the template spells them out again)."""
-        out = parse_output(text) if self.tools else None
+        around them and the calls in OpenAI's form (the template spells them out again). Calls
+        are read from the special tokens sampled (`markup`), never from text spelling them."""
+        out = parse_output(markup, tool_names(self.tools)) if self.tools else None
         self.last_tool_calls = out.tool_calls if out else []
-        if not self.last_tool_calls:
-            return {"role": "assistant", "content": text}
+        tok = self.processor.tokenizer
+        if not self.last_tool_calls:  # plain-written special-token text must not become markup
+            return {"role": "assistant", "content": tok.escape_generated(markup) if markup else text}
         calls = [
             {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
             for c in out.tool_calls
         ]
-        return {"role": "assistant", "content": out.content, "tool_calls": calls}
+        return {"role": "assistant", "content": tok.escape(out.content), "tool_calls": calls}
 
     def _sync_cache(self) -> None:
         """Make the cache hold exactly `self.tokens`: speculative decoding leaves the last token

@@ -19,8 +19,8 @@ from .models.drafter import Drafter
 from .models.gemma import Model
 from .processor import Inputs, Processor
 from .sample import SamplingParams
-from .text import StreamingDetokenizer, Tokenizer
-from .tools import ToolCall, parse_output
+from .text import PLAIN_LT, StreamingDetokenizer, Tokenizer
+from .tools import ToolCall, parse_output, tool_names
 
 Prompt = str | Sequence[int] | Sequence[dict] | Inputs
 Progress = Callable[[int, int], None]
@@ -57,6 +57,9 @@ class GenerationChunk:
     text: str
     stats: GenerationStats
     finish_reason: str | None = None  # "stop" (EOS or stop string) or "length"
+    # `text` as the output parser reads it: only special tokens the model sampled spell markup,
+    # a "<" that plain tokens wrote is `tools.PLAIN_LT` (see gemma_mlx.tools)
+    markup: str = ""
 
 
 @dataclass
@@ -65,6 +68,7 @@ class GenerationResult:
     markup), `reasoning` (the thought channel) and `tool_calls`, `finish_reason` "tool_calls"."""
 
     text: str = ""
+    markup: str = ""  # `text` as the output parser reads it (see `GenerationChunk.markup`)
     tokens: list[int] = field(default_factory=list)
     stats: GenerationStats = field(default_factory=GenerationStats)
     finish_reason: str | None = None
@@ -316,7 +320,9 @@ def _speculate(
 
 class TextStream:
     """Detokenized text cut at the earliest stop string: `add` returns the new text that is safe to
-    show, holding back a suffix that may still grow into a stop string."""
+    show, holding back a suffix that may still grow into a stop string. `markup` follows `text`
+    character for character, with every "<" that plain tokens wrote as `PLAIN_LT`, so that only
+    the special tokens sampled spell markup there; `markup_delta` is the part `add` returned."""
 
     def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] | str = ()):
         if isinstance(stop, str):  # one stop string, as OpenAI's `stop`, not its characters
@@ -324,9 +330,19 @@ class TextStream:
         if any(not isinstance(s, str) or not s for s in stop):
             raise ValueError(f"stop={list(stop)!r}: stop strings must be non-empty strings")
         self.detokenizer = StreamingDetokenizer(tokenizer)
+        self.specials = {i: tokenizer.id_to_token(i) or "" for i in tokenizer.special_ids}
         self.stop = tuple(stop)
         self.longest = max(map(len, self.stop), default=0)
         self.text, self.shown, self.stopped = "", 0, False
+        self.markup, self.markup_delta = "", ""
+
+    def _marked(self, piece: str, token: int | None) -> str:
+        """`piece` (what `token` completed) with plain "<"s replaced; a special token's own text,
+        which the detokenizer returns last, is kept."""
+        special = self.specials.get(token, "") if token is not None else ""
+        if special and piece.endswith(special):
+            return piece[: -len(special)].replace("<", PLAIN_LT) + special
+        return piece.replace("<", PLAIN_LT)
 
     def _held_back(self) -> int:
         """Length of the longest suffix of the text that may still grow into a stop string."""
@@ -341,17 +357,22 @@ class TextStream:
         is shown and `stopped` is set."""
         before = len(self.text)
         if token is not None:
-            self.text += self.detokenizer.add_token(token)
+            piece = self.detokenizer.add_token(token)
+            self.text += piece
+            self.markup += self._marked(piece, token)
         if final:
-            self.text += self.detokenizer.finalize()
+            piece = self.detokenizer.finalize()
+            self.text += piece
+            self.markup += self._marked(piece, None)
         if self.stop:
             # a stop string that appears now ends in the new text: search only where it can start
             start = max(0, before - self.longest + 1)
             cut = min((i for s in self.stop if (i := self.text.find(s, start)) >= 0), default=-1)
             if cut >= 0:
-                self.text, self.stopped, final = self.text[:cut], True, True
+                self.text, self.markup, self.stopped, final = self.text[:cut], self.markup[:cut], True, True
         safe = len(self.text) if final else len(self.text) - self._held_back()
-        delta, self.shown = self.text[self.shown : safe], max(self.shown, safe)
+        delta, self.markup_delta = self.text[self.shown : safe], self.markup[self.shown : safe]
+        self.shown = max(self.shown, safe)
         return delta
 
 
@@ -479,7 +500,7 @@ def stream_generate(
             delta = text.add(None if tok in eos else tok, final=finish is not None)
             if text.stopped:
                 finish = "stop"
-            yield GenerationChunk(tok, delta, replace(stats), finish)
+            yield GenerationChunk(tok, delta, replace(stats), finish, text.markup_delta)
             if finish:
                 break
     finally:
@@ -491,10 +512,11 @@ def generate(model: Model, processor: Processor, prompt: Prompt, **kwargs) -> Ge
     result = GenerationResult()
     for chunk in stream_generate(model, processor, prompt, **kwargs):
         result.text += chunk.text
+        result.markup += chunk.markup
         result.tokens.append(chunk.token)
         result.stats, result.finish_reason = chunk.stats, chunk.finish_reason
     if kwargs.get("tools"):
-        parsed = parse_output(result.text)
+        parsed = parse_output(result.markup, tool_names(kwargs["tools"]))
         result.content, result.reasoning, result.tool_calls = (
             parsed.content,
             parsed.reasoning,

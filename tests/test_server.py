@@ -251,7 +251,7 @@ def test_prompt_over_the_context_is_400(server):
 
 
 def post(server, body, headers=None, raw=None):
-    h = {"Authorization": f"Bearer {KEY}", **(headers or {})}
+    h = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json", **(headers or {})}
     if raw is not None:
         return httpx.post(server.url + "/v1/chat/completions", content=raw, headers=h)
     return httpx.post(server.url + "/v1/chat/completions", json=body, headers=h)
@@ -609,6 +609,7 @@ def thinking_server(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:  # build_tool_model reads these module globals
         mp.setattr(tool_model, "PIECES", pieces)
         mp.setattr(tool_model, "NEW_PIECES", [pieces[1], pieces[3]])
+        mp.setattr(tool_model, "NEW_SPECIAL", [])
         mp.setattr(tool_model, "STOP", "<turn|>")
         tool_model.build_tool_model(path)
     model, processor = load(path)

@@ -6,8 +6,9 @@ How: the next token is a fixed function of the last one. Embeddings are one-hot 
 matter), and the MLP maps the slot of token t to the slot of its successor, which the post-MLP norm
 makes dominate the residual; the tied LM head reads the slot back as that token's logit. A token can
 have only one successor, so the second `<|"|>` (the real special token is used for the first) comes
-from an extra plain token `<|"|>,days:3}` appended to the tiny test tokenizer; decoding keeps
-special tokens as text, so the text is exactly what the real model writes.
+from an extra *special* token `<|"|>,days:3}` appended to the tiny test tokenizer (markup counts
+only when a special token spells it); decoding keeps special tokens as text, so the text is exactly
+what the real model writes.
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ TOOL = {
 CALL_NAME, CALL_ARGUMENTS = "get_weather", {"city": "Paris", "days": 3}
 # the generated pieces, in order; <|tool_response> ends generation (an EOS id, as in Gemma 4's config)
 PIECES = ["<|tool_call>", "call:get_weather{city:", '<|"|>', "Paris", '<|"|>,days:3}', "<tool_call|>"]
-NEW_PIECES = [PIECES[1], PIECES[3], PIECES[4]]  # plain tokens the tiny tokenizer lacks
+NEW_PIECES = [PIECES[1], PIECES[3]]  # plain tokens the tiny tokenizer lacks
+NEW_SPECIAL = [PIECES[4]]  # the closing quote, fused with the text after it
 STOP = "<|tool_response>"
 HIDDEN = 16
 # a text-only Gemma 4 (Gemma4UnifiedForCausalLM's config.json): one full-attention layer
@@ -63,13 +65,14 @@ CONFIG = {
 }
 
 
-def _append_pieces(path: Path, pieces: list[str]) -> None:
-    """Append `pieces` to `path/tokenizer.json` as plain (non-special) added tokens, after every
+def _append_pieces(path: Path, pieces: list[str], special: list[str]) -> None:
+    """Append `pieces` (plain) and `special` to `path/tokenizer.json` as added tokens, after every
     existing id, so the ids other tests know stay as they are."""
     from tokenizers import AddedToken, Tokenizer
 
     tok = Tokenizer.from_file(str(path / "tokenizer.json"))
     tok.add_tokens([AddedToken(p, special=False, normalized=False) for p in pieces])
+    tok.add_special_tokens([AddedToken(p, special=True, normalized=False) for p in special])
     tok.save(str(path / "tokenizer.json"))
 
 
@@ -85,7 +88,7 @@ def build_tool_model(path: Path, tool: str = CALL_NAME, again: bool = False, vis
     path.mkdir(parents=True, exist_ok=True)
     save_tokenizer(path)
     pieces = [p.replace(CALL_NAME, tool) for p in PIECES]
-    _append_pieces(path, [p.replace(CALL_NAME, tool) for p in NEW_PIECES])
+    _append_pieces(path, [p.replace(CALL_NAME, tool) for p in NEW_PIECES], NEW_SPECIAL)
     tok = Tokenizer.from_file(str(path / "tokenizer.json"))
     ids = [tok.token_to_id(p) for p in pieces]
     stop, newline = tok.token_to_id(STOP), tok.encode("\n").ids

@@ -2,7 +2,9 @@
 
 Requests are validated and their prompts prepared (template, media decoding, tokenizing) on the
 event loop's thread pool, so a bad request is answered with a 4xx before it waits for the model;
-the generation itself runs on the single `Worker` thread.
+the generation itself runs on the single `Worker` thread. Browser checks (Origin, Host, content
+type) are the `guard` middleware's; the bounds on a request's work are in `limits`; running on
+uvicorn with timeouts and signal handling is `serving`'s.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import secrets
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -17,22 +20,29 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from ..generate import GenerationResult, GenerationStats
 from ..media import MediaError
 from ..processor import Inputs, Processor
 from ..prompt_cache import PromptKey
 from ..tools import OutputParser
+from . import limits
+from .guard import Guard
 from .messages import convert_messages
 from .schema import APIError, ChatRequest, CompletionRequest, validation_error
 from .webui import add_webui
 from .worker import Job, QueueFull, Worker
 
+log = logging.getLogger("gemma_mlx.server")
+
 MAX_BODY_BYTES = 32 << 20  # room for a few base64 images or a 30 s WAV clip
 MAX_QUEUE = 32
+DEFAULT_MAX_TOKENS = 8192  # an answer's length when a request gives none (the context is the hard limit)
+PREPARE_SLOTS = 2  # requests whose prompts are prepared (template, media, tokenizer) at once
 
 
 def create_app(
@@ -51,12 +61,24 @@ def create_app(
     max_body_bytes: int = MAX_BODY_BYTES,
     max_soft_tokens: int = 280,
     ui: bool = True,
+    api_keys: Sequence[str] = (),
+    default_max_tokens: int | None = DEFAULT_MAX_TOKENS,
+    allow_origins: Sequence[str] = (),
+    allow_hosts: Sequence[str] = (),
+    prepare_slots: int = PREPARE_SLOTS,
 ) -> FastAPI:
     """The server for one loaded model. `kv_bits`: quantized KV caches (see `make_cache`);
     `api_key`: required as a bearer token when set; `allow_files`: directories whose files may be
     sent as image paths; `cache_gb`: bound of the prefix cache; `max_queue`: requests that may
-    wait for the model (beyond: 429); `max_body_bytes`: largest request body (beyond: 413);
-    `ui`: serve the chat page at `/`."""
+    wait for the model (beyond: 429); `max_body_bytes`: largest request body (beyond: 413).
+    `api_keys`: more accepted keys (each key's clients get their own prefix-cache entries);
+    `default_max_tokens`: an answer's length when a request sets none; `allow_origins` /
+    `allow_hosts`: browser origins and Host names accepted beside the server's own (see `guard`);
+    `prepare_slots`: requests prepared at once (others wait, counted against `max_queue`); `ui`: serve
+    the chat page at `/`."""
+    keys = ([api_key] if api_key is not None else []) + list(api_keys)
+    if any(not k for k in keys):
+        raise ValueError("an API key must not be empty")
     worker = Worker(
         model,
         processor,
@@ -70,6 +92,8 @@ def create_app(
     roots = [Path(d).expanduser().resolve() for d in allow_files]
     context = model.config.text.max_position_embeddings
     created = int(time.time())
+    gate = limits.PrepareGate(prepare_slots, max_queue)
+    longest: list[int] = []  # the vocabulary's longest token, measured on first use
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -81,6 +105,7 @@ def create_app(
 
     app = FastAPI(title="gemma-mlx", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.worker = worker
+    app.add_middleware(Guard, allow_origins=allow_origins, allow_hosts=allow_hosts)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, e: APIError) -> JSONResponse:
@@ -93,6 +118,10 @@ def create_app(
             APIError(e.status_code, str(e.detail), None, code).body(), status_code=e.status_code
         )
 
+    @app.exception_handler(ClientGone)
+    async def _gone(request: Request, e: ClientGone) -> Response:
+        return Response(status_code=499)  # never sent: the connection is closed
+
     @app.exception_handler(Exception)
     async def _internal(request: Request, e: Exception) -> JSONResponse:
         return JSONResponse(internal_error(e).body(), status_code=500)
@@ -101,29 +130,35 @@ def create_app(
         """The fields every OpenAI response object and chunk starts with."""
         return {"id": rid, "object": kind, "created": now, "model": model_id}
 
-    def authorize(request: Request) -> None:
-        if api_key is None:
-            return
+    def authorize(request: Request) -> str:
+        """Check the bearer key; returns the prefix-cache partition of its clients ("" without keys)."""
+        if not keys:
+            return ""
         header = request.headers.get("authorization", "")
         given = header[7:] if header.lower().startswith("bearer ") else ""
         if not given:
             raise APIError(401, "missing API key (send 'Authorization: Bearer KEY')", None, "invalid_api_key")
-        if not secrets.compare_digest(given.encode(), api_key.encode()):
+        # every key is compared (constant time each), so timing tells nothing about which matched
+        hits = [secrets.compare_digest(given.encode(), k.encode()) for k in keys]
+        if not any(hits):
             raise APIError(401, "incorrect API key", None, "invalid_api_key")
+        return str(hits.index(True))
 
     async def read_json(request: Request) -> Any:
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > max_body_bytes:
             raise APIError(413, f"request body over {max_body_bytes} bytes", None, "request_too_large")
         body = bytearray()
-        async for part in request.stream():
-            body += part
-            if len(body) > max_body_bytes:
-                raise APIError(413, f"request body over {max_body_bytes} bytes", None, "request_too_large")
         try:
-            return json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise APIError(400, f"the body is not valid JSON ({e})", None, "invalid_json") from None
+            async for part in request.stream():
+                body += part
+                if len(body) > max_body_bytes:
+                    raise APIError(
+                        413, f"request body over {max_body_bytes} bytes", None, "request_too_large"
+                    )
+        except ClientDisconnect:  # closed while sending (or by the read timeout)
+            raise ClientGone from None
+        return limits.parse_body(bytes(body))
 
     def parse(cls: type, body: Any) -> Any:
         if not isinstance(body, dict):
@@ -156,7 +191,7 @@ def create_app(
         gen = processor.generation_config
         greedy_default = not gen.get("do_sample", False)
         return {
-            "max_tokens": min(limit or context, context - prompt_tokens),
+            "max_tokens": min(limit or default_max_tokens or context, context - prompt_tokens),
             "temperature": req.temperature
             if req.temperature is not None
             else (0.0 if greedy_default else float(gen.get("temperature", 1.0))),
@@ -173,8 +208,9 @@ def create_app(
             inputs, getattr(cfg, "image_token_id", None), getattr(cfg, "audio_token_id", None)
         )
 
-    async def submit(inputs: Inputs, kwargs: dict) -> Job:
+    async def submit(inputs: Inputs, kwargs: dict, partition: str = "") -> Job:
         key = await asyncio.to_thread(key_of, inputs)
+        key.partition = partition
         job = Job(inputs, key, kwargs, asyncio.get_running_loop())
         try:
             worker.submit(job)
@@ -188,8 +224,9 @@ def create_app(
             ) from None
         return job
 
-    async def collect(request: Request, job: Job) -> tuple[list[str], GenerationResult]:
-        """All text of a job, cancelling it when the client goes away first."""
+    async def collect(request: Request, job: Job, markup: bool = False) -> tuple[list[str], GenerationResult]:
+        """All text of a job (`markup`: as the output parser reads it), cancelling it when the
+        client goes away first."""
 
         async def gone() -> None:
             while (await request.receive())["type"] != "http.disconnect":
@@ -200,7 +237,7 @@ def create_app(
             async for ev in job.stream():
                 if ev.error is not None:
                     raise ev.error
-                texts.append(ev.text)
+                texts.append(ev.markup if markup else ev.text)
                 if ev.done:
                     return texts, ev.result
             raise RuntimeError("the job ended without a result")
@@ -213,6 +250,8 @@ def create_app(
             if not main.done():
                 job.cancel()
                 main.cancel()
+        if not main.done() or main.cancelled():  # the client left: nobody reads an answer
+            raise ClientGone
         return main.result()
 
     # --- routes --------------------------------------------------------------------------------
@@ -247,16 +286,17 @@ def create_app(
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        authorize(request)
+        partition = authorize(request)
         req: ChatRequest = parse(ChatRequest, await read_json(request))
-        prompt = await asyncio.to_thread(prepare_chat, req)
-        job = await submit(prompt.inputs, sampling(req, len(prompt.inputs.ids)))
+        async with gate.enter():
+            prompt = await asyncio.to_thread(prepare_chat, req)
+        job = await submit(prompt.inputs, sampling(req, len(prompt.inputs.ids)), partition)
         rid, now = "chatcmpl-" + secrets.token_hex(12), int(time.time())
-        parser = make_parser(req.thinking, prompt.forced)
+        parser = make_parser(req.thinking, prompt.forced, [t.function.name for t in req.tools or []])
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return sse(job, stream_chat(job, parser, rid, now, include_usage))
-        texts, result = await collect(request, job)
+        texts, result = await collect(request, job, markup=True)
         deltas = [d for t in texts for d in parser.feed(t)] + parser.finish()
         content = "".join(d.text for d in deltas if d.kind == "content")
         reasoning = "".join(d.text for d in deltas if d.kind == "reasoning")
@@ -276,10 +316,11 @@ def create_app(
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        authorize(request)
+        partition = authorize(request)
         req: CompletionRequest = parse(CompletionRequest, await read_json(request))
-        inputs = await asyncio.to_thread(prepare_text, req)
-        job = await submit(inputs, sampling(req, len(inputs.ids)))
+        async with gate.enter():
+            inputs = await asyncio.to_thread(prepare_text, req)
+        job = await submit(inputs, sampling(req, len(inputs.ids)), partition)
         rid, now = "cmpl-" + secrets.token_hex(12), int(time.time())
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -296,8 +337,15 @@ def create_app(
 
     # --- prompts -------------------------------------------------------------------------------
 
+    def check_length(chars: int, param: str) -> None:
+        if not longest:
+            longest.append(limits.longest_token(processor))
+        limits.check_chars(chars, longest[0], context, param)
+
     def prepare_chat(req: ChatRequest) -> ChatPrompt:
-        messages = convert_messages(req.messages, roots)
+        limits.check_capabilities(model, processor, req, req.thinking_param)
+        check_length(limits.text_chars(req), "messages")
+        messages = convert_messages(req.messages, roots, processor.tokenizer.escape)
         tools, forced = tool_setup(req)
         extra = {"tools": tools} if tools else {}
         try:
@@ -322,8 +370,11 @@ def create_app(
             for p in m["content"]
             if p["type"] == "audio"
         ]
+        limits.check_text(processor, text, context, "messages")
         try:
-            inputs = processor.prepare(text, images, audio, add_bos=False, max_soft_tokens=max_soft_tokens)
+            inputs = processor.prepare(
+                text, images, audio, add_bos=False, max_soft_tokens=max_soft_tokens, token_budget=context
+            )
         except MediaError as e:
             raise APIError(400, f"messages: {e}", "messages", "invalid_value") from None
         return ChatPrompt(inputs, forced)
@@ -358,7 +409,13 @@ def create_app(
             prompt = prompt[0]
         if isinstance(prompt, list) and any(not 0 <= i < model.config.text.vocab_size for i in prompt):
             raise APIError(400, "prompt: token ids must be within the vocabulary", "prompt")
-        return processor.prepare(prompt)
+        if isinstance(prompt, str):
+            check_length(len(prompt), "prompt")
+            limits.check_text(processor, prompt, context, "prompt")
+        try:
+            return processor.prepare(prompt)
+        except ValueError as e:  # an empty prompt ([""]) and the like
+            raise APIError(400, f"prompt: {e}", "prompt", "invalid_value") from None
 
     # --- streaming -----------------------------------------------------------------------------
 
@@ -378,7 +435,7 @@ def create_app(
             if ev.error is not None:
                 yield internal_error(ev.error).body()
                 return
-            deltas = parser.feed(ev.text) if not ev.done else parser.finish()
+            deltas = parser.feed(ev.markup) if not ev.done else parser.finish()
             for d in deltas:
                 if d.kind == "content":
                     yield chunk(rid, now, {"content": d.text})
@@ -437,10 +494,11 @@ def create_app(
     return app
 
 
-def make_parser(thinking: bool, forced: str = "") -> OutputParser:
+def make_parser(thinking: bool, forced: str = "", tools: Sequence[str] = ()) -> OutputParser:
     """A streaming parser of one answer; `forced` is text written after the generation prompt
-    (the start of a required tool call), which it reads before the model's own output."""
-    parser = OutputParser(thinking=thinking)
+    (the start of a required tool call), which it reads before the model's own output; calls of
+    functions not in `tools` (the request's declared names) stay text."""
+    parser = OutputParser(thinking=thinking, tools=tools)
     if forced:
         parser.feed(forced)
     return parser
@@ -451,9 +509,17 @@ class ChatPrompt:
         self.inputs, self.forced = inputs, forced
 
 
+class ClientGone(Exception):
+    """The client disconnected before its answer was ready."""
+
+
 def internal_error(e: BaseException) -> APIError:
-    """A failure of ours (500), as an OpenAI error object; the server keeps serving."""
-    return APIError(500, f"internal error: {type(e).__name__}: {e}", None, None, "server_error")
+    """A failure of ours (500), as an OpenAI error object; the server keeps serving. The message
+    names the exception's type only (its text may hold server paths); the log has the traceback."""
+    log.error("internal error", exc_info=e)
+    return APIError(
+        500, f"internal error ({type(e).__name__}); see the server log", None, None, "server_error"
+    )
 
 
 def usage(stats: GenerationStats) -> dict:

@@ -6,13 +6,14 @@ import base64
 import binascii
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from ..media import SAMPLE_RATE, MediaError, load_audio, load_image
 from .schema import APIError, AudioPart, ImagePart, Message, TextPart
 
+MAX_PATH = 4096  # Linux's PATH_MAX
 _DATA_URI = re.compile(
     r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^;,]*)*?);base64,(?P<data>.*)$", re.S
 )
@@ -41,34 +42,43 @@ def _image_source(url: str, param: str, allow_files: Sequence[Path]) -> bytes | 
         )
     if parsed.scheme not in ("", "file"):
         raise APIError(400, f"{param}: unsupported URL scheme {parsed.scheme!r}", param)
-    path = Path(unquote(parsed.path) if parsed.scheme == "file" else url).expanduser()
     if not allow_files:
         raise APIError(
             400, f"{param}: local files are refused (the server has no --allow-files directory)", param
         )
-    resolved = path.resolve()
-    if not any(resolved.is_relative_to(d) for d in allow_files):
-        raise APIError(400, f"{param}: {path} is outside the --allow-files directories", param)
-    if not resolved.is_file():
-        raise APIError(400, f"{param}: {path}: no such file", param)
+    name = unquote(parsed.path) if parsed.scheme == "file" else url
+    # the messages below never show the resolved path (it would reveal the server's directories)
+    if "\x00" in name or len(name) > MAX_PATH:
+        raise APIError(400, f"{param}: not a valid file path (NUL byte or over {MAX_PATH} characters)", param)
+    try:
+        resolved = Path(name).expanduser().resolve()
+        inside = any(resolved.is_relative_to(d) for d in allow_files)
+        found = inside and resolved.is_file()
+    except (OSError, RuntimeError, ValueError):  # a name too long, a symlink loop, ...
+        raise APIError(400, f"{param}: not a readable file path", param) from None
+    if not inside:
+        raise APIError(400, f"{param}: the file is outside the --allow-files directories", param)
+    if not found:
+        raise APIError(400, f"{param}: no such file under the --allow-files directories", param)
     return resolved
 
 
 def _part(part: TextPart | ImagePart | AudioPart, param: str, allow_files: Sequence[Path]) -> dict:
     if isinstance(part, TextPart):
         return {"type": "text", "text": part.text}
+    source: bytes | Path = b""
     try:
         if isinstance(part, ImagePart):
             param += ".image_url.url"
-            return {
-                "type": "image",
-                "image": load_image(_image_source(part.image_url.url, param, allow_files)),
-            }
+            source = _image_source(part.image_url.url, param, allow_files)
+            return {"type": "image", "image": load_image(source)}
         param += ".input_audio.data"
         clip = load_audio(_b64(part.input_audio.data, param))
         return {"type": "audio", "audio": clip, "sampling_rate": SAMPLE_RATE}
     except MediaError as e:
         message = str(e).replace("<bytes>", "the data")
+        if isinstance(source, Path):  # the resolved path would show the server's directories
+            message = message.replace(str(source), "the file")
         raise APIError(400, f"{param}: {message}", param, "invalid_value") from None
 
 
@@ -82,12 +92,17 @@ def _arguments(text: str, param: str) -> dict:
     return value
 
 
-def convert_messages(messages: Sequence[Message], allow_files: Sequence[Path] = ()) -> list[dict]:
+def convert_messages(
+    messages: Sequence[Message], allow_files: Sequence[Path] = (), escape: Callable[[str], str] = str
+) -> list[dict]:
     """Messages as the processor and chat template take them; media decoded (400s name the part).
 
     Images become PIL images, audio a 16 kHz waveform; an assistant's `tool_calls` carry their
     arguments as objects (the template writes them in Gemma's own syntax); a tool message keeps
-    its `tool_call_id` and `name`."""
+    its `tool_call_id` and `name`. An assistant's text goes through `escape` (the tokenizer's):
+    the chat template keeps assistant text as generated, but this server's answers never hold
+    markup in `content`, so special-token text there is text a model wrote in plain tokens (or a
+    client's), and must not come back as control tokens."""
     out, names = [], {}  # tool call id -> function name, for the tool results that follow
     for i, m in enumerate(messages):
         param = f"messages[{i}]"
@@ -97,7 +112,13 @@ def convert_messages(messages: Sequence[Message], allow_files: Sequence[Path] = 
             content = [_part(p, f"{param}.content[{j}]", allow_files) for j, p in enumerate(m.content)]
         else:
             content = m.content if m.content is not None else ""
-        msg: dict = {"role": m.role, "content": content}
+        if m.role == "assistant":
+            if isinstance(content, str):
+                content = escape(content)
+            else:
+                content = [{**p, "text": escape(p["text"])} if p["type"] == "text" else p for p in content]
+        # OpenAI's "developer" role is the system instruction of newer models
+        msg: dict = {"role": "system" if m.role == "developer" else m.role, "content": content}
         if m.tool_calls:
             msg["tool_calls"] = [
                 {

@@ -133,12 +133,11 @@ def test_loop_asks_runs_gives_results_back_and_stops_at_the_limit(models, tmp_pa
             "invalid",
             "error: the arguments do not match strict's schema: days: 3 is not of type 'string'",
         ),
-        ("missing", "unknown", "error: there is no tool named 'missing'"),
         ("crash", "error", "error: crash failed: the MCP server 'weather' exited"),
     ],
 )
 def test_failures_become_tool_results(models, tmp_path, tool, status, text):
-    """A raising tool, a timeout, arguments failing the schema, an unknown tool and a server that
+    """A raising tool, a timeout, arguments failing the schema, and a server that
     dies: each is the call's result (the model reads it) and a notice, never an exception."""
     model, processor, _ = models(tool)
     with MCPTools([server()], timeout=1.0 if tool == "nap" else 30.0, log_dir=tmp_path) as tools:
@@ -157,6 +156,22 @@ def test_failures_become_tool_results(models, tmp_path, tool, status, text):
             assert again.status == "unavailable" and "is not running" in again.text
         if tool == "nap":  # the server survived the cancelled call
             assert tools.call("get_weather", {"city": "Rome", "days": 1}).status == "ok"
+
+
+def test_a_call_of_an_undeclared_tool_is_never_run(models, tmp_path):
+    """The model calls `missing`, which no server declares: the output parser keeps calls of
+    undeclared names as text (as the server does), so nothing runs and no result is owed; a direct
+    call of that name is answered as unknown, never raised."""
+    model, processor, _ = models("missing")
+    with MCPTools([server()], timeout=30.0, log_dir=tmp_path) as tools:
+        session = ChatSession(model, processor, max_tokens=16)
+        events = events_of(Agent(session, tools, max_tool_calls=1), "Go")
+        assert not any(e.kind in ("call", "result") for e in events)
+        assert "response:missing" not in prompt_text(session)
+        result = tools.call("missing", {})
+        assert result.status == "unknown" and result.text.startswith(
+            "error: there is no tool named 'missing'"
+        )
 
 
 def test_ctrl_c_stops_a_tool_and_keeps_the_session(models, tmp_path):

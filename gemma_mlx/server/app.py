@@ -167,7 +167,10 @@ def create_app(
     def key_of(inputs: Inputs) -> PromptKey:
         cfg = model.config
         return PromptKey.of(
-            inputs, getattr(cfg, "image_token_id", None), getattr(cfg, "audio_token_id", None)
+            inputs,
+            getattr(cfg, "image_token_id", None),
+            getattr(cfg, "audio_token_id", None),
+            getattr(cfg, "video_token_id", None),
         )
 
     async def submit(inputs: Inputs, kwargs: dict) -> Job:

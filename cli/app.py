@@ -43,6 +43,9 @@ from .common import (
     TemperatureOpt,
     TopKOpt,
     TopPOpt,
+    VideoFramesOpt,
+    VideoOpt,
+    VideoSoftTokensOpt,
     check_media,
     fail,
     int_list,
@@ -111,6 +114,9 @@ def generate(
     seed: SeedOpt = None,
     image: ImageOpt = None,
     audio: AudioOpt = None,
+    video: VideoOpt = None,
+    video_frames: VideoFramesOpt = 32,
+    video_soft_tokens: VideoSoftTokensOpt = 70,
     as_json: JsonOpt = False,
     draft: DraftOpt = None,
     draft_block_size: DraftBlockOpt = 4,
@@ -130,8 +136,8 @@ def generate(
     else:  # bytes that were not UTF-8 reach argv as surrogates: show them as U+FFFD instead
         prompt = prompt.encode("utf-8", errors="surrogateescape").decode("utf-8", errors="replace")
     path = resolve_model(model)
-    images, clips = image or [], audio or []
-    check_media(path, images, clips)
+    images, clips, videos = image or [], audio or [], video or []
+    check_media(path, images, clips, videos, video_soft_tokens)
     model_obj, processor = load_checked(path, kv_bits, kv_group_size, group, layers_per_rank)
     sampling = SamplingParams(temperature, top_k, top_p, min_p, seed)
     last, text = None, []
@@ -143,6 +149,9 @@ def generate(
         **vars(sampling),
         images=images,
         audio=clips,
+        videos=videos,
+        video_frames=video_frames,
+        video_soft_tokens=video_soft_tokens,
         prefill_progress=PrefillBar(),
         drafter=load_draft(draft),
         draft_block_size=draft_block_size,
@@ -174,6 +183,9 @@ def chat(
     think: Annotated[bool, typer.Option("--think/--no-think", help="Let the model think first.")] = False,
     image: ImageOpt = None,
     audio: AudioOpt = None,
+    video: VideoOpt = None,
+    video_frames: VideoFramesOpt = 32,
+    video_soft_tokens: VideoSoftTokensOpt = 70,
     max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", min=1, help="Tokens per answer.")] = 512,
     temperature: TemperatureOpt = 1.0,
     top_k: TopKOpt = 64,
@@ -187,10 +199,11 @@ def chat(
     distributed: DistributedOpt = False,
     layers_per_rank: LayersPerRankOpt = None,
 ) -> None:
-    """Chat in the terminal: multi-turn with cache reuse, streaming, images and audio, /commands."""
+    """Chat in the terminal: multi-turn with cache reuse, streaming, images, audio and video,
+    /commands."""
     group = join_group(distributed)
     path = resolve_model(model)
-    check_media(path, image or [], audio or [])
+    check_media(path, image or [], audio or [], video or [], video_soft_tokens)
     model_obj, processor = load_checked(path, kv_bits, kv_group_size, group, layers_per_rank)
     if think and not processor.supports_thinking:
         fail(f"--think: the chat template of {path} has no thinking mode")
@@ -206,11 +219,15 @@ def chat(
         draft_block_size=draft_block_size,
         kv_bits=kv_bits,
         kv_group_size=kv_group_size,
+        video_soft_tokens=video_soft_tokens,
+        video_frames=video_frames,
     )
     for i in image or []:
         session.attach_image(i)
     for a in audio or []:
         session.attach_audio(a)
+    for v in video or []:
+        session.attach_video(v)
     chat_repl.repl(session, f"gemma-mlx chat - {path.name} ({model_obj.config.model_type})")
 
 

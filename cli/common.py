@@ -3,6 +3,7 @@ memory check, the prefill progress bar."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated
 
@@ -15,8 +16,10 @@ from gemma_mlx.convert.default_model import DESCRIPTION, default_model_path
 from gemma_mlx.distributed import init_group
 from gemma_mlx.footprint import footprint, memory_warning
 from gemma_mlx.hub import resolve
+from gemma_mlx.media import BUDGETS, MediaError
 from gemma_mlx.models.gemma import Model
 from gemma_mlx.processor import Processor
+from gemma_mlx.video import open_video
 
 # Options shared by several commands, declared once.
 ModelOpt = Annotated[
@@ -40,6 +43,23 @@ ImageOpt = Annotated[
 AudioOpt = Annotated[
     list[str] | None,
     typer.Option("--audio", metavar="FILE", help="An audio clip (repeatable; chat: first message)."),
+]
+VideoOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--video",
+        metavar="FILE",
+        help="A video clip, sampled into timestamped frames (repeatable; chat: first message; extra: video).",
+    ),
+]
+VideoFramesOpt = Annotated[
+    int, typer.Option("--video-frames", min=1, help="Frames sampled uniformly from each video.")
+]
+VideoSoftTokensOpt = Annotated[
+    int,
+    typer.Option(
+        "--video-soft-tokens", help="Soft tokens per video frame: 70, 140, 280, 560 or 1120 (more = sharper)."
+    ),
 ]
 KvBitsOpt = Annotated[
     int | None,
@@ -122,13 +142,25 @@ def load_draft(draft: str | None) -> Drafter | None:
         fail(f"--draft {e}")
 
 
-def check_media(path: Path, images: list[str], audio: list[str]) -> None:
-    """Refuse media the model cannot take, before its weights are loaded."""
+def check_media(
+    path: Path, images: list[str], audio: list[str], videos: Sequence[str] = (), video_soft_tokens: int = 70
+) -> None:
+    """Refuse media the model cannot take, before its weights are loaded; a video whose container
+    cannot be opened (or without PyAV, the `video` extra) fails here too."""
     config = load_config(path)
     if images and config.vision is None:
         fail(f"{path}: this model has no vision input (--image)")
     if audio and config.audio is None:
         fail(f"{path}: this model has no audio input (--audio)")
+    if videos and config.vision is None:
+        fail(f"{path}: this model has no vision input (--video)")
+    if videos and video_soft_tokens not in BUDGETS:
+        fail(f"--video-soft-tokens {video_soft_tokens}: expected one of {', '.join(map(str, BUDGETS))}")
+    for v in videos:
+        try:
+            open_video(v).close()
+        except MediaError as e:
+            fail(f"--video {e}")
 
 
 def int_list(text: str, option: str) -> list[int]:

@@ -355,3 +355,144 @@ def test_tokens_per_frame_match_reference():
         for b in BUDGETS:
             th, tw = get_aspect_ratio_preserving_size(h, w, 16, b * 9, 3)
             assert frame_tokens(h, w, b) == th // 48 * (tw // 48)
+
+
+# --- the API, chat, CLI and server on the tiny checkpoint ---------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny(checkpoint):
+    from gemma_mlx import load
+
+    return checkpoint, *load(checkpoint)
+
+
+def test_generate_with_a_video_part(tiny, tmp_path):
+    """A chat message with a video part and a text prompt with `videos=` feed the model the same
+    tensors as a direct call; the prefix-cache key gives every frame its own content hash."""
+    import mlx.core as mx
+
+    from gemma_mlx import generate
+    from gemma_mlx.prompt_cache import PromptKey
+
+    _, model, processor = tiny
+    clip = write_clip(tmp_path / "v.mp4", synthetic_video(12, 64, 96, seed=8))
+    messages = [
+        {"role": "user", "content": [{"type": "video", "video": str(clip)}, {"type": "text", "text": "hi"}]}
+    ]
+    inputs = processor.prepare(messages, video_frames=3)
+    assert inputs.num_frames_per_video == [3] and inputs.pixel_values_videos.shape == (3, 70, 6912)
+    vid = model.config.video_token_id
+    assert inputs.ids.count(vid) == 3 * preprocess_video(clip, num_frames=3).num_soft_tokens
+    logits = model(mx.array([inputs.ids]), **inputs.model_kwargs())[0, -1]
+    greedy = int(mx.argmax(logits).item())
+    assert generate(model, processor, messages, max_tokens=1, video_frames=3).tokens == [greedy]
+    key = PromptKey.of(inputs, model.config.image_token_id, model.config.audio_token_id, vid)
+    frames = [b for b in key.blocks if b[2] == "video"]
+    assert [b[3] for b in frames] == [0, 1, 2] and len({int(key.tokens[b[0]]) for b in frames}) == 3
+    rest = key.media_after(inputs, frames[1][0])  # a cached prefix ending before the second frame
+    assert rest["pixel_values_videos"].shape[0] == 2
+    text = generate(model, processor, "Describe.", videos=[str(clip)], max_tokens=2, video_frames=3)
+    assert len(text.tokens) == 2 and text.stats.prompt_tokens > 3 * 70
+
+
+def test_chat_session_video(tiny, tmp_path):
+    from gemma_mlx import ChatSession
+    from gemma_mlx.cli.chat import command
+
+    _, model, processor = tiny
+    clip = write_clip(tmp_path / "v.mp4", synthetic_video(6, 48, 64))
+    session = ChatSession(model, processor, max_tokens=2, video_frames=2)
+    assert command(session, f"/video {clip}")
+    assert session.pending == [{"type": "video", "video": str(clip)}]
+    list(session.send("What happens?"))
+    assert (
+        session.tokens.count(model.config.video_token_id) == 2 * preprocess_video(clip, 70, 2).num_soft_tokens
+    )
+    with pytest.raises(MediaError, match="nothing.mp4: cannot read"):
+        session.attach_video(tmp_path / "nothing.mp4")
+
+
+def test_cli_generate_with_video(tiny, tmp_path):
+    from typer.testing import CliRunner
+
+    from gemma_mlx import generate
+    from gemma_mlx.cli.app import app
+
+    path, model, processor = tiny
+    clip = write_clip(tmp_path / "v.mp4", synthetic_video(6, 48, 64))
+    args = ["generate", "--model", str(path), "-n", "3", "--video", str(clip), "--video-frames", "2"]
+    result = CliRunner().invoke(app, [*args, "What is it?"])
+    assert result.exit_code == 0, result.output
+    expected = generate(model, processor, "What is it?", videos=[str(clip)], video_frames=2, max_tokens=3)
+    assert (
+        result.stdout.startswith(expected.text)
+        and f"{expected.stats.prompt_tokens} prompt tokens" in result.stderr
+    )
+    junk = tmp_path / "junk.mp4"
+    junk.write_bytes(b"junk" * 50)
+    for extra, match in [
+        (["--video", str(junk)], "junk.mp4: not a readable video"),
+        (["--video", str(clip), "--video-soft-tokens", "100"], "--video-soft-tokens 100: expected one of"),
+    ]:
+        result = CliRunner().invoke(app, ["generate", "--model", str(path), *extra, "hi"])
+        assert result.exit_code == 1 and match in result.stderr and "Traceback" not in result.output
+
+
+def test_server_video_url(tiny, tmp_path):
+    """`video_url` parts as a data URI and as a path under --allow-files; bad videos are 400s
+    naming the part."""
+    pytest.importorskip("openai")
+    import base64
+
+    import httpx
+    from test_server import Server
+
+    from gemma_mlx.server import create_app
+
+    path, model, processor = tiny
+    clip = write_clip(tmp_path / "v.mp4", synthetic_video(6, 48, 64))
+    uri = "data:video/mp4;base64," + base64.b64encode(clip.read_bytes()).decode()
+    server = Server(create_app(model, processor, model_id="tiny", allow_files=[tmp_path]))
+    try:
+
+        def post(url):
+            body = {
+                "model": "tiny",
+                "max_tokens": 2,
+                "temperature": 0,
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "video_url", "video_url": {"url": url}},
+                            {"type": "text", "text": "What is it?"},
+                        ],
+                    }  # fmt: skip
+                ],
+            }
+            return httpx.post(server.url + "/v1/chat/completions", json=body, timeout=120)
+
+        messages = [{"role": "user", "content": [{"type": "video", "video": str(clip)},
+                                                 {"type": "text", "text": "What is it?"}]}]  # fmt: skip
+        expected = len(processor.prepare(messages).ids)
+        for url in (uri, str(clip)):
+            r = post(url)
+            assert r.status_code == 200, r.text
+            assert r.json()["usage"]["prompt_tokens"] == expected
+        audio = tmp_path / "a.wav"
+        import soundfile as sf
+
+        sf.write(str(audio), np.zeros(1600, np.float32), 16000)
+        wav_uri = "data:video/mp4;base64," + base64.b64encode(audio.read_bytes()).decode()
+        for url, match in [
+            (wav_uri, "no video stream"),
+            ("data:image/png;base64,aGVsbG8=", "not a video"),
+            ("data:video/mp4;base64,aGVsbG8=", "not a readable video"),
+            ("/etc/hosts", "outside the --allow-files"),
+        ]:
+            r = post(url)
+            assert r.status_code == 400 and match in r.json()["error"]["message"], r.text
+            assert r.json()["error"]["param"].startswith("messages[0].content[0].video_url.url")
+    finally:
+        server.close()

@@ -319,8 +319,23 @@ def create_app(
             for p in m["content"]
             if p["type"] == "audio"
         ]
+        videos = [
+            p["video"]
+            for m in messages
+            if isinstance(m["content"], list)
+            for p in m["content"]
+            if p["type"] == "video"
+        ]
         try:
-            inputs = processor.prepare(text, images, audio, add_bos=False, max_soft_tokens=max_soft_tokens)
+            inputs = processor.prepare(
+                text,
+                images,
+                audio,
+                videos=videos,
+                add_bos=False,
+                max_soft_tokens=max_soft_tokens,
+                token_budget=context,
+            )
         except MediaError as e:
             raise APIError(400, f"messages: {e}", "messages", "invalid_value") from None
         return ChatPrompt(inputs, forced)

@@ -163,7 +163,8 @@ def video_prompt(rng, parts, frames_tokens):
             ids += rng.integers(5, 500, size=p).tolist()
         elif p[0] == "video":
             for _ in range(p[1]):
-                ids += rng.integers(5, 500, size=3).tolist() + [BOI % 512] + [VID] * frames_tokens + [EOI % 512]
+                stamp = rng.integers(5, 500, size=3).tolist()
+                ids += stamp + [BOI % 512] + [VID] * frames_tokens + [EOI % 512]
         elif p[0] == "image":
             ids += [BOI % 512] + [IMG] * p[1] + [EOI % 512]
         else:

@@ -294,7 +294,10 @@ def preprocess_video(
     media._check_budget(max_soft_tokens)
     clip = open_video(src, frames_fps, seek_above)
     try:
-        indices = sample_indices(clip.total, clip.fps, num_frames, fps)
+        try:
+            indices = sample_indices(clip.total, clip.fps, num_frames, fps)
+        except MediaError as e:
+            raise MediaError(f"{clip.name}: {e}") from None
         per_frame = frame_tokens(clip.height, clip.width, max_soft_tokens)
         needed = len(indices) * (per_frame + 2)
         if token_budget is not None and needed > token_budget:

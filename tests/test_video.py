@@ -295,6 +295,16 @@ def test_bad_videos_are_named(tmp_path):
         preprocess_video(good, 70, None, -1)
 
 
+def test_container_without_frames(tmp_path):
+    path = tmp_path / "none.mkv"
+    with av.open(str(path), "w", format="matroska") as out:
+        stream = out.add_stream("libx264", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        out.start_encoding()  # the header of a video stream, and no frame
+    with pytest.raises(MediaError, match="none.mkv: (the video has no frames|not a readable video)"):
+        preprocess_video(path)
+
+
 def test_truncated_stream_is_refused(tmp_path):
     """A clip whose header announces more frames than its data holds (a cut download) is refused;
     Matroska, which stores no count, reads as the shorter clip it now is."""

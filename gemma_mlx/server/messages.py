@@ -58,6 +58,20 @@ def _image_source(url: str, param: str, allow_files: Sequence[Path], kind: str =
     return resolved
 
 
+def video_part(url: str, param: str, allow_files: Sequence[Path] = ()) -> dict:
+    """A processor message part `{"type": "video", "video": bytes | Path}` from a `video_url` URL (a
+    base64 `data:video/...` URI, or a path under one of `allow_files`), its container and video
+    stream checked now: bad input is an APIError 400 naming `param`. For any endpoint whose
+    schema carries a video (the frames are sampled when `Processor.prepare` gets the part)."""
+    try:
+        src = _image_source(url, param, allow_files, "video")
+        open_video(src).close()
+    except MediaError as e:
+        message = str(e).replace("<bytes>", "the data")
+        raise APIError(400, f"{param}: {message}", param, "invalid_value") from None
+    return {"type": "video", "video": src}
+
+
 def _part(
     part: TextPart | ImagePart | AudioPart | VideoPart, param: str, allow_files: Sequence[Path]
 ) -> dict:
@@ -65,10 +79,7 @@ def _part(
         return {"type": "text", "text": part.text}
     try:
         if isinstance(part, VideoPart):
-            param += ".video_url.url"
-            src = _image_source(part.video_url.url, param, allow_files, "video")
-            open_video(src).close()  # a readable container with a video stream, or a 400 now
-            return {"type": "video", "video": src}
+            return video_part(part.video_url.url, param + ".video_url.url", allow_files)
         if isinstance(part, ImagePart):
             param += ".image_url.url"
             return {

@@ -137,8 +137,9 @@ def generate(
         prompt = prompt.encode("utf-8", errors="surrogateescape").decode("utf-8", errors="replace")
     path = resolve_model(model)
     images, clips, videos = image or [], audio or [], video or []
-    check_media(path, images, clips, videos, video_soft_tokens)
-    model_obj, processor = load_checked(path, kv_bits, kv_group_size, group, layers_per_rank)
+    video_tokens = check_media(path, images, clips, videos, video_soft_tokens, video_frames)
+    context = max(8192, video_tokens + max_tokens)  # the memory check counts a long video's tokens
+    model_obj, processor = load_checked(path, kv_bits, kv_group_size, group, layers_per_rank, context)
     sampling = SamplingParams(temperature, top_k, top_p, min_p, seed)
     last, text = None, []
     chunks = stream_generate(
@@ -203,8 +204,9 @@ def chat(
     /commands."""
     group = join_group(distributed)
     path = resolve_model(model)
-    check_media(path, image or [], audio or [], video or [], video_soft_tokens)
-    model_obj, processor = load_checked(path, kv_bits, kv_group_size, group, layers_per_rank)
+    video_tokens = check_media(path, image or [], audio or [], video or [], video_soft_tokens, video_frames)
+    context = max(8192, video_tokens + max_tokens)
+    model_obj, processor = load_checked(path, kv_bits, kv_group_size, group, layers_per_rank, context)
     if think and not processor.supports_thinking:
         fail(f"--think: the chat template of {path} has no thinking mode")
     session = ChatSession(

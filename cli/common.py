@@ -19,7 +19,7 @@ from gemma_mlx.hub import resolve
 from gemma_mlx.media import BUDGETS, MediaError
 from gemma_mlx.models.gemma import Model
 from gemma_mlx.processor import Processor
-from gemma_mlx.video import open_video
+from gemma_mlx.video import video_token_count
 
 # Options shared by several commands, declared once.
 ModelOpt = Annotated[
@@ -143,10 +143,16 @@ def load_draft(draft: str | None) -> Drafter | None:
 
 
 def check_media(
-    path: Path, images: list[str], audio: list[str], videos: Sequence[str] = (), video_soft_tokens: int = 70
-) -> None:
+    path: Path,
+    images: list[str],
+    audio: list[str],
+    videos: Sequence[str] = (),
+    video_soft_tokens: int = 70,
+    video_frames: int = 32,
+) -> int:
     """Refuse media the model cannot take, before its weights are loaded; a video whose container
-    cannot be opened (or without PyAV, the `video` extra) fails here too."""
+    cannot be opened (or without PyAV, the `video` extra) fails here too. -> the prompt tokens the
+    videos will take (from their headers), for the memory check."""
     config = load_config(path)
     if images and config.vision is None:
         fail(f"{path}: this model has no vision input (--image)")
@@ -156,11 +162,13 @@ def check_media(
         fail(f"{path}: this model has no vision input (--video)")
     if videos and video_soft_tokens not in BUDGETS:
         fail(f"--video-soft-tokens {video_soft_tokens}: expected one of {', '.join(map(str, BUDGETS))}")
+    tokens = 0
     for v in videos:
         try:
-            open_video(v).close()
+            tokens += video_token_count(v, video_soft_tokens, video_frames)
         except MediaError as e:
             fail(f"--video {e}")
+    return tokens
 
 
 def int_list(text: str, option: str) -> list[int]:
@@ -198,12 +206,14 @@ def load_checked(
     kv_group_size: int = 64,
     group: mx.distributed.Group | None = None,
     layers_per_rank: str | None = None,
+    context: int = 8192,
 ) -> tuple[Model, Processor]:
-    """Load after warning when weights plus the KV cache will not fit the memory available now.
+    """Load after warning when weights plus the KV cache at `context` tokens will not fit the
+    memory available now.
     With a `group` (--distributed) this rank loads only its stage; a follower serves rank 0 here
     and exits when rank 0 is done."""
     if group is None:
-        warning = memory_warning(footprint(path, kv_bits=kv_bits, kv_group_size=kv_group_size))
+        warning = memory_warning(footprint(path, context, kv_bits=kv_bits, kv_group_size=kv_group_size))
         if warning:
             typer.secho(f"warning: {warning}", fg=typer.colors.YELLOW, err=True)
     counts = int_list(layers_per_rank, "--layers-per-rank") if layers_per_rank else None

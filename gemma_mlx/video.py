@@ -276,6 +276,25 @@ def frame_tokens(height: int, width: int, max_soft_tokens: int = DEFAULT_SOFT_TO
     return (h // PATCH) * (w // PATCH)
 
 
+def video_token_count(
+    src: VideoSource,
+    max_soft_tokens: int = DEFAULT_SOFT_TOKENS,
+    num_frames: int | None = DEFAULT_FRAMES,
+    fps: float | None = None,
+    frames_fps: float | None = None,
+) -> int:
+    """Prompt tokens a video will take, from its header alone (nothing is decoded): per sampled
+    frame its soft tokens, the two markers and about 7 tokens of timestamp text (`mm:ss` with
+    digits as single tokens, and the spaces around it)."""
+    media._check_budget(max_soft_tokens)
+    clip = open_video(src, frames_fps)
+    try:
+        n = len(sample_indices(clip.total, clip.fps, num_frames, fps))
+        return n * (frame_tokens(clip.height, clip.width, max_soft_tokens) + 2 + 7)
+    finally:
+        clip.close()
+
+
 def preprocess_video(
     src: VideoSource,
     max_soft_tokens: int = DEFAULT_SOFT_TOKENS,

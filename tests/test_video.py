@@ -347,6 +347,17 @@ def test_video_that_cannot_fit_the_context(tmp_path):
     assert preprocess_video(clip, num_frames=4, token_budget=2000).num_tokens == 4 * 65
 
 
+def test_token_count_from_the_header(tmp_path):
+    """What the CLI's memory check counts before loading: from the header, nothing decoded."""
+    from gemma_mlx.video import video_token_count
+
+    clip = write_clip(tmp_path / "c.mp4", synthetic_video(40, 96, 128))
+    assert video_token_count(clip, 70, 8) == 8 * (63 + 2 + 7)
+    assert video_token_count(clip, 280, None, fps=1) == 4 * (
+        preprocess_video(clip, 280, 1).num_soft_tokens + 9
+    )
+
+
 def test_without_pyav_the_extra_is_named(monkeypatch, tmp_path):
     clip = write_clip(tmp_path / "c.mp4", synthetic_video(2, 48, 48))
     monkeypatch.setitem(sys.modules, "av", None)

@@ -304,7 +304,7 @@ def bench(
     ] = None,
 ) -> None:
     """Measure prefill (tok/s, time to first token), decode at context depths, achieved GB/s
-    against this machine's copy bandwidth, peak memory, a unified model's image and audio prefill
+    against this machine's copy bandwidth, peak memory, a unified model's image, audio and video prefill
     latency, and with --draft speculative decoding against plain decoding in the same run (random
     prompts, greedy)."""
     if plot is not None:

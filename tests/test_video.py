@@ -497,10 +497,18 @@ def test_server_video_url(tiny, tmp_path):
         messages = [{"role": "user", "content": [{"type": "video", "video": str(clip)},
                                                  {"type": "text", "text": "What is it?"}]}]  # fmt: skip
         expected = len(processor.prepare(messages).ids)
+        cached = []
         for url in (uri, str(clip)):
             r = post(url)
             assert r.status_code == 200, r.text
             assert r.json()["usage"]["prompt_tokens"] == expected
+            cached.append(r.json()["usage"]["prompt_tokens_details"]["cached_tokens"])
+        # the same frames (by content hash, file or data URI) come from the prefix cache
+        assert cached[0] == 0 and cached[1] > expected - 10
+        other = write_clip(tmp_path / "w.mp4", synthetic_video(6, 48, 64, seed=9))
+        r = post(str(other))  # other frames: the cache stops before the first frame
+        first_frame = processor.prepare(messages).ids.index(model.config.video_token_id)
+        assert r.json()["usage"]["prompt_tokens_details"]["cached_tokens"] <= first_frame
         audio = tmp_path / "a.wav"
         import soundfile as sf
 

@@ -413,6 +413,10 @@ def test_generate_with_a_video_part(tiny, tmp_path):
     assert [b[3] for b in frames] == [0, 1, 2] and len({int(key.tokens[b[0]]) for b in frames}) == 3
     rest = key.media_after(inputs, frames[1][0])  # a cached prefix ending before the second frame
     assert rest["pixel_values_videos"].shape[0] == 2
+    with pytest.raises(
+        MediaError, match=r"v.mp4: 3 frames of \d+ soft tokens need \d+ tokens, .* room for 100"
+    ):
+        processor.prepare(messages, video_frames=3, token_budget=100)
     text = generate(model, processor, "Describe.", videos=[str(clip)], max_tokens=2, video_frames=3)
     assert len(text.tokens) == 2 and text.stats.prompt_tokens > 3 * 70
 

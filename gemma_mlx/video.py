@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -113,21 +113,21 @@ def expand_video(video: VideoInput) -> str:
 
 
 @dataclass
-class _Clip:
-    """A source before decoding: its frame count, rate and size, and a way to get chosen frames."""
+class VideoClip:
+    """An opened video before decoding: its frame count, rate and stored frame size, `frames(indices)`
+    (an iterator of the chosen frames as displayed, HWC uint8 RGB, in order; it closes the file when
+    done) and `close()` (for a clip that is not decoded after all)."""
 
     name: str
     total: int
     fps: float | None
     height: int
     width: int
-    frames: Any  # (indices) -> iterator of HWC uint8 RGB arrays, in order
-
-    def close(self) -> None:
-        pass
+    frames: Callable[[Sequence[int]], Iterator[np.ndarray]]
+    close: Callable[[], None] = lambda: None
 
 
-def _frame_list(src: Any, fps: float | None, name: str) -> _Clip:
+def _frame_list(src: Any, fps: float | None, name: str) -> VideoClip:
     """Pre-sampled frames: a [T, H, W, C] (or [T, C, H, W]) array or a list of images."""
     if isinstance(src, np.ndarray):
         if src.ndim != 4:
@@ -151,10 +151,10 @@ def _frame_list(src: Any, fps: float | None, name: str) -> _Clip:
                 )
             yield np.asarray(img)
 
-    return _Clip(name, len(items), fps, first.height, first.width, frames)
+    return VideoClip(name, len(items), fps, first.height, first.width, frames)
 
 
-def _container(src: str | Path | bytes, name: str, seek_above: int) -> _Clip:
+def _container(src: str | Path | bytes, name: str, seek_above: int) -> VideoClip:
     av = _av()
     if not isinstance(src, bytes):
         path = Path(src)
@@ -181,7 +181,10 @@ def _container(src: str | Path | bytes, name: str, seek_above: int) -> _Clip:
                 f"{name}: {width}x{height} frames are larger than {media.MAX_PIXELS:,} pixels; refused"
             )
         fps = float(stream.average_rate) if stream.average_rate else None
-        total = stream.frames or _count_packets(container, stream, name)
+        total = stream.frames or _count_packets(container, stream)
+    except av.FFmpegError as e:
+        container.close()
+        raise MediaError(f"{name}: not a readable video ({e})") from None
     except BaseException:
         container.close()
         raise
@@ -198,15 +201,15 @@ def _container(src: str | Path | bytes, name: str, seek_above: int) -> _Clip:
                 yield _rotated(frame.to_ndarray(format="rgb24"), frame.rotation)
         except av.FFmpegError as e:
             raise MediaError(f"{name}: the video data is corrupt ({e})") from None
+        except MediaError as e:
+            raise MediaError(f"{name}: {e}") from None
         finally:
             container.close()
 
-    clip = _Clip(name, total, fps, height, width, frames)
-    clip.close = container.close  # type: ignore[method-assign]
-    return clip
+    return VideoClip(name, total, fps, height, width, frames, container.close)
 
 
-def _count_packets(container: Any, stream: Any, name: str) -> int:
+def _count_packets(container: Any, stream: Any) -> int:
     """Frames of a stream whose container does not store the count (Matroska, WebM): its packets,
     read without decoding."""
     n = 0
@@ -257,7 +260,7 @@ def _rotated(a: np.ndarray, degrees: float) -> np.ndarray:
     return np.ascontiguousarray(np.rot90(a, k)) if k else a
 
 
-def open_video(src: VideoSource, fps: float | None = None, seek_above: int = SEEK_ABOVE_FRAMES) -> _Clip:
+def open_video(src: VideoSource, fps: float | None = None, seek_above: int = SEEK_ABOVE_FRAMES) -> VideoClip:
     """A video file (path or bytes, anything FFmpeg reads) or pre-sampled frames (a list of images
     or a 4-D array) with their `fps` (ignored for files, which carry their own)."""
     name = source_name(src)

@@ -55,6 +55,7 @@ def write_clip(path, frames, fps=10, codec="libx264", pts=None, rotation=None, f
 @pytest.fixture(scope="module")
 def ref():
     """transformers' processor on the tiny tokenizer (which has Gemma 4's media tokens)."""
+    pytest.importorskip("transformers")
     pytest.importorskip("torchvision")  # the reference video processor resizes with torchvision
     from transformers import (
         Gemma4UnifiedImageProcessor,
@@ -194,6 +195,54 @@ def test_long_clip_is_sought_not_scanned(ref, tmp_path):
     assert sought.frame_indices == [0, 20, 40, 60]
 
 
+CLIPS = {  # name -> (frames, writer options, sampling (num_frames, fps))
+    "landscape, more frames than sampled": (synthetic_video(40, 96, 128, seed=1), {}, (8, None)),
+    "portrait, odd size": (synthetic_video(6, 131, 75, seed=2), {"codec": "png", "ext": "mov"}, (3, None)),
+    "one frame": (synthetic_video(1, 64, 64, seed=3), {}, (1, None)),
+    "by fps": (synthetic_video(45, 48, 96, seed=4), {"fps": 15}, (None, 2)),
+    "variable frame rate": (
+        synthetic_video(12, 64, 80, seed=5),
+        {"pts": [0, 40, 80, 300, 320, 900, 1000, 1500, 1510, 2400, 2500, 3900]},
+        (5, None),
+    ),
+    "sought": (synthetic_video(80, 48, 64, seed=7), {"fps": 4, "seek_above": 10}, (4, None)),
+}
+
+
+@pytest.mark.parametrize("case", CLIPS)
+def test_decoding_and_prompt_match_reference_reader(tmp_path, case):
+    """Without torchvision (the CI stack): the frames we decode and sample are bit-identical to
+    those of the reference's own PyAV reader (`read_video_pyav`) sampled by its
+    `default_sample_indices_fn`, and our prompt text for them is its `replace_video_token`'s."""
+    pytest.importorskip("transformers")
+    from types import SimpleNamespace
+
+    from transformers.models.gemma4_unified.processing_gemma4_unified import (
+        Gemma4UnifiedProcessor,
+        get_aspect_ratio_preserving_size,
+    )
+    from transformers.video_utils import default_sample_indices_fn, read_video_pyav
+
+    frames, opts, (num_frames, fps) = CLIPS[case]
+    opts = dict(opts)
+    seek_above = opts.pop("seek_above", 300)
+    path = write_clip(tmp_path / f"clip.{opts.pop('ext', 'mp4')}", frames, **opts)
+    expected, meta = read_video_pyav(
+        str(path), functools.partial(default_sample_indices_fn, num_frames=num_frames, fps=fps)
+    )
+    clip = open_video(path, seek_above=seek_above)
+    indices = sample_indices(clip.total, clip.fps, num_frames, fps)
+    np.testing.assert_array_equal(indices, meta.frames_indices)
+    ours = np.stack(list(clip.frames(indices)))
+    np.testing.assert_array_equal(ours, expected)
+    v = preprocess_video(path, 70, num_frames, fps, seek_above=seek_above)
+    h, w = get_aspect_ratio_preserving_size(expected.shape[1], expected.shape[2], 16, 70 * 9, 3)
+    names = SimpleNamespace(boi_token="<|image>", eoi_token="<image|>", video_token="<|video|>")
+    inputs = {"num_soft_tokens_per_video": [h // 48 * (w // 48)], "video_metadata": [meta]}
+    assert expand_video(v) == Gemma4UnifiedProcessor.replace_video_token(names, inputs, 0)
+    assert v.timestamps == meta.timestamps
+
+
 def test_timestamps_in_prompt():
     assert [timestamp_text(t) for t in (0, 59.99, 60, 61.5, 3599, 3600)] == [
         "00:00", "00:59", "01:00", "01:01", "59:59", "60:00"
@@ -204,6 +253,7 @@ def test_timestamps_in_prompt():
 
 
 def test_sample_indices_matches_reference():
+    pytest.importorskip("transformers")
     from transformers.video_utils import VideoMetadata, default_sample_indices_fn
 
     cases = [(100, 30, 32, None), (33, 10, 32, None), (7, 24, 7, None), (300, 30, None, 1),
@@ -368,6 +418,7 @@ def test_without_pyav_the_extra_is_named(monkeypatch, tmp_path):
 
 def test_tokens_per_frame_match_reference():
     """Soft tokens per frame at each budget for common frame sizes (the README's table)."""
+    pytest.importorskip("transformers")
     from transformers.models.gemma4_unified.processing_gemma4_unified import get_aspect_ratio_preserving_size
 
     from gemma_mlx.video import frame_tokens

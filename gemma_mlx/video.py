@@ -229,10 +229,23 @@ def _scan_frames(container: Any, stream: Any, indices: Sequence[int]) -> Iterato
             return
 
 
+def _worth_seeking(stream: Any, target: float, position: float) -> bool:
+    """Whether seeking to `target` skips decoding: the keyframe before it (from the container's
+    index) lies ahead of the last decoded frame. Without an index: targets over 10 s ahead."""
+    if target < position:
+        return True
+    entries = stream.index_entries
+    if not len(entries):
+        return target - position > 10.0 / float(stream.time_base)
+    k = entries.search_timestamp(int(target), backward=True)
+    return k >= 0 and entries[k].timestamp > position
+
+
 def _seek_frames(container: Any, stream: Any, indices: Sequence[int], fps: float) -> Iterator[Any]:
     """The frames at `indices` of a long clip: frame i is the first at or after time i / fps from
-    the stream's start (the same frame as by counting on a constant-rate clip); between sampled
-    frames further apart than about a second, seek to the keyframe before the next one."""
+    the stream's start (the same frame as by counting on a constant-rate clip). Where a keyframe
+    lies between the last decoded frame and the next target, seek to the keyframe before the
+    target instead of decoding up to it."""
     tb = float(stream.time_base)
     start = stream.start_time or 0
     decoder: Iterator[Any] | None = None
@@ -240,7 +253,7 @@ def _seek_frames(container: Any, stream: Any, indices: Sequence[int], fps: float
     half = 0.5 / fps / tb
     for i in indices:
         target = start + i / fps / tb
-        if decoder is None or target - position > 1.0 / tb or target < position:
+        if decoder is None or _worth_seeking(stream, target, position):
             container.seek(int(target), stream=stream, backward=True, any_frame=False)
             decoder = container.decode(stream)
         for frame in decoder:

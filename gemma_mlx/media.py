@@ -391,6 +391,19 @@ _PLACEHOLDER = re.compile(
 )
 
 
+def check_placeholders(text: str, images: int, audio: int, videos: int = 0) -> None:
+    """`MediaError` unless `text` has exactly one placeholder per image, audio clip and video
+    (checked before any media is decoded, and again by `expand_media_tokens`)."""
+    found = [m.group() for m in _PLACEHOLDER.finditer(text)]
+    for token, n, kind in (
+        (IMAGE_TOKEN, images, "images"),
+        (AUDIO_TOKEN, audio, "audio clips"),
+        (VIDEO_TOKEN, videos, "videos"),
+    ):
+        if found.count(token) != n:
+            raise MediaError(f"the prompt has {found.count(token)} {token} placeholders for {n} {kind}")
+
+
 def expand_media_tokens(
     text: str,
     image_counts: Sequence[int],
@@ -405,16 +418,7 @@ def expand_media_tokens(
     video_texts[k] (`gemma_mlx.video.expand_video`: timestamped frames, `replace_video_token`).
     Placeholder and media counts must match (`MediaError`, a ValueError, as the reference's
     `validate_inputs`)."""
-    found = [m.group() for m in _PLACEHOLDER.finditer(text)]
-    for token, counts, kind in (
-        (IMAGE_TOKEN, image_counts, "images"),
-        (AUDIO_TOKEN, audio_counts, "audio clips"),
-        (VIDEO_TOKEN, video_texts, "videos"),
-    ):
-        if found.count(token) != len(counts):
-            raise MediaError(
-                f"the prompt has {found.count(token)} {token} placeholders for {len(counts)} {kind}"
-            )
+    check_placeholders(text, len(image_counts), len(audio_counts), len(video_texts))
     images = iter(BOI + IMAGE_TOKEN * n + EOI for n in image_counts)
     audio = iter(
         "".join(BOA + AUDIO_TOKEN * n + EOA for n in (c if isinstance(c, Sequence) else [c]))

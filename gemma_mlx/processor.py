@@ -344,6 +344,7 @@ class Processor:
                 )  # media first
         if not images and not audio and not videos:
             return Inputs(self.encode_text(text, bos))
+        media.check_placeholders(text, len(images), len(audio), len(videos))  # before any decoding
         waveforms, audio_tokens = [], 0
         for a, rate in audio:
             waveforms.append(media.load_audio(a, rate))

@@ -468,6 +468,8 @@ def test_generate_with_a_video_part(tiny, tmp_path):
         MediaError, match=r"v.mp4: 3 frames of \d+ soft tokens need \d+ tokens, .* room for 100"
     ):
         processor.prepare(messages, video_frames=3, token_budget=100)
+    with pytest.raises(MediaError, match=r"2 <\|video\|> placeholders for 1 videos"):  # before decoding
+        processor.prepare("<|video|> then <|video|>", videos=[tmp_path / "not-even-there.mp4"])
     text = generate(model, processor, "Describe.", videos=[str(clip)], max_tokens=2, video_frames=3)
     assert len(text.tokens) == 2 and text.stats.prompt_tokens > 3 * 70
 

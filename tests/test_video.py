@@ -582,3 +582,27 @@ def test_server_video_url(tiny, tmp_path):
             assert r.json()["error"]["param"].startswith("messages[0].content[0].video_url.url")
     finally:
         server.close()
+
+
+def test_video_token_from_config_when_the_tokenizer_lacks_it(tmp_path):
+    """The reference adds `<|video|>` to the tokenizer at run time; a tokenizer without it gets the
+    config's `video_token_id` for every placeholder."""
+    import json
+
+    from test_text import save_sp_tokenizer
+
+    from gemma_mlx.text import ChatTemplate
+
+    save_sp_tokenizer(tmp_path)
+    frames = synthetic_video(2, 48, 48)
+    plain = Processor.from_dir(tmp_path)
+    assert plain.video_token_id is None
+    with pytest.raises(MediaError, match="no <\\|video\\|> token"):
+        plain.prepare("Look: <|video|>", videos=[frames])
+    (tmp_path / "config.json").write_text(json.dumps({"video_token_id": 300}))
+    p = Processor.from_dir(tmp_path)
+    assert p.video_token_id == 300 and isinstance(p.chat_template, ChatTemplate)
+    ids = p.prepare("Look: <|video|>", videos=[frames]).ids
+    v = preprocess_video(frames)
+    assert ids.count(300) == v.num_frames * v.num_soft_tokens
+    assert ids[: len(p.encode_text("Look: 00:00 <|image>"))] == p.encode_text("Look: 00:00 <|image>")

@@ -606,3 +606,20 @@ def test_video_token_from_config_when_the_tokenizer_lacks_it(tmp_path):
     v = preprocess_video(frames)
     assert ids.count(300) == v.num_frames * v.num_soft_tokens
     assert ids[: len(p.encode_text("Look: 00:00 <|image>"))] == p.encode_text("Look: 00:00 <|image>")
+
+
+def test_cli_chat_with_video(tiny, tmp_path):
+    """`gemma-mlx chat --video F --video-frames 2`, then `/video` for the next message."""
+    from typer.testing import CliRunner
+
+    from gemma_mlx.cli.app import app
+
+    path, _, _ = tiny
+    clip = write_clip(tmp_path / "v.mp4", synthetic_video(6, 48, 64))
+    script = "\n".join(["What is this?", f"/video {clip}", "And this?", "/stats", "/quit"]) + "\n"
+    args = ["chat", "--model", str(path), "-n", "2", "-t", "0", "--video", str(clip), "--video-frames", "2"]
+    result = CliRunner().invoke(app, args, input=script)
+    assert result.exit_code == 0, result.output
+    assert f"[video attached: {clip}]" in result.output and "prompt tokens" in result.output
+    bad = CliRunner().invoke(app, [*args[:-4], "--video", str(tmp_path / "no.mp4")], input="/quit\n")
+    assert bad.exit_code == 1 and "no.mp4: cannot read the file" in bad.stderr

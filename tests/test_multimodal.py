@@ -172,7 +172,7 @@ def video_prompt(rng, parts, frames_tokens):
     return np.array([ids])
 
 
-def reference_video_logits(ref, ids, video, pv=None, pos=None, feats=None, fmask=None):
+def reference_video_logits(ref, ids, video, pv=None, pos=None, feats=None, fmask=None, past=None):
     ids_t = torch.tensor(ids)
     mm = torch.zeros_like(ids_t)
     mm[ids_t == IMG], mm[ids_t == VID], mm[ids_t == AUD] = 1, 2, 3
@@ -191,7 +191,8 @@ def reference_video_logits(ref, ids, video, pv=None, pos=None, feats=None, fmask
     if feats is not None:
         kw.update(input_features=torch.tensor(feats), input_features_mask=torch.tensor(fmask))
     with torch.no_grad():
-        return ref(input_ids=ids_t, attention_mask=masks, position_ids=position_ids, **kw).logits.numpy()
+        out = ref(input_ids=ids_t, attention_mask=masks, position_ids=position_ids, use_cache=True, **kw)
+    return (out.logits.numpy(), out.past_key_values) if past is not None else out.logits.numpy()
 
 
 @pytest.mark.parametrize("with_image_and_audio", [False, True], ids=["video", "video+image+audio"])
@@ -234,9 +235,18 @@ def test_video_logits_and_greedy_decode(models, with_image_and_audio):
         media=media, prefill_step_size=64,
     )  # fmt: skip
     ours_greedy = [next(tokens) for _ in range(16)]
-    seq, theirs = ids, []
-    for _ in range(16):
-        nxt = int(reference_video_logits(ref, seq, video, pv, pos, feats, fmask)[0, -1].argmax())
-        theirs.append(nxt)
-        seq = np.concatenate([seq, [[nxt]]], axis=1)
+    # the reference's generation path: the prompt with its block masks, then cached text steps
+    logits, cache = reference_video_logits(ref, ids, video, pv, pos, feats, fmask, past=True)
+    theirs = [int(logits[0, -1].argmax())]
+    with torch.no_grad():
+        for step in range(15):
+            position = torch.tensor([[ids.shape[1] + step]])
+            out = ref(
+                input_ids=torch.tensor([theirs[-1:]]),
+                past_key_values=cache,
+                position_ids=position,
+                use_cache=True,
+            )
+            cache = out.past_key_values
+            theirs.append(int(out.logits[0, -1].argmax()))
     assert ours_greedy == theirs

@@ -47,6 +47,9 @@ from .common import (
     TemperatureOpt,
     TopKOpt,
     TopPOpt,
+    VideoFramesOpt,
+    VideoOpt,
+    VideoSoftTokensOpt,
     check_media,
     fail,
     int_list,
@@ -117,6 +120,9 @@ def generate(
     seed: SeedOpt = None,
     image: ImageOpt = None,
     audio: AudioOpt = None,
+    video: VideoOpt = None,
+    video_frames: VideoFramesOpt = 32,
+    video_soft_tokens: VideoSoftTokensOpt = 70,
     as_json: JsonOpt = False,
     draft: DraftOpt = None,
     draft_block_size: DraftBlockOpt = 4,
@@ -148,11 +154,14 @@ def generate(
     servers = agent_cli.server_specs(mcp, mcp_config)
     if servers and not yes and not sys.stdin.isatty():
         fail("--mcp: tool calls need consent at a terminal; pass --yes to allow every call")
-    images, clips = image or [], audio or []
-    check_media(path, images, clips)
+    images, clips, videos = image or [], audio or [], video or []
+    video_tokens = check_media(path, images, clips, videos, video_soft_tokens, video_frames)
+    context = max(8192, video_tokens + max_tokens)  # the memory check counts a long video's tokens
     sampling = SamplingParams(temperature, top_k, top_p, min_p, seed)  # option checks before the load
     drafter = load_draft(draft)
-    model_obj, processor = load_checked(path, kv_bits, kv_group_size, group, layers_per_rank, check_finite)
+    model_obj, processor = load_checked(
+        path, kv_bits, kv_group_size, group, layers_per_rank, check_finite, context
+    )
     if servers:
         session = ChatSession(
             model_obj,
@@ -166,6 +175,8 @@ def generate(
             session.attach_image(i)
         for a in clips:
             session.attach_audio(a)
+        for v in videos:
+            session.attach_video(v)
         with agent_cli.open_tools(servers, tool_timeout) as tools:
             agent = agent_cli.make_agent(session, tools, yes, max_tool_calls)
             answer = agent_cli.render(agent.send(prompt), echo_text=not as_json)
@@ -185,6 +196,9 @@ def generate(
         **vars(sampling),
         images=images,
         audio=clips,
+        videos=videos,
+        video_frames=video_frames,
+        video_soft_tokens=video_soft_tokens,
         prefill_progress=PrefillBar(),
         drafter=drafter,
         draft_block_size=draft_block_size,
@@ -216,6 +230,9 @@ def chat(
     think: Annotated[bool, typer.Option("--think/--no-think", help="Let the model think first.")] = False,
     image: ImageOpt = None,
     audio: AudioOpt = None,
+    video: VideoOpt = None,
+    video_frames: VideoFramesOpt = 32,
+    video_soft_tokens: VideoSoftTokensOpt = 70,
     max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", min=1, help="Tokens per answer.")] = 512,
     temperature: TemperatureOpt = 1.0,
     top_k: TopKOpt = 64,
@@ -235,15 +252,19 @@ def chat(
     tool_timeout: agent_cli.ToolTimeoutOpt = 60.0,
     check_finite: CheckFiniteOpt = False,
 ) -> None:
-    """Chat in the terminal: multi-turn with cache reuse, streaming, images and audio, /commands;
+    """Chat in the terminal: multi-turn with cache reuse, streaming, images, audio and video,
+    /commands;
     with --mcp, the model calls tools from MCP servers (each call asked first)."""
     group = join_group(distributed)
     path = resolve_model(model)
     servers = agent_cli.server_specs(mcp, mcp_config)
-    check_media(path, image or [], audio or [])
+    video_tokens = check_media(path, image or [], audio or [], video or [], video_soft_tokens, video_frames)
+    context = max(8192, video_tokens + max_tokens)
     sampling = SamplingParams(temperature, top_k, top_p, min_p, seed)  # option checks before the load
     drafter = load_draft(draft)
-    model_obj, processor = load_checked(path, kv_bits, kv_group_size, group, layers_per_rank, check_finite)
+    model_obj, processor = load_checked(
+        path, kv_bits, kv_group_size, group, layers_per_rank, check_finite, context
+    )
     if think and not processor.supports_thinking:
         fail(f"--think: the chat template of {path} has no thinking mode")
     session = ChatSession(
@@ -258,11 +279,15 @@ def chat(
         draft_block_size=draft_block_size,
         kv_bits=kv_bits,
         kv_group_size=kv_group_size,
+        video_soft_tokens=video_soft_tokens,
+        video_frames=video_frames,
     )
     for i in image or []:
         session.attach_image(i)
     for a in audio or []:
         session.attach_audio(a)
+    for v in video or []:
+        session.attach_video(v)
     banner = f"gemma-mlx chat - {path.name} ({model_obj.config.model_type})"
     tools = agent_cli.open_tools(servers, tool_timeout)
     if tools is None:
@@ -344,7 +369,7 @@ def bench(
     ] = None,
 ) -> None:
     """Measure prefill (tok/s, time to first token), decode at context depths, achieved GB/s
-    against this machine's copy bandwidth, peak memory, a unified model's image and audio prefill
+    against this machine's copy bandwidth, peak memory, a unified model's image, audio and video prefill
     latency, and with --draft speculative decoding against plain decoding in the same run (random
     prompts, greedy)."""
     if plot is not None:

@@ -16,6 +16,7 @@ from .common import show_error
 HELP = """Commands:
   /image PATH     attach an image to your next message
   /audio PATH     attach an audio clip to your next message
+  /video PATH     attach a video clip to your next message (sampled into frames)
   /system TEXT    set the system prompt (starts a new conversation)
   /think on|off   let the model think before answering
   /reset          forget the conversation
@@ -81,6 +82,9 @@ def command(session: ChatSession, line: str, agent: agent_cli.Agent | None = Non
         elif name == "audio" and arg:
             session.attach_audio(arg)
             echo(f"[audio attached: {arg}]")
+        elif name == "video" and arg:
+            session.attach_video(arg)
+            echo(f"[video attached: {arg}]")
         elif name == "system":
             session.system = arg or None
             session.reset()

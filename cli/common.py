@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 import traceback
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated
 
@@ -18,8 +19,10 @@ from gemma_mlx.distributed import init_group
 from gemma_mlx.footprint import footprint, memory_warning
 from gemma_mlx.generate import check_kv_quantization
 from gemma_mlx.hub import resolve
+from gemma_mlx.media import BUDGETS, MediaError
 from gemma_mlx.models.gemma import Model
 from gemma_mlx.processor import Processor
+from gemma_mlx.video import video_token_count
 
 # Options shared by several commands, declared once.
 ModelOpt = Annotated[
@@ -43,6 +46,23 @@ ImageOpt = Annotated[
 AudioOpt = Annotated[
     list[str] | None,
     typer.Option("--audio", metavar="FILE", help="An audio clip (repeatable; chat: first message)."),
+]
+VideoOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--video",
+        metavar="FILE",
+        help="A video clip, sampled into timestamped frames (repeatable; chat: first message; extra: video).",
+    ),
+]
+VideoFramesOpt = Annotated[
+    int, typer.Option("--video-frames", min=1, help="Frames sampled uniformly from each video.")
+]
+VideoSoftTokensOpt = Annotated[
+    int,
+    typer.Option(
+        "--video-soft-tokens", help="Soft tokens per video frame: 70, 140, 280, 560 or 1120 (more = sharper)."
+    ),
 ]
 KvBitsOpt = Annotated[
     int | None,
@@ -139,13 +159,33 @@ def load_draft(draft: str | None) -> Drafter | None:
         fail(f"--draft {e}")
 
 
-def check_media(path: Path, images: list[str], audio: list[str]) -> None:
-    """Refuse media the model cannot take, before its weights are loaded."""
+def check_media(
+    path: Path,
+    images: list[str],
+    audio: list[str],
+    videos: Sequence[str] = (),
+    video_soft_tokens: int = 70,
+    video_frames: int = 32,
+) -> int:
+    """Refuse media the model cannot take, before its weights are loaded; a video whose container
+    cannot be opened (or without PyAV, the `video` extra) fails here too. -> the prompt tokens the
+    videos will take (from their headers), for the memory check."""
     config = load_config(path)
     if images and config.vision is None:
         fail(f"{path}: this model has no vision input (--image)")
     if audio and config.audio is None:
         fail(f"{path}: this model has no audio input (--audio)")
+    if videos and config.vision is None:
+        fail(f"{path}: this model has no vision input (--video)")
+    if videos and video_soft_tokens not in BUDGETS:
+        fail(f"--video-soft-tokens {video_soft_tokens}: expected one of {', '.join(map(str, BUDGETS))}")
+    tokens = 0
+    for v in videos:
+        try:
+            tokens += video_token_count(v, video_soft_tokens, video_frames)
+        except MediaError as e:
+            fail(f"--video {e}")
+    return tokens
 
 
 def int_list(text: str, option: str) -> list[int]:
@@ -184,8 +224,10 @@ def load_checked(
     group: mx.distributed.Group | None = None,
     layers_per_rank: str | None = None,
     check_finite: bool = False,
+    context: int = 8192,
 ) -> tuple[Model, Processor]:
-    """Load after warning when weights plus the KV cache will not fit the memory available now.
+    """Load after warning when weights plus the KV cache at `context` tokens will not fit the
+    memory available now.
     With a `group` (--distributed) this rank loads only its stage; a follower serves rank 0 here
     and exits when rank 0 is done. Option values are checked first: a bad one fails in a second,
     not after minutes of loading."""
@@ -194,7 +236,7 @@ def load_checked(
     except ValueError as e:
         fail(f"--kv-bits/--kv-group-size: {e}")
     if group is None:
-        warning = memory_warning(footprint(path, kv_bits=kv_bits, kv_group_size=kv_group_size))
+        warning = memory_warning(footprint(path, context, kv_bits=kv_bits, kv_group_size=kv_group_size))
         if warning:
             typer.secho(f"warning: {warning}", fg=typer.colors.YELLOW, err=True)
     counts = int_list(layers_per_rank, "--layers-per-rank") if layers_per_rank else None

@@ -19,6 +19,7 @@ from .models.drafter import Drafter
 from .models.gemma import Model
 from .processor import Processor
 from .sample import SamplingParams
+from .video import synthetic_video
 
 
 def benchmark(
@@ -144,8 +145,9 @@ def media_prefill(
     audio_seconds: float = 3.0,
     prefill_step_size: int = 512,
 ) -> list[dict]:
-    """Latency of a prompt with one image (the default soft-token budget) and of one with a few
-    seconds of audio, for the media the model takes: `preprocess_s` (pixels or samples -> tensors,
+    """Latency of a prompt with one image (the default soft-token budget), of one with a few
+    seconds of audio and of one with an 8-frame 640x360 video (pre-sampled frames, 70 soft tokens
+    each), for the media the model takes: `preprocess_s` (pixels or samples -> tensors,
     `Processor.prepare`), `ttft_s` (prefill with the media embedded, plus the first token) and the
     prompt's tokens per second of TTFT. Medians of `trials` after a warm-up."""
     cases = []
@@ -155,6 +157,8 @@ def media_prefill(
         cases.append(
             (f"audio {audio_seconds:g} s", {"audio": [(synthetic_audio(0, audio_seconds), SAMPLE_RATE)]})
         )
+    if model.config.vision is not None:
+        cases.append(("video 8 frames", {"videos": [(synthetic_video(8, 360, 640), 2.0)]}))
     sample = SamplingParams().token_sampler()
     rows = []
     for name, media in cases:
@@ -181,7 +185,10 @@ def media_prefill(
                 prep.append(ready - start)
                 ttft.append(end - ready)
         n = len(inputs.ids)
-        media_id = model.config.image_token_id if name == "image" else model.config.audio_token_id
+        c = model.config
+        media_id = {"image": c.image_token_id, "audio": c.audio_token_id, "video": c.video_token_id}[
+            name.split()[0]
+        ]
         rows.append(
             {
                 "input": name,
@@ -232,7 +239,7 @@ def bench_report(
 ) -> dict:
     """Everything `gemma-mlx bench` reports, as one JSON-ready dict. `weight_bytes` is what a
     decode step reads of the weights (`footprint(path).bytes_per_token`); GB/s adds the KV cache
-    read at each depth. With a `processor`, a unified model's image and audio prefill latency too
+    read at each depth. With a `processor`, a unified model's image, audio and video prefill latency too
     (`media`)."""
     depths = default_depths() if depths is None else list(depths)
     kv = dict(kv_bits=kv_bits, kv_group_size=kv_group_size)

@@ -21,6 +21,7 @@ from .models.gemma import Model
 from .processor import Inputs, Processor
 from .sample import SamplingParams
 from .tools import ToolCall, parse_output, tool_names
+from .video import open_video
 
 ANSWER_MARK = "\u2063answer\u2063"  # stands for the last answer when rendering what follows it
 
@@ -33,6 +34,8 @@ class ChatSession:
     think: bool = False
     max_tokens: int = 512
     max_soft_tokens: int = 280
+    video_soft_tokens: int = 70  # per video frame
+    video_frames: int | None = 32  # frames sampled per video
     sampling: SamplingParams = field(default_factory=SamplingParams)
     history: list[dict] = field(default_factory=list)
     notices: list[str] = field(default_factory=list)  # context trimming etc., for the front end
@@ -77,6 +80,12 @@ class ChatSession:
         load_audio(src)
         self.pending.append({"type": "audio", "audio": src})
 
+    def attach_video(self, src: object) -> None:
+        if self.model.config.vision is None:
+            raise ValueError("this model has no vision input: it cannot take videos")
+        open_video(src).close()  # the container and its video stream, checked now
+        self.pending.append({"type": "video", "video": src})
+
     def _messages(self, history: list[dict]) -> list[dict]:
         return ([{"role": "system", "content": self.system}] if self.system else []) + history
 
@@ -109,21 +118,22 @@ class ChatSession:
         return tail + full[len(before) :], True
 
     @staticmethod
-    def _media(messages: list[dict]) -> tuple[list, list]:
+    def _media(messages: list[dict]) -> tuple[list, list, list]:
         parts = [p for m in messages if isinstance(m.get("content"), list) for p in m["content"]]
-        return [p["image"] for p in parts if p["type"] == "image"], [
-            p["audio"] for p in parts if p["type"] == "audio"
-        ]
+        return tuple([p[kind] for p in parts if p["type"] == kind] for kind in ("image", "audio", "video"))
 
     def _inputs(self, new: list[dict]) -> tuple[Inputs, bool]:
         feed, reuse = self._new_text(new)
-        images, audio = self._media(new if reuse else [*self.history, *new])
+        images, audio, videos = self._media(new if reuse else [*self.history, *new])
         inputs = self.processor.prepare(
             feed,
             images,
             audio,
+            videos=videos,
             add_bos=not reuse,
             max_soft_tokens=self.max_soft_tokens,
+            video_soft_tokens=self.video_soft_tokens,
+            video_frames=self.video_frames,
             token_budget=self.context - (len(self.tokens) if reuse else 0),
         )
         if not reuse and self._rewind_to_common_prefix(inputs.ids):
@@ -139,7 +149,8 @@ class ChatSession:
         p = next((i for i, (a, b) in enumerate(zip(self.tokens, ids, strict=False)) if a != b), None)
         p = min(len(self.tokens), len(ids)) if p is None else p
         drop = len(self.tokens) - p
-        media = {self.model.config.image_token_id, self.model.config.audio_token_id}
+        c = self.model.config
+        media = {c.image_token_id, c.audio_token_id, c.video_token_id}
         if p == 0 or p == len(ids) or drop > min(c.max_trim for c in self.cache) or media & set(ids[p:]):
             return False
         for c in self.cache:
@@ -148,7 +159,7 @@ class ChatSession:
         return True
 
     def send(self, text: str, tool_results: Sequence[dict] = ()) -> Iterator[GenerationChunk]:
-        """Stream the answer to `text` (with any attached images/audio). `tool_results` answer
+        """Stream the answer to `text` (with any attached images, audio and videos). `tool_results` answer
         calls of the last answer that got no result yet (stopped, say); they go before `text`."""
         user = {
             "role": "user",

@@ -408,8 +408,12 @@ def stream_generate(
     prefill_step_size: int = 512,
     images: Sequence = (),
     audio: Sequence = (),
+    videos: Sequence = (),
     enable_thinking: bool = False,
     max_soft_tokens: int = 280,
+    video_soft_tokens: int = 70,
+    video_frames: int | None = 32,
+    video_fps: float | None = None,
     prefill_progress: Progress | None = None,
     drafter: Drafter | None = None,
     draft_block_size: int = 4,
@@ -419,7 +423,9 @@ def stream_generate(
     tools: Sequence[dict] | None = None,
 ) -> Iterator[GenerationChunk]:
     """Stream a completion of `prompt` (text, token ids, or chat messages, whose parts may hold
-    images and audio; a text prompt takes `images`/`audio` for its placeholders).
+    images, audio and videos; a text prompt takes `images`/`audio`/`videos` for its placeholders).
+    Videos are sampled to `video_frames` frames (or `video_fps` per second of the clip, at most
+    `video_frames`) of `video_soft_tokens` each (see `Processor.prepare`).
 
     Stops at `max_tokens` (0: nothing is generated), on the processor's EOS ids, or when a `stop`
     string appears (one string or a list of them; the stop string itself is not emitted). Logits
@@ -448,8 +454,12 @@ def stream_generate(
             prompt,
             images,
             audio,
+            videos=videos,
             enable_thinking=enable_thinking,
             max_soft_tokens=max_soft_tokens,
+            video_soft_tokens=video_soft_tokens,
+            video_frames=video_frames,
+            video_fps=video_fps,
             tools=tools,
             token_budget=room,
         )

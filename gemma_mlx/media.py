@@ -48,6 +48,7 @@ FRAME = 640  # samples per audio soft token (40 ms)
 MAX_CLIP_SECONDS = 30.0  # `audio_seq_length` 750 frames: the documented per-block cap
 IMAGE_TOKEN, BOI, EOI = "<|image|>", "<|image>", "<image|>"
 AUDIO_TOKEN, BOA, EOA = "<|audio|>", "<|audio>", "<audio|>"
+VIDEO_TOKEN = "<|video|>"  # a video's frames are image blocks of these (see gemma_mlx.video)
 
 ImageSource = str | Path | bytes | Image.Image | np.ndarray
 AudioSource = str | Path | bytes | np.ndarray
@@ -568,33 +569,47 @@ class MediaBudget:
 # --- prompt --------------------------------------------------------------------------------
 
 # a placeholder right after the literal-text mark (gemma_mlx.text.LITERAL_OPEN) is message text, not media
-_PLACEHOLDER = re.compile(f"(?<!\ue000)(?:{re.escape(IMAGE_TOKEN)}|{re.escape(AUDIO_TOKEN)})")
+_PLACEHOLDER = re.compile(
+    f"(?<!\ue000)(?:{re.escape(IMAGE_TOKEN)}|{re.escape(AUDIO_TOKEN)}|{re.escape(VIDEO_TOKEN)})"
+)
+
+
+def check_placeholders(text: str, images: int, audio: int, videos: int = 0) -> None:
+    """`MediaError` unless `text` has exactly one placeholder per image, audio clip and video
+    (checked before any media is decoded, and again by `expand_media_tokens`)."""
+    found = [m.group() for m in _PLACEHOLDER.finditer(text)]
+    for token, n, kind in (
+        (IMAGE_TOKEN, images, "images"),
+        (AUDIO_TOKEN, audio, "audio clips"),
+        (VIDEO_TOKEN, videos, "videos"),
+    ):
+        if found.count(token) != n:
+            raise MediaError(f"the prompt has {found.count(token)} {token} placeholders for {n} {kind}")
 
 
 def expand_media_tokens(
-    text: str, image_counts: Sequence[int], audio_counts: Sequence[int | Sequence[int]]
+    text: str,
+    image_counts: Sequence[int],
+    audio_counts: Sequence[int | Sequence[int]],
+    video_texts: Sequence[str] = (),
 ) -> str:
     """Replace, in one left-to-right pass (the reference's `get_text_with_replacements`), the i-th
     `<|image|>` with `<|image>` + `<|image|>` x image_counts[i] + `<image|>` (`replace_image_token`)
     and the j-th `<|audio|>` with `<|audio>` + `<|audio|>` x audio_counts[j] + `<audio|>`
     (`replace_audio_token`). An audio entry that is a list of frame counts (a long clip cut by
-    `split_audio`) becomes that many consecutive audio blocks. Placeholder and media counts must
-    match (`MediaError`, a ValueError, as the reference's `validate_inputs`)."""
-    found = [m.group() for m in _PLACEHOLDER.finditer(text)]
-    for token, counts, kind in (
-        (IMAGE_TOKEN, image_counts, "images"),
-        (AUDIO_TOKEN, audio_counts, "audio clips"),
-    ):
-        if found.count(token) != len(counts):
-            raise MediaError(
-                f"the prompt has {found.count(token)} {token} placeholders for {len(counts)} {kind}"
-            )
+    `split_audio`) becomes that many consecutive audio blocks. The k-th `<|video|>` becomes
+    video_texts[k] (`gemma_mlx.video.expand_video`: timestamped frames, `replace_video_token`).
+    Placeholder and media counts must match (`MediaError`, a ValueError, as the reference's
+    `validate_inputs`)."""
+    check_placeholders(text, len(image_counts), len(audio_counts), len(video_texts))
     images = iter(BOI + IMAGE_TOKEN * n + EOI for n in image_counts)
     audio = iter(
         "".join(BOA + AUDIO_TOKEN * n + EOA for n in (c if isinstance(c, Sequence) else [c]))
         for c in audio_counts
     )
-    return _PLACEHOLDER.sub(lambda m: next(images if m.group() == IMAGE_TOKEN else audio), text)
+    videos = iter(video_texts)
+    streams = {IMAGE_TOKEN: images, AUDIO_TOKEN: audio, VIDEO_TOKEN: videos}
+    return _PLACEHOLDER.sub(lambda m: next(streams[m.group()]), text)
 
 
 def synthetic_image(seed: int = 0, height: int = 192, width: int | None = None) -> np.ndarray:

@@ -14,6 +14,10 @@ import numpy as np
 
 from . import media
 from .text import ChatTemplate, Tokenizer, read_json
+from .video import DEFAULT_FRAMES, DEFAULT_SOFT_TOKENS, batch_videos, expand_video, preprocess_video
+
+# Inputs fields that describe the prompt rather than feed the model
+_NOT_MODEL_INPUTS = ("ids", "num_frames_per_video", "video_timestamps")
 
 
 @dataclass
@@ -25,13 +29,17 @@ class Inputs:
     image_position_ids: np.ndarray | None = None  # [n, max_soft_tokens, 2]
     input_features: np.ndarray | None = None  # [m, frames, 640]
     input_features_mask: np.ndarray | None = None  # [m, frames]
+    pixel_values_videos: np.ndarray | None = None  # [frames of all videos, max_soft_tokens, 6912]
+    video_position_ids: np.ndarray | None = None  # [frames of all videos, max_soft_tokens, 2]
+    num_frames_per_video: list[int] | None = None
+    video_timestamps: list[list[float]] | None = None  # seconds of each sampled frame, per video
 
     @property
     def has_media(self) -> bool:
-        return self.pixel_values is not None or self.input_features is not None
+        return any(v is not None for v in (self.pixel_values, self.input_features, self.pixel_values_videos))
 
     def model_kwargs(self) -> dict:
-        return {k: mx.array(v) for k, v in vars(self).items() if k != "ids" and v is not None}
+        return {k: mx.array(v) for k, v in vars(self).items() if k not in _NOT_MODEL_INPUTS and v is not None}
 
 
 PromptKind = Literal["text", "ids", "messages"]
@@ -78,13 +86,13 @@ def _escaped(tokenizer: Tokenizer, data: Any) -> Any:
 
 
 ROLES = ("system", "developer", "user", "assistant", "model", "tool")
-PART_TYPES = ("text", "image", "audio")
+PART_TYPES = ("text", "image", "audio", "video")
 
 
 def check_messages(messages: Sequence[Any]) -> None:
     """Raise ValueError naming the message (and part) that a chat template would render wrongly or
     as an empty turn: not a dict, an unknown role, content that is neither a string nor a list of
-    parts, a part of an unsupported type (video input is not supported) or a text part without text."""
+    parts, a part of an unsupported type or a text part without text."""
     for i, m in enumerate(messages):
         if not isinstance(m, Mapping):
             raise ValueError(
@@ -108,7 +116,6 @@ def check_messages(messages: Sequence[Any]) -> None:
             if kind not in PART_TYPES:
                 raise ValueError(
                     f"message {i}, part {j}: type {kind!r} is not one of {', '.join(PART_TYPES)}"
-                    + (" (video input is not supported)" if kind == "video" else "")
                 )
             if kind == "text" and not isinstance(part.get("text"), str):
                 raise ValueError(f"message {i}, part {j}: a text part needs 'text' (a string)")
@@ -118,11 +125,20 @@ class Processor:
     """Turns prompts (text, token ids, chat messages) into token ids for one checkpoint."""
 
     def __init__(
-        self, tokenizer: Tokenizer, chat_template: ChatTemplate, generation_config: dict | None = None
+        self,
+        tokenizer: Tokenizer,
+        chat_template: ChatTemplate,
+        generation_config: dict | None = None,
+        video_token_id: int | None = None,
     ):
         self.tokenizer = tokenizer
         self.chat_template = chat_template
         self.generation_config = generation_config or {}
+        # `<|video|>`: the tokenizer's token if it has one, else the config's id (the reference adds
+        # the token to the tokenizer at run time; the 12B's config names 258884)
+        self.video_token_id = tokenizer.token_to_id(media.VIDEO_TOKEN)
+        if self.video_token_id is None:
+            self.video_token_id = video_token_id
 
     @classmethod
     def from_dir(cls, path: str | Path) -> Processor | None:
@@ -149,7 +165,9 @@ class Processor:
                     f"{gen_file}: {field} is {value!r}; expected a token id (an integer >= 0) "
                     "or a list of them"
                 )
-        return cls(tokenizer, template, gen)
+        config = read_json(path / "config.json") if (path / "config.json").is_file() else {}
+        video = config.get("video_token_id") if isinstance(config, dict) else None
+        return cls(tokenizer, template, gen, video if isinstance(video, int) else None)
 
     def check_media_input(self, config: Any, images: bool, audio: bool) -> None:
         """Raise `MediaError` when images (audio) are given to a model without that input, or when
@@ -288,65 +306,103 @@ class Processor:
             self.apply_chat_template(prompt, enable_thinking=enable_thinking, tools=tools)
         )
 
+    def _encode_media_text(self, text: str, add_bos: bool) -> list[int]:
+        """`encode_text`, with `<|video|>` as the video token id where the tokenizer lacks the token
+        (its neighbours are always the special `<|image>` / `<image|>`, so cutting there changes
+        no other token)."""
+        if media.VIDEO_TOKEN not in text or self.tokenizer.token_to_id(media.VIDEO_TOKEN) is not None:
+            return self.encode_text(text, add_bos)
+        if self.video_token_id is None:
+            raise media.MediaError(
+                "this checkpoint has no <|video|> token (neither in its tokenizer nor as video_token_id "
+                "in config.json)"
+            )
+        pieces = text.split(media.VIDEO_TOKEN)
+        ids = self.encode_text(pieces[0], add_bos)
+        for piece in pieces[1:]:
+            ids.append(self.video_token_id)
+            ids += self.tokenizer.encode(piece) if piece else []
+        return ids
+
     def prepare(
         self,
         prompt: str | Sequence[int] | Sequence[dict],
         images: Sequence[Any] = (),
         audio: Sequence[Any] = (),
         *,
+        videos: Sequence[Any] = (),
         enable_thinking: bool = False,
         max_soft_tokens: int = 280,
+        video_soft_tokens: int = DEFAULT_SOFT_TOKENS,
+        video_frames: int | None = DEFAULT_FRAMES,
+        video_fps: float | None = None,
         add_bos: bool = True,
         tools: Sequence[dict] | None = None,
         token_budget: int | None = None,
         media_budget: media.MediaBudget | None = None,
     ) -> Inputs:
-        """Token ids plus image/audio tensors. Media come as parts of chat messages
+        """Token ids plus image/audio/video tensors. Media come as parts of chat messages
         (`{"type": "image", "image": path | PIL image | array}`, `{"type": "audio", "audio": path |
-        array, "sampling_rate": 16000}`) or, for a text prompt with `<|image|>`/`<|audio|>`
-        placeholders, as `images` / `audio` in order (`add_bos=False` for a text that continues a
-        cached conversation); a text without any placeholder gets them in front. Audio longer than
-        30 s becomes consecutive 30 s blocks. `tools` (OpenAI function schemas) go to the chat
-        template.
+        array, "sampling_rate": 16000}`, `{"type": "video", "video": path | bytes | frames, "fps":
+        rate of pre-sampled frames}`) or, for a text prompt with `<|image|>`/`<|audio|>`/`<|video|>`
+        placeholders, as `images` / `audio` / `videos` in order (`add_bos=False` for a text that
+        continues a cached conversation); a text without any placeholder gets them in front. Audio
+        longer than 30 s becomes consecutive 30 s blocks. `tools` (OpenAI function schemas) go to
+        the chat template.
 
-        `token_budget`: the tokens the context has left; audio that alone needs more is refused
-        (`MediaError` with the count) as soon as it is decoded, before any other media work and
-        long before a prefill of thousands of tokens could start.
+        Videos (`gemma_mlx.video`): a file (path or bytes) or pre-sampled frames (a list of images
+        or a [T, H, W, 3] array; `(frames, fps)` gives their rate, else 24 fps is assumed); sampled
+        to `video_frames` frames uniformly, or `video_fps` frames per second of the clip (at most
+        `video_frames`); `video_soft_tokens` per frame (70, 140, 280, 560 or 1120; images use
+        `max_soft_tokens`).
+
+        `token_budget`: the tokens the context has left; audio or a video that alone needs more is
+        refused (`MediaError` with the count) as soon as its length is known (a video from its
+        header, before decoding), long before a prefill of thousands of tokens could start.
 
         `media_budget`: what the media may cost in total (`media.MediaBudget`; its defaults when
-        None), charged from every input's header before any of them is decoded."""
+        None), charged from every image's and audio clip's header before any of them is decoded."""
         kind, prompt = classify_prompt(prompt)
         if kind == "ids":
-            if images or audio:
+            if images or audio or videos:
                 raise ValueError("media need a text or chat prompt with placeholders, not token ids")
             return Inputs(prompt)
         images = list(images)
         audio = [a if isinstance(a, tuple) else (a, None) for a in audio]  # (clip, sampling rate)
+        videos = [_video_entry(v) for v in videos]  # (source, fps of pre-sampled frames)
         if kind == "messages":
             for i, message in enumerate(prompt):
                 content = message.get("content")
                 for j, part in enumerate(content if isinstance(content, list) else []):
-                    if not isinstance(part, Mapping) or part.get("type") not in ("image", "audio"):
+                    if not isinstance(part, Mapping) or part.get("type") not in ("image", "audio", "video"):
                         continue
                     what = part["type"]
                     src = part.get(what, part.get("path"))
                     if src is None:
                         raise media.MediaError(
-                            f"message {i}, part {j}: an {what} part without its {what} "
-                            f"(give '{what}': a path, bytes or an array, or 'path')"
+                            f"message {i}, part {j}: {'an' if what != 'video' else 'a'} {what} part without "
+                            f"its {what} (give '{what}': a path, bytes or an array, or 'path')"
                         )
                     if what == "image":
                         images.append(src)
-                    else:
+                    elif what == "audio":
                         audio.append((src, part.get("sampling_rate")))
+                    else:
+                        videos.append((src, part.get("fps")))
             text, bos = self.apply_chat_template(prompt, enable_thinking=enable_thinking, tools=tools), False
         else:
             text, bos = prompt, add_bos
-            if media.IMAGE_TOKEN not in text and media.AUDIO_TOKEN not in text:  # media first
-                text = media.IMAGE_TOKEN * len(images) + media.AUDIO_TOKEN * len(audio) + text
-        if not images and not audio:
+            if not any(t in text for t in (media.IMAGE_TOKEN, media.AUDIO_TOKEN, media.VIDEO_TOKEN)):
+                text = (
+                    media.VIDEO_TOKEN * len(videos)
+                    + media.IMAGE_TOKEN * len(images)
+                    + media.AUDIO_TOKEN * len(audio)
+                    + text
+                )  # media first
+        if not images and not audio and not videos:
             return Inputs(self.encode_text(text, bos))
         budget = media.MediaBudget() if media_budget is None else media_budget
+        media.check_placeholders(text, len(images), len(audio), len(videos))  # before any decoding
 
         def check_room(src: Any, seconds: float, tokens: int) -> None:
             if token_budget is not None and tokens > token_budget:
@@ -368,14 +424,36 @@ class Processor:
             waveforms.append(media.load_audio(a, rate))
             audio_tokens += media.audio_token_count(len(waveforms[-1]))
             check_room(a, len(waveforms[-1]) / media.SAMPLE_RATE, audio_tokens)
+        video_inputs, room = [], None if token_budget is None else token_budget - audio_tokens
+        for src, frames_fps in videos:
+            v = preprocess_video(
+                src, video_soft_tokens, video_frames, video_fps, frames_fps=frames_fps, token_budget=room
+            )
+            video_inputs.append(v)
+            room = None if room is None else room - v.num_tokens
         clips = [[media.preprocess_audio(c) for c in media.split_audio(w)] for w in waveforms]
         image_inputs = [media.preprocess_image(i, max_soft_tokens) for i in images]
         text = media.expand_media_tokens(
-            text, [i.num_soft_tokens for i in image_inputs], [[c.num_frames for c in cs] for cs in clips]
+            text,
+            [i.num_soft_tokens for i in image_inputs],
+            [[c.num_frames for c in cs] for cs in clips],
+            [expand_video(v) for v in video_inputs],
         )
-        out = Inputs(self.encode_text(text, bos))
+        out = Inputs(self._encode_media_text(text, bos))
         if image_inputs:
             out.pixel_values, out.image_position_ids, _ = media.batch_images(image_inputs)
         if clips:
             out.input_features, out.input_features_mask = media.batch_audio([c for cs in clips for c in cs])
+        if video_inputs:
+            out.pixel_values_videos, out.video_position_ids, out.num_frames_per_video = batch_videos(
+                video_inputs
+            )
+            out.video_timestamps = [v.timestamps for v in video_inputs]
         return out
+
+
+def _video_entry(v: Any) -> tuple[Any, float | None]:
+    """A `videos` item: a source, or (pre-sampled frames, their fps)."""
+    if isinstance(v, tuple) and len(v) == 2 and (v[1] is None or isinstance(v[1], int | float)):
+        return v
+    return v, None

@@ -7,8 +7,8 @@ under the token sequence they hold; a new prompt restores the snapshot sharing i
 prefix and rolls it back by at most the rollback room it had when taken. A cache's `state` is a
 snapshot that shares the arrays' memory until the cache writes again, not a copy.
 
-Media soft tokens all share one placeholder id, so the key replaces each image's or audio
-block's placeholders by a hash of its preprocessed tensors: the same text with another image
+Media soft tokens all share one placeholder id, so the key replaces each image's, video frame's or
+audio block's placeholders by a hash of its preprocessed tensors: the same text with another image
 is another prefix. A reused prefix never ends inside a media block (a block is encoded whole).
 """
 
@@ -53,12 +53,20 @@ class PromptKey:
     partition: str = ""
 
     @classmethod
-    def of(cls, inputs: Inputs, image_token: int | None, audio_token: int | None) -> PromptKey:
+    def of(
+        cls,
+        inputs: Inputs,
+        image_token: int | None,
+        audio_token: int | None,
+        video_token: int | None = None,
+    ) -> PromptKey:
+        """The key of `inputs`; a video's frames are blocks of `video_token`, one per frame."""
         ids = np.asarray(inputs.ids, dtype=np.int64)
         key, blocks = ids.copy(), []
         for kind, token, tensors in (
             ("image", image_token, (inputs.pixel_values, inputs.image_position_ids)),
             ("audio", audio_token, (inputs.input_features, inputs.input_features_mask)),
+            ("video", video_token, (inputs.pixel_values_videos, inputs.video_position_ids)),
         ):
             if tensors[0] is None:
                 continue
@@ -79,7 +87,7 @@ class PromptKey:
 
     def media_after(self, inputs: Inputs, n: int) -> dict:
         """The model's media keyword arguments for the blocks at or after position `n`."""
-        first = {"image": None, "audio": None}
+        first = {"image": None, "audio": None, "video": None}
         for s, _, kind, i in self.blocks:
             if s >= n and first[kind] is None:
                 first[kind] = i
@@ -91,6 +99,9 @@ class PromptKey:
             rest.input_features = inputs.input_features[first["audio"] :]
             if inputs.input_features_mask is not None:
                 rest.input_features_mask = inputs.input_features_mask[first["audio"] :]
+        if first["video"] is not None:
+            rest.pixel_values_videos = inputs.pixel_values_videos[first["video"] :]
+            rest.video_position_ids = inputs.video_position_ids[first["video"] :]
         return rest.model_kwargs()
 
 

@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from gemma_mlx import load
 from gemma_mlx.benchmark import bench_report, copy_bandwidth
 from gemma_mlx.cli.app import app
+from gemma_mlx.video import frame_tokens
 
 
 def positive(d: dict, *keys: str) -> None:
@@ -36,17 +37,19 @@ def test_bench_json(checkpoint):
     assert deeper > shallow  # the KV cache read at depth 20 counts
     positive(report, "ttft_s", "prompt_tps", "generation_tps", "copy_bandwidth_gb_per_s", "peak_memory_gb")
     positive(report, "bandwidth_fraction", "weights_gb_per_s")
-    # the tiny checkpoint is a unified model: one image at the default budget, 3 s of audio
-    image, audio = report["media"]
-    assert (image["input"], audio["input"]) == ("image", "audio 3 s")
+    # the tiny checkpoint is a unified model: one image at the default budget, 3 s of audio, a video
+    image, audio, video = report["media"]
+    assert (image["input"], audio["input"], video["input"]) == ("image", "audio 3 s", "video 8 frames")
     assert 0 < image["media_tokens"] <= 280  # within the default soft-token budget
     assert audio["media_tokens"] == 75  # 3 s at 640 samples (40 ms) per token
+    assert video["media_tokens"] == 8 * frame_tokens(360, 640, 70)
     for row in report["media"]:
         assert row["prompt_tokens"] > row["media_tokens"]
         positive(row, "preprocess_s", "ttft_s", "prefill_tps")
     table = CliRunner().invoke(app, args[:-1])
     assert table.exit_code == 0 and "decode @ 20" in table.stdout and "copy bandwidth" in table.stdout
     assert "prefill image" in table.stdout and "prefill audio 3 s" in table.stdout
+    assert "prefill video 8 frames" in table.stdout
 
 
 def test_bench_text_model_has_no_media_rows(tmp_path):

@@ -160,8 +160,8 @@ def test_sentencepiece_checkpoint(tmp_path):
             "message 0: 'content' must be a string or a list of parts, not int",
         ),
         (
-            [{"role": "user", "content": [{"type": "video", "video": "v.mp4"}]}],
-            "video input is not supported",
+            [{"role": "user", "content": [{"type": "file", "file": "v.pdf"}]}],
+            "message 0, part 0: type 'file' is not one of text, image, audio, video",
         ),
         ([{"role": "user", "content": [{"type": "text"}]}], "message 0, part 0: a text part needs 'text'"),
         ([{"role": "user", "content": ["hi"]}], "message 0, part 0: type None"),

@@ -132,6 +132,8 @@ ADDED += [
     "<tool_response|>",
     '<|"|>',
 ]
+# Gemma 4's media markers and the video placeholder, appended so the ids above stay as they were
+ADDED += ["<|image>", "<image|>", "<|audio>", "<audio|>", "<|video|>"]
 BYTES = [f"<0x{i:02X}>" for i in range(256)]  # regular vocabulary entries, as in Gemma's tokenizer
 # accented letters and two CJK characters are in the training text, so some multi-byte characters
 # are whole tokens and the rest (Korean, kana, emoji) come as byte-fallback tokens
@@ -223,10 +225,15 @@ def token_ids(path: Path) -> dict[str, int]:
 
 
 def use_tokenizer_media_ids(path: Path) -> None:
-    """Point the config's image/audio placeholder ids at the tiny tokenizer's, so prompts with
+    """Point the config's image/audio/video placeholder ids at the tiny tokenizer's, so prompts with
     media run end to end (the real ids are beyond the tiny vocabulary)."""
     ids = token_ids(path)
-    rewrite_config(path, lambda c: c.update(image_token_id=ids["<|image|>"], audio_token_id=ids["<|audio|>"]))
+    rewrite_config(
+        path,
+        lambda c: c.update(
+            image_token_id=ids["<|image|>"], audio_token_id=ids["<|audio|>"], video_token_id=ids["<|video|>"]
+        ),
+    )
 
 
 def randomized_weights(model: Model, seed: int) -> dict[str, mx.array]:

@@ -343,25 +343,36 @@ class Model(nn.Module):
         image_position_ids: mx.array | None = None,
         input_features: mx.array | None = None,
         input_features_mask: mx.array | None = None,
+        pixel_values_videos: mx.array | None = None,
+        video_position_ids: mx.array | None = None,
     ) -> tuple[mx.array, mx.array | None]:
-        """Token embeddings with image/audio soft tokens scattered into their placeholder slots
-        (not scaled by sqrt(hidden), as in the reference), and the image block id of every
-        position (`[B, L]`, -1 = none) for the bidirectional sliding-layer mask.
+        """Token embeddings with image/video/audio soft tokens scattered into their placeholder
+        slots (not scaled by sqrt(hidden), as in the reference), and the vision block id of every
+        position (`[B, L]`, -1 = none) for the bidirectional sliding-layer mask: each run of image
+        or video tokens (an image, or one frame of a video) is a block.
 
         `pixel_values [n, P, 6912]` with `image_position_ids [n, P, 2]` (-1 = padding);
-        `input_features [m, F, 640]` with `input_features_mask [m, F]` (True = valid).
+        `pixel_values_videos [frames, P, 6912]` with `video_position_ids` likewise (the frames of
+        all videos, through the same vision embedder); `input_features [m, F, 640]` with
+        `input_features_mask [m, F]` (True = valid).
         """
         cfg = self.config
         ids = np.array(input_ids)
-        is_image = (ids == cfg.image_token_id) | (ids == cfg.video_token_id)
+        is_image, is_video = ids == cfg.image_token_id, ids == cfg.video_token_id
         is_audio = ids == cfg.audio_token_id
-        h = self.language_model.embed(mx.array(np.where(is_image | is_audio, cfg.text.pad_token_id, ids)))
-        if pixel_values is not None:
+        is_vision = is_image | is_video
+        h = self.language_model.embed(mx.array(np.where(is_vision | is_audio, cfg.text.pad_token_id, ids)))
+        for what, pixels, pos, slots in (
+            ("images", pixel_values, image_position_ids, is_image),
+            ("video frames", pixel_values_videos, video_position_ids, is_video),
+        ):
+            if pixels is None:
+                continue
             if cfg.vision is None:
-                raise ValueError("pixel_values given, but this model has no vision embedder")
-            positions = np.array(image_position_ids)
-            features = self.embed_vision(self.vision_embedder(pixel_values, mx.array(positions)))
-            h = self._scatter(h, np.flatnonzero(is_image), features, (positions != -1).all(-1), "images")
+                raise ValueError(f"{what} given, but this model has no vision embedder")
+            positions = np.array(pos)
+            features = self.embed_vision(self.vision_embedder(pixels, mx.array(positions)))
+            h = self._scatter(h, np.flatnonzero(slots), features, (positions != -1).all(-1), what)
         if input_features is not None:
             if cfg.audio is None:
                 raise ValueError("input_features given, but this model has no audio embedder")
@@ -371,11 +382,11 @@ class Model(nn.Module):
                 else np.array(input_features_mask)
             )
             h = self._scatter(h, np.flatnonzero(is_audio), self.embed_audio(input_features), valid, "audio")
-        if not (cfg.text.bidirectional_vision and is_image.any()):
+        if not (cfg.text.bidirectional_vision and is_vision.any()):
             return h, None
         # HF `get_block_sequence_ids_for_mask`: each contiguous run of image/video tokens is a block.
-        starts = is_image & ~np.concatenate([np.zeros_like(is_image[:, :1]), is_image[:, :-1]], axis=1)
-        return h, mx.array(np.where(is_image, np.cumsum(starts, axis=1) - 1, -1).astype(np.int32))
+        starts = is_vision & ~np.concatenate([np.zeros_like(is_vision[:, :1]), is_vision[:, :-1]], axis=1)
+        return h, mx.array(np.where(is_vision, np.cumsum(starts, axis=1) - 1, -1).astype(np.int32))
 
     def forward(
         self,
@@ -388,22 +399,30 @@ class Model(nn.Module):
         image_position_ids: mx.array | None = None,
         input_features: mx.array | None = None,
         input_features_mask: mx.array | None = None,
+        pixel_values_videos: mx.array | None = None,
+        video_position_ids: mx.array | None = None,
         logits_to_keep: int = 0,
     ) -> ModelOutput:
         """`input_ids [B, L]` (or `inputs_embeds [B, L, dim]`) -> `ModelOutput`: logits, the final
         hidden state and the K/V of the last layer of each type (what the MTP drafter reads).
 
-        Images and audio use the reference's names and shapes (see `embed_inputs`); a prefill
-        chunk must hold whole image blocks. `logits_to_keep` > 0 computes logits for the last that
+        Images, video frames and audio use the reference's names and shapes (see `embed_inputs`);
+        a prefill chunk must hold whole image blocks. `logits_to_keep` > 0 computes logits for the last that
         many positions only (prefill needs one).
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if input_ids is not None and input_ids.ndim == 1:
             input_ids = input_ids[None]
-        if pixel_values is not None or input_features is not None:
+        if pixel_values is not None or input_features is not None or pixel_values_videos is not None:
             inputs_embeds, block_ids = self.embed_inputs(
-                input_ids, pixel_values, image_position_ids, input_features, input_features_mask
+                input_ids,
+                pixel_values,
+                image_position_ids,
+                input_features,
+                input_features_mask,
+                pixel_values_videos,
+                video_position_ids,
             )
         elif inputs_embeds is None:
             inputs_embeds = self.language_model.embed(input_ids)

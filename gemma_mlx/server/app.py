@@ -205,7 +205,10 @@ def create_app(
     def key_of(inputs: Inputs) -> PromptKey:
         cfg = model.config
         return PromptKey.of(
-            inputs, getattr(cfg, "image_token_id", None), getattr(cfg, "audio_token_id", None)
+            inputs,
+            getattr(cfg, "image_token_id", None),
+            getattr(cfg, "audio_token_id", None),
+            getattr(cfg, "video_token_id", None),
         )
 
     async def submit(inputs: Inputs, kwargs: dict, partition: str = "") -> Job:
@@ -370,10 +373,23 @@ def create_app(
             for p in m["content"]
             if p["type"] == "audio"
         ]
+        videos = [
+            p["video"]
+            for m in messages
+            if isinstance(m["content"], list)
+            for p in m["content"]
+            if p["type"] == "video"
+        ]
         limits.check_text(processor, text, context, "messages")
         try:
             inputs = processor.prepare(
-                text, images, audio, add_bos=False, max_soft_tokens=max_soft_tokens, token_budget=context
+                text,
+                images,
+                audio,
+                videos=videos,
+                add_bos=False,
+                max_soft_tokens=max_soft_tokens,
+                token_budget=context,
             )
         except MediaError as e:
             raise APIError(400, f"messages: {e}", "messages", "invalid_value") from None

@@ -1,4 +1,4 @@
-"""OpenAI chat messages -> the processor's messages (text, image and audio parts, tool turns)."""
+"""OpenAI chat messages -> the processor's messages (text, image, audio and video parts, tool turns)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from ..media import SAMPLE_RATE, MediaError, load_audio, load_image
-from .schema import APIError, AudioPart, ImagePart, Message, TextPart
+from ..video import open_video
+from .schema import APIError, AudioPart, ImagePart, Message, TextPart, VideoPart
 
 MAX_PATH = 4096  # Linux's PATH_MAX
 _DATA_URI = re.compile(
@@ -26,19 +27,22 @@ def _b64(data: str, param: str) -> bytes:
         raise APIError(400, f"{param}: invalid base64 data", param, "invalid_value") from None
 
 
-def _image_source(url: str, param: str, allow_files: Sequence[Path]) -> bytes | Path:
+def _image_source(url: str, param: str, allow_files: Sequence[Path], kind: str = "image") -> bytes | Path:
     """The bytes of a data URI, or a local file under one of the `allow_files` directories."""
     if url.startswith("data:"):
         m = _DATA_URI.match(url)
         if m is None:
-            raise APIError(400, f"{param}: expected a base64 data URI (data:image/...;base64,...)", param)
-        if not (m["mime"] or "").startswith("image/"):
-            raise APIError(400, f"{param}: the data URI is {m['mime'] or 'untyped'}, not an image", param)
+            raise APIError(400, f"{param}: expected a base64 data URI (data:{kind}/...;base64,...)", param)
+        if not (m["mime"] or "").startswith(f"{kind}/"):
+            article = "an" if kind[0] in "aeiou" else "a"
+            raise APIError(
+                400, f"{param}: the data URI is {m['mime'] or 'untyped'}, not {article} {kind}", param
+            )
         return _b64(m["data"], param)
     parsed = urlparse(url)
     if parsed.scheme in ("http", "https", "ftp"):
         raise APIError(
-            400, f"{param}: remote URLs are not fetched; send the image as a base64 data: URI", param
+            400, f"{param}: remote URLs are not fetched; send the {kind} as a base64 data: URI", param
         )
     if parsed.scheme not in ("", "file"):
         raise APIError(400, f"{param}: unsupported URL scheme {parsed.scheme!r}", param)
@@ -63,11 +67,29 @@ def _image_source(url: str, param: str, allow_files: Sequence[Path]) -> bytes | 
     return resolved
 
 
-def _part(part: TextPart | ImagePart | AudioPart, param: str, allow_files: Sequence[Path]) -> dict:
+def video_part(url: str, param: str, allow_files: Sequence[Path] = ()) -> dict:
+    """A processor message part `{"type": "video", "video": bytes | Path}` from a `video_url` URL (a
+    base64 `data:video/...` URI, or a path under one of `allow_files`), its container and video
+    stream checked now: bad input is an APIError 400 naming `param`. For any endpoint whose
+    schema carries a video (the frames are sampled when `Processor.prepare` gets the part)."""
+    try:
+        src = _image_source(url, param, allow_files, "video")
+        open_video(src).close()
+    except MediaError as e:
+        message = str(e).replace("<bytes>", "the data")
+        raise APIError(400, f"{param}: {message}", param, "invalid_value") from None
+    return {"type": "video", "video": src}
+
+
+def _part(
+    part: TextPart | ImagePart | AudioPart | VideoPart, param: str, allow_files: Sequence[Path]
+) -> dict:
     if isinstance(part, TextPart):
         return {"type": "text", "text": part.text}
     source: bytes | Path = b""
     try:
+        if isinstance(part, VideoPart):
+            return video_part(part.video_url.url, param + ".video_url.url", allow_files)
         if isinstance(part, ImagePart):
             param += ".image_url.url"
             source = _image_source(part.image_url.url, param, allow_files)
@@ -97,7 +119,8 @@ def convert_messages(
 ) -> list[dict]:
     """Messages as the processor and chat template take them; media decoded (400s name the part).
 
-    Images become PIL images, audio a 16 kHz waveform; an assistant's `tool_calls` carry their
+    Images become PIL images, audio a 16 kHz waveform, a video its bytes or file (checked to open;
+    frames are sampled when the prompt is prepared); an assistant's `tool_calls` carry their
     arguments as objects (the template writes them in Gemma's own syntax); a tool message keeps
     its `tool_call_id` and `name`. An assistant's text goes through `escape` (the tokenizer's):
     the chat template keeps assistant text as generated, but this server's answers never hold
@@ -108,7 +131,9 @@ def convert_messages(
         param = f"messages[{i}]"
         if isinstance(m.content, list):
             if m.role != "user" and any(not isinstance(p, TextPart) for p in m.content):
-                raise APIError(400, f"{param}.content: only user messages may hold images or audio", param)
+                raise APIError(
+                    400, f"{param}.content: only user messages may hold images, audio or video", param
+                )
             content = [_part(p, f"{param}.content[{j}]", allow_files) for j, p in enumerate(m.content)]
         else:
             content = m.content if m.content is not None else ""

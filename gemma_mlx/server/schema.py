@@ -89,7 +89,20 @@ class AudioPart(BaseModel):
     input_audio: InputAudio
 
 
-Part = Annotated[TextPart | ImagePart | AudioPart, Field(discriminator="type")]
+class VideoURL(BaseModel):
+    model_config = Config
+    url: str
+
+
+class VideoPart(BaseModel):
+    """A video as vLLM and mlx-vlm take it: a base64 data URI, or a path under --allow-files."""
+
+    model_config = Config
+    type: Literal["video_url"]
+    video_url: VideoURL
+
+
+Part = Annotated[TextPart | ImagePart | AudioPart | VideoPart, Field(discriminator="type")]
 
 
 class FunctionCall(BaseModel):

@@ -151,13 +151,15 @@ def test_page_and_files_carry_a_strict_csp_and_can_be_turned_off(server, media_m
         js.headers["content-type"].startswith("text/javascript") and "content-security-policy" in js.headers
     )
     assert httpx.get(server.url + "/ui/missing.js").status_code == 404
-    with TestClient(create_app(*media_model, model_id=MODEL, ui=False)) as client:
+    with TestClient(
+        create_app(*media_model, model_id=MODEL, ui=False), base_url="http://localhost"
+    ) as client:
         assert client.get("/").status_code == 404 and client.get("/ui/app.js").status_code == 404
         assert client.get("/health").status_code == 200
 
 
 def test_serve_no_ui(tmp_path, monkeypatch):
-    """`gemma-mlx serve` serves the page unless --no-ui (uvicorn.run replaced: the app is kept)."""
+    """`gemma-mlx serve` serves the page unless --no-ui (the server's run replaced: the app is kept)."""
     from starlette.testclient import TestClient
     from typer.testing import CliRunner
 
@@ -165,13 +167,16 @@ def test_serve_no_ui(tmp_path, monkeypatch):
     from gemma_mlx.cli.app import app as cli
 
     apps = []
-    monkeypatch.setattr(serve_cli.uvicorn, "run", lambda app, **kw: apps.append(app))
+    monkeypatch.setattr(serve_cli, "run", lambda app, *args, **kw: apps.append(app))
     ckpt = save_checkpoint(tmp_path / "ckpt")
     for flags in ([], ["--no-ui"]):
         result = CliRunner().invoke(cli, ["serve", "--model", str(ckpt), *flags])
         assert result.exit_code == 0, result.output
         assert ("Chat page: http://127.0.0.1:8080/" in result.output) == (not flags)
-    with TestClient(apps[0]) as on, TestClient(apps[1]) as off:
+    with (
+        TestClient(apps[0], base_url="http://localhost") as on,
+        TestClient(apps[1], base_url="http://localhost") as off,
+    ):
         assert on.get("/").status_code == 200 and off.get("/").status_code == 404
 
 

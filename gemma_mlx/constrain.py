@@ -87,6 +87,7 @@ class Vocabulary:
         llg = _llguidance()
         tokens, special = token_bytes(tokenizer)
         self.tokenizer, self.size, self.eos_ids = tokenizer, max(size, len(tokens)), list(eos_ids)
+        tokens = tokens + [b""] * (self.size - len(tokens))  # the model's padding ids: never allowed
         self.special_ids = set(special)
 
         class Wrapper:
@@ -403,6 +404,9 @@ class Constraint:
         self._matcher = None if start is None else self._matcher_for(start)
         thinking = thinking and self.ids[CHANNEL_OPEN] is not None
         self.phase = "start" if thinking else self._answer_phase()
+        # no grammar anywhere: the constraint is only "never <|tool_call>" (`banned`, if it exists)
+        self.grammarless = start is None and call is None
+        self.banned = self.ids[CALL_OPEN] if self.grammarless else None
 
     def _words(self, token: int, allow: bool) -> mx.array:
         words = np.full(self.vocab.words, 0 if allow else 0xFFFFFFFF, np.uint32)
@@ -435,12 +439,13 @@ class Constraint:
                 self.phase, self._matcher = "grammar", self._matcher_for(self.call)
         elif phase == "grammar":
             matcher = self._matcher
+            if token in self.vocab.eos_ids and matcher.is_accepting():
+                self.phase = "done"  # the answer ended where the grammar allows it
+                return
             if not matcher.consume_token(token):
                 raise RuntimeError(f"the sampled token {token} broke the grammar: {matcher.get_error()}")
             if matcher.is_stopped() and self.answer is None and token == self.ids[CALL_CLOSE]:
                 self.phase, self._matcher = "free", None  # a call closed: free text again
-            elif matcher.is_stopped():
-                self.phase = "done"
 
     def mask(self) -> mx.array | None:
         """The packed mask of the next token (int32 words, bit i = token i allowed), None: any."""

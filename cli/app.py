@@ -118,8 +118,16 @@ def generate(
     kv_group_size: KvGroupOpt = 64,
     distributed: DistributedOpt = False,
     layers_per_rank: LayersPerRankOpt = None,
+    json_schema: Annotated[
+        str | None,
+        typer.Option(
+            "--json-schema",
+            help="Constrain the output to JSON valid against this schema (a file, or the JSON itself).",
+        ),
+    ] = None,
 ) -> None:
     """Complete a prompt and print the text as it is generated."""
+    response_format = read_json_schema(json_schema) if json_schema is not None else None
     group = join_group(distributed)
     if is_follower(group):
         prompt = ""  # rank 0 reads the prompt; this rank only runs its layers
@@ -148,6 +156,7 @@ def generate(
         draft_block_size=draft_block_size,
         kv_bits=kv_bits,
         kv_group_size=kv_group_size,
+        response_format=response_format,
     )
     try:
         for last in chunks:
@@ -165,6 +174,27 @@ def generate(
     typer.secho(
         f"[{stats_line(last.stats)}, peak memory {last.stats.peak_memory_gb:.2f} GB]", err=True, dim=True
     )
+
+
+def read_json_schema(value: str) -> dict:
+    """--json-schema's schema (JSON text, or a file holding it), compiled once to fail early."""
+    from gemma_mlx.constrain import ConstraintUnavailable, response_format_grammar
+
+    text, origin = value, "--json-schema"
+    if not value.lstrip().startswith("{"):
+        try:
+            text, origin = Path(value).read_text(encoding="utf-8"), value
+        except OSError as e:
+            fail(f"--json-schema: cannot read {value} ({e.strerror or e})")
+    try:
+        schema = json.loads(text)
+    except json.JSONDecodeError as e:
+        fail(f"{origin}: not valid JSON ({e})")
+    try:
+        response_format_grammar({"type": "json_schema", "json_schema": {"name": "cli", "schema": schema}})
+    except (ValueError, ConstraintUnavailable) as e:
+        fail(f"{origin}: {e}")
+    return {"type": "json_schema", "json_schema": {"name": "cli", "schema": schema}}
 
 
 @app.command()

@@ -396,6 +396,7 @@ def stream_generate(
     repetition_penalty: float = 1.0,
     logit_bias: dict[int, float] | None = None,
     logprobs: int | None = None,
+    context_ids: Sequence[int] = (),
 ) -> Iterator[GenerationChunk]:
     """Stream a completion of `prompt` (text, token ids, or chat messages, whose parts may hold
     images and audio; a text prompt takes `images`/`audio` for its placeholders).
@@ -417,7 +418,8 @@ def stream_generate(
     with a grammar (see `gemma_mlx.constrain.make_constraint`). A cut-off answer ends with
     finish_reason "length" and may be incomplete JSON. Penalties and `logit_bias` as in
     `SamplingParams`; `logprobs` (0 or the number of alternatives) fills each chunk's `logprob`.
-    Constrained, penalized or logprob requests decode without drafting.
+    The repetition penalty counts the prompt's tokens and `context_ids` (what a continued cache
+    holds). Constrained, penalized or logprob requests decode without drafting.
     """
     sampling = SamplingParams(
         temperature,
@@ -481,7 +483,7 @@ def stream_generate(
     if constraint is not None and constraint.grammarless:  # "never <|tool_call>": a suppressed id does it
         banned = [] if constraint.banned is None else [constraint.banned]
         suppress, constraint = sorted({*suppress, *banned}), None
-    sample = sampling.token_sampler(suppress, ids, logprobs)
+    sample = sampling.token_sampler(suppress, [*context_ids, *ids], logprobs)
     if sampling.penalized or logprobs is not None:
         drafter = None  # a verify pass samples several positions at once: penalties and logprobs need one
     tokens = generate_tokens(

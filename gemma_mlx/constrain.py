@@ -478,7 +478,7 @@ class _Plain:
         return self.tokenizer.token_to_id(token)
 
 
-_SHIFTS = mx.arange(32, dtype=mx.int32)
+_SHIFTS = mx.array(np.arange(32, dtype=np.int32))  # data, not a lazy op: usable from any thread
 
 
 def unpack_mask(words: mx.array, size: int) -> mx.array:

@@ -81,7 +81,8 @@ def bench_llguidance(processor, ids, repeat):
     best = None
     for _ in range(repeat):
         tic = time.perf_counter()
-        grammar = llguidance.LLMatcher.grammar_from_json_schema(SCHEMA, defaults={"whitespace_flexible": False})
+        compact = {"whitespace_flexible": False}
+        grammar = llguidance.LLMatcher.grammar_from_json_schema(SCHEMA, defaults=compact)
         matcher = llguidance.LLMatcher(tok, grammar)
         compile_s = time.perf_counter() - tic
         assert not matcher.is_error(), matcher.get_error()
@@ -111,7 +112,8 @@ def bench_xgrammar(tokens, special, eos, vocab, ids, repeat):
     best = None
     for _ in range(repeat):
         tic = time.perf_counter()
-        compiled = compiler.compile_json_schema(json.dumps(SCHEMA), any_whitespace=False, separators=(",", ":"))
+        text = json.dumps(SCHEMA)
+        compiled = compiler.compile_json_schema(text, any_whitespace=False, separators=(",", ":"))
         compile_s = time.perf_counter() - tic
         matcher = xgrammar.GrammarMatcher(compiled)
         mask = xgrammar.allocate_token_bitmask(1, vocab)

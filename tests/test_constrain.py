@@ -9,6 +9,7 @@ import json
 import socket
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -49,52 +50,9 @@ SMALL = {
     "attention_k_eq_v": False,
 }
 
-S = {"type": "string", "maxLength": 8}
-SCHEMAS = [
-    {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"], "additionalProperties": False},
-    {"type": "object", "properties": {"s": {"type": "string", "minLength": 2, "maxLength": 5}}, "required": ["s"], "additionalProperties": False},
-    {"type": "object", "properties": {"c": {"enum": ["red", "green", "blue"]}}, "required": ["c"], "additionalProperties": False},
-    {"type": "object", "properties": {"i": {"type": "integer", "minimum": -5, "maximum": 5}}, "required": ["i"], "additionalProperties": False},
-    {"type": "object", "properties": {"x": {"type": "number", "exclusiveMinimum": 0, "maximum": 1}}, "required": ["x"], "additionalProperties": False},
-    {"type": "object", "properties": {"b": {"type": "boolean"}}, "required": ["b"], "additionalProperties": False},
-    {"type": "object", "properties": {"v": {"anyOf": [{"type": "integer", "minimum": 0, "maximum": 99}, {"type": "null"}]}},
-     "required": ["v"], "additionalProperties": False},
-    {"type": "object", "properties": {"l": {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 9},
-     "minItems": 2, "maxItems": 4}}, "required": ["l"], "additionalProperties": False},
-    {"type": "object", "properties": {"t": {"type": "array", "items": {"enum": ["a", "b"]}, "minItems": 1, "maxItems": 3}},
-     "required": ["t"], "additionalProperties": False},
-    {"type": "object", "properties": {"o": {"type": "object", "properties": {"k": S, "n": {"type": "integer", "minimum": 0,
-     "maximum": 9}}, "required": ["k", "n"], "additionalProperties": False}}, "required": ["o"], "additionalProperties": False},
-    {"type": "object", "properties": {"people": {"type": "array", "maxItems": 2, "items": {"type": "object", "properties": {
-     "name": S, "age": {"type": "integer", "minimum": 0, "maximum": 120}, "address": {"type": "object", "properties": {
-     "city": S}, "required": ["city"], "additionalProperties": False}}, "required": ["name", "age", "address"],
-     "additionalProperties": False}}}, "required": ["people"], "additionalProperties": False},
-    {"type": "object", "properties": {"req": S, "opt1": {"type": "integer", "minimum": 0, "maximum": 9}, "opt2": {"type": "boolean"}},
-     "required": ["req"], "additionalProperties": False},
-    {"type": "object", "properties": {"shape": {"anyOf": [
-        {"type": "object", "properties": {"r": {"type": "integer", "minimum": 1, "maximum": 9}}, "required": ["r"],
-         "additionalProperties": False},
-        {"type": "object", "properties": {"w": {"type": "integer", "minimum": 1, "maximum": 9}, "h": {"type": "integer",
-         "minimum": 1, "maximum": 9}}, "required": ["w", "h"], "additionalProperties": False}]}},
-     "required": ["shape"], "additionalProperties": False},
-    {"type": "object", "properties": {"code": {"type": "string", "pattern": "^[A-Z]{2}[0-9]{3}$"}}, "required": ["code"],
-     "additionalProperties": False},
-    {"type": "object", "properties": {"day": {"type": "string", "format": "date"}}, "required": ["day"], "additionalProperties": False},
-    {"type": "object", "properties": {"id": {"type": "string", "format": "uuid"}}, "required": ["id"], "additionalProperties": False},
-    {"type": "object", "properties": {"k": {"const": "fixed"}, "n": {"type": "integer", "minimum": 0, "maximum": 3}},
-     "required": ["k", "n"], "additionalProperties": False},
-    {"$defs": {"pt": {"type": "object", "properties": {"x": {"type": "integer", "minimum": 0, "maximum": 9}}, "required": ["x"],
-     "additionalProperties": False}}, "type": "object", "properties": {"a": {"$ref": "#/$defs/pt"}, "b": {"$ref": "#/$defs/pt"}},
-     "required": ["a", "b"], "additionalProperties": False},
-    {"type": "object", "properties": {"u": {"type": ["string", "integer"], "maxLength": 4, "minimum": 0, "maximum": 9}},
-     "required": ["u"], "additionalProperties": False},
-    {"type": "object", "properties": {"grid": {"type": "array", "maxItems": 2, "items": {"type": "array", "maxItems": 2,
-     "items": {"type": "integer", "minimum": 0, "maximum": 9}}}}, "required": ["grid"], "additionalProperties": False},
-    {"type": "object", "properties": {}, "additionalProperties": False},
-    {"type": "array", "items": {"type": "boolean"}, "minItems": 1, "maxItems": 3},
-    {"type": "object", "properties": {"e": {"oneOf": [{"type": "integer", "minimum": 0, "maximum": 9}, {"type": "boolean"}]}},
-     "required": ["e"], "additionalProperties": False},
-]  # fmt: skip
+# 23 schemas: nested objects, arrays with min/maxItems, enums, integer/number ranges, required and
+# optional keys, anyOf/oneOf, $ref, pattern and format; strings are bounded so that a random model ends
+SCHEMAS = json.loads((Path(__file__).parent / "data" / "json_schemas.json").read_text())
 SEEDS = (0, 1, 2)
 
 TOOLS = [
@@ -149,7 +107,9 @@ def test_json_schema_outputs_validate(small, index):
     schema = SCHEMAS[index]
     for seed in SEEDS:
         fmt = {"type": "json_schema", "json_schema": {"name": "t", "schema": schema, "strict": True}}
-        r = generate(model, processor, "Data:", max_tokens=300, temperature=1.0, seed=seed, response_format=fmt)
+        r = generate(
+            model, processor, "Data:", max_tokens=300, temperature=1.0, seed=seed, response_format=fmt
+        )
         assert r.finish_reason == "stop", (seed, r.text)
         jsonschema.validate(json.loads(r.text), schema)
 
@@ -166,13 +126,18 @@ def test_json_object_and_pydantic_model(small):
     r = generate(model, processor, "x", max_tokens=300, temperature=1.0, seed=0, response_format=Item)
     assert r.finish_reason == "stop"
     Item.model_validate_json(r.text)
-    r = generate(model, processor, "x", max_tokens=8, temperature=1.0, seed=1, response_format={"type": "json_object"})
+    r = generate(
+        model, processor, "x", max_tokens=8, temperature=1.0, seed=1, response_format={"type": "json_object"}
+    )
     assert r.text.startswith("{")  # cut off: finish_reason says so, the text is not claimed complete
     assert r.finish_reason == "length" or isinstance(json.loads(r.text), dict)
 
 
 def test_unsupported_keywords_are_named():
-    for schema, word in (({"not": {"type": "string"}}, "not"), ({"type": "array", "uniqueItems": True}, "uniqueItems")):
+    for schema, word in (
+        ({"not": {"type": "string"}}, "not"),
+        ({"type": "array", "uniqueItems": True}, "uniqueItems"),
+    ):
         with pytest.raises(ValueError, match=word):
             response_format_grammar({"type": "json_schema", "json_schema": {"name": "x", "schema": schema}})
     with pytest.raises(ValueError, match="response_format.type"):
@@ -236,10 +201,21 @@ def test_no_call_without_tools_or_with_none(small):
     bias = {call_open: 100.0}
     for kwargs in ({"tools": TOOLS, "tool_choice": "none"}, {"tool_choice": "none"}):
         for seed in range(2):
-            r = generate(model, processor, "x", max_tokens=20, temperature=1.0, seed=seed, logit_bias=bias, **kwargs)
+            r = generate(
+                model, processor, "x", max_tokens=20, temperature=1.0, seed=seed, logit_bias=bias, **kwargs
+            )
             assert call_open not in r.tokens and not _calls(r)
-    r = generate(model, processor, "x", tools=TOOLS, tool_choice="auto", max_tokens=120, temperature=1.0, seed=0,
-                 logit_bias=bias)  # fmt: skip
+    r = generate(
+        model,
+        processor,
+        "x",
+        tools=TOOLS,
+        tool_choice="auto",
+        max_tokens=120,
+        temperature=1.0,
+        seed=0,
+        logit_bias=bias,
+    )
     assert r.tokens[0] == call_open and _calls(r)[0].name in ("get_weather", "add")
 
 
@@ -248,8 +224,18 @@ def test_no_call_inside_the_thought(small):
     tok = processor.tokenizer
     channel_open, call_open = tok.token_to_id("<|channel>"), tok.token_to_id("<|tool_call>")
     bias = {channel_open: 100.0, call_open: 50.0}
-    r = generate(model, processor, [{"role": "user", "content": "hi"}], tools=TOOLS, tool_choice="auto",
-                 enable_thinking=True, max_tokens=12, temperature=1.0, seed=0, logit_bias=bias)  # fmt: skip
+    r = generate(
+        model,
+        processor,
+        [{"role": "user", "content": "hi"}],
+        tools=TOOLS,
+        tool_choice="auto",
+        enable_thinking=True,
+        max_tokens=12,
+        temperature=1.0,
+        seed=0,
+        logit_bias=bias,
+    )
     assert r.tokens[0] == channel_open  # the thought opened, and never held a call
     assert call_open not in r.tokens
 
@@ -367,7 +353,9 @@ class _Server:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
+        )
         self.server.install_signal_handlers = lambda: None
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
@@ -407,11 +395,14 @@ def test_openai_parse_with_a_pydantic_model(served):
     client = served.client()
     messages = [{"role": "user", "content": "Weather in Paris?"}]
     for seed in (0, 1):
-        r = client.beta.chat.completions.parse(
-            model="small", messages=messages, response_format=Answer, max_tokens=200, temperature=1.0, seed=seed
-        ) if not hasattr(client.chat.completions, "parse") else client.chat.completions.parse(
-            model="small", messages=messages, response_format=Answer, max_tokens=200, temperature=1.0, seed=seed
-        )  # fmt: skip
+        r = client.chat.completions.parse(
+            model="small",
+            messages=messages,
+            response_format=Answer,
+            max_tokens=200,
+            temperature=1.0,
+            seed=seed,
+        )
         assert isinstance(r.choices[0].message.parsed, Answer)
         assert r.choices[0].finish_reason == "stop"
 
@@ -422,7 +413,13 @@ def test_server_tool_choice_and_refusals(served):
     client = served.client()
     messages = [{"role": "user", "content": "hi"}]
     r = client.chat.completions.create(
-        model="small", messages=messages, tools=TOOLS, tool_choice="required", max_tokens=120, temperature=1.0, seed=0
+        model="small",
+        messages=messages,
+        tools=TOOLS,
+        tool_choice="required",
+        max_tokens=120,
+        temperature=1.0,
+        seed=0,
     )
     [call, *_] = r.choices[0].message.tool_calls
     fn = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
@@ -438,16 +435,25 @@ def test_server_tool_choice_and_refusals(served):
         client.completions.create(model="small", prompt="x", best_of=2)
     with pytest.raises(openai.BadRequestError, match="tool_choice"):
         client.chat.completions.create(
-            model="small", messages=messages, tools=TOOLS, tool_choice={"type": "function", "function": {"name": "zz"}}
+            model="small",
+            messages=messages,
+            tools=TOOLS,
+            tool_choice={"type": "function", "function": {"name": "zz"}},
         )
 
 
 def test_server_logprobs_and_length(served):
     client = served.client()
     r = client.chat.completions.create(
-        model="small", messages=[{"role": "user", "content": "hi"}], logprobs=True, top_logprobs=2, max_tokens=4,
-        response_format={"type": "json_object"}, temperature=1.0, seed=0,
-    )  # fmt: skip
+        model="small",
+        messages=[{"role": "user", "content": "hi"}],
+        logprobs=True,
+        top_logprobs=2,
+        max_tokens=4,
+        response_format={"type": "json_object"},
+        temperature=1.0,
+        seed=0,
+    )
     content = r.choices[0].logprobs.content
     assert len(content) == r.usage.completion_tokens and all(len(c.top_logprobs) == 2 for c in content)
     assert r.choices[0].finish_reason == "length"  # cut off: never claims complete JSON
@@ -460,3 +466,25 @@ def test_token_ids_of_the_tiny_tokenizer_are_the_markup(tmp_path):
     save_checkpoint(tmp_path / "t", config=SMALL, seed=0)
     ids = token_ids(tmp_path / "t")
     assert {"<|tool_call>", "<tool_call|>", '<|"|>', "<|channel>", "<channel|>"} <= set(ids)
+
+
+def test_cli_json_schema(small, tmp_path):
+    from typer.testing import CliRunner
+
+    from gemma_mlx.cli.app import app
+
+    model, processor = small
+    ckpt = tmp_path / "ckpt"
+    save_checkpoint(ckpt, config=SMALL, seed=3)
+    schema = SCHEMAS[9]
+    (tmp_path / "s.json").write_text(json.dumps(schema))
+    runner = CliRunner()
+    for source in (str(tmp_path / "s.json"), json.dumps(schema)):
+        args = ["generate", "--model", str(ckpt), "-n", "200", "--temperature", "1", "--seed", "1"]
+        result = runner.invoke(app, [*args, "--json-schema", source, "--json", "Data:"])
+        assert result.exit_code == 0, result.output
+        out = json.loads(result.stdout)
+        assert out["finish_reason"] == "stop"
+        jsonschema.validate(json.loads(out["text"]), schema)
+    result = runner.invoke(app, ["generate", "--model", str(ckpt), "--json-schema", '{"not": {}}', "x"])
+    assert result.exit_code == 1 and "not" in result.stderr and "Traceback" not in result.output

@@ -488,3 +488,47 @@ def test_cli_json_schema(small, tmp_path):
         jsonschema.validate(json.loads(out["text"]), schema)
     result = runner.invoke(app, ["generate", "--model", str(ckpt), "--json-schema", '{"not": {}}', "x"])
     assert result.exit_code == 1 and "not" in result.stderr and "Traceback" not in result.output
+
+
+def test_langchain_with_structured_output(served):
+    langchain_openai = pytest.importorskip("langchain_openai")
+    from typing import Literal
+
+    from pydantic import BaseModel, ConfigDict, Field
+
+    class Pick(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        color: Literal["red", "green", "blue"]
+        count: int = Field(ge=0, le=9)
+
+    llm = langchain_openai.ChatOpenAI(
+        base_url=f"http://127.0.0.1:{served.port}/v1",
+        api_key="x",
+        model="small",
+        max_tokens=100,
+        temperature=1.0,
+        seed=0,
+        max_retries=0,
+    )
+    out = llm.with_structured_output(Pick, method="json_schema").invoke("Pick a color and a count.")
+    assert isinstance(out, Pick)
+
+
+def test_chat_session_answers_in_json_every_turn(small):
+    from gemma_mlx.chat import ChatSession
+
+    model, processor = small
+    schema = SCHEMAS[7]
+    fmt = {"type": "json_schema", "json_schema": {"name": "t", "schema": schema}}
+    session = ChatSession(
+        model,
+        processor,
+        max_tokens=200,
+        response_format=fmt,
+        sampling=SamplingParams(temperature=1.0, seed=4),
+    )
+    for text in ("first", "second"):
+        chunks = list(session.send(text))
+        assert chunks[-1].finish_reason == "stop"
+        jsonschema.validate(json.loads("".join(c.text for c in chunks)), schema)
+    assert session.stats.cached_prompt_tokens > 0  # the second turn continued the cache

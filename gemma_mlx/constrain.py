@@ -158,7 +158,8 @@ def json_schema_grammar(schema: Mapping, where: str = "schema") -> str:
 def response_format_grammar(response_format: Any) -> str | None:
     """Compile a response format to a grammar (None: free text), or raise ValueError naming the
     field or schema keyword. Accepts OpenAI's `{"type": "text" | "json_object" | "json_schema",
-    "json_schema": {"name", "schema", "strict"}}`, a bare JSON schema, or a Pydantic model class."""
+    "json_schema": {"name", "schema", "strict"}}`, the flat `{"type": "json_schema", "schema"}` of
+    the Responses and Anthropic APIs, a bare JSON schema, or a Pydantic model class."""
     if isinstance(response_format, type) and hasattr(response_format, "model_json_schema"):
         return json_schema_grammar(response_format.model_json_schema(), "response_format")
     if not isinstance(response_format, Mapping):
@@ -168,6 +169,9 @@ def response_format_grammar(response_format: Any) -> str | None:
         return None
     if kind == "json_object":
         return json_schema_grammar({"type": "object"}, "response_format")
+    if kind == "json_schema" and "json_schema" not in response_format and "schema" in response_format:
+        # the Responses API's `text.format` and Anthropic's `output_config.format` are flat
+        return json_schema_grammar(response_format["schema"] or {}, "response_format.schema")
     if kind == "json_schema":
         spec = response_format.get("json_schema")
         if not isinstance(spec, Mapping) or not isinstance(spec.get("schema", {}), Mapping):

@@ -143,6 +143,8 @@ def test_unsupported_keywords_are_named():
     with pytest.raises(ValueError, match="response_format.type"):
         response_format_grammar({"type": "yaml"})
     assert response_format_grammar({"type": "text"}) is None
+    flat = response_format_grammar({"type": "json_schema", "name": "x", "schema": SCHEMAS[0]})
+    assert flat == response_format_grammar({"type": "json_schema", "json_schema": {"schema": SCHEMAS[0]}})
 
 
 def _calls(r):

@@ -534,3 +534,42 @@ def test_chat_session_answers_in_json_every_turn(small):
         assert chunks[-1].finish_reason == "stop"
         jsonschema.validate(json.loads("".join(c.text for c in chunks)), schema)
     assert session.stats.cached_prompt_tokens > 0  # the second turn continued the cache
+
+
+def test_tool_grammar_patterns_refs_and_odd_keys(small):
+    import llguidance
+
+    from gemma_mlx.tools import format_arguments
+
+    model, processor = small
+    vocab = vocabulary(processor, model.config.text.vocab_size)
+    kids = {"type": "array", "items": {"$ref": "#/$defs/node"}}
+    node = {"type": "object", "properties": {"v": {"type": "integer"}, "kids": kids}, "required": ["v"]}
+    params = {
+        "type": "object",
+        "$defs": {"node": node},
+        "properties": {
+            "code": {"type": "string", "pattern": "^[A-Z]{2}-[0-9]+$"},
+            "tree": {"$ref": "#/$defs/node"},
+            "odd key": {"type": "boolean"},
+            "free": {},
+            "n": {"type": ["integer", "null"]},
+        },
+        "required": ["code"],
+    }
+    grammar = tool_call_grammar(
+        vocab, [{"type": "function", "function": {"name": "f", "parameters": params}}]
+    )
+    full = {"code": "AB-12", "tree": {"v": 1, "kids": [{"v": 2}]}, "odd key": True, "free": {"x": [1, "s"]}}
+    for args, ok in (
+        ({**full, "n": None}, True),
+        ({"code": "AB-1", "n": 3}, True),
+        ({"code": "ab-12"}, False),
+        ({"tree": {"v": 1}}, False),
+    ):
+        m = llguidance.LLMatcher(vocab.lltokenizer, grammar, log_level=0)
+        ids = processor.tokenizer.encode(f"call:f{format_arguments(args)}<tool_call|>")
+        assert all(m.consume_token(t) for t in ids) == ok, args
+    with pytest.raises(ValueError, match="uniqueItems"):
+        bad = {"type": "object", "properties": {"l": {"type": "array", "uniqueItems": True}}}
+        tool_call_grammar(vocab, [{"type": "function", "function": {"name": "g", "parameters": bad}}])

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import base64
-import io
 import importlib.util
+import io
 import json
 import socket
 import threading

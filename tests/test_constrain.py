@@ -573,3 +573,13 @@ def test_tool_grammar_patterns_refs_and_odd_keys(small):
     with pytest.raises(ValueError, match="uniqueItems"):
         bad = {"type": "object", "properties": {"l": {"type": "array", "uniqueItems": True}}}
         tool_call_grammar(vocab, [{"type": "function", "function": {"name": "g", "parameters": bad}}])
+
+
+def test_missing_engine_names_the_extra(monkeypatch):
+    import sys
+
+    from gemma_mlx.constrain import ConstraintUnavailable
+
+    monkeypatch.setitem(sys.modules, "llguidance", None)  # as if it were not installed
+    with pytest.raises(ConstraintUnavailable, match=r"gemma-mlx\[structured\]"):
+        response_format_grammar({"type": "json_object"})

@@ -184,6 +184,13 @@ def response_format_grammar(response_format: Any) -> str | None:
     raise ValueError(f"response_format.type: {kind!r} is not one of text, json_object, json_schema")
 
 
+# what the tool-argument grammar enforces (besides the annotations, which change nothing)
+_TOOL_KEYWORDS = frozenset(
+    "type properties required items minItems maxItems enum const anyOf oneOf $ref minimum maximum "
+    "exclusiveMinimum exclusiveMaximum minLength maxLength pattern".split()
+)
+
+
 class _Lark:
     """Builds a Lark grammar (llguidance's dialect) for tool-call arguments in Gemma's syntax."""
 
@@ -231,11 +238,8 @@ class _Lark:
             return "any"
         if not isinstance(schema, Mapping):
             raise ValueError(f"{where}: expected a JSON schema object")
-        known = {"type", "properties", "required", "items", "minItems", "maxItems", "enum", "const", "anyOf",
-                 "oneOf", "$ref", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "minLength",
-                 "maxLength", "pattern"}  # fmt: skip
         for key in schema:
-            if key not in known and key not in ANNOTATIONS:
+            if key not in _TOOL_KEYWORDS and key not in ANNOTATIONS:
                 raise ValueError(f"{where}: the keyword {key!r} cannot be enforced in tool arguments")
         if "$ref" in schema:
             ref = schema["$ref"]
@@ -254,8 +258,10 @@ class _Lark:
         for key in ("anyOf", "oneOf"):
             if key in schema:
                 rest = {k: v for k, v in schema.items() if k != key}
-                alts = [self.value({**rest, **s} if isinstance(s, Mapping) else s, f"{where}.{key}[{i}]")
-                        for i, s in enumerate(schema[key])]  # fmt: skip
+                alts = [
+                    self.value({**rest, **s} if isinstance(s, Mapping) else s, f"{where}.{key}[{i}]")
+                    for i, s in enumerate(schema[key])
+                ]
                 return self.rule(" | ".join(alts))
         kind = schema.get("type")
         if isinstance(kind, list):

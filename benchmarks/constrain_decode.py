@@ -86,12 +86,14 @@ def _valid(text: str, schema: dict) -> tuple[bool, bool]:
 def reliability(args) -> dict:
     (model, processor), name = model_and_name(args.tiny)
     out = {"model": name, "n": args.n, "schemas": len(SCHEMAS), "max_tokens": args.max_tokens}
-    out["contrast_n"] = args.contrast or args.n
+    contrast = args.n if args.contrast is None else args.contrast
+    out.update(contrast_n=contrast, start=args.start)
     for kind in ("constrained", "unconstrained"):
         parsed = valid = length = 0
         failures = []
         tic = time.perf_counter()
-        for i in range(args.n if kind == "constrained" else args.contrast or args.n):
+        count = args.n if kind == "constrained" else contrast
+        for i in range(args.start, args.start + count):
             schema = SCHEMAS[i % len(SCHEMAS)]
             prompt = f"Answer with JSON valid against this schema: {json.dumps(schema)}\nJSON: "
             fmt = {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}
@@ -125,14 +127,16 @@ def main() -> None:
     ap.add_argument("what", choices=["overhead", "reliability"])
     ap.add_argument("--tiny", action="store_true", help="a random tiny model instead of the 270M")
     ap.add_argument("--n", type=int, default=200)
-    ap.add_argument("--contrast", type=int, default=0, help="unconstrained generations (default: --n)")
+    ap.add_argument("--contrast", type=int, default=None, help="unconstrained generations (default: --n)")
+    ap.add_argument("--start", type=int, default=0, help="first generation's number (schema and seed)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--max-tokens", type=int, default=None)
     args = ap.parse_args()
     args.max_tokens = args.max_tokens or (128 if args.what == "overhead" else 200)
     result = overhead(args) if args.what == "overhead" else reliability(args)
     result["machine"] = f"{platform.machine()} {platform.system()}, MLX CPU, shared 2-core box (loaded)"
-    name = f"constrain_{args.what}{'_tiny' if args.tiny else ''}.json"
+    part = f"_from{args.start}" if getattr(args, "start", 0) else ""
+    name = f"constrain_{args.what}{'_tiny' if args.tiny else ''}{part}.json"
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / name).write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k not in ("tok_s",)}, indent=1)[:2000])

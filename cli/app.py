@@ -136,11 +136,19 @@ def generate(
     max_tool_calls: agent_cli.MaxToolCallsOpt = 8,
     tool_timeout: agent_cli.ToolTimeoutOpt = 60.0,
     check_finite: CheckFiniteOpt = False,
+    json_schema: Annotated[
+        str | None,
+        typer.Option(
+            "--json-schema",
+            help="Constrain the output to JSON valid against this schema (a file, or the JSON itself).",
+        ),
+    ] = None,
 ) -> None:
     """Complete a prompt and print the text as it is generated; with --mcp, answer it as a chat
     turn in which the model may call tools from MCP servers."""
     if (mcp or mcp_config) and (distributed or draft is not None):
         fail("--mcp: not with --distributed or --draft in generate (use chat)")
+    response_format = read_json_schema(json_schema) if json_schema is not None else None
     group = join_group(distributed)
     if is_follower(group):
         prompt = ""  # rank 0 reads the prompt; this rank only runs its layers
@@ -154,6 +162,8 @@ def generate(
     servers = agent_cli.server_specs(mcp, mcp_config)
     if servers and not yes and not sys.stdin.isatty():
         fail("--mcp: tool calls need consent at a terminal; pass --yes to allow every call")
+    if servers and response_format is not None:
+        fail("--json-schema: not with --mcp (the answer there is a chat turn that may call tools)")
     images, clips, videos = image or [], audio or [], video or []
     video_tokens = check_media(path, images, clips, videos, video_soft_tokens, video_frames)
     context = max(8192, video_tokens + max_tokens)  # the memory check counts a long video's tokens
@@ -204,6 +214,7 @@ def generate(
         draft_block_size=draft_block_size,
         kv_bits=kv_bits,
         kv_group_size=kv_group_size,
+        response_format=response_format,
     )
     try:
         for last in chunks:
@@ -221,6 +232,27 @@ def generate(
     typer.secho(
         f"[{stats_line(last.stats)}, peak memory {last.stats.peak_memory_gb:.2f} GB]", err=True, dim=True
     )
+
+
+def read_json_schema(value: str) -> dict:
+    """--json-schema's schema (JSON text, or a file holding it), compiled once to fail early."""
+    from gemma_mlx.constrain import ConstraintUnavailable, response_format_grammar
+
+    text, origin = value, "--json-schema"
+    if not value.lstrip().startswith("{"):
+        try:
+            text, origin = Path(value).read_text(encoding="utf-8"), value
+        except OSError as e:
+            fail(f"--json-schema: cannot read {value} ({e.strerror or e})")
+    try:
+        schema = json.loads(text)
+    except json.JSONDecodeError as e:
+        fail(f"{origin}: not valid JSON ({e})")
+    try:
+        response_format_grammar({"type": "json_schema", "json_schema": {"name": "cli", "schema": schema}})
+    except (ValueError, ConstraintUnavailable) as e:
+        fail(f"{origin}: {e}")
+    return {"type": "json_schema", "json_schema": {"name": "cli", "schema": schema}}
 
 
 @app.command()

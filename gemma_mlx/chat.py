@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import mlx.core as mx
 
@@ -45,6 +46,8 @@ class ChatSession:
     tools: list[dict] | None = None  # OpenAI function schemas the model may call
     kv_bits: int | None = None  # quantized KV cache (8 or 4 bits)
     kv_group_size: int = 64
+    response_format: Any = None  # every answer as JSON (see stream_generate); thoughts stay free
+    tool_choice: str | dict | None = None  # "auto"/"required"/a name/"none": calls checked by grammar
 
     def __post_init__(self) -> None:
         self.pending: list[dict] = []
@@ -207,6 +210,11 @@ class ChatSession:
                 drafter=self.drafter,
                 draft_block_size=self.draft_block_size,
                 draft_control=self.draft_control,
+                tools=self.tools,
+                tool_choice=self.tool_choice,
+                response_format=self.response_format,
+                enable_thinking=self.think,
+                context_ids=self.tokens[: len(self.tokens) - len(inputs.ids)],
                 **asdict(self.sampling),
             ):
                 self.tokens.append(chunk.token)

@@ -9,11 +9,13 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
+from typing import Any
 
 import mlx.core as mx
 import numpy as np
 
 from .cache import Cache, RingKVCache
+from .constrain import Constraint, make_constraint
 from .draft_control import DraftControl
 from .models.drafter import Drafter
 from .models.gemma import Model
@@ -49,6 +51,16 @@ class GenerationStats:
 
 
 @dataclass
+class TokenLogprob:
+    """A generated token's log-probability under the model (log-softmax of its logits, before
+    penalties, bias, masks and filters) and the `top` most likely alternatives as (id, logprob)."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
 class GenerationChunk:
     """One streamed step: the token, the text it completed (may be empty), the stats so far and, on
     the last chunk, why generation ended."""
@@ -60,6 +72,7 @@ class GenerationChunk:
     # `text` as the output parser reads it: only special tokens the model sampled spell markup,
     # a "<" that plain tokens wrote is `tools.PLAIN_LT` (see gemma_mlx.tools)
     markup: str = ""
+    logprob: TokenLogprob | None = None  # with `logprobs`
 
 
 @dataclass
@@ -75,6 +88,7 @@ class GenerationResult:
     content: str | None = None
     reasoning: str | None = None
     tool_calls: list[ToolCall] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
     @property
     def prompt_tps(self) -> float:
@@ -175,8 +189,8 @@ def _flag_non_finite(sample: Sample) -> Sample:
     262,144 logits costs 1.7 ms): broken weights make every logit NaN, and MLX's argmax picks a
     NaN, so greedy decoding flags any NaN; a NaN the sampler did not choose did not decide the token."""
 
-    def flagged(logits: mx.array, *args) -> mx.array:
-        ids = sample(logits, *args)
+    def flagged(logits: mx.array, *args, **kwargs) -> mx.array:
+        ids = sample(logits, *args, **kwargs)
         chosen = mx.take_along_axis(logits, ids.astype(mx.int32).reshape(-1, 1), axis=-1).reshape(ids.shape)
         return mx.where(mx.isfinite(chosen), ids, mx.array(NON_FINITE, dtype=ids.dtype))
 
@@ -213,13 +227,17 @@ def generate_tokens(
     media: dict | None = None,
     prefill_step_size: int = 512,
     progress: Progress | None = None,
+    constraint: Constraint | None = None,
 ) -> Iterator[int]:
     """Yield sampled token ids forever, given prompt `ids [L]` (L >= 1) not yet in `cache`: all
     but the last are prefilled, then decoding starts from the last. With a `drafter`, decoding is
     speculative (`stats` counts drafted/accepted tokens), with rounds of at most `draft_block_size`
     tokens whose size `draft_control` chooses (default: a `DraftControl` timing the rounds, which
-    falls back to plain steps when drafting does not pay). A token chosen from a NaN or infinite
-    logit raises `NonFiniteLogitsError` (checked with each token, without another host sync)."""
+    falls back to plain steps when drafting does not pay). A `constraint` masks every token (see
+    `gemma_mlx.constrain`); decoding is then plain (no drafting). A token chosen from a NaN or
+    infinite logit raises `NonFiniteLogitsError` (checked with each token, without another host sync)."""
+    if constraint is not None:
+        drafter = None
     if drafter is not None:
         check_block_size(draft_block_size, cache)
         if draft_control is not None and draft_control.max_drafts != draft_block_size - 1:
@@ -230,7 +248,9 @@ def generate_tokens(
     if ids.shape[0] > 1:
         prefill(model, ids[:-1], cache, media=media, step=prefill_step_size, progress=progress)
     last, sample = ids[-1:], _flag_non_finite(sample)
-    if drafter is None:
+    if constraint is not None:
+        tokens = _decode_constrained(model, last, cache, sample, constraint)
+    elif drafter is None:
         tokens = _decode(model, last, cache, sample)
     else:
         control = draft_control or DraftControl(draft_block_size - 1)
@@ -255,6 +275,32 @@ def _decode(model: Model, last: mx.array, cache: list[Cache], sample: Sample) ->
         mx.async_eval(nxt)
         yield y.item()
         y = nxt
+
+
+def _decode_constrained(
+    model: Model, last: mx.array, cache: list[Cache], sample: Sample, constraint: Constraint
+) -> Iterator[int]:
+    """Plain decoding under a constraint, still one step ahead: the forward pass of step t+1 is
+    queued before the host reads token t, advances the constraint with it and computes step
+    t+1's mask while the device works; only the sampling of t+1 waits for the mask."""
+
+    def forward(tok: mx.array) -> mx.array:
+        return model(_feedable(tok).reshape(1, -1), cache, logits_to_keep=1)[:, -1]
+
+    logits = forward(last)
+    mx.async_eval(logits)
+    y = sample(logits, mask=constraint.mask())
+    mx.async_eval(y)
+    while True:
+        logits = forward(y)
+        mx.async_eval(logits)
+        token = y.item()
+        if token in (NON_FINITE, -1):  # the caller raises when it reads the flag
+            yield token
+        constraint.advance(token)
+        y = sample(logits, mask=constraint.mask())
+        mx.async_eval(y)
+        yield token
 
 
 def check_block_size(block_size: int, cache: list[Cache]) -> None:
@@ -421,6 +467,14 @@ def stream_generate(
     kv_bits: int | None = None,
     kv_group_size: int = 64,
     tools: Sequence[dict] | None = None,
+    tool_choice: str | dict | None = None,
+    response_format: Any = None,
+    frequency_penalty: float = 0.0,
+    presence_penalty: float = 0.0,
+    repetition_penalty: float = 1.0,
+    logit_bias: dict[int, float] | None = None,
+    logprobs: int | None = None,
+    context_ids: Sequence[int] = (),
 ) -> Iterator[GenerationChunk]:
     """Stream a completion of `prompt` (text, token ids, or chat messages, whose parts may hold
     images, audio and videos; a text prompt takes `images`/`audio`/`videos` for its placeholders).
@@ -438,8 +492,37 @@ def stream_generate(
     declared to a chat prompt; the streamed text keeps the model's markup
     (`gemma_mlx.tools.OutputParser` splits it). Arguments are checked before any work; errors are
     ValueErrors naming them.
+
+    `response_format` (OpenAI's `{"type": "json_object"}` / `{"type": "json_schema", ...}`, a JSON
+    schema or a Pydantic model class) constrains the answer to valid JSON (after any thought);
+    `tool_choice` ("auto", "required", a tool's name, "none") checks tool calls against `tools`
+    with a grammar (see `gemma_mlx.constrain.make_constraint`). A cut-off answer ends with
+    finish_reason "length" and may be incomplete JSON. Penalties and `logit_bias` as in
+    `SamplingParams`; `logprobs` (0 or the number of alternatives) fills each chunk's `logprob`.
+    The repetition penalty counts the prompt's tokens and `context_ids` (what a continued cache
+    holds). Constrained, penalized or logprob requests decode without drafting.
     """
-    sampling = SamplingParams(temperature, top_k, top_p, min_p, seed)
+    sampling = SamplingParams(
+        temperature,
+        top_k,
+        top_p,
+        min_p,
+        seed,
+        frequency_penalty,
+        presence_penalty,
+        repetition_penalty,
+        logit_bias,
+    )
+    if logprobs is not None and (isinstance(logprobs, bool) or not 0 <= logprobs <= 20):
+        raise ValueError(f"logprobs={logprobs!r}: must be 0 .. 20 (alternatives per token) or None")
+    constraint = make_constraint(
+        processor,
+        model.config.text.vocab_size,
+        response_format=response_format,
+        tools=tools,
+        tool_choice=tool_choice,
+        thinking=enable_thinking,
+    )
     text = TextStream(processor.tokenizer, stop)
     if not isinstance(max_tokens, int) or max_tokens < 0:
         raise ValueError(f"max_tokens={max_tokens!r}: must be an integer >= 0")
@@ -485,11 +568,18 @@ def stream_generate(
 
     mx.reset_peak_memory()
     tic = time.perf_counter()
+    suppress = suppressed_ids(model, processor)
+    if constraint is not None and constraint.grammarless:  # "never <|tool_call>": a suppressed id does it
+        banned = [] if constraint.banned is None else [constraint.banned]
+        suppress, constraint = sorted({*suppress, *banned}), None
+    sample = sampling.token_sampler(suppress, [*context_ids, *ids], logprobs)
+    if sampling.penalized or logprobs is not None:
+        drafter = None  # a verify pass samples several positions at once: penalties and logprobs need one
     tokens = generate_tokens(
         model,
         mx.array(ids, dtype=mx.int32),
         cache,
-        sampling.token_sampler(suppressed_ids(model, processor)),
+        sample,
         drafter=drafter,
         draft_block_size=draft_block_size,
         draft_control=draft_control,
@@ -497,6 +587,7 @@ def stream_generate(
         media=inputs.model_kwargs(),
         prefill_step_size=prefill_step_size,
         progress=prefill_progress,
+        constraint=constraint,
     )
     try:
         for n, tok in enumerate(tokens, 1):
@@ -510,7 +601,12 @@ def stream_generate(
             delta = text.add(None if tok in eos else tok, final=finish is not None)
             if text.stopped:
                 finish = "stop"
-            yield GenerationChunk(tok, delta, replace(stats), finish, text.markup_delta)
+            logprob = None
+            if logprobs is not None:
+                chosen, top_ids, top_lps = sample.logprobs.popleft()
+                top = list(zip(top_ids[0].tolist(), top_lps[0].tolist(), strict=True))
+                logprob = TokenLogprob(tok, chosen.item(), top)
+            yield GenerationChunk(tok, delta, replace(stats), finish, text.markup_delta, logprob)
             if finish:
                 break
     finally:
@@ -525,6 +621,8 @@ def generate(model: Model, processor: Processor, prompt: Prompt, **kwargs) -> Ge
         result.markup += chunk.markup
         result.tokens.append(chunk.token)
         result.stats, result.finish_reason = chunk.stats, chunk.finish_reason
+        if chunk.logprob is not None:
+            result.logprobs.append(chunk.logprob)
     if kwargs.get("tools"):
         parsed = parse_output(result.markup, tool_names(kwargs["tools"]))
         result.content, result.reasoning, result.tool_calls = (

@@ -11,7 +11,8 @@ import hashlib
 import math
 import numbers
 import secrets
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -128,39 +129,144 @@ class SamplingParams:
     top_p: float = 1.0
     min_p: float = 0.0
     seed: int | None = None
+    # OpenAI's penalties on the tokens generated so far: logit - frequency * count - presence * (count > 0)
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    # vLLM's / llama.cpp's: a token of the prompt or the output has its logit divided by the penalty
+    # when positive, multiplied when negative (1 = off)
+    repetition_penalty: float = 1.0
+    logit_bias: Mapping[int, float] | None = None  # added to the logits of those ids (-100: banned)
 
     def __post_init__(self) -> None:
         check_sampling_args(self.temperature, self.top_k, self.top_p, self.min_p)
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise ValueError(f"seed={self.seed!r}: must be an integer")
+        for name in ("frequency_penalty", "presence_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise ValueError(f"{name}={getattr(self, name)}: must be in [-2, 2]")
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty={self.repetition_penalty}: must be > 0 (1 = off)")
+        for k, v in (self.logit_bias or {}).items():
+            if isinstance(k, bool) or not isinstance(k, int) or k < 0 or not -100 <= v <= 100:
+                raise ValueError(f"logit_bias: {k!r}: {v!r}: expected a token id and a bias in [-100, 100]")
 
-    def token_sampler(self, suppress_ids: Sequence[int] = ()) -> TokenSampler:
-        """`sample(logits [B, V], start=None) -> ids [B]`, lazily, suppressed ids never drawn. Row
-        `i` is generated token number `start + i` (default: right after the previous call's rows)
-        and is drawn with a PRNG key of its own made from the seed and that number, so a token
-        depends only on the seed, its number and its logits: the same seed gives the same tokens,
-        however the tokens are grouped into calls (plain steps or speculative verify passes)."""
+    @property
+    def penalized(self) -> bool:
+        """Whether a token's logits depend on the tokens before it (not only on the model)."""
+        return bool(self.frequency_penalty or self.presence_penalty or self.repetition_penalty != 1)
+
+    def token_sampler(
+        self, suppress_ids: Sequence[int] = (), prompt_ids: Sequence[int] = (), logprobs: int | None = None
+    ) -> TokenSampler:
+        """`sample(logits [B, V], start=None, mask=None) -> ids [B]`, lazily, suppressed ids never
+        drawn, `mask` (packed int32 words, see `gemma_mlx.constrain`) forbidding tokens. Row `i` is
+        generated token number `start + i` (default: right after the previous call's rows) and is
+        drawn with a PRNG key of its own made from the seed and that number, so a token depends
+        only on the seed, its number and its logits: the same seed gives the same tokens, however
+        the tokens are grouped into calls (plain steps or speculative verify passes).
+
+        Before sampling: `logit_bias`, then the penalties (counting the tokens this sampler drew,
+        and `prompt_ids` for the repetition penalty; one row per call then), suppression, the mask.
+        With `logprobs` (0: the chosen token's only, n: also the n most likely), each call appends
+        `(chosen [B], top ids [B, n], top logprobs [B, n])` to `sample.logprobs`, log-softmax of the
+        model's own logits (before any of the above)."""
         sampler = make_sampler(self.temperature, self.top_k, self.top_p, self.min_p)
         process = make_logits_processor(suppress_ids) if suppress_ids else None
         seed = secrets.randbits(64) if self.seed is None else self.seed % 2**64
         greedy, following = self.temperature == 0, 0
+        penalties = _Penalties(self, prompt_ids) if self.penalized else None
+        bias = dict(self.logit_bias or {})
+        dense: list[mx.array] = []
 
         def key(number: int) -> mx.array:
             digest = hashlib.blake2b(f"{seed}:{number}".encode(), digest_size=8).digest()
             return mx.random.key(int.from_bytes(digest, "little"))
 
-        def sample(logits: mx.array, start: int | None = None) -> mx.array:
+        def sample(logits: mx.array, start: int | None = None, mask: mx.array | None = None) -> mx.array:
             nonlocal following
             start = following if start is None else start
             following = start + logits.shape[0]
+            raw = logits
+            if bias:
+                if not dense:
+                    dense.append(_dense_bias(bias, logits.shape[-1]))
+                logits = logits.astype(mx.float32) + dense[0]
+            if penalties is not None:
+                logits = penalties.apply(logits)
             if process is not None:
                 logits = process(logits)
-            if greedy:
-                return sampler(logits)
-            rows = [sampler(logits[i : i + 1], key(start + i)) for i in range(logits.shape[0])]
-            return rows[0] if len(rows) == 1 else mx.concatenate(rows)
+            if mask is not None:
+                from .constrain import apply_mask
 
+                logits = apply_mask(logits, mask)
+            if greedy:
+                ids = sampler(logits)
+            else:
+                rows = [sampler(logits[i : i + 1], key(start + i)) for i in range(logits.shape[0])]
+                ids = rows[0] if len(rows) == 1 else mx.concatenate(rows)
+            if penalties is not None:
+                penalties.count(ids)
+            if logprobs is not None:
+                sample.logprobs.append(token_logprobs(raw, ids, logprobs))
+            return ids
+
+        sample.logprobs = deque()
         return sample
+
+
+def token_logprobs(logits: mx.array, ids: mx.array, top: int) -> tuple[mx.array, mx.array, mx.array]:
+    """log-softmax of `logits [B, V]` (float32) at `ids [B]`, and the `top` largest (ids, values)."""
+    lp = logits.astype(mx.float32)
+    lp = lp - mx.logsumexp(lp, axis=-1, keepdims=True)
+    chosen = mx.take_along_axis(lp, ids.reshape(-1, 1).astype(mx.int32), axis=-1)[:, 0]
+    if top <= 0:
+        empty = mx.zeros((lp.shape[0], 0))
+        return chosen, empty.astype(mx.int32), empty
+    best = mx.argpartition(-lp, top - 1, axis=-1)[:, :top]
+    vals = mx.take_along_axis(lp, best, axis=-1)
+    order = mx.argsort(-vals, axis=-1)
+    return chosen, mx.take_along_axis(best, order, axis=-1), mx.take_along_axis(vals, order, axis=-1)
+
+
+def _dense_bias(bias: Mapping[int, float], vocab: int) -> mx.array:
+    out = [0.0] * vocab
+    for i, v in bias.items():
+        if i >= vocab:
+            raise ValueError(f"logit_bias: token id {i} is outside the vocabulary (0 .. {vocab - 1})")
+        out[i] = float(v)
+    return mx.array(out, dtype=mx.float32)
+
+
+class _Penalties:
+    """Counts of the tokens drawn so far, kept on the device (no host sync), and the penalties."""
+
+    def __init__(self, params: SamplingParams, prompt_ids: Sequence[int]):
+        self.params, self.prompt_ids = params, list(prompt_ids)
+        self.counts: mx.array | None = None
+        self.seen: mx.array | None = None  # prompt tokens, for the repetition penalty
+
+    def apply(self, logits: mx.array) -> mx.array:
+        p, vocab = self.params, logits.shape[-1]
+        if self.counts is None:
+            self.counts = mx.zeros((vocab,), mx.float32)
+            seen = mx.zeros((vocab,), mx.bool_)
+            ids = [i for i in self.prompt_ids if 0 <= i < vocab]
+            if ids and p.repetition_penalty != 1:
+                seen[mx.array(ids)] = True
+            self.seen = seen
+        x = logits.astype(mx.float32)
+        present = self.counts > 0
+        if p.repetition_penalty != 1:
+            r = p.repetition_penalty
+            x = mx.where(present | self.seen, mx.where(x > 0, x / r, x * r), x)
+        if p.frequency_penalty:
+            x = x - p.frequency_penalty * self.counts
+        if p.presence_penalty:
+            x = x - p.presence_penalty * present.astype(mx.float32)
+        return x
+
+    def count(self, ids: mx.array) -> None:
+        self.counts = self.counts.at[ids.reshape(-1).astype(mx.int32)].add(1.0)
 
 
 def make_logits_processor(suppress_ids: Sequence[int]) -> Callable[[mx.array], mx.array]:

@@ -33,6 +33,7 @@ from ..tools import OutputParser
 from . import limits
 from .guard import Guard
 from .messages import convert_messages
+from .options import chat_logprobs, completion_logprobs, constraints_available, request_options
 from .schema import APIError, ChatRequest, CompletionRequest, validation_error
 from .webui import add_webui
 from .worker import Job, QueueFull, Worker
@@ -291,9 +292,11 @@ def create_app(
     async def chat_completions(request: Request):
         partition = authorize(request)
         req: ChatRequest = parse(ChatRequest, await read_json(request))
-        async with gate.enter():
+        async with gate.enter():  # the grammar compiles here too
             prompt = await asyncio.to_thread(prepare_chat, req)
-        job = await submit(prompt.inputs, sampling(req, len(prompt.inputs.ids)), partition)
+            kwargs = sampling(req, len(prompt.inputs.ids))
+            kwargs.update(await asyncio.to_thread(request_options, req, prompt.inputs, processor, context))
+        job = await submit(prompt.inputs, kwargs, partition)
         rid, now = "chatcmpl-" + secrets.token_hex(12), int(time.time())
         parser = make_parser(req.thinking, prompt.forced, [t.function.name for t in req.tools or []])
         if req.stream:
@@ -310,9 +313,10 @@ def create_app(
         if calls:
             message["tool_calls"] = [tool_call_json(c) for c in calls]
         finish = "tool_calls" if calls else result.finish_reason
+        lps = chat_logprobs(result, processor) if req.logprobs else None
         return {
             **envelope(rid, "chat.completion", now),
-            "choices": [{"index": 0, "message": message, "finish_reason": finish, "logprobs": None}],
+            "choices": [{"index": 0, "message": message, "finish_reason": finish, "logprobs": lps}],
             "usage": usage(result.stats),
             "timings": timings(result.stats),
         }
@@ -321,9 +325,11 @@ def create_app(
     async def completions(request: Request):
         partition = authorize(request)
         req: CompletionRequest = parse(CompletionRequest, await read_json(request))
-        async with gate.enter():
+        async with gate.enter():  # the grammar compiles here too
             inputs = await asyncio.to_thread(prepare_text, req)
-        job = await submit(inputs, sampling(req, len(inputs.ids)), partition)
+            kwargs = sampling(req, len(inputs.ids))
+            kwargs.update(await asyncio.to_thread(request_options, req, inputs, processor, context))
+        job = await submit(inputs, kwargs, partition)
         rid, now = "cmpl-" + secrets.token_hex(12), int(time.time())
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -332,7 +338,12 @@ def create_app(
         return {
             **envelope(rid, "text_completion", now),
             "choices": [
-                {"index": 0, "text": "".join(texts), "finish_reason": result.finish_reason, "logprobs": None}
+                {
+                    "index": 0,
+                    "text": "".join(texts),
+                    "finish_reason": result.finish_reason,
+                    "logprobs": completion_logprobs(result, processor) if req.logprobs is not None else None,
+                }
             ],
             "usage": usage(result.stats),
             "timings": timings(result.stats),
@@ -404,6 +415,15 @@ def create_app(
                 raise APIError(400, "tool_choice: names a tool but no tools were given", "tool_choice")
             return None, ""
         tools = [t.model_dump(exclude_none=True) for t in req.tools]
+        if choice is not None and constraints_available():
+            names = [t.function.name for t in req.tools]
+            if not isinstance(choice, str) and choice.function.name not in names:
+                raise APIError(
+                    400,
+                    f"tool_choice: {choice.function.name!r} is not one of the tools {names}",
+                    "tool_choice",
+                )
+            return tools, ""  # the call grammar forces the call (after any thought)
         if choice == "required":
             return tools, "<|tool_call>call:"
         if choice is not None and choice not in ("auto",):

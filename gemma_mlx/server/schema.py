@@ -162,6 +162,32 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+# Fields of OpenAI's and other servers' APIs that would change the result and are not implemented:
+# refused by name rather than dropped.
+REFUSED = (
+    "best_of",
+    "typical_p",
+    "tfs_z",
+    "top_a",
+    "mirostat",
+    "mirostat_tau",
+    "mirostat_eta",
+    "dry_multiplier",
+    "xtc_probability",
+    "min_tokens",
+    "ignore_eos",
+    "guided_json",
+    "guided_regex",
+    "guided_choice",
+    "guided_grammar",
+    "grammar",
+    "json_schema",
+    "prompt_logprobs",
+    "prediction",
+    "audio",
+)
+
+
 class Sampling(BaseModel):
     """Fields shared by both completion endpoints."""
 
@@ -176,6 +202,28 @@ class Sampling(BaseModel):
     n: Literal[1] = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    repetition_penalty: float = Field(1.0, gt=0)
+    logit_bias: dict[str, float] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refused(cls, body: Any) -> Any:
+        if isinstance(body, dict):
+            for name in REFUSED:
+                value = body.get(name)
+                if value is None or (name == "best_of" and value == 1) or value is False:
+                    continue
+                raise ValueError(f"{name}: not supported by this server (it would change the result)")
+        return body
+
+    @model_validator(mode="after")
+    def _bias(self) -> Sampling:
+        for key, value in (self.logit_bias or {}).items():
+            if not key.isdigit() or not -100 <= value <= 100:
+                raise ValueError(f"logit_bias: {key!r}: expected token id keys and biases in [-100, 100]")
+        return self
 
     @model_validator(mode="after")
     def _stops(self) -> Sampling:
@@ -203,6 +251,9 @@ class ChatRequest(Sampling):
     parallel_tool_calls: bool | None = None
     reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
     chat_template_kwargs: TemplateKwargs | None = None
+    response_format: dict[str, Any] | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
 
     @property
     def limit(self) -> int | None:
@@ -228,6 +279,7 @@ class CompletionRequest(Sampling):
     max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for this endpoint
     echo: Literal[False] = False
     suffix: None = None
+    logprobs: int | None = Field(None, ge=0, le=5)
 
     @property
     def limit(self) -> int | None:

@@ -206,6 +206,8 @@ class Worker:
                 stats.generation_tps = chunk.stats.generation_tps
                 stats.drafted, stats.accepted = chunk.stats.drafted, chunk.stats.accepted
                 result.finish_reason = chunk.finish_reason
+                if chunk.logprob is not None:
+                    result.logprobs.append(chunk.logprob)
                 job.emit(Event(text=chunk.text, markup=chunk.markup))
                 if job.cancelled.is_set() and chunk.finish_reason is None:
                     result.finish_reason = "cancelled"

@@ -475,10 +475,10 @@ def scripted(ids, delay=0.0):
     """Every generation emits `ids` in order (then repeats the last), whatever the logits."""
     real = SamplingParams.token_sampler
 
-    def token_sampler(self, suppress_ids=()):
+    def token_sampler(self, suppress_ids=(), *args, **kwargs):
         n = 0
 
-        def sample(logits, start=None):
+        def sample(logits, start=None, mask=None):
             nonlocal n
             rows = []
             for _ in range(logits.shape[0]):

@@ -73,15 +73,17 @@ def _append_pieces(path: Path, pieces: list[str]) -> None:
     tok.save(str(path / "tokenizer.json"))
 
 
-def build_tool_model(path: Path) -> str:
+def build_tool_model(path: Path, answer: str | None = None) -> str:
     """Write the checkpoint (config, weights, tokenizer) to `path`; returns the text greedy decoding
-    produces after a chat prompt (thinking on or off), the stop token excluded. Needs MLX only."""
+    produces after a chat prompt (thinking on or off), the stop token excluded. Needs MLX only.
+    `answer`: after a tool's result (a prompt ending in "<tool_response|>") the model writes this
+    text and ends its turn, so an agent loop finishes."""
     from tokenizers import Tokenizer
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     save_tokenizer(path)
-    _append_pieces(path, NEW_PIECES)
+    _append_pieces(path, NEW_PIECES + ([answer] if answer else []))
     tok = Tokenizer.from_file(str(path / "tokenizer.json"))
     ids = [tok.token_to_id(p) for p in PIECES]
     stop, newline = tok.token_to_id(STOP), tok.encode("\n").ids
@@ -90,6 +92,9 @@ def build_tool_model(path: Path) -> str:
     # the prompt ends in "<channel|>" (thinking off) or "<|turn>model\n" (thinking on)
     successor = {tok.token_to_id("<channel|>"): ids[0], newline[0]: ids[0]}
     successor.update(zip(ids, [*ids[1:], stop], strict=True))
+    if answer:
+        said = tok.token_to_id(answer)
+        successor.update({tok.token_to_id("<tool_response|>"): said, said: tok.token_to_id("<turn|>")})
     slots = {t: i for i, t in enumerate(dict.fromkeys([*successor, *successor.values()]))}
     assert len(slots) <= HIDDEN
 

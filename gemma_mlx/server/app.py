@@ -1,4 +1,5 @@
-"""The OpenAI-compatible HTTP app: routes, request checks, streaming, errors.
+"""The HTTP app: routes of the OpenAI-compatible API (and, from their modules, the Responses and
+Anthropic Messages APIs), error shapes, streaming.
 
 Requests are validated and their prompts prepared (template, media decoding, tokenizing) on the
 event loop's thread pool, so a bad request is answered with a 4xx before it waits for the model;
@@ -9,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import secrets
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -17,19 +17,20 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import ValidationError
+from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..generate import GenerationResult, GenerationStats
-from ..media import MediaError
+from ..generate import GenerationStats
 from ..processor import Inputs, Processor
-from ..prompt_cache import PromptKey
-from ..tools import OutputParser
+from . import anthropic, responses
+from .conversation import Answer, Conversation, Engine, Prompt, data_line, sse
+from .front import Front
 from .messages import convert_messages
-from .schema import APIError, ChatRequest, CompletionRequest, validation_error
-from .worker import Job, QueueFull, Worker
+from .responses import STORE_BYTES, STORE_RESPONSES, ResponseStore
+from .schema import APIError, ChatRequest, CompletionRequest
+from .worker import Job, Worker
 
+DONE = "data: [DONE]\n\n"
 MAX_BODY_BYTES = 32 << 20  # room for a few base64 images or a 30 s WAV clip
 MAX_QUEUE = 32
 
@@ -49,11 +50,17 @@ def create_app(
     max_queue: int = MAX_QUEUE,
     max_body_bytes: int = MAX_BODY_BYTES,
     max_soft_tokens: int = 280,
+    model_aliases: Sequence[str] = (),
+    any_model: bool = False,
+    store_responses: int = STORE_RESPONSES,
+    store_bytes: int = STORE_BYTES,
 ) -> FastAPI:
     """The server for one loaded model. `kv_bits`: quantized KV caches (see `make_cache`);
-    `api_key`: required as a bearer token when set; `allow_files`: directories whose files may be
-    sent as image paths; `cache_gb`: bound of the prefix cache; `max_queue`: requests that may
-    wait for the model (beyond: 429); `max_body_bytes`: largest request body (beyond: 413)."""
+    `api_key`: required as a bearer token (or `x-api-key`) when set; `allow_files`: directories
+    whose files may be sent as image paths; `cache_gb`: bound of the prefix cache; `max_queue`:
+    requests that may wait for the model (beyond: 429); `max_body_bytes`: largest request body
+    (beyond: 413); `model_aliases`: more names the model answers to; `any_model`: answer any
+    name; `store_responses`/`store_bytes`: bounds of the Responses API's stored responses (LRU)."""
     worker = Worker(
         model,
         processor,
@@ -65,7 +72,12 @@ def create_app(
         max_queue=max_queue,
     )
     roots = [Path(d).expanduser().resolve() for d in allow_files]
-    context = model.config.text.max_position_embeddings
+    engine = Engine(
+        model, processor, worker, allow_files=roots, max_soft_tokens=max_soft_tokens, max_queue=max_queue
+    )
+    model_ids = list(dict.fromkeys([model_id, *model_aliases]))
+    front = Front(model_ids=model_ids, any_model=any_model, api_key=api_key, max_body_bytes=max_body_bytes)
+    context = engine.context
     created = int(time.time())
 
     @contextlib.asynccontextmanager
@@ -79,138 +91,30 @@ def create_app(
     app = FastAPI(title="gemma-mlx", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.worker = worker
 
+    def error_response(request: Request, e: APIError) -> JSONResponse:
+        """Each API's own error shape (Anthropic's under /v1/messages, OpenAI's elsewhere)."""
+        if request.url.path.startswith("/v1/messages"):
+            return JSONResponse(anthropic.error_body(e), status_code=e.status)
+        return JSONResponse(e.body(), status_code=e.status)
+
     @app.exception_handler(APIError)
     async def _api_error(request: Request, e: APIError) -> JSONResponse:
-        return JSONResponse(e.body(), status_code=e.status)
+        return error_response(request, e)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
-        return JSONResponse(
-            APIError(e.status_code, str(e.detail), None, code).body(), status_code=e.status_code
-        )
+        return error_response(request, APIError(e.status_code, str(e.detail), None, code))
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, e: Exception) -> JSONResponse:
-        return JSONResponse(internal_error(e).body(), status_code=500)
+        return error_response(request, internal_error(e))
 
     def envelope(rid: str, kind: str, now: int) -> dict:
         """The fields every OpenAI response object and chunk starts with."""
         return {"id": rid, "object": kind, "created": now, "model": model_id}
 
-    def authorize(request: Request) -> None:
-        if api_key is None:
-            return
-        header = request.headers.get("authorization", "")
-        given = header[7:] if header.lower().startswith("bearer ") else ""
-        if not given:
-            raise APIError(401, "missing API key (send 'Authorization: Bearer KEY')", None, "invalid_api_key")
-        if not secrets.compare_digest(given.encode(), api_key.encode()):
-            raise APIError(401, "incorrect API key", None, "invalid_api_key")
-
-    async def read_json(request: Request) -> Any:
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > max_body_bytes:
-            raise APIError(413, f"request body over {max_body_bytes} bytes", None, "request_too_large")
-        body = bytearray()
-        async for part in request.stream():
-            body += part
-            if len(body) > max_body_bytes:
-                raise APIError(413, f"request body over {max_body_bytes} bytes", None, "request_too_large")
-        try:
-            return json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise APIError(400, f"the body is not valid JSON ({e})", None, "invalid_json") from None
-
-    def parse(cls: type, body: Any) -> Any:
-        if not isinstance(body, dict):
-            raise APIError(400, "the body must be a JSON object", None, "invalid_value")
-        try:
-            req = cls.model_validate(body)
-        except ValidationError as e:
-            raise validation_error(e) from None
-        if req.model != model_id:
-            raise APIError(
-                404,
-                f"model {req.model!r} does not exist (this server has {model_id!r})",
-                "model",
-                "model_not_found",
-            )
-        return req
-
-    def sampling(req: Any, prompt_tokens: int) -> dict:
-        if prompt_tokens >= context:
-            raise APIError(
-                400,
-                f"the prompt has {prompt_tokens} tokens; the model's context is {context} tokens",
-                "messages" if isinstance(req, ChatRequest) else "prompt",
-                "context_length_exceeded",
-            )
-        limit = req.limit
-        if limit is not None and limit > context:
-            name = "max_completion_tokens" if getattr(req, "max_completion_tokens", None) else "max_tokens"
-            raise APIError(400, f"{name}={limit}: more than the model's context ({context} tokens)", name)
-        gen = processor.generation_config
-        greedy_default = not gen.get("do_sample", False)
-        return {
-            "max_tokens": min(limit or context, context - prompt_tokens),
-            "temperature": req.temperature
-            if req.temperature is not None
-            else (0.0 if greedy_default else float(gen.get("temperature", 1.0))),
-            "top_p": req.top_p if req.top_p is not None else float(gen.get("top_p", 1.0)),
-            "top_k": req.top_k if req.top_k is not None else int(gen.get("top_k", 0)),
-            "min_p": req.min_p or 0.0,
-            "seed": req.seed,
-            "stop": req.stops(),
-        }
-
-    def key_of(inputs: Inputs) -> PromptKey:
-        cfg = model.config
-        return PromptKey.of(
-            inputs, getattr(cfg, "image_token_id", None), getattr(cfg, "audio_token_id", None)
-        )
-
-    async def submit(inputs: Inputs, kwargs: dict) -> Job:
-        key = await asyncio.to_thread(key_of, inputs)
-        job = Job(inputs, key, kwargs, asyncio.get_running_loop())
-        try:
-            worker.submit(job)
-        except QueueFull:
-            raise APIError(
-                429,
-                f"the server is busy ({max_queue} requests waiting); retry later",
-                None,
-                "queue_full",
-                "rate_limit_error",
-            ) from None
-        return job
-
-    async def collect(request: Request, job: Job) -> tuple[list[str], GenerationResult]:
-        """All text of a job, cancelling it when the client goes away first."""
-
-        async def gone() -> None:
-            while (await request.receive())["type"] != "http.disconnect":
-                pass
-
-        async def run() -> tuple[list[str], GenerationResult]:
-            texts = []
-            async for ev in job.stream():
-                if ev.error is not None:
-                    raise ev.error
-                texts.append(ev.text)
-                if ev.done:
-                    return texts, ev.result
-            raise RuntimeError("the job ended without a result")
-
-        watcher, main = asyncio.ensure_future(gone()), asyncio.ensure_future(run())
-        try:
-            await asyncio.wait({watcher, main}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            watcher.cancel()
-            if not main.done():
-                job.cancel()
-                main.cancel()
-        return main.result()
+    authorize, read_json, parse = front.authorize, front.read_json, front.parse
 
     # --- routes --------------------------------------------------------------------------------
 
@@ -221,18 +125,18 @@ def create_app(
     @app.get("/v1/models")
     async def models(request: Request) -> dict:
         authorize(request)
-        return {"object": "list", "data": [model_card()]}
+        return {"object": "list", "data": [model_card(m) for m in model_ids]}
 
     @app.get("/v1/models/{name:path}")
     async def one_model(name: str, request: Request) -> dict:
         authorize(request)
-        if name != model_id:
+        if not front.serves(name):
             raise APIError(404, f"model {name!r} does not exist", "model", "model_not_found")
-        return model_card()
+        return model_card(name)
 
-    def model_card() -> dict:
+    def model_card(name: str) -> dict:
         return {
-            "id": model_id,
+            "id": name,
             "object": "model",
             "created": created,
             "owned_by": "gemma-mlx",
@@ -243,29 +147,28 @@ def create_app(
     async def chat_completions(request: Request):
         authorize(request)
         req: ChatRequest = parse(ChatRequest, await read_json(request))
-        prompt = await asyncio.to_thread(prepare_chat, req)
-        job = await submit(prompt.inputs, sampling(req, len(prompt.inputs.ids)))
+        conv = await asyncio.to_thread(chat_conversation, req, roots)
+        prompt, job = await engine.start(conv)
         rid, now = "chatcmpl-" + secrets.token_hex(12), int(time.time())
-        parser = make_parser(req.thinking, prompt.forced)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return sse(job, stream_chat(job, parser, rid, now, include_usage))
-        texts, result = await collect(request, job)
-        deltas = [d for t in texts for d in parser.feed(t)] + parser.finish()
-        content = "".join(d.text for d in deltas if d.kind == "content")
-        reasoning = "".join(d.text for d in deltas if d.kind == "reasoning")
-        calls = [d.tool_call for d in deltas if d.kind == "tool_call"]
-        message: dict = {"role": "assistant", "content": content if content or not calls else None}
-        if reasoning:
-            message["reasoning_content"] = reasoning
-        if calls:
-            message["tool_calls"] = [tool_call_json(c) for c in calls]
-        finish = "tool_calls" if calls else result.finish_reason
+            return sse(job, stream_chat(job, prompt, conv, rid, now, include_usage), data_line, DONE)
+        answer = await engine.answer(request, job, prompt, conv)
+        message: dict = {
+            "role": "assistant",
+            "content": answer.content if answer.content or not answer.tool_calls else None,
+        }
+        if answer.reasoning:
+            message["reasoning_content"] = answer.reasoning
+        if answer.tool_calls:
+            message["tool_calls"] = [tool_call_json(c) for c in answer.tool_calls]
         return {
             **envelope(rid, "chat.completion", now),
-            "choices": [{"index": 0, "message": message, "finish_reason": finish, "logprobs": None}],
-            "usage": usage(result.stats),
-            "timings": timings(result.stats),
+            "choices": [
+                {"index": 0, "message": message, "finish_reason": answer.finish_reason, "logprobs": None}
+            ],
+            "usage": usage(answer.stats),
+            "timings": timings(answer.stats),
         }
 
     @app.post("/v1/completions")
@@ -273,12 +176,23 @@ def create_app(
         authorize(request)
         req: CompletionRequest = parse(CompletionRequest, await read_json(request))
         inputs = await asyncio.to_thread(prepare_text, req)
-        job = await submit(inputs, sampling(req, len(inputs.ids)))
+        conv = Conversation(
+            [],
+            max_tokens=req.limit,
+            temperature=req.temperature,
+            top_p=req.top_p,
+            top_k=req.top_k,
+            min_p=req.min_p,
+            seed=req.seed,
+            stop=req.stops(),
+            messages_param="prompt",
+        )
+        job = await engine.submit(inputs, engine.sampling(conv, len(inputs.ids)))
         rid, now = "cmpl-" + secrets.token_hex(12), int(time.time())
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return sse(job, stream_text(job, rid, now, include_usage))
-        texts, result = await collect(request, job)
+            return sse(job, stream_text(job, rid, now, include_usage), data_line, DONE)
+        texts, result = await engine.texts(request, job)
         return {
             **envelope(rid, "text_completion", now),
             "choices": [
@@ -288,61 +202,10 @@ def create_app(
             "timings": timings(result.stats),
         }
 
+    app.include_router(responses.router(engine, front, ResponseStore(store_responses, store_bytes)))
+    app.include_router(anthropic.router(engine, front))
+
     # --- prompts -------------------------------------------------------------------------------
-
-    def prepare_chat(req: ChatRequest) -> ChatPrompt:
-        messages = convert_messages(req.messages, roots)
-        tools, forced = tool_setup(req)
-        extra = {"tools": tools} if tools else {}
-        try:
-            text = processor.apply_chat_template(messages, enable_thinking=req.thinking, **extra) + forced
-        except ValueError as e:
-            raise APIError(400, f"messages: {e}", "messages") from None
-        except Exception as e:  # the template's own raise_exception (jinja) for unsupported shapes
-            if type(e).__module__.startswith("jinja2"):
-                raise APIError(400, f"messages: {e}", "messages") from None
-            raise
-        images = [
-            p["image"]
-            for m in messages
-            if isinstance(m["content"], list)
-            for p in m["content"]
-            if p["type"] == "image"
-        ]
-        audio = [
-            (p["audio"], p["sampling_rate"])
-            for m in messages
-            if isinstance(m["content"], list)
-            for p in m["content"]
-            if p["type"] == "audio"
-        ]
-        try:
-            inputs = processor.prepare(text, images, audio, add_bos=False, max_soft_tokens=max_soft_tokens)
-        except MediaError as e:
-            raise APIError(400, f"messages: {e}", "messages", "invalid_value") from None
-        return ChatPrompt(inputs, forced)
-
-    def tool_setup(req: ChatRequest) -> tuple[list[dict] | None, str]:
-        """Tools for the template, and the start of a call written after the generation prompt
-        when one is required (`required`, or a named function)."""
-        choice = req.tool_choice
-        if not req.tools or choice == "none":
-            if choice not in (None, "none", "auto"):
-                raise APIError(400, "tool_choice: names a tool but no tools were given", "tool_choice")
-            return None, ""
-        tools = [t.model_dump(exclude_none=True) for t in req.tools]
-        if choice == "required":
-            return tools, "<|tool_call>call:"
-        if choice is not None and choice not in ("auto",):
-            names = [t.function.name for t in req.tools]
-            if choice.function.name not in names:
-                raise APIError(
-                    400,
-                    f"tool_choice: {choice.function.name!r} is not one of the tools {names}",
-                    "tool_choice",
-                )
-            return tools, f"<|tool_call>call:{choice.function.name}" + "{"
-        return tools, ""
 
     def prepare_text(req: CompletionRequest) -> Inputs:
         prompt = req.prompt
@@ -363,28 +226,24 @@ def create_app(
         }
 
     async def stream_chat(
-        job: Job, parser: Any, rid: str, now: int, include_usage: bool
+        job: Job, prompt: Prompt, conv: Conversation, rid: str, now: int, include_usage: bool
     ) -> AsyncIterator[dict]:
         yield chunk(rid, now, {"role": "assistant", "content": ""})
         calls = 0
-        result = None
-        async for ev in job.stream():
-            if ev.error is not None:
-                yield internal_error(ev.error).body()
-                return
-            deltas = parser.feed(ev.text) if not ev.done else parser.finish()
-            for d in deltas:
-                if d.kind == "content":
+        try:
+            async for d in engine.deltas(job, prompt, conv):
+                if isinstance(d, Answer):
+                    for c in closing(chunk(rid, now, {}, d.finish_reason), d.stats, include_usage):
+                        yield c
+                elif d.kind == "content":
                     yield chunk(rid, now, {"content": d.text})
                 elif d.kind == "reasoning":
                     yield chunk(rid, now, {"reasoning_content": d.text})
                 else:
                     yield chunk(rid, now, {"tool_calls": [{"index": calls, **tool_call_json(d.tool_call)}]})
                     calls += 1
-            result = ev.result
-        finish = "tool_calls" if calls else result.finish_reason
-        for c in closing(chunk(rid, now, {}, finish), result.stats, include_usage):
-            yield c
+        except Exception as e:  # noqa: BLE001 (a failure of ours, reported in the stream)
+            yield internal_error(e).body()
 
     async def stream_text(job: Job, rid: str, now: int, include_usage: bool) -> AsyncIterator[dict]:
         def text_chunk(text: str, finish: str | None = None) -> dict:
@@ -412,37 +271,7 @@ def create_app(
             tail.append({**head, "choices": [], "usage": usage(stats)})
         return tail
 
-    def sse(job: Job, events: AsyncIterator[dict]) -> StreamingResponse:
-        async def body() -> AsyncIterator[str]:
-            try:
-                async for event in events:
-                    yield f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
-                yield "data: [DONE]\n\n"
-            finally:  # also when the client disconnects: Starlette cancels this task then
-                job.cancel()
-                await events.aclose()
-
-        return StreamingResponse(
-            body(),
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        )
-
     return app
-
-
-def make_parser(thinking: bool, forced: str = "") -> OutputParser:
-    """A streaming parser of one answer; `forced` is text written after the generation prompt
-    (the start of a required tool call), which it reads before the model's own output."""
-    parser = OutputParser(thinking=thinking)
-    if forced:
-        parser.feed(forced)
-    return parser
-
-
-class ChatPrompt:
-    def __init__(self, inputs: Inputs, forced: str) -> None:
-        self.inputs, self.forced = inputs, forced
 
 
 def internal_error(e: BaseException) -> APIError:
@@ -468,6 +297,27 @@ def timings(stats: GenerationStats) -> dict:
         "accepted_draft_tokens": stats.accepted,
         "draft_acceptance": None if stats.acceptance is None else round(stats.acceptance, 4),
     }
+
+
+def chat_conversation(req: ChatRequest, allow_files: Sequence[Path]) -> Conversation:
+    """A Chat Completions request as the shared conversation (media decoded: run in a thread)."""
+    choice = req.tool_choice
+    return Conversation(
+        convert_messages(req.messages, allow_files),
+        tools=[t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None,
+        tool_choice=choice if choice is None or isinstance(choice, str) else {"name": choice.function.name},
+        parallel_tool_calls=req.parallel_tool_calls is not False,
+        thinking=req.thinking,
+        max_tokens=req.limit,
+        temperature=req.temperature,
+        top_p=req.top_p,
+        top_k=req.top_k,
+        min_p=req.min_p,
+        seed=req.seed,
+        stop=req.stops(),
+        response_format=getattr(req, "response_format", None),
+        limit_param="max_completion_tokens" if req.max_completion_tokens else "max_tokens",
+    )
 
 
 def tool_call_json(call: Any) -> dict:

@@ -54,25 +54,37 @@ def _image_source(url: str, param: str, allow_files: Sequence[Path]) -> bytes | 
     return resolved
 
 
+def image_part(url: str, param: str, allow_files: Sequence[Path]) -> dict:
+    """An image part from a data URI or an allowed local path (every API's images come here)."""
+    try:
+        return {"type": "image", "image": load_image(_image_source(url, param, allow_files))}
+    except MediaError as e:
+        raise APIError(
+            400, f"{param}: {str(e).replace('<bytes>', 'the data')}", param, "invalid_value"
+        ) from None
+
+
+def audio_part(data: str, param: str) -> dict:
+    """An audio part from base64 data (WAV, MP3, FLAC...: the container is read from the data)."""
+    try:
+        clip = load_audio(_b64(data, param))
+    except MediaError as e:
+        raise APIError(
+            400, f"{param}: {str(e).replace('<bytes>', 'the data')}", param, "invalid_value"
+        ) from None
+    return {"type": "audio", "audio": clip, "sampling_rate": SAMPLE_RATE}
+
+
 def _part(part: TextPart | ImagePart | AudioPart, param: str, allow_files: Sequence[Path]) -> dict:
     if isinstance(part, TextPart):
         return {"type": "text", "text": part.text}
-    try:
-        if isinstance(part, ImagePart):
-            param += ".image_url.url"
-            return {
-                "type": "image",
-                "image": load_image(_image_source(part.image_url.url, param, allow_files)),
-            }
-        param += ".input_audio.data"
-        clip = load_audio(_b64(part.input_audio.data, param))
-        return {"type": "audio", "audio": clip, "sampling_rate": SAMPLE_RATE}
-    except MediaError as e:
-        message = str(e).replace("<bytes>", "the data")
-        raise APIError(400, f"{param}: {message}", param, "invalid_value") from None
+    if isinstance(part, ImagePart):
+        return image_part(part.image_url.url, param + ".image_url.url", allow_files)
+    return audio_part(part.input_audio.data, param + ".input_audio.data")
 
 
-def _arguments(text: str, param: str) -> dict:
+def parse_arguments_json(text: str, param: str) -> dict:
+    """A tool call's JSON arguments text as an object (400 naming `param` otherwise)."""
     try:
         value = json.loads(text) if text.strip() else {}
     except json.JSONDecodeError as e:
@@ -105,7 +117,7 @@ def convert_messages(messages: Sequence[Message], allow_files: Sequence[Path] = 
                     "type": "function",
                     "function": {
                         "name": c.function.name,
-                        "arguments": _arguments(
+                        "arguments": parse_arguments_json(
                             c.function.arguments, f"{param}.tool_calls[{j}].function.arguments"
                         ),
                     },

@@ -1,0 +1,353 @@
+"""The one conversation layer under every chat API (Chat Completions, Responses, Messages).
+
+Each wire format converts its request into a `Conversation` (processor messages with media
+decoded, tools, tool choice, thinking, sampling) and reads the model's answer back as the same
+output events: the streaming parser's `Delta`s (content, reasoning, tool calls) and a final
+`Answer` (with finish reason and stats). Prompt building, checks, queueing, cancellation and
+server-sent events live here once; the API modules only translate JSON.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import StreamingResponse
+
+from ..generate import GenerationStats
+from ..media import MediaError
+from ..processor import Inputs, Processor
+from ..prompt_cache import PromptKey
+from ..tools import Delta, OutputParser, ToolCall
+from .schema import APIError
+from .worker import Job, QueueFull, Worker
+
+
+@dataclass
+class Conversation:
+    """A chat request, whatever API it came in: what the prompt and the sampler need.
+
+    `messages` are the processor's (roles system/developer/user/assistant/tool; images as PIL,
+    audio as waveforms; assistant `tool_calls` with object arguments and `reasoning_content`);
+    `tools` are OpenAI function schemas; `tool_choice` is None, "auto", "none", "required" or a
+    function name given as {"name": ...}. The `*_param` fields name the request's own fields in
+    errors (`input` on Responses, `max_output_tokens` ...)."""
+
+    messages: list[dict]
+    tools: list[dict] | None = None
+    tool_choice: str | dict | None = None
+    parallel_tool_calls: bool = True
+    thinking: bool = False
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    response_format: dict | None = None  # {"type": "json_schema" | "json_object" | "text", ...}
+    messages_param: str = "messages"
+    limit_param: str = "max_tokens"
+    tools_param: str = "tools"
+    tool_choice_param: str = "tool_choice"
+    format_param: str = "response_format"
+
+
+@dataclass
+class Prompt:
+    inputs: Inputs
+    forced: str  # text written after the generation prompt (the start of a required tool call)
+
+
+@dataclass
+class Answer:
+    """The whole answer: visible text, thoughts, calls, and why it ended."""
+
+    content: str
+    reasoning: str
+    tool_calls: list[ToolCall]
+    finish_reason: str  # "stop" | "length" | "tool_calls" | "cancelled"
+    stats: GenerationStats
+    stop_sequence: str | None = None  # the stop string that ended it, if one did
+
+
+def check_response_format(conv: Conversation) -> None:
+    """The single hook for structured output (`response_format`, `text.format`,
+    `output_config.format`): plain text passes; constrained JSON is refused by name until the
+    constrained-decoding work is connected here. Never ignored silently."""
+    fmt = conv.response_format
+    if fmt is None or fmt.get("type") in (None, "text"):
+        return
+    raise APIError(
+        400,
+        f"{conv.format_param}: structured output ({fmt.get('type')!r}) is not supported yet by this server",
+        conv.format_param,
+        "unsupported_value",
+    )
+
+
+def check_tool_results(messages: Sequence[dict], param: str) -> None:
+    """Every tool result must answer a call made earlier in the conversation."""
+    known: set[str] = set()
+    for i, m in enumerate(messages):
+        known.update(c["id"] for c in m.get("tool_calls") or () if c.get("id"))
+        call_id = m.get("tool_call_id")
+        if m["role"] == "tool" and call_id and call_id not in known:
+            raise APIError(
+                400,
+                f"{param}: the tool result in message {i} answers call id {call_id!r}, "
+                "which no earlier assistant turn made",
+                param,
+                "invalid_value",
+            )
+
+
+def tool_setup(conv: Conversation) -> tuple[list[dict] | None, str]:
+    """Tools for the template, and the start of a call written after the generation prompt
+    when one is required (`required`, or a named function)."""
+    choice, param = conv.tool_choice, conv.tool_choice_param
+    if not conv.tools or choice == "none":
+        if choice not in (None, "none", "auto"):
+            raise APIError(400, f"{param}: names a tool but no tools were given", param)
+        return None, ""
+    if choice == "required":
+        return conv.tools, "<|tool_call>call:"
+    if isinstance(choice, dict):
+        names = [t["function"]["name"] for t in conv.tools]
+        if choice["name"] not in names:
+            raise APIError(400, f"{param}: {choice['name']!r} is not one of the tools {names}", param)
+        return conv.tools, f"<|tool_call>call:{choice['name']}" + "{"
+    return conv.tools, ""
+
+
+def make_parser(thinking: bool, forced: str = "") -> OutputParser:
+    """A streaming parser of one answer; `forced` is text written after the generation prompt
+    (the start of a required tool call), which it reads before the model's own output."""
+    parser = OutputParser(thinking=thinking)
+    if forced:
+        parser.feed(forced)
+    return parser
+
+
+def new_id(prefix: str) -> str:
+    return prefix + secrets.token_hex(12)
+
+
+class Engine:
+    """Prompts, sampling, the queue and cancellation, shared by all the chat APIs of one app."""
+
+    def __init__(
+        self,
+        model: Any,
+        processor: Processor,
+        worker: Worker,
+        *,
+        allow_files: Sequence[Path],
+        max_soft_tokens: int,
+        max_queue: int,
+    ) -> None:
+        self.model, self.processor, self.worker = model, processor, worker
+        self.allow_files = list(allow_files)
+        self.max_soft_tokens, self.max_queue = max_soft_tokens, max_queue
+        self.context = model.config.text.max_position_embeddings
+
+    # --- the prompt ------------------------------------------------------------------------------
+
+    def prepare(self, conv: Conversation) -> Prompt:
+        """The conversation's prompt: checked, templated, media encoded (runs in a thread)."""
+        param = conv.messages_param
+        check_response_format(conv)
+        check_tool_results(conv.messages, param)
+        tools, forced = tool_setup(conv)
+        extra = {"tools": tools} if tools else {}
+        try:
+            text = self.processor.apply_chat_template(conv.messages, enable_thinking=conv.thinking, **extra)
+        except ValueError as e:
+            raise APIError(400, f"{param}: {e}", param) from None
+        except Exception as e:  # the template's own raise_exception (jinja) for unsupported shapes
+            if type(e).__module__.startswith("jinja2"):
+                raise APIError(400, f"{param}: {e}", param) from None
+            raise
+        parts = [p for m in conv.messages if isinstance(m["content"], list) for p in m["content"]]
+        images = [p["image"] for p in parts if p["type"] == "image"]
+        audio = [(p["audio"], p["sampling_rate"]) for p in parts if p["type"] == "audio"]
+        try:
+            inputs = self.processor.prepare(
+                text + forced, images, audio, add_bos=False, max_soft_tokens=self.max_soft_tokens
+            )
+        except MediaError as e:
+            raise APIError(400, f"{param}: {e}", param, "invalid_value") from None
+        return Prompt(inputs, forced)
+
+    def sampling(self, conv: Conversation, prompt_tokens: int) -> dict:
+        """stream_generate's keyword arguments; the generation config gives the defaults."""
+        context = self.context
+        if prompt_tokens >= context:
+            raise APIError(
+                400,
+                f"the prompt has {prompt_tokens} tokens; the model's context is {context} tokens",
+                conv.messages_param,
+                "context_length_exceeded",
+            )
+        limit = conv.max_tokens
+        if limit is not None and limit > context:
+            name = conv.limit_param
+            raise APIError(400, f"{name}={limit}: more than the model's context ({context} tokens)", name)
+        gen = self.processor.generation_config
+        greedy_default = not gen.get("do_sample", False)
+        return {
+            "max_tokens": min(limit or context, context - prompt_tokens),
+            "temperature": conv.temperature
+            if conv.temperature is not None
+            else (0.0 if greedy_default else float(gen.get("temperature", 1.0))),
+            "top_p": conv.top_p if conv.top_p is not None else float(gen.get("top_p", 1.0)),
+            "top_k": conv.top_k if conv.top_k is not None else int(gen.get("top_k", 0)),
+            "min_p": conv.min_p or 0.0,
+            "seed": conv.seed,
+            "stop": list(conv.stop),
+        }
+
+    # --- the queue -------------------------------------------------------------------------------
+
+    def key_of(self, inputs: Inputs) -> PromptKey:
+        cfg = self.model.config
+        return PromptKey.of(
+            inputs, getattr(cfg, "image_token_id", None), getattr(cfg, "audio_token_id", None)
+        )
+
+    async def submit(self, inputs: Inputs, kwargs: dict) -> Job:
+        key = await asyncio.to_thread(self.key_of, inputs)
+        job = Job(inputs, key, kwargs, asyncio.get_running_loop())
+        try:
+            self.worker.submit(job)
+        except QueueFull:
+            raise APIError(
+                429,
+                f"the server is busy ({self.max_queue} requests waiting); retry later",
+                None,
+                "queue_full",
+                "rate_limit_error",
+            ) from None
+        return job
+
+    async def start(self, conv: Conversation) -> tuple[Prompt, Job]:
+        """Prepare the conversation's prompt (4xx before it waits) and queue it."""
+        prompt = await asyncio.to_thread(self.prepare, conv)
+        job = await self.submit(prompt.inputs, self.sampling(conv, len(prompt.inputs.ids)))
+        return prompt, job
+
+    # --- the answer ------------------------------------------------------------------------------
+
+    async def texts(self, request: Request, job: Job) -> tuple[list[str], Any]:
+        """All text of a job, cancelling it when the client goes away first."""
+
+        async def gone() -> None:
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+
+        async def run() -> tuple[list[str], Any]:
+            texts = []
+            async for ev in job.stream():
+                if ev.error is not None:
+                    raise ev.error
+                texts.append(ev.text)
+                if ev.done:
+                    return texts, ev.result
+            raise RuntimeError("the job ended without a result")
+
+        watcher, main = asyncio.ensure_future(gone()), asyncio.ensure_future(run())
+        try:
+            await asyncio.wait({watcher, main}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watcher.cancel()
+            if not main.done():
+                job.cancel()
+                main.cancel()
+        return main.result()
+
+    async def answer(self, request: Request, job: Job, prompt: Prompt, conv: Conversation) -> Answer:
+        """The whole answer of a non-streaming request."""
+        texts, result = await self.texts(request, job)
+        parser = make_parser(conv.thinking, prompt.forced)
+        deltas = [d for t in texts for d in parser.feed(t)] + parser.finish()
+        return self._answer(deltas, result, conv)
+
+    async def deltas(self, job: Job, prompt: Prompt, conv: Conversation) -> AsyncIterator[Delta | Answer]:
+        """The answer as it is generated: `Delta`s, then the `Answer` (errors are raised)."""
+        parser = make_parser(conv.thinking, prompt.forced)
+        seen: list[Delta] = []
+        async for ev in job.stream():
+            if ev.error is not None:
+                raise ev.error
+            for d in parser.feed(ev.text) if not ev.done else parser.finish():
+                if d.kind == "tool_call" and not conv.parallel_tool_calls and _calls(seen):
+                    continue  # one call per turn was asked for: later ones are dropped
+                seen.append(d)
+                yield d
+            if ev.done:
+                yield self._answer(seen, ev.result, conv)
+                return
+
+    def _answer(self, deltas: list[Delta], result: Any, conv: Conversation) -> Answer:
+        calls = _calls(deltas)
+        if not conv.parallel_tool_calls:
+            calls = calls[:1]
+        finish = "tool_calls" if calls else result.finish_reason
+        stop_sequence = None
+        if finish == "stop" and conv.stop and result.tokens:
+            if result.tokens[-1] not in self.processor.eos_token_ids:
+                text = self.processor.tokenizer.decode(result.tokens)
+                hits = [(text.find(s), s) for s in conv.stop if s in text]
+                stop_sequence = min(hits)[1] if hits else None
+        return Answer(
+            content="".join(d.text for d in deltas if d.kind == "content"),
+            reasoning="".join(d.text for d in deltas if d.kind == "reasoning"),
+            tool_calls=calls,
+            finish_reason=finish,
+            stats=result.stats,
+            stop_sequence=stop_sequence,
+        )
+
+
+def _calls(deltas: Sequence[Delta]) -> list[ToolCall]:
+    return [d.tool_call for d in deltas if d.kind == "tool_call"]
+
+
+def sse(
+    job: Job, events: AsyncIterator[dict], encode: Callable[[dict], str], last: str = ""
+) -> StreamingResponse:
+    """Server-sent events of a job; the job is cancelled when the stream ends early (the client
+    went away: Starlette cancels the body's task then). `encode` writes one event; `last` ends
+    the stream (Chat Completions' "data: [DONE]")."""
+
+    async def body() -> AsyncIterator[str]:
+        try:
+            async for event in events:
+                yield encode(event)
+            if last:
+                yield last
+        finally:
+            job.cancel()
+            await events.aclose()
+
+    return StreamingResponse(
+        body(),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+def data_line(event: dict) -> str:
+    """`data: {...}`: Chat Completions' events."""
+    return f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
+
+
+def typed_event(event: dict) -> str:
+    """`event: TYPE` + `data: {...}`: the Responses and Messages APIs' events."""
+    return f"event: {event['type']}\ndata: {json.dumps(event, ensure_ascii=False)}\n\n"

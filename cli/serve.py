@@ -53,10 +53,21 @@ def serve(
     model_id: Annotated[
         str | None, typer.Option("--model-id", help="The model name clients send (default: the directory's).")
     ] = None,
+    model_alias: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--model-alias",
+            help="Another name the model answers to (repeatable), e.g. a claude-... name for Claude Code.",
+        ),
+    ] = None,
+    any_model: Annotated[
+        bool, typer.Option("--any-model", help="Answer whatever model name a client sends.")
+    ] = False,
     distributed: DistributedOpt = False,
     layers_per_rank: LayersPerRankOpt = None,
 ) -> None:
-    """Serve the model over HTTP with OpenAI's API (/v1/chat/completions, /v1/completions, /v1/models)."""
+    """Serve the model over HTTP: OpenAI's API (/v1/chat/completions, /v1/responses, /v1/completions,
+    /v1/models) and Anthropic's (/v1/messages)."""
     for d in allow_files or []:
         if not d.expanduser().is_dir():
             fail(f"--allow-files {d}: no such directory")
@@ -79,6 +90,8 @@ def serve(
         allow_files=allow_files or (),
         cache_gb=cache_gb,
         max_queue=max_queue,
+        model_aliases=model_alias or (),
+        any_model=any_model,
     )
     shown = f"[{host}]" if ":" in host else host
     typer.secho(f"Serving {name!r} at http://{shown}:{port}/v1", fg=typer.colors.CYAN, err=True)

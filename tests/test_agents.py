@@ -637,3 +637,13 @@ def test_model_aliases_and_still_serving(server):
         model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=1
     )
     assert r.usage.output_tokens == 1
+
+
+def test_messages_stop_sequences(server):
+    client = claude(server)
+    question = [{"role": "user", "content": "Hello there"}]
+    full = client.messages.create(model=MODEL, messages=question, max_tokens=8).content[0].text
+    word = next(w for w in full.split()[1:] if len(w) > 1)  # a word inside the answer
+    m = client.messages.create(model=MODEL, messages=question, max_tokens=8, stop_sequences=["@@@", word])
+    assert m.stop_reason == "stop_sequence" and m.stop_sequence == word
+    assert full.startswith(m.content[0].text) and word not in m.content[0].text

@@ -643,7 +643,45 @@ def test_messages_stop_sequences(server):
     client = claude(server)
     question = [{"role": "user", "content": "Hello there"}]
     full = client.messages.create(model=MODEL, messages=question, max_tokens=8).content[0].text
-    word = next(w for w in full.split()[1:] if len(w) > 1)  # a word inside the answer
+    word = full[-3:]  # the answer's end
+    assert full.find(word) > 0 and word.strip()
     m = client.messages.create(model=MODEL, messages=question, max_tokens=8, stop_sequences=["@@@", word])
     assert m.stop_reason == "stop_sequence" and m.stop_sequence == word
-    assert full.startswith(m.content[0].text) and word not in m.content[0].text
+    assert m.content[0].text == full[: full.find(word)].strip()
+
+
+def test_responses_namespace_tools_are_declared_with_their_namespace(tool_server):
+    """Codex CLI groups tools in a `namespace`: its functions are declared as NAMESPACE.NAME, and a
+    call given back with its namespace is rendered under that name."""
+    import copy
+
+    from tool_model import TOOL
+
+    srv, processor = tool_server
+    fn = {"type": "function", **TOOL["function"]}
+    named = copy.deepcopy(TOOL)
+    named["function"]["name"] = "weather.get_weather"
+    question = {"role": "user", "content": "Hi"}
+    namespace = {"type": "namespace", "name": "weather", "description": "Weather tools", "tools": [fn]}
+    r = srv.client().responses.create(model="m", input=[question], tools=[namespace], max_output_tokens=1)
+    assert r.usage.input_tokens == len(processor.prepare([question], tools=[named]).ids)
+    call = {"type": "function_call", "call_id": "c1", "namespace": "weather", "name": "get_weather"}
+    items = [question, {**call, "arguments": '{"city": "Paris"}'}]
+    items.append({"type": "function_call_output", "call_id": "c1", "output": "sunny"})
+    r = srv.client().responses.create(model="m", input=items, tools=[namespace], max_output_tokens=1)
+    rendered = [
+        question,
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [
+                {
+                    "id": "c1",
+                    "type": "function",
+                    "function": {"name": "weather.get_weather", "arguments": {"city": "Paris"}},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "c1", "name": "weather.get_weather", "content": "sunny"},
+    ]
+    assert r.usage.input_tokens == len(processor.prepare(rendered, tools=[named]).ids)

@@ -77,6 +77,7 @@ class FunctionCallItem(BaseModel):
     call_id: str = Field(min_length=1)
     name: str
     arguments: str
+    namespace: str | None = None
 
 
 class FunctionCallOutputItem(BaseModel):
@@ -164,27 +165,38 @@ class ResponsesRequest(BaseModel):
 # --- conversion ---------------------------------------------------------------------------------
 
 
-def _tools(tools: list[dict] | None) -> list[dict] | None:
-    """Function tools in the Chat Completions shape the template takes; hosted tools refused."""
+def _tools(tools: list[dict] | None, param: str = "tools") -> list[dict] | None:
+    """Function tools in the Chat Completions shape the template takes; the function tools of a
+    `namespace` are declared as NAMESPACE.NAME; hosted tools are refused by type."""
     if not tools:
         return None
     out = []
     for i, tool in enumerate(tools):
-        kind = tool.get("type")
+        kind, where = tool.get("type"), f"{param}[{i}]"
+        if kind == "namespace" and isinstance(tool.get("tools"), list):
+            ns = tool.get("name")
+            for t in _tools(tool["tools"], f"{where}.tools") or []:
+                t["function"]["name"] = f"{ns}.{t['function']['name']}"
+                out.append(t)
+            continue
         if kind != "function":
             raise APIError(
                 400,
-                f"tools[{i}].type: {kind!r} tools are not supported here (hosted tools run on OpenAI's "
+                f"{where}.type: {kind!r} tools are not supported here (hosted tools run on OpenAI's "
                 "servers); only 'function' tools",
-                f"tools[{i}].type",
+                f"{where}.type",
                 "unsupported_value",
             )
         try:
             fn = FunctionDef.model_validate(tool)
         except Exception as e:  # noqa: BLE001 (pydantic's message names the field)
-            raise APIError(400, f"tools[{i}]: {e}", f"tools[{i}]") from None
+            raise APIError(400, f"{where}: {e}", where) from None
         out.append({"type": "function", "function": fn.model_dump(exclude_none=True)})
     return out
+
+
+def namespaces(tools: list[dict] | None) -> set[str]:
+    return {t.get("name") for t in tools or () if t.get("type") == "namespace"}
 
 
 def _text_of(parts: str | list, param: str, allow_files: Sequence[Path], media: bool) -> str | list[dict]:
@@ -240,12 +252,13 @@ def items_to_messages(items: list, allow_files: Sequence[Path], start: int = 0) 
                 out.append({"role": item.role, "content": content})
         elif isinstance(item, FunctionCallItem):
             arguments = parse_arguments_json(item.arguments, f"{param}.arguments")
+            name = f"{item.namespace}.{item.name}" if item.namespace else item.name
             msg = assistant()
             msg.setdefault("tool_calls", []).append(
                 {
                     "id": item.call_id,
                     "type": "function",
-                    "function": {"name": item.name, "arguments": arguments},
+                    "function": {"name": name, "arguments": arguments},
                 }
             )
         elif isinstance(item, FunctionCallOutputItem):
@@ -269,14 +282,14 @@ def items_to_messages(items: list, allow_files: Sequence[Path], start: int = 0) 
     return out
 
 
-def output_items(answer: Answer, ids: dict[str, str], status: str) -> list[dict]:
+def output_items(answer: Answer, ids: dict[str, str], status: str, spaces: set[str]) -> list[dict]:
     """The response's output items: reasoning, the message, the function calls."""
     items = []
     if answer.reasoning:
         items.append(reasoning_item(ids["reasoning"], answer.reasoning, "completed"))
     if answer.content or not answer.tool_calls:
         items.append(message_item(ids["message"], answer.content, status))
-    items += [call_item(c, "completed") for c in answer.tool_calls]
+    items += [call_item(c, "completed", spaces) for c in answer.tool_calls]
     return items
 
 
@@ -294,15 +307,20 @@ def output_text(text: str) -> dict:
     return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
 
 
-def call_item(call: Any, status: str, arguments: str | None = None) -> dict:
-    return {
+def call_item(call: Any, status: str, spaces: set[str], arguments: str | None = None) -> dict:
+    """A function_call item; a call of NAMESPACE.NAME (a namespace's tool) names its namespace."""
+    ns, _, name = call.name.partition(".")
+    item = {
         "id": "fc_" + call.id.removeprefix("call_"),
         "type": "function_call",
         "call_id": call.id,
-        "name": call.name,
+        "name": name if ns in spaces and name else call.name,
         "arguments": call.arguments_json() if arguments is None else arguments,
         "status": status,
     }
+    if ns in spaces and name:
+        item["namespace"] = ns
+    return item
 
 
 def response_usage(answer: Answer) -> dict:
@@ -470,7 +488,7 @@ def router(engine: Engine, front: Front, store: ResponseStore) -> APIRouter:
             return sse(job, _numbered(events), typed_event)
         answer = await engine.answer(request, job, prompt, conv)
         status = "incomplete" if answer.finish_reason == "length" else "completed"
-        output = output_items(answer, ids, status)
+        output = output_items(answer, ids, status, namespaces(req.tools))
         return finished(response_object(req, rid, now, "in_progress", []), answer, output, items, req)
 
     async def stream(
@@ -484,6 +502,7 @@ def router(engine: Engine, front: Front, store: ResponseStore) -> APIRouter:
         items: list[dict],
     ) -> AsyncIterator[dict]:
         resp = response_object(req, rid, now, "in_progress", [])
+        spaces = namespaces(req.tools)
         yield {"type": "response.created", "response": resp}
         yield {"type": "response.in_progress", "response": resp}
         output: list[dict] = []
@@ -563,9 +582,9 @@ def router(engine: Engine, front: Front, store: ResponseStore) -> APIRouter:
                         for e in opening(kind):
                             yield e
                 if kind == "tool_call":
-                    for e in call_events(d, len(output)):
+                    for e in call_events(d, len(output), spaces):
                         yield e
-                    output.append(call_item(d.tool_call, "completed"))
+                    output.append(call_item(d.tool_call, "completed", spaces))
                     continue
                 text += d.text
                 at = {"item_id": ids[kind], "output_index": len(output), "content_index": 0}
@@ -600,9 +619,9 @@ def router(engine: Engine, front: Front, store: ResponseStore) -> APIRouter:
     return api
 
 
-def call_events(d: Delta, index: int) -> list[dict]:
+def call_events(d: Delta, index: int, spaces: set[str]) -> list[dict]:
     call = d.tool_call
-    pending, done = call_item(call, "in_progress", ""), call_item(call, "completed")
+    pending, done = call_item(call, "in_progress", spaces, ""), call_item(call, "completed", spaces)
     at = {"item_id": done["id"], "output_index": index}
     return [
         {"type": "response.output_item.added", "output_index": index, "item": pending},
@@ -637,7 +656,7 @@ def _as_input(item: dict) -> dict:
             "content": [{"type": "output_text", "text": c["text"]} for c in item["content"]],
         }
     if item["type"] == "function_call":
-        return {k: item[k] for k in ("type", "call_id", "name", "arguments")}
+        return {k: item[k] for k in ("type", "call_id", "name", "arguments", "namespace") if k in item}
     return {"type": "reasoning", "summary": [], "content": item["content"]}
 
 

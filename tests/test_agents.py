@@ -685,3 +685,22 @@ def test_responses_namespace_tools_are_declared_with_their_namespace(tool_server
         {"role": "tool", "tool_call_id": "c1", "name": "weather.get_weather", "content": "sunny"},
     ]
     assert r.usage.input_tokens == len(processor.prepare(rendered, tools=[named]).ids)
+
+
+def test_responses_instructions_and_developer_messages_are_one_system_turn(server):
+    client = server.client()
+    chat = client.chat.completions.create(
+        model=MODEL,
+        messages=[
+            {"role": "system", "content": "Be brief.\n\nUse tools."},
+            {"role": "user", "content": "Hi"},
+        ],
+        max_tokens=1,
+    )
+    r = client.responses.create(
+        model=MODEL,
+        instructions="Be brief.",
+        input=[{"role": "developer", "content": "Use tools."}, {"role": "user", "content": "Hi"}],
+        max_output_tokens=1,
+    )
+    assert r.usage.input_tokens == chat.usage.prompt_tokens

@@ -92,6 +92,20 @@ def check_response_format(conv: Conversation) -> None:
     )
 
 
+def leading_system(messages: list[dict]) -> list[dict]:
+    """The system and developer messages that open a conversation joined into one system turn
+    (agents send several; Gemma's templates take one system turn, written first); later developer
+    messages are written as system messages."""
+    head = 0
+    while head < len(messages) and messages[head]["role"] in ("system", "developer"):
+        head += 1
+    texts = [m["content"] for m in messages[:head]]
+    rest = [{**m, "role": "system"} if m["role"] == "developer" else m for m in messages[head:]]
+    if head and all(isinstance(t, str) for t in texts):
+        return [{"role": "system", "content": "\n\n".join(texts)}, *rest]
+    return messages[:head] + rest
+
+
 def check_tool_results(messages: Sequence[dict], param: str) -> None:
     """Every tool result must answer a call made earlier in the conversation."""
     known: set[str] = set()

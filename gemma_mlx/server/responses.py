@@ -17,7 +17,7 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, Discriminator, Field, Tag
 
 from ..tools import Delta
-from .conversation import Answer, Conversation, Engine, Prompt, new_id, sse, typed_event
+from .conversation import Answer, Conversation, Engine, Prompt, leading_system, new_id, sse, typed_event
 from .front import Front
 from .messages import audio_part, image_part, parse_arguments_json
 from .schema import APIError, Config, FunctionDef
@@ -412,6 +412,7 @@ def router(engine: Engine, front: Front, store: ResponseStore) -> APIRouter:
         messages = items_to_messages(parsed, engine.allow_files, start=-len(history))
         if req.instructions:
             messages.insert(0, {"role": "system", "content": req.instructions})
+        messages = leading_system(messages)
         choice = req.tool_choice
         effort = req.reasoning.effort if req.reasoning else None
         fmt = req.text.format if req.text else None

@@ -28,16 +28,16 @@ from server_ttft import DEFAULT, QUESTIONS, Server
 from gemma_mlx import load
 from gemma_mlx.server import create_app
 
-# an agent's instructions are long (Codex's and Claude Code's are thousands of tokens); this one
-# is about 1,100 tokens with Gemma 3's tokenizer
-SYSTEM = " ".join(
+# an agent's instructions are long (Codex's and Claude Code's are thousands of tokens); this
+# paragraph is about 55 tokens with Gemma 3's tokenizer, repeated --system-repeats times
+RULES = " ".join(
     [
         "You are a careful coding agent working in a user's repository. Read files before changing them,",
         "keep changes small, run the tests that cover what you changed, and explain what you did.",
         "Never invent results; when something fails, say so and show the error.",
     ]
-    * 20
 )
+SYSTEM = RULES
 
 
 def chat_loop(srv: Server, model: str, turns: int, n: int) -> list[dict]:
@@ -115,8 +115,11 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=None)
     parser.add_argument("--turns", type=int, default=6)
     parser.add_argument("--answer-tokens", type=int, default=16)
+    parser.add_argument("--system-repeats", type=int, default=20)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    global SYSTEM
+    SYSTEM = " ".join([RULES] * args.system_repeats)
     path = args.model or DEFAULT
     model, processor = load(path)
     name, n, turns = path.name, args.answer_tokens, args.turns

@@ -37,11 +37,10 @@ RULES = " ".join(
         "Never invent results; when something fails, say so and show the error.",
     ]
 )
-SYSTEM = RULES
 
 
-def chat_loop(srv: Server, model: str, turns: int, n: int) -> list[dict]:
-    client, history, rows = srv.client, [{"role": "system", "content": SYSTEM}], []
+def chat_loop(srv: Server, model: str, turns: int, n: int, system: str) -> list[dict]:
+    client, history, rows = srv.client, [{"role": "system", "content": system}], []
     for q in QUESTIONS[:turns]:
         history.append({"role": "user", "content": q})
         start, first, text, usage = time.perf_counter(), None, "", None
@@ -63,7 +62,7 @@ def chat_loop(srv: Server, model: str, turns: int, n: int) -> list[dict]:
     return rows
 
 
-def responses_loop(srv: Server, model: str, turns: int, n: int, chained: bool) -> list[dict]:
+def responses_loop(srv: Server, model: str, turns: int, n: int, system: str, chained: bool) -> list[dict]:
     client, history, rows, previous = srv.client, [], [], None
     for q in QUESTIONS[:turns]:
         history.append({"role": "user", "content": q})
@@ -72,7 +71,7 @@ def responses_loop(srv: Server, model: str, turns: int, n: int, chained: bool) -
             {"previous_response_id": previous, "input": q} if chained and previous else {"input": history}
         )
         for e in client.responses.create(
-            model=model, instructions=SYSTEM, max_output_tokens=n, temperature=0, stream=True, **kwargs
+            model=model, instructions=system, max_output_tokens=n, temperature=0, stream=True, **kwargs
         ):
             if e.type == "response.output_text.delta":
                 first = first or time.perf_counter()
@@ -85,14 +84,14 @@ def responses_loop(srv: Server, model: str, turns: int, n: int, chained: bool) -
     return rows
 
 
-def messages_loop(srv: Server, model: str, turns: int, n: int) -> list[dict]:
+def messages_loop(srv: Server, model: str, turns: int, n: int, system: str) -> list[dict]:
     client = anthropic.Anthropic(base_url=srv.url, api_key="-", timeout=3600)
     history, rows = [], []
     for q in QUESTIONS[:turns]:
         history.append({"role": "user", "content": q})
         start, first = time.perf_counter(), None
         with client.messages.stream(
-            model=model, system=SYSTEM, messages=history, max_tokens=n
+            model=model, system=system, messages=history, max_tokens=n
         ) as s:  # greedy: the checkpoint's generation config (this SDK takes no temperature argument)
             for e in s:
                 if e.type == "content_block_delta":
@@ -118,27 +117,28 @@ def main() -> None:
     parser.add_argument("--system-repeats", type=int, default=20)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    global SYSTEM
-    SYSTEM = " ".join([RULES] * args.system_repeats)
+    system = " ".join([RULES] * args.system_repeats)
     path = args.model or DEFAULT
     model, processor = load(path)
     name, n, turns = path.name, args.answer_tokens, args.turns
     loops = {
-        "Chat Completions, full history": lambda s: chat_loop(s, name, turns, n),
-        "Responses, full history": lambda s: responses_loop(s, name, turns, n, chained=False),
-        "Responses, previous_response_id": lambda s: responses_loop(s, name, turns, n, chained=True),
-        "Messages, full history": lambda s: messages_loop(s, name, turns, n),
+        "Chat Completions, full history": lambda s: chat_loop(s, name, turns, n, system),
+        "Responses, full history": lambda s: responses_loop(s, name, turns, n, system, chained=False),
+        "Responses, previous_response_id": lambda s: responses_loop(s, name, turns, n, system, chained=True),
+        "Messages, full history": lambda s: messages_loop(s, name, turns, n, system),
     }
     cpu = platform.processor() or platform.machine()
     lines = [
-        f"{name}; {turns}-turn agent loop per API, {len(processor.encode_text(SYSTEM))}-token system prompt, "
+        f"{name}; {turns}-turn agent loop per API, {len(processor.encode_text(system))}-token system prompt, "
         f"{n}-token greedy answers, streamed; a fresh server (empty prefix cache) per loop; "
         f"MLX {mx.__version__} on {platform.system()} {cpu} ({os.cpu_count()} cores, {mx.default_device()})",
         "",
     ]
     srv = Server(create_app(model, processor, model_id=name))
     try:
-        chat_loop(srv, name, 2, n)  # warm-up (compiles, allocations); each loop then gets a fresh server
+        chat_loop(
+            srv, name, 2, n, system
+        )  # warm-up (compiles, allocations); each loop then gets a fresh server
     finally:
         srv.close()
     for label, loop in loops.items():

@@ -10,7 +10,7 @@ import json
 import httpx
 import pytest
 from pydantic import TypeAdapter
-from test_server import KEY, Server, png_uri
+from test_server import KEY, Server, png_uri, wav_b64
 from tiny import save_checkpoint
 
 from gemma_mlx import load
@@ -177,7 +177,7 @@ def test_responses_chain_retrieve_and_delete(server, loaded):
         client.responses.retrieve(explicit.id)
 
 
-def test_responses_image(server):
+def test_responses_image_and_audio(server):
     client = server.client()
     content = [{"type": "image_url", "image_url": {"url": png_uri()}}, {"type": "text", "text": "What?"}]
     chat = client.chat.completions.create(
@@ -199,6 +199,18 @@ def test_responses_image(server):
     assert (
         r.usage.input_tokens == chat.usage.prompt_tokens and r.output_text == chat.choices[0].message.content
     )
+    audio = {"data": wav_b64(), "format": "wav"}
+    chat = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": [{"type": "input_audio", "input_audio": audio}]}],
+        max_tokens=1,
+    )
+    r = client.responses.create(
+        model=MODEL,
+        input=[{"role": "user", "content": [{"type": "input_audio", "input_audio": audio}]}],
+        max_output_tokens=1,
+    )
+    assert r.usage.input_tokens == chat.usage.prompt_tokens
 
 
 def test_response_store_is_lru_by_count_and_bytes():
@@ -322,6 +334,14 @@ def test_responses_thinking_goes_to_reasoning_items(thinking_server):
         model="thinking-model", input="Weather?", reasoning={"effort": "minimal"}, max_output_tokens=10
     )
     assert [o.type for o in off.output] == ["message"] and off.output_text == "Sunny."
+    # the reasoning item given back with the history is accepted (the template drops earlier
+    # thoughts before a new user turn: the prompt equals the one without it)
+    question = {"role": "user", "content": "Weather?"}
+    back = [question, *[o.model_dump(exclude_none=True) for o in r.output], question]
+    without = [question, {"role": "assistant", "content": "Sunny."}, question]
+    kw = {"model": "thinking-model", "reasoning": {"effort": "high"}, "max_output_tokens": 10}
+    again, plain = client.responses.create(input=back, **kw), client.responses.create(input=without, **kw)
+    assert again.output_text == "Sunny." and again.usage.input_tokens == plain.usage.input_tokens
 
 
 def responses_body(**kw):

@@ -724,3 +724,33 @@ def test_responses_instructions_and_developer_messages_are_one_system_turn(serve
         max_output_tokens=1,
     )
     assert r.usage.input_tokens == chat.usage.prompt_tokens
+
+
+def test_chat_tool_result_for_an_unknown_call_is_400(server):
+    """The shared conversation layer checks tool results for every API, Chat Completions too."""
+    body = {
+        "model": MODEL,
+        "max_tokens": 1,
+        "messages": [
+            {"role": "user", "content": "x"},
+            {"role": "tool", "tool_call_id": "nope", "content": "1"},
+        ],
+    }
+    r = httpx.post(server.url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 400 and "'nope'" in r.json()["error"]["message"]
+
+
+def test_evicted_response_is_a_clear_404(loaded):
+    model, processor = loaded
+    srv = Server(create_app(model, processor, model_id=MODEL, store_responses=1))
+    try:
+        client = srv.client()
+        first = client.responses.create(model=MODEL, input="Hi", max_output_tokens=1)
+        client.responses.create(model=MODEL, input="Hello", max_output_tokens=1)
+        with pytest.raises(openai.NotFoundError) as e:
+            client.responses.create(
+                model=MODEL, input="x", previous_response_id=first.id, max_output_tokens=1
+            )
+        assert "evicted" in e.value.body["message"] and e.value.body["param"] == "previous_response_id"
+    finally:
+        srv.close()

@@ -85,7 +85,7 @@ def responses_loop(srv: Server, model: str, turns: int, n: int, system: str, cha
 
 
 def messages_loop(srv: Server, model: str, turns: int, n: int, system: str) -> list[dict]:
-    client = anthropic.Anthropic(base_url=srv.url, api_key="-", timeout=3600)
+    client = anthropic.Anthropic(base_url=f"http://127.0.0.1:{srv.port}", api_key="-", timeout=3600)
     history, rows = [], []
     for q in QUESTIONS[:turns]:
         history.append({"role": "user", "content": q})
@@ -156,7 +156,7 @@ def main() -> None:
             f"Turn {turns} / turn 1 TTFT: {ratio:.2f}x; cached tokens on every later turn: {all_cached}.",
             "",
         ]
-        print("\n".join(lines[-(turns + 6) :]), flush=True)
+        print("\n".join(lines[-(turns + 7) :]), flush=True)
         if args.out:
             args.out.write_text("\n".join(lines))
     report = "\n".join(lines)

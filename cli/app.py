@@ -22,12 +22,16 @@ from gemma_mlx import (
 from gemma_mlx.benchmark import bench_report
 from gemma_mlx.chat import ChatSession
 from gemma_mlx.footprint import footprint, memory_bytes
+from gemma_mlx.generate import check_kv_quantization
 from gemma_mlx.sample import SamplingParams
 
+from . import agent as agent_cli
 from . import chat as chat_repl
 from .bench_plot import PlotUnavailable, plot_decode, pyplot
 from .common import (
+    DEBUG,
     AudioOpt,
+    CheckFiniteOpt,
     DistributedOpt,
     DraftBlockOpt,
     DraftOpt,
@@ -57,7 +61,9 @@ from .serve import serve
 
 app = typer.Typer(
     name="gemma-mlx",
-    help="Run Google's Gemma 4 12B (and Gemma 3) with MLX: convert, chat, generate, benchmark.",
+    help="Run Google's Gemma 4 12B (and Gemma 3) with MLX. Commands: generate (complete a prompt), chat "
+    "(terminal chat), serve (OpenAI-compatible server), convert (HF/MLX checkpoints -> MLX, quantized), "
+    "info (what a checkpoint costs), bench (measure speed).",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
@@ -86,14 +92,14 @@ def main_options(
         bool, typer.Option("--version", callback=version_callback, is_eager=True, help="Print the version.")
     ] = False,
 ) -> None:
-    state["debug"] = debug
+    state["debug"] = DEBUG["on"] = debug
 
 
 def stats_line(stats: GenerationStats) -> str:
-    line = (
-        f"{stats.prompt_tokens} prompt tokens at {stats.prompt_tps:.1f} tok/s, {stats.generation_tokens} "
-        f"generated at {stats.generation_tps:.1f} tok/s"
-    )
+    line = f"{stats.prompt_tokens} prompt tokens at {stats.prompt_tps:.1f} tok/s"
+    line += f", {stats.generation_tokens} generated"
+    if stats.generation_tokens > 1:  # the first token comes with the prefill: one token has no decode rate
+        line += f" at {stats.generation_tps:.1f} tok/s"
     if stats.drafted:
         line += f", drafts accepted {stats.accepted}/{stats.drafted} ({stats.acceptance:.0%})"
     return line
@@ -118,8 +124,17 @@ def generate(
     kv_group_size: KvGroupOpt = 64,
     distributed: DistributedOpt = False,
     layers_per_rank: LayersPerRankOpt = None,
+    mcp: agent_cli.McpOpt = None,
+    mcp_config: agent_cli.McpConfigOpt = None,
+    yes: agent_cli.YesOpt = False,
+    max_tool_calls: agent_cli.MaxToolCallsOpt = 8,
+    tool_timeout: agent_cli.ToolTimeoutOpt = 60.0,
+    check_finite: CheckFiniteOpt = False,
 ) -> None:
-    """Complete a prompt and print the text as it is generated."""
+    """Complete a prompt and print the text as it is generated; with --mcp, answer it as a chat
+    turn in which the model may call tools from MCP servers."""
+    if (mcp or mcp_config) and (distributed or draft is not None):
+        fail("--mcp: not with --distributed or --draft in generate (use chat)")
     group = join_group(distributed)
     if is_follower(group):
         prompt = ""  # rank 0 reads the prompt; this rank only runs its layers
@@ -130,10 +145,37 @@ def generate(
     else:  # bytes that were not UTF-8 reach argv as surrogates: show them as U+FFFD instead
         prompt = prompt.encode("utf-8", errors="surrogateescape").decode("utf-8", errors="replace")
     path = resolve_model(model)
+    servers = agent_cli.server_specs(mcp, mcp_config)
+    if servers and not yes and not sys.stdin.isatty():
+        fail("--mcp: tool calls need consent at a terminal; pass --yes to allow every call")
     images, clips = image or [], audio or []
     check_media(path, images, clips)
-    model_obj, processor = load_checked(path, kv_bits, kv_group_size, group, layers_per_rank)
-    sampling = SamplingParams(temperature, top_k, top_p, min_p, seed)
+    sampling = SamplingParams(temperature, top_k, top_p, min_p, seed)  # option checks before the load
+    drafter = load_draft(draft)
+    model_obj, processor = load_checked(path, kv_bits, kv_group_size, group, layers_per_rank, check_finite)
+    if servers:
+        session = ChatSession(
+            model_obj,
+            processor,
+            max_tokens=max_tokens,
+            sampling=sampling,
+            kv_bits=kv_bits,
+            kv_group_size=kv_group_size,
+        )
+        for i in images:
+            session.attach_image(i)
+        for a in clips:
+            session.attach_audio(a)
+        with agent_cli.open_tools(servers, tool_timeout) as tools:
+            agent = agent_cli.make_agent(session, tools, yes, max_tool_calls)
+            answer = agent_cli.render(agent.send(prompt), echo_text=not as_json)
+        if as_json:
+            calls = [m for m in session.history if m["role"] == "tool"]
+            result = {"model": str(path), "text": answer, "tool_results": calls}
+            typer.echo(json.dumps({**result, **session.stats.as_dict()}, ensure_ascii=False))
+        else:
+            typer.echo()
+        return
     last, text = None, []
     chunks = stream_generate(
         model_obj,
@@ -144,7 +186,7 @@ def generate(
         images=images,
         audio=clips,
         prefill_progress=PrefillBar(),
-        drafter=load_draft(draft),
+        drafter=drafter,
         draft_block_size=draft_block_size,
         kv_bits=kv_bits,
         kv_group_size=kv_group_size,
@@ -186,12 +228,22 @@ def chat(
     kv_group_size: KvGroupOpt = 64,
     distributed: DistributedOpt = False,
     layers_per_rank: LayersPerRankOpt = None,
+    mcp: agent_cli.McpOpt = None,
+    mcp_config: agent_cli.McpConfigOpt = None,
+    yes: agent_cli.YesOpt = False,
+    max_tool_calls: agent_cli.MaxToolCallsOpt = 8,
+    tool_timeout: agent_cli.ToolTimeoutOpt = 60.0,
+    check_finite: CheckFiniteOpt = False,
 ) -> None:
-    """Chat in the terminal: multi-turn with cache reuse, streaming, images and audio, /commands."""
+    """Chat in the terminal: multi-turn with cache reuse, streaming, images and audio, /commands;
+    with --mcp, the model calls tools from MCP servers (each call asked first)."""
     group = join_group(distributed)
     path = resolve_model(model)
+    servers = agent_cli.server_specs(mcp, mcp_config)
     check_media(path, image or [], audio or [])
-    model_obj, processor = load_checked(path, kv_bits, kv_group_size, group, layers_per_rank)
+    sampling = SamplingParams(temperature, top_k, top_p, min_p, seed)  # option checks before the load
+    drafter = load_draft(draft)
+    model_obj, processor = load_checked(path, kv_bits, kv_group_size, group, layers_per_rank, check_finite)
     if think and not processor.supports_thinking:
         fail(f"--think: the chat template of {path} has no thinking mode")
     session = ChatSession(
@@ -200,9 +252,9 @@ def chat(
         system=system,
         think=think,
         max_tokens=max_tokens,
-        sampling=SamplingParams(temperature, top_k, top_p, min_p, seed),
+        sampling=sampling,
         prefill_progress=PrefillBar(),
-        drafter=load_draft(draft),
+        drafter=drafter,
         draft_block_size=draft_block_size,
         kv_bits=kv_bits,
         kv_group_size=kv_group_size,
@@ -211,7 +263,14 @@ def chat(
         session.attach_image(i)
     for a in audio or []:
         session.attach_audio(a)
-    chat_repl.repl(session, f"gemma-mlx chat - {path.name} ({model_obj.config.model_type})")
+    banner = f"gemma-mlx chat - {path.name} ({model_obj.config.model_type})"
+    tools = agent_cli.open_tools(servers, tool_timeout)
+    if tools is None:
+        chat_repl.repl(session, banner)
+        return
+    with tools:  # the servers are stopped on the way out, whatever ends the chat
+        agent = agent_cli.make_agent(session, tools, yes, max_tool_calls)
+        chat_repl.repl(session, banner + f", {len(tools.tools)} MCP tools", agent)
 
 
 @app.command()
@@ -265,7 +324,7 @@ def bench(
     generation_tokens: Annotated[
         int, typer.Option("--generation-tokens", "-g", min=2, help="Tokens decoded per run.")
     ] = 64,
-    trials: Annotated[int, typer.Option("--trials", "-n", min=1, help="Runs after a warm-up (median).")] = 3,
+    trials: Annotated[int, typer.Option("--trials", "-r", min=1, help="Runs after a warm-up (median).")] = 3,
     depths: Annotated[
         str | None,
         typer.Option(
@@ -297,6 +356,7 @@ def bench(
     if min(lengths) < 1:
         fail(f"--prompt-tokens {prompt_tokens!r}: prompts need at least 1 token")
     depth_list = None if depths is None else int_list(depths, "--depths")
+    check_kv_quantization(kv_bits, kv_group_size)
     path = resolve_model(model)
     drafter = load_draft(draft)
     model_obj, processor = load(path)

@@ -10,6 +10,9 @@ import typer
 
 from gemma_mlx.chat import ChatSession
 
+from . import agent as agent_cli
+from .common import show_error
+
 HELP = """Commands:
   /image PATH     attach an image to your next message
   /audio PATH     attach an audio clip to your next message
@@ -18,8 +21,10 @@ HELP = """Commands:
   /reset          forget the conversation
   /stats          speed, context used, cache reuse of the last turn
   /save FILE      write the transcript (markdown, or JSON for *.json)
+  /tools          the MCP tools the model may call (--mcp)
+  /mcp            the MCP servers and their state
   /help           this list
-  /quit           leave (Ctrl-D works too); Ctrl-C stops an answer"""
+  /quit           leave (Ctrl-D works too); Ctrl-C stops an answer or a tool"""
 
 
 def _history_file() -> Path:
@@ -31,27 +36,36 @@ def _history_file() -> Path:
 def save_transcript(session: ChatSession, path: Path) -> None:
     messages = ([{"role": "system", "content": session.system}] if session.system else []) + session.history
 
-    def text(content) -> str:
-        if isinstance(content, str):
-            return content
+    def text(message: dict) -> str:
+        content = message["content"]
+        if not isinstance(content, str):
+            content = " ".join(
+                p["text"] if p["type"] == "text" else f"[{p['type']}: {p.get(p['type'])}]" for p in content
+            )
+        calls = [c["function"] for c in message.get("tool_calls", [])]
         return " ".join(
-            p["text"] if p["type"] == "text" else f"[{p['type']}: {p.get(p['type'])}]" for p in content
-        )
+            [content, *(f"[tool call: {c['name']} {json.dumps(c['arguments'])}]" for c in calls)]
+        ).strip()
 
     if path.suffix == ".json":
         body = json.dumps(
-            [{"role": m["role"], "content": text(m["content"])} for m in messages],
+            [{"role": m["role"], "content": text(m)} for m in messages],
             indent=2,
             ensure_ascii=False,
         )
     else:
-        body = "\n\n".join(f"**{m['role']}**: {text(m['content'])}" for m in messages) + "\n"
+        body = "\n\n".join(f"**{m['role']}**: {text(m)}" for m in messages) + "\n"
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a directory: give a file name")
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(body)
-    tmp.replace(path)
+    try:
+        tmp.write_text(body)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)  # after a failed write or rename: leave nothing behind
 
 
-def command(session: ChatSession, line: str) -> bool:
+def command(session: ChatSession, line: str, agent: agent_cli.Agent | None = None) -> bool:
     """Run one /command; returns False to quit. Errors are reported, the session goes on."""
     name, _, arg = line[1:].partition(" ")
     arg = arg.strip()
@@ -85,9 +99,10 @@ def command(session: ChatSession, line: str) -> bool:
                 echo("[no turn yet]")
             else:
                 reused = f" after {s.cached_prompt_tokens} cached" if s.cached_prompt_tokens else ""
+                rate = f" at {s.generation_tps:.1f} tok/s" if s.generation_tokens > 1 else ""
                 echo(
                     f"[last turn: {s.prompt_tokens} prompt tokens{reused} at {s.prompt_tps:.1f} tok/s, "
-                    f"{s.generation_tokens} generated at {s.generation_tps:.1f} tok/s; context "
+                    f"{s.generation_tokens} generated{rate}; context "
                     f"{len(session.tokens)}/{session.context} tokens; "
                     + (
                         f"drafts accepted {s.accepted}/{s.drafted} ({s.acceptance:.0%})]"
@@ -95,17 +110,25 @@ def command(session: ChatSession, line: str) -> bool:
                         else "no drafter]"
                     )
                 )
+        elif name in ("tools", "mcp"):
+            if agent is None:
+                echo("[no MCP servers: start the chat with --mcp 'COMMAND' or --mcp-config FILE]")
+            else:
+                lines = (
+                    agent_cli.tool_lines(agent.mcp) if name == "tools" else agent_cli.server_lines(agent.mcp)
+                )
+                echo("\n".join(lines))
         elif name == "save" and arg:
             save_transcript(session, Path(arg).expanduser())
             echo(f"[transcript saved to {arg}]")
         else:
             echo(f"[unknown command or missing argument: /{name}; /help lists the commands]")
     except (ValueError, OSError) as e:
-        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+        show_error(str(e))
     return True
 
 
-def repl(session: ChatSession, banner: str) -> None:
+def repl(session: ChatSession, banner: str, agent: agent_cli.Agent | None = None) -> None:
     try:
         import readline  # line editing and history for input()
 
@@ -129,18 +152,21 @@ def repl(session: ChatSession, banner: str) -> None:
             if not line:
                 continue
             if line.startswith("/"):
-                if not command(session, line):
+                if not command(session, line, agent):
                     break
                 continue
-            answer = session.send(line)
+            answer = session.send(line) if agent is None else agent.send(line)
             try:
-                for chunk in answer:
-                    typer.echo(chunk.text, nl=False)
+                if agent is None:
+                    for chunk in answer:
+                        typer.echo(chunk.text, nl=False)
+                else:
+                    agent_cli.render(answer)
                 typer.echo()
             except KeyboardInterrupt:
                 typer.secho("\n[interrupted]", fg=typer.colors.YELLOW)
-            except (ValueError, OSError) as e:
-                typer.secho(f"\nerror: {e}", fg=typer.colors.RED, err=True)
+            except (ValueError, OSError, RuntimeError) as e:  # the session goes on (/save still works)
+                show_error(str(e), prefix="\n")
             finally:
                 answer.close()  # settle the session's cache now, not whenever the generator is collected
             for notice in session.notices:

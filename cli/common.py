@@ -3,6 +3,8 @@ memory check, the prefill progress bar."""
 
 from __future__ import annotations
 
+import sys
+import traceback
 from pathlib import Path
 from typing import Annotated
 
@@ -14,6 +16,7 @@ from gemma_mlx import CheckpointError, Drafter, load, load_config, load_drafter
 from gemma_mlx.convert.default_model import DESCRIPTION, default_model_path
 from gemma_mlx.distributed import init_group
 from gemma_mlx.footprint import footprint, memory_warning
+from gemma_mlx.generate import check_kv_quantization
 from gemma_mlx.hub import resolve
 from gemma_mlx.models.gemma import Model
 from gemma_mlx.processor import Processor
@@ -46,6 +49,10 @@ KvBitsOpt = Annotated[
     typer.Option("--kv-bits", help="Quantize the KV cache to 8 or 4 bits (less memory for long contexts)."),
 ]
 KvGroupOpt = Annotated[int, typer.Option("--kv-group-size", help="KV quantization group: 32, 64 or 128.")]
+CheckFiniteOpt = Annotated[
+    bool,
+    typer.Option("--check-finite", help="Refuse weights with NaN or infinite values, naming them."),
+]
 DraftOpt = Annotated[
     str | None, typer.Option("--draft", help="MTP drafter checkpoint: speculative decoding.")
 ]
@@ -77,8 +84,18 @@ LayersPerRankOpt = Annotated[
 ]
 
 
+DEBUG = {"on": False}  # --debug: tracebacks for every error, also those turned into a red line here
+
+
+def show_error(message: str, prefix: str = "") -> None:
+    """One red line; with --debug, the traceback of the exception being handled first."""
+    if DEBUG["on"] and sys.exc_info()[0] is not None:
+        traceback.print_exc()
+    typer.secho(f"{prefix}error: {message}", fg=typer.colors.RED, err=True)
+
+
 def fail(message: str, code: int = 1) -> None:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    show_error(message)
     raise typer.Exit(code)
 
 
@@ -166,16 +183,22 @@ def load_checked(
     kv_group_size: int = 64,
     group: mx.distributed.Group | None = None,
     layers_per_rank: str | None = None,
+    check_finite: bool = False,
 ) -> tuple[Model, Processor]:
     """Load after warning when weights plus the KV cache will not fit the memory available now.
     With a `group` (--distributed) this rank loads only its stage; a follower serves rank 0 here
-    and exits when rank 0 is done."""
+    and exits when rank 0 is done. Option values are checked first: a bad one fails in a second,
+    not after minutes of loading."""
+    try:
+        check_kv_quantization(kv_bits, kv_group_size)
+    except ValueError as e:
+        fail(f"--kv-bits/--kv-group-size: {e}")
     if group is None:
         warning = memory_warning(footprint(path, kv_bits=kv_bits, kv_group_size=kv_group_size))
         if warning:
             typer.secho(f"warning: {warning}", fg=typer.colors.YELLOW, err=True)
     counts = int_list(layers_per_rank, "--layers-per-rank") if layers_per_rank else None
-    model, processor = load(path, distributed=group, layers_per_rank=counts)
+    model, processor = load(path, check_finite=check_finite, distributed=group, layers_per_rank=counts)
     if model is None:  # a follower whose rank 0 finished
         raise typer.Exit(0)
     if processor is None:

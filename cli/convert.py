@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import traceback
 from pathlib import Path
 from typing import Annotated
 
@@ -13,6 +14,8 @@ from gemma_mlx.convert import MODES, RECIPES, QuantSpec, convert, parse_override
 from gemma_mlx.convert.convert import METHODS
 from gemma_mlx.convert.dwq import BATCH_SIZE, LEARNING_RATE, STEPS, TOP_K, check_settings
 from gemma_mlx.convert.writer import SHARD_BYTES
+
+from .common import DEBUG
 
 
 def report_table(report, title: str):
@@ -134,6 +137,8 @@ def convert_command(
         if dwq_steps is not None:
             check_settings(dwq_steps, LEARNING_RATE, BATCH_SIZE, TOP_K)
     except ValueError as e:
+        if DEBUG["on"]:
+            traceback.print_exc()
         raise typer.BadParameter(str(e)) from None
     report = convert(
         src,
@@ -160,6 +165,7 @@ def convert_command(
         dwq_steps=dwq_steps,
     )
     console = Console()
-    console.print(report_table(report, f"{src} -> {out} ({report.seconds:.0f} s)"))
+    took = f"{report.seconds:.0f} s" + (f" + {report.check_seconds:.0f} s check" if report.check else "")
+    console.print(report_table(report, f"{src} -> {out} ({took})"))
     for path, why in sorted(report.kept_float.items())[:12]:
         console.print(f"  kept in float: {path} ({why})", style="dim")

@@ -116,8 +116,9 @@ class ConversionReport:
     bytes_per_token: int = 0
     source_bytes_per_token: int = 0  # the same measure for the source (model conversions)
     kept_float: dict[str, str] = field(default_factory=dict)  # quantizable layer -> why float
-    seconds: float = 0.0
+    seconds: float = 0.0  # writing the output
     check: dict | None = None
+    check_seconds: float = 0.0  # the --check comparison (it loads both models)
     allocation: list[tuple[str, str]] | None = None  # --bits-per-weight: (spec, its units) rows
     method: str = "rtn"  # rtn, or a calibrated method (`calibrate.METHODS`)
     calibration: CalibrationReport | None = None
@@ -166,6 +167,8 @@ class ConversionReport:
         rows += [(f"units at {spec}", units) for spec, units in self.allocation or []]
         for key, value in (self.check or {}).items():
             rows.append((f"check: {key.replace('_', ' ')}", f"{value:.4f}"))
+        if self.check is not None:
+            rows.append(("check: time", f"{self.check_seconds:.1f} s"))
         return rows
 
 
@@ -457,6 +460,7 @@ def _write(
     totals: tuple[int | None, int | None],
     itemsize: Mapping[str, int] | None = None,
     packed: Collection[str] = (),
+    finalize: Callable[[Path], None] | None = None,
 ) -> ConversionReport:
     """The output directory, atomically: shards + index, config.json (with the quantization block
     if anything is quantized), extra files, model card. `itemsize`: element size of each source
@@ -506,6 +510,8 @@ def _write(
             report.seconds = time.perf_counter() - start
             if "README.md" not in extra_files:
                 (tmp / "README.md").write_text(model_card(report))
+            if finalize is not None:
+                finalize(tmp)
     finally:
         mx.set_cache_limit(cache_limit)
     return report
@@ -665,11 +671,13 @@ def convert(
         )
     if check:
         check_fn = check_drafter if target.kind == "drafter" else check_conversion
+        start = time.perf_counter()
         if progress is True:  # the check loads both models: say so rather than sit silent
             with Console(stderr=True).status("checking the result against the source (loads both models)"):
                 report.check = check_fn(source, out)
         else:
             report.check = check_fn(source, out)
+        report.check_seconds = time.perf_counter() - start
     return report
 
 
@@ -818,11 +826,14 @@ def write_checkpoint(
     shard_bytes: int = SHARD_BYTES,
     progress: bool | Progress | None = False,
     source: str = "in-memory weights",
+    finalize: Callable[[Path], None] | None = None,
 ) -> ConversionReport:
     """Write an MLX checkpoint from an in-memory `config` dict and float `weights` (our names or
     the checkpoint's; any order; an iterator is consumed tensor by tensor), quantized with
     `quantization` (None: float), atomically. `extra_files` maps a file name to a `Path` to copy,
-    `bytes` or `str` content (tokenizer, templates, ...). Same checks and layout as `convert`."""
+    `bytes` or `str` content (tokenizer, templates, ...); `finalize(tmp)` runs on the complete
+    directory just before it is moved into place. Same checks and layout as `convert` (every
+    writer of checkpoints goes through here or `convert`: one layout, which mlx-lm and mlx-vlm load)."""
     config = dict(config)
     if config.get("quantization") or config.get("quantization_config"):
         raise CheckpointError(f"{source}: config already has a quantization block")
@@ -868,6 +879,7 @@ def write_checkpoint(
         progress=progress,
         totals=totals,
         itemsize=itemsize,
+        finalize=finalize,
     )
 
 

@@ -24,7 +24,7 @@ DESCRIPTION = (
     "float32): it continues text and is not instruction-tuned"
 )
 NAME = "gemma-3-270m-float32"
-FORMAT = 2  # bump when the importer's output changes: caches of another format are rebuilt
+FORMAT = 3  # bump when the importer's output changes: caches of another format are rebuilt
 MANIFEST = "MANIFEST.json"
 
 

@@ -19,6 +19,7 @@ llama.cpp conventions, from its `convert_hf_to_gguf.py` (`Gemma3Model`) and `lla
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator
 from importlib import resources
 from pathlib import Path
@@ -30,7 +31,7 @@ from mlx.utils import tree_flatten
 from gemma_mlx.config import ConfigError, parse_config
 from gemma_mlx.models.gemma import Model
 
-from .writer import atomic_directory, write_json, write_shards
+from .convert import write_checkpoint
 
 ARCH = "gemma3"
 # llama.cpp block tensor -> our name under language_model.layers.N
@@ -269,6 +270,10 @@ def sentencepiece_model(reader, path: str | Path = "<gguf>") -> bytes:
     return m.SerializeToString()
 
 
+def _json(data: dict) -> str:
+    return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
+
+
 def import_gguf(
     src: str | Path,
     out: str | Path,
@@ -294,30 +299,34 @@ def import_gguf(
     template = _field(reader, "tokenizer.chat_template") or (
         resources.files("gemma_mlx").joinpath("templates/gemma3.jinja").read_text()
     )
-    with atomic_directory(out, force=force) as tmp:
-        write_shards(tmp, tensors(reader, getattr(mx, dtype)))
-        write_json(tmp / "config.json", {**config, "torch_dtype": dtype})
-        (tmp / "tokenizer.model").write_bytes(tokenizer)
-        write_json(
-            tmp / "tokenizer_config.json",
-            {
-                "add_bos_token": bool(_field(reader, "tokenizer.ggml.add_bos_token", True)),
-                "add_eos_token": bool(_field(reader, "tokenizer.ggml.add_eos_token", False)),
-                **{f"{k}_token": pieces[config[f"{k}_token_id"]] for k in ("bos", "eos", "pad")},
-                "unk_token": pieces[int(_field(reader, "tokenizer.ggml.unknown_token_id", 3))],
-            },
-        )
-        write_json(
-            tmp / "generation_config.json",
-            {
-                "bos_token_id": config["bos_token_id"],
-                "eos_token_id": eos,
-                "pad_token_id": config["pad_token_id"],
-            },
-        )
-        (tmp / "chat_template.jinja").write_text(template)
-        source = {k: _field(reader, k) for k in ("general.name", "general.size_label", "general.file_type")}
-        write_json(tmp / "SOURCE.json", {"gguf": src.name, "size": src.stat().st_size, **source})
-        if finalize is not None:
-            finalize(tmp)
+    tokenizer_config = {
+        "add_bos_token": bool(_field(reader, "tokenizer.ggml.add_bos_token", True)),
+        "add_eos_token": bool(_field(reader, "tokenizer.ggml.add_eos_token", False)),
+        **{f"{k}_token": pieces[config[f"{k}_token_id"]] for k in ("bos", "eos", "pad")},
+        "unk_token": pieces[int(_field(reader, "tokenizer.ggml.unknown_token_id", 3))],
+    }
+    generation = {
+        "bos_token_id": config["bos_token_id"],
+        "eos_token_id": eos,
+        "pad_token_id": config["pad_token_id"],
+    }
+    meta = {k: _field(reader, k) for k in ("general.name", "general.size_label", "general.file_type")}
+    # through the converter's writer: the same checks and the one tensor layout (mlx-lm's `model.*`
+    # for this text model) that mlx-lm and mlx-vlm load, as `gemma-mlx convert` writes
+    write_checkpoint(
+        out,
+        {**config, "torch_dtype": dtype},
+        tensors(reader, getattr(mx, dtype)),
+        dtype=dtype,
+        extra_files={
+            "tokenizer.model": tokenizer,
+            "tokenizer_config.json": _json(tokenizer_config),
+            "generation_config.json": _json(generation),
+            "chat_template.jinja": template,
+            "SOURCE.json": _json({"gguf": src.name, "size": src.stat().st_size, **meta}),
+        },
+        force=force,
+        source=str(src),
+        finalize=finalize,
+    )
     return out

@@ -61,7 +61,7 @@ class QuantSpec:
         """A spec whose group size defaults to the mode's (affine 64, mxfp 32, nvfp4 16)."""
         if mode not in MODES:
             raise ValueError(f"--mode {mode!r}: expected one of {', '.join(MODES)}")
-        return cls(bits, group_size or DEFAULT_GROUP[mode], mode)
+        return cls(bits, DEFAULT_GROUP[mode] if group_size is None else group_size, mode)  # 0 is no default
 
     def nbytes(self, rows: int, cols: int, float_bytes: int = 2) -> int:
         """Stored bytes of a quantized `[rows, cols]` weight: packed values plus one scale per

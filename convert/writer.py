@@ -139,6 +139,18 @@ def _is_disk_full(e: BaseException) -> bool:
     )
 
 
+def _check_writable(out: Path) -> None:
+    """Say why `out` cannot be written before any work (a read-only file system or folder reports
+    0 bytes free, which would otherwise read as a full disk)."""
+    fs = os.statvfs(out.parent)
+    if fs.f_flag & os.ST_RDONLY:
+        raise OSError(errno.EROFS, f"{out}: {out.parent} is on a read-only file system")
+    if fs.f_blocks == 0:
+        raise OSError(errno.EINVAL, f"{out}: {out.parent} is on a virtual file system (like /proc)")
+    if not os.access(out.parent, os.W_OK | os.X_OK):
+        raise OSError(errno.EACCES, f"{out}: the folder {out.parent} is not writable")
+
+
 @contextmanager
 def atomic_directory(out: str | Path, force: bool = False, needed: int | None = None):
     """Yield a temporary sibling of `out` to fill; on success it replaces `out` in one rename,
@@ -155,6 +167,7 @@ def atomic_directory(out: str | Path, force: bool = False, needed: int | None = 
         raise OutputExistsError(f"{out} already exists (use --force to replace it)")
     out.parent.mkdir(parents=True, exist_ok=True)
     _sweep_partials(out, force)
+    _check_writable(out)
     free = shutil.disk_usage(out.parent).free
     if needed and needed > free:
         raise OSError(

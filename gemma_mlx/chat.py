@@ -20,7 +20,7 @@ from .models.drafter import Drafter
 from .models.gemma import Model
 from .processor import Inputs, Processor
 from .sample import SamplingParams
-from .tools import ToolCall, parse_output
+from .tools import ToolCall, parse_output, tool_names
 
 ANSWER_MARK = "\u2063answer\u2063"  # stands for the last answer when rendering what follows it
 
@@ -147,21 +147,31 @@ class ChatSession:
         del self.tokens[p:]
         return True
 
-    def send(self, text: str) -> Iterator[GenerationChunk]:
-        """Stream the answer to `text` (with any attached images/audio)."""
+    def send(self, text: str, tool_results: Sequence[dict] = ()) -> Iterator[GenerationChunk]:
+        """Stream the answer to `text` (with any attached images/audio). `tool_results` answer
+        calls of the last answer that got no result yet (stopped, say); they go before `text`."""
         user = {
             "role": "user",
             "content": [*self.pending, {"type": "text", "text": text}] if self.pending else text,
         }
-        return self._turn([user])
+        return self._turn([*self._tool_messages(tool_results), user])
 
-    def send_tool_results(self, results: Sequence[dict]) -> Iterator[GenerationChunk]:
+    def send_tool_results(
+        self, results: Sequence[dict], note: str | None = None
+    ) -> Iterator[GenerationChunk]:
         """Give the model the results of the tool calls of its last answer (`{"name", "content"}`
         or `{"tool_call_id", "content"}` each, content a string or JSON value) and stream what it
-        says next."""
-        if not self.history or not self.history[-1].get("tool_calls"):
+        says next. Images attached meanwhile (a tool returned them; Gemma's tool responses hold
+        text) follow the results in a user message with `note`."""
+        new = self._tool_messages(results, required=True)
+        if self.pending:
+            new.append({"role": "user", "content": [*self.pending, {"type": "text", "text": note or ""}]})
+        return self._turn(new)
+
+    def _tool_messages(self, results: Sequence[dict], required: bool = False) -> list[dict]:
+        if (results or required) and (not self.history or not self.history[-1].get("tool_calls")):
             raise ValueError("tool results need an answer with tool calls before them")
-        return self._turn([{"role": "tool", **r} for r in results])
+        return [{"role": "tool", **r} for r in results]
 
     def _turn(self, new: list[dict]) -> Iterator[GenerationChunk]:
         inputs, _ = self._inputs(new)  # may raise (bad media): attachments are kept then
@@ -172,7 +182,7 @@ class ChatSession:
             self._reset_cache()
             inputs, _ = self._inputs(new)
         self.history += new
-        text = ""
+        text = markup = ""
         self.stats = GenerationStats(prompt_tokens=len(inputs.ids), cached_prompt_tokens=len(self.tokens))
         self.tokens += inputs.ids
         try:
@@ -190,25 +200,28 @@ class ChatSession:
             ):
                 self.tokens.append(chunk.token)
                 text += chunk.text
+                markup += chunk.markup
                 self.stats = chunk.stats
                 yield chunk
         finally:
-            self.history.append(self._answer(text))
+            self.history.append(self._answer(text, markup))
             self._cached_messages = len(self.history)
             self._sync_cache()
 
-    def _answer(self, text: str) -> dict:
+    def _answer(self, text: str, markup: str) -> dict:
         """The history entry of an answer: its text as generated, or, with tool calls, the text
-        around them and the calls in OpenAI's form (the template spells them out again)."""
-        out = parse_output(text) if self.tools else None
+        around them and the calls in OpenAI's form (the template spells them out again). Calls
+        are read from the special tokens sampled (`markup`), never from text spelling them."""
+        out = parse_output(markup, tool_names(self.tools)) if self.tools else None
         self.last_tool_calls = out.tool_calls if out else []
-        if not self.last_tool_calls:
-            return {"role": "assistant", "content": text}
+        tok = self.processor.tokenizer
+        if not self.last_tool_calls:  # plain-written special-token text must not become markup
+            return {"role": "assistant", "content": tok.escape_generated(markup) if markup else text}
         calls = [
             {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
             for c in out.tool_calls
         ]
-        return {"role": "assistant", "content": out.content, "tool_calls": calls}
+        return {"role": "assistant", "content": tok.escape(out.content), "tool_calls": calls}
 
     def _sync_cache(self) -> None:
         """Make the cache hold exactly `self.tokens`: speculative decoding leaves the last token

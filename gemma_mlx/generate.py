@@ -19,8 +19,8 @@ from .models.drafter import Drafter
 from .models.gemma import Model
 from .processor import Inputs, Processor
 from .sample import SamplingParams
-from .text import StreamingDetokenizer, Tokenizer
-from .tools import ToolCall, parse_output
+from .text import PLAIN_LT, StreamingDetokenizer, Tokenizer
+from .tools import ToolCall, parse_output, tool_names
 
 Prompt = str | Sequence[int] | Sequence[dict] | Inputs
 Progress = Callable[[int, int], None]
@@ -57,6 +57,9 @@ class GenerationChunk:
     text: str
     stats: GenerationStats
     finish_reason: str | None = None  # "stop" (EOS or stop string) or "length"
+    # `text` as the output parser reads it: only special tokens the model sampled spell markup,
+    # a "<" that plain tokens wrote is `tools.PLAIN_LT` (see gemma_mlx.tools)
+    markup: str = ""
 
 
 @dataclass
@@ -65,6 +68,7 @@ class GenerationResult:
     markup), `reasoning` (the thought channel) and `tool_calls`, `finish_reason` "tool_calls"."""
 
     text: str = ""
+    markup: str = ""  # `text` as the output parser reads it (see `GenerationChunk.markup`)
     tokens: list[int] = field(default_factory=list)
     stats: GenerationStats = field(default_factory=GenerationStats)
     finish_reason: str | None = None
@@ -85,6 +89,14 @@ class GenerationResult:
         return self.stats.peak_memory_gb
 
 
+def check_kv_quantization(kv_bits: int | None, kv_group_size: int) -> None:
+    """Raise ValueError for KV-cache quantization settings no model takes (before loading one)."""
+    if kv_bits is not None and (kv_bits not in (4, 8) or kv_group_size not in (32, 64, 128)):
+        raise ValueError(
+            f"kv_bits={kv_bits}, kv_group_size={kv_group_size}: expected 8 or 4 bits, groups of 32/64/128"
+        )
+
+
 def make_cache(
     model: Model,
     slack: int = 128,
@@ -98,10 +110,7 @@ def make_cache(
     dimension (on every layer, or only the global ones without `quantize_rings`)."""
     if kv_bits is None:
         return model.make_cache(slack)
-    if kv_bits not in (4, 8) or kv_group_size not in (32, 64, 128):
-        raise ValueError(
-            f"kv_bits={kv_bits}, kv_group_size={kv_group_size}: expected 8 or 4 bits, groups of 32/64/128"
-        )
+    check_kv_quantization(kv_bits, kv_group_size)
     for spec in model.config.text.layers:
         if spec.head_dim % kv_group_size:
             raise ValueError(
@@ -152,6 +161,45 @@ def prefill(
     model.prefill_chunks(chunks, cache, done)
 
 
+NON_FINITE = 0xFFFFFFFF  # the id a step yields when its token's logit was not finite (no real id is)
+
+
+class NonFiniteLogitsError(RuntimeError):
+    """The model's logits turned NaN or infinite: broken weights or an overflow, not a prompt issue."""
+
+
+def _flag_non_finite(sample: Sample) -> Sample:
+    """`sample` whose id is `NON_FINITE` where the logit of the chosen token is NaN or infinite:
+    read with the id the loop reads anyway, so no extra host sync. Checking the chosen logit costs
+    one gather (with `_feedable`, +33 us per step measured on this 2-core CPU, where checking all
+    262,144 logits costs 1.7 ms): broken weights make every logit NaN, and MLX's argmax picks a
+    NaN, so greedy decoding flags any NaN; a NaN the sampler did not choose did not decide the token."""
+
+    def flagged(logits: mx.array, *args) -> mx.array:
+        ids = sample(logits, *args)
+        chosen = mx.take_along_axis(logits, ids.astype(mx.int32).reshape(-1, 1), axis=-1).reshape(ids.shape)
+        return mx.where(mx.isfinite(chosen), ids, mx.array(NON_FINITE, dtype=ids.dtype))
+
+    return flagged
+
+
+def _feedable(tok: mx.array) -> mx.array:
+    """`tok` with the `NON_FINITE` flag as id 0: the step queued before a token is read must not
+    look up an id outside the embedding (the loop raises when it reads the flag)."""
+    return mx.where(tok == mx.array(NON_FINITE).astype(tok.dtype), 0, tok)
+
+
+def _checked(tokens: Iterator[int]) -> Iterator[int]:
+    for n, tok in enumerate(tokens, 1):
+        if tok == NON_FINITE or tok == -1:  # -1: the flag in a signed id dtype
+            raise NonFiniteLogitsError(
+                f"the model's logits turned NaN or infinite at generated token {n}: its weights "
+                "likely hold NaN/inf values; find them with gemma_mlx.load(path, check_finite=True) "
+                "(CLI: --check-finite), or compare a conversion with its source (gemma-mlx convert --check)"
+            )
+        yield tok
+
+
 def generate_tokens(
     model: Model,
     ids: mx.array,
@@ -170,7 +218,8 @@ def generate_tokens(
     but the last are prefilled, then decoding starts from the last. With a `drafter`, decoding is
     speculative (`stats` counts drafted/accepted tokens), with rounds of at most `draft_block_size`
     tokens whose size `draft_control` chooses (default: a `DraftControl` timing the rounds, which
-    falls back to plain steps when drafting does not pay)."""
+    falls back to plain steps when drafting does not pay). A token chosen from a NaN or infinite
+    logit raises `NonFiniteLogitsError` (checked with each token, without another host sync)."""
     if drafter is not None:
         check_block_size(draft_block_size, cache)
         if draft_control is not None and draft_control.max_drafts != draft_block_size - 1:
@@ -180,12 +229,16 @@ def generate_tokens(
             )
     if ids.shape[0] > 1:
         prefill(model, ids[:-1], cache, media=media, step=prefill_step_size, progress=progress)
-    last = ids[-1:]
+    last, sample = ids[-1:], _flag_non_finite(sample)
     if drafter is None:
-        yield from _decode(model, last, cache, sample)
+        tokens = _decode(model, last, cache, sample)
     else:
         control = draft_control or DraftControl(draft_block_size - 1)
-        yield from _speculate(model, drafter, last, cache, sample, control, stats)
+        tokens = _speculate(model, drafter, last, cache, sample, control, stats)
+    try:
+        yield from _checked(tokens)
+    finally:
+        tokens.close()
 
 
 def _decode(model: Model, last: mx.array, cache: list[Cache], sample: Sample) -> Iterator[int]:
@@ -193,7 +246,7 @@ def _decode(model: Model, last: mx.array, cache: list[Cache], sample: Sample) ->
     handed out, so the caller's host work overlaps the device computing the next token."""
 
     def step(tok: mx.array) -> mx.array:
-        return sample(model(tok.reshape(1, -1), cache, logits_to_keep=1)[:, -1])
+        return sample(model(_feedable(tok).reshape(1, -1), cache, logits_to_keep=1)[:, -1])
 
     y = step(last)
     mx.async_eval(y)
@@ -240,7 +293,7 @@ def _speculate(
             control.update(*done, now - tic)
         tic, k = now, control.choose()
         if k == 0:  # a plain step, queued before `t0` is handed out, as in `_decode`
-            out = model.forward(t0.reshape(1, 1), cache)
+            out = model.forward(_feedable(t0).reshape(1, 1), cache)
             nxt = sample(out.logits[0], number + 1)
             mx.async_eval(nxt, out.hidden)
             yield t0.item()
@@ -267,15 +320,29 @@ def _speculate(
 
 class TextStream:
     """Detokenized text cut at the earliest stop string: `add` returns the new text that is safe to
-    show, holding back a suffix that may still grow into a stop string."""
+    show, holding back a suffix that may still grow into a stop string. `markup` follows `text`
+    character for character, with every "<" that plain tokens wrote as `PLAIN_LT`, so that only
+    the special tokens sampled spell markup there; `markup_delta` is the part `add` returned."""
 
-    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] = ()):
+    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] | str = ()):
+        if isinstance(stop, str):  # one stop string, as OpenAI's `stop`, not its characters
+            stop = (stop,)
         if any(not isinstance(s, str) or not s for s in stop):
             raise ValueError(f"stop={list(stop)!r}: stop strings must be non-empty strings")
         self.detokenizer = StreamingDetokenizer(tokenizer)
+        self.specials = {i: tokenizer.id_to_token(i) or "" for i in tokenizer.special_ids}
         self.stop = tuple(stop)
         self.longest = max(map(len, self.stop), default=0)
         self.text, self.shown, self.stopped = "", 0, False
+        self.markup, self.markup_delta = "", ""
+
+    def _marked(self, piece: str, token: int | None) -> str:
+        """`piece` (what `token` completed) with plain "<"s replaced; a special token's own text,
+        which the detokenizer returns last, is kept."""
+        special = self.specials.get(token, "") if token is not None else ""
+        if special and piece.endswith(special):
+            return piece[: -len(special)].replace("<", PLAIN_LT) + special
+        return piece.replace("<", PLAIN_LT)
 
     def _held_back(self) -> int:
         """Length of the longest suffix of the text that may still grow into a stop string."""
@@ -290,17 +357,22 @@ class TextStream:
         is shown and `stopped` is set."""
         before = len(self.text)
         if token is not None:
-            self.text += self.detokenizer.add_token(token)
+            piece = self.detokenizer.add_token(token)
+            self.text += piece
+            self.markup += self._marked(piece, token)
         if final:
-            self.text += self.detokenizer.finalize()
+            piece = self.detokenizer.finalize()
+            self.text += piece
+            self.markup += self._marked(piece, None)
         if self.stop:
             # a stop string that appears now ends in the new text: search only where it can start
             start = max(0, before - self.longest + 1)
             cut = min((i for s in self.stop if (i := self.text.find(s, start)) >= 0), default=-1)
             if cut >= 0:
-                self.text, self.stopped, final = self.text[:cut], True, True
+                self.text, self.markup, self.stopped, final = self.text[:cut], self.markup[:cut], True, True
         safe = len(self.text) if final else len(self.text) - self._held_back()
-        delta, self.shown = self.text[self.shown : safe], max(self.shown, safe)
+        delta, self.markup_delta = self.text[self.shown : safe], self.markup[self.shown : safe]
+        self.shown = max(self.shown, safe)
         return delta
 
 
@@ -331,7 +403,7 @@ def stream_generate(
     top_p: float = 1.0,
     min_p: float = 0.0,
     seed: int | None = None,
-    stop: Sequence[str] = (),
+    stop: Sequence[str] | str = (),
     cache: list[Cache] | None = None,
     prefill_step_size: int = 512,
     images: Sequence = (),
@@ -350,11 +422,12 @@ def stream_generate(
     images and audio; a text prompt takes `images`/`audio` for its placeholders).
 
     Stops at `max_tokens` (0: nothing is generated), on the processor's EOS ids, or when a `stop`
-    string appears (the stop string itself is not emitted). A `cache` already holding earlier
-    tokens is continued: only `prompt`'s tokens are prefilled (a new cache is quantized with
-    `kv_bits`, see `make_cache`). With a `drafter` (see
-    `load_drafter`), decoding is speculative with blocks of at most `draft_block_size` tokens
-    (greedy output is unchanged); pass the same `draft_control` to successive calls to keep what
+    string appears (one string or a list of them; the stop string itself is not emitted). Logits
+    that turn NaN or infinite (broken weights) end it with a `NonFiniteLogitsError`. A `cache`
+    already holding earlier tokens is continued: only `prompt`'s tokens are prefilled (a new cache
+    is quantized with `kv_bits`, see `make_cache`). With a `drafter` (see `load_drafter`),
+    decoding is speculative with blocks of at most `draft_block_size` tokens (greedy output is
+    unchanged); pass the same `draft_control` to successive calls to keep what
     it has measured (a chat session and the server do). `tools` (OpenAI function schemas) are
     declared to a chat prompt; the streamed text keeps the model's markup
     (`gemma_mlx.tools.OutputParser` splits it). Arguments are checked before any work; errors are
@@ -366,6 +439,7 @@ def stream_generate(
         raise ValueError(f"max_tokens={max_tokens!r}: must be an integer >= 0")
     if not isinstance(prefill_step_size, int) or prefill_step_size < 1:
         raise ValueError(f"prefill_step_size={prefill_step_size!r}: must be an integer >= 1")
+    processor.check_media_input(model.config, len(images) > 0, len(audio) > 0)  # before any decoding
     if isinstance(prompt, Inputs):  # already prepared (e.g. by a chat session)
         inputs = prompt
     else:
@@ -382,6 +456,9 @@ def stream_generate(
     ids = inputs.ids
     if not ids:
         raise ValueError("prompt is empty")
+    processor.check_media_input(
+        model.config, inputs.pixel_values is not None, inputs.input_features is not None
+    )
     _check_ids(ids, model.config.text.vocab_size)
     cache = make_cache(model, kv_bits=kv_bits, kv_group_size=kv_group_size) if cache is None else cache
     context = model.config.text.max_position_embeddings
@@ -423,7 +500,7 @@ def stream_generate(
             delta = text.add(None if tok in eos else tok, final=finish is not None)
             if text.stopped:
                 finish = "stop"
-            yield GenerationChunk(tok, delta, replace(stats), finish)
+            yield GenerationChunk(tok, delta, replace(stats), finish, text.markup_delta)
             if finish:
                 break
     finally:
@@ -435,10 +512,11 @@ def generate(model: Model, processor: Processor, prompt: Prompt, **kwargs) -> Ge
     result = GenerationResult()
     for chunk in stream_generate(model, processor, prompt, **kwargs):
         result.text += chunk.text
+        result.markup += chunk.markup
         result.tokens.append(chunk.token)
         result.stats, result.finish_reason = chunk.stats, chunk.finish_reason
     if kwargs.get("tools"):
-        parsed = parse_output(result.text)
+        parsed = parse_output(result.markup, tool_names(kwargs["tools"]))
         result.content, result.reasoning, result.tool_calls = (
             parsed.content,
             parsed.reasoning,

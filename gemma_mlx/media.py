@@ -31,10 +31,19 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 PATCH = 48  # 16-px patches merged 3x3 (patch_size 16 x pooling_kernel_size 3)
 BUDGETS = (70, 140, 280, 560, 1120)  # the reference's `_SUPPORTED_SOFT_TOKENS`
-# Decompression-bomb cap: Pillow's own error threshold (2 x its default MAX_IMAGE_PIXELS), checked
-# from the header before decoding, also when a caller has switched Pillow's check off.
-MAX_PIXELS = 2 * 89_478_485
+# Per-image cap, checked from the header before decoding (also when a caller has switched Pillow's
+# own check off). Every image is resized to at most 1,120 soft tokens (2.6 MP), so a larger original
+# only costs memory: decoding, RGB conversion and the resize peak near 12 bytes per pixel. 50 MP
+# takes 48-MP phone photos (8064x6048) at ~0.6 GB; Pillow's bomb threshold (179 MP), the cap
+# before, let one 493 KB PNG cost 2 GB.
+MAX_PIXELS = 50_000_000
 SAMPLE_RATE = 16_000
+# Audio sampling rates outside this range are no real recording (telephone audio is 8 kHz, studio
+# gear tops out at 768 kHz); a WAV header that says 1 Hz turns 3 KB into 1,600 s of audio.
+MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 1_000, 768_000
+# Per-clip cap on decoded audio, checked from the header before decoding or resampling: one hour
+# is 90,000 soft tokens (a third of the 12B's context) and ~0.7 GB of float samples at 48 kHz.
+MAX_AUDIO_SECONDS = 3600.0
 FRAME = 640  # samples per audio soft token (40 ms)
 MAX_CLIP_SECONDS = 30.0  # `audio_seq_length` 750 frames: the documented per-block cap
 IMAGE_TOKEN, BOI, EOI = "<|image|>", "<|image>", "<image|>"
@@ -158,6 +167,27 @@ def load_image(src: ImageSource) -> Image.Image:
         raise MediaError(f"{name}: cannot convert {image.mode} to RGB ({e})") from None
 
 
+def image_size(src: ImageSource) -> tuple[int, int]:
+    """(width, height) of an image input from its header alone (nothing is decoded): what
+    `MediaBudget` charges. Refuses what `load_image` refuses before decoding, named."""
+    name = source_name(src)
+    if isinstance(src, np.ndarray):
+        a = src
+        if a.ndim == 3 and a.shape[-1] not in (1, 3, 4) and a.shape[0] in (1, 3, 4):
+            a = a.transpose(1, 2, 0)
+        if a.ndim not in (2, 3) or a.size == 0:
+            raise MediaError(
+                f"{name}: expected an HWC image array with 1, 3 or 4 channels, got shape {src.shape}"
+            )
+        return a.shape[1], a.shape[0]
+    if isinstance(src, Image.Image):
+        return src.size
+    if not isinstance(src, str | Path | bytes):
+        raise MediaError(f"{name}: expected a path, bytes, a PIL image or an array")
+    with _open(src, name) as image:
+        return image.size
+
+
 def _check_budget(max_soft_tokens: int) -> None:
     if max_soft_tokens not in BUDGETS:  # as the reference's `_preprocess`
         raise MediaError(f"max_soft_tokens={max_soft_tokens}: expected one of {BUDGETS}")
@@ -268,7 +298,88 @@ def _wav_shortfall(head: bytes, size: int) -> tuple[int, int] | None:
     return None
 
 
-def load_audio(src: AudioSource, sampling_rate: float | None = None) -> np.ndarray:
+def _wav_rate(head: bytes) -> int | None:
+    """The sampling rate a RIFF/WAVE `fmt ` chunk declares (None for other formats): read here
+    because libsndfile refuses a rate of 0 with an internal error and accepts 1 Hz silently."""
+    if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+        return None
+    pos = 12
+    while pos + 16 <= len(head):
+        chunk, length = head[pos : pos + 4], struct.unpack("<I", head[pos + 4 : pos + 8])[0]
+        if chunk == b"fmt ":
+            return struct.unpack("<I", head[pos + 12 : pos + 16])[0]
+        pos += 8 + length + (length & 1)
+    return None
+
+
+def _check_rate(rate: Any, name: str) -> None:
+    if not (isinstance(rate, numbers.Real) and math.isfinite(rate) and rate > 0):
+        raise MediaError(f"{name}: invalid sampling rate {rate!r}")
+    if not MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE:
+        raise MediaError(
+            f"{name}: invalid sampling rate {rate:,} Hz "
+            f"(expected {MIN_SAMPLE_RATE:,} to {MAX_SAMPLE_RATE:,} Hz)"
+        )
+
+
+def _check_duration(samples: int, rate: float, name: str, max_seconds: float) -> None:
+    if samples / rate > max_seconds:
+        raise MediaError(
+            f"{name}: {samples / rate:,.1f} s of audio ({samples:,} samples at {rate:,} Hz) is more than "
+            f"the {max_seconds:,.1f} s allowed"
+        )
+
+
+def _sf_message(e: Exception) -> str:
+    # libsndfile's own words, without soundfile's "Error opening <_io.BytesIO object at 0x...>: "
+    return getattr(e, "error_string", None) or str(e)
+
+
+def _audio_head(src: str | Path | bytes, name: str) -> tuple[int, bytes]:
+    """(file size, its first 64 KiB), refusing missing, irregular, empty and truncated files."""
+    if not isinstance(src, bytes) and not Path(src).is_file():
+        raise MediaError(f"{name}: cannot read the file (missing, or not a regular file)")
+    size = len(src) if isinstance(src, bytes) else Path(src).stat().st_size
+    if not size:
+        raise MediaError(f"{name}: the file is empty")
+    try:
+        with io.BytesIO(src) if isinstance(src, bytes) else open(src, "rb") as fh:
+            head = fh.read(1 << 16)
+    except OSError as e:
+        raise MediaError(f"{name}: cannot read the file ({e.strerror or e})") from None
+    if (short := _wav_shortfall(head, size)) is not None:
+        raise MediaError(
+            f"{name}: truncated WAV file: its header announces {short[0]:,} bytes of samples, "
+            f"the file holds {short[1]:,} (an incomplete download or copy?)"
+        )
+    if (rate := _wav_rate(head)) is not None:
+        _check_rate(rate, name)
+    return size, head
+
+
+def audio_info(src: AudioSource, sampling_rate: float | None = None) -> tuple[int, float]:
+    """(samples, sampling rate) of an audio input from its header alone, before any decoding or
+    resampling: what `MediaBudget` charges. The same checks as `load_audio` up to decoding."""
+    name = source_name(src)
+    if isinstance(src, np.ndarray):
+        if sampling_rate is None:
+            raise MediaError(f"{name}: give the sampling rate of an audio array")
+        _check_rate(sampling_rate, name)
+        return (max(src.shape) if src.ndim == 2 else src.size), sampling_rate
+    if not isinstance(src, str | Path | bytes):
+        raise MediaError(f"{name}: expected a path, bytes or an array of samples")
+    _audio_head(src, name)
+    try:
+        info = sf.info(io.BytesIO(src) if isinstance(src, bytes) else str(src))
+    except (sf.LibsndfileError, RuntimeError, OSError, TypeError, ValueError) as e:
+        raise MediaError(f"{name}: not a readable audio file ({_sf_message(e)})") from None
+    _check_rate(info.samplerate, name)
+    return max(int(info.frames), 0), info.samplerate
+
+
+def load_audio(
+    src: AudioSource, sampling_rate: float | None = None, max_seconds: float | None = None
+) -> np.ndarray:
     """A mono float32 waveform at 16 kHz.
 
     `src` is a file path or encoded bytes (anything libsndfile reads: WAV, FLAC, OGG Vorbis/Opus,
@@ -278,38 +389,31 @@ def load_audio(src: AudioSource, sampling_rate: float | None = None) -> np.ndarr
     channels). Integer arrays are PCM. Channels are averaged; other rates are resampled with soxr
     ("HQ"). Raises `MediaError` naming the input for unreadable/corrupt files, unsupported sample
     types, empty audio and NaN/Inf samples. Silence is valid (the reference accepts it, and the
-    model's per-frame RMSNorm maps an all-zero frame to zeros)."""
+    model's per-frame RMSNorm maps an all-zero frame to zeros).
+
+    Bounds, checked from the header before decoding or resampling: a rate from
+    `MIN_SAMPLE_RATE` to `MAX_SAMPLE_RATE`, and at most `max_seconds` (default
+    `MAX_AUDIO_SECONDS`) of audio."""
     name = source_name(src)
+    max_seconds = MAX_AUDIO_SECONDS if max_seconds is None else max_seconds
     if isinstance(src, np.ndarray):
         if sampling_rate is None:
             raise MediaError(f"{name}: give the sampling rate of an audio array")
+        _check_rate(sampling_rate, name)
         data, rate = _pcm_to_float(src, name), sampling_rate
         if data.size == 0:
             raise MediaError(f"{name}: the audio is empty")
         if data.ndim == 2:
             data = data.mean(axis=0 if data.shape[0] < data.shape[1] else 1)
     elif isinstance(src, str | Path | bytes):
-        if not isinstance(src, bytes) and not Path(src).is_file():
-            raise MediaError(f"{name}: cannot read the file (missing, or not a regular file)")
-        size = len(src) if isinstance(src, bytes) else Path(src).stat().st_size
-        if not size:
-            raise MediaError(f"{name}: the file is empty")
-        try:
-            with io.BytesIO(src) if isinstance(src, bytes) else open(src, "rb") as fh:
-                head = fh.read(1 << 16)
-        except OSError as e:
-            raise MediaError(f"{name}: cannot read the file ({e.strerror or e})") from None
-        if (short := _wav_shortfall(head, size)) is not None:
-            raise MediaError(
-                f"{name}: truncated WAV file: its header announces {short[0]:,} bytes of samples, "
-                f"the file holds {short[1]:,} (an incomplete download or copy?)"
-            )
+        samples, rate = audio_info(src)
+        _check_duration(samples, rate, name, max_seconds)
         try:
             data, rate = sf.read(
                 io.BytesIO(src) if isinstance(src, bytes) else str(src), dtype="float32", always_2d=True
             )
         except (sf.LibsndfileError, RuntimeError, OSError, TypeError, ValueError) as e:
-            raise MediaError(f"{name}: not a readable audio file ({e})") from None
+            raise MediaError(f"{name}: not a readable audio file ({_sf_message(e)})") from None
         data = data.mean(axis=1, dtype=np.float32)
     else:
         raise MediaError(f"{name}: expected a path, bytes or an array of samples")
@@ -317,10 +421,9 @@ def load_audio(src: AudioSource, sampling_rate: float | None = None) -> np.ndarr
         raise MediaError(f"{name}: expected [samples] or [samples, channels], got shape {src.shape}")
     if data.size == 0:
         raise MediaError(f"{name}: the audio is empty")
+    _check_duration(data.size, rate, name, max_seconds)
     if not np.isfinite(data).all():
         raise MediaError(f"{name}: the audio contains NaN or infinite samples")
-    if not (isinstance(rate, numbers.Real) and math.isfinite(rate) and rate > 0):
-        raise MediaError(f"{name}: invalid sampling rate {rate!r}")
     if rate != SAMPLE_RATE:
         data = soxr.resample(data, rate, SAMPLE_RATE, quality="HQ")
     return np.ascontiguousarray(data, dtype=np.float32)
@@ -380,6 +483,86 @@ def batch_audio(clips: Sequence[AudioInput]) -> tuple[np.ndarray, np.ndarray]:
     for i, c in enumerate(clips):
         feats[i, : c.num_frames], mask[i, : c.num_frames] = c.features, True
     return feats, mask
+
+
+# --- per-request budget --------------------------------------------------------------------
+
+
+def _nbytes(src: Any) -> int:
+    if isinstance(src, bytes):
+        return len(src)
+    if isinstance(src, np.ndarray):
+        return src.nbytes
+    if isinstance(src, str | Path):
+        try:
+            return Path(src).stat().st_size
+        except OSError:
+            return 0  # load_image/load_audio name the missing file
+    return 0  # a PIL image: charged by its pixels
+
+
+@dataclass
+class MediaBudget:
+    """What one request (or one prompt) may make the process decode, in total, charged from each
+    input's header before anything is decoded: a server creates one per request and calls
+    `add_image` / `add_audio` for every part, then decodes; `Processor.prepare(media_budget=...)`
+    does it for its own media. Over budget is a `MediaError` naming the input and the totals.
+
+    Defaults: 128 MiB of encoded media; 200 M decoded pixels (four images at the `MAX_PIXELS`
+    cap; decoding takes ~12 bytes per pixel of CPU memory while an image is converted); one hour
+    of audio (`MAX_AUDIO_SECONDS`)."""
+
+    max_bytes: int = 128 << 20
+    max_pixels: int = 200_000_000
+    max_audio_seconds: float = MAX_AUDIO_SECONDS
+    used_bytes: int = 0
+    used_pixels: int = 0
+    used_audio_seconds: float = 0.0
+
+    def _charge_bytes(self, src: Any, name: str) -> None:
+        size = _nbytes(src)
+        total = self.used_bytes + size
+        if total > self.max_bytes:
+            raise MediaError(
+                f"{name}: {size:,} bytes of media brings the request to {total:,}, "
+                f"more than the {self.max_bytes:,} allowed"
+            )
+        self.used_bytes += size
+
+    def add_image(self, src: ImageSource) -> tuple[int, int]:
+        """Charge one image; returns its (width, height)."""
+        name = source_name(src)
+        width, height = image_size(src)
+        if width * height > MAX_PIXELS:
+            raise MediaError(
+                f"{name}: {width}x{height} pixels is more than the {MAX_PIXELS:,} allowed "
+                "(decompression bomb protection)"
+            )
+        total = self.used_pixels + width * height
+        if total > self.max_pixels:
+            raise MediaError(
+                f"{name}: {width}x{height} pixels brings the request to {total:,} "
+                f"pixels, more than the {self.max_pixels:,} allowed: send fewer or smaller images"
+            )
+        self._charge_bytes(src, name)
+        self.used_pixels += width * height
+        return width, height
+
+    def add_audio(self, src: AudioSource, sampling_rate: float | None = None) -> float:
+        """Charge one audio input; returns its duration in seconds."""
+        name = source_name(src)
+        samples, rate = audio_info(src, sampling_rate)
+        seconds = samples / rate
+        _check_duration(samples, rate, name, MAX_AUDIO_SECONDS)
+        total = self.used_audio_seconds + seconds
+        if total > self.max_audio_seconds:
+            raise MediaError(
+                f"{name}: {seconds:,.1f} s of audio brings the request to {total:,.1f} s, "
+                f"more than the {self.max_audio_seconds:,.1f} s allowed"
+            )
+        self._charge_bytes(src, name)
+        self.used_audio_seconds += seconds
+        return seconds
 
 
 # --- prompt --------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -140,7 +141,38 @@ class Processor:
         gen = read_json(gen_file) if gen_file.is_file() else {}
         if not isinstance(gen, dict):
             raise ValueError(f"{gen_file}: expected a JSON object")
+        for field in ("eos_token_id", "suppress_tokens"):
+            value = gen.get(field)
+            values = value if isinstance(value, list) else [value]
+            if value is not None and not all(type(i) is int and i >= 0 for i in values):
+                raise ValueError(
+                    f"{gen_file}: {field} is {value!r}; expected a token id (an integer >= 0) "
+                    "or a list of them"
+                )
         return cls(tokenizer, template, gen)
+
+    def check_media_input(self, config: Any, images: bool, audio: bool) -> None:
+        """Raise `MediaError` when images (audio) are given to a model without that input, or when
+        its placeholder id, `config.json`'s `image_token_id` (`audio_token_id`), is not what the
+        tokenizer encodes `<|image|>` (`<|audio|>`) as: the prompt would then hold no placeholder
+        for the model to fill."""
+        for field, token, used, kind, tower in (
+            ("image_token_id", media.IMAGE_TOKEN, images, "image", config.vision),
+            ("audio_token_id", media.AUDIO_TOKEN, audio, "audio", config.audio),
+        ):
+            if not used:
+                continue
+            if tower is None:
+                raise media.MediaError(
+                    f"this model ({config.model_type}) takes no {kind} input; a Gemma 4 unified model does"
+                )
+            cid, tid = getattr(config, field), self.tokenizer.token_to_id(token)
+            if cid != tid:
+                found = f"encodes {token} as {tid}" if tid is not None else f"has no {token} token"
+                raise media.MediaError(
+                    f"config.json's {field} is {cid}, but the tokenizer {found}: the model's "
+                    "config and tokenizer must come from the same checkpoint"
+                )
 
     @property
     def eos_token_ids(self) -> list[int]:
@@ -198,7 +230,7 @@ class Processor:
             else m
             for m in messages
         ]
-        return self.chat_template.render(
+        text = self.chat_template.render(
             messages,
             add_generation_prompt=add_generation_prompt,
             enable_thinking=enable_thinking,
@@ -207,6 +239,27 @@ class Processor:
             eos_token=tok.eos_token,
             pad_token=tok.pad_token,
         )
+        self._check_media_kept(messages, text)
+        return text
+
+    def _check_media_kept(self, messages: Sequence[Mapping], text: str) -> None:
+        """A template without a media input drops (Gemma 3: audio) or respells (Gemma 3:
+        `<start_of_image>`) its parts; refuse that, naming the first part left without a placeholder."""
+        found = [m.group() for m in media._PLACEHOLDER.finditer(text)]
+        for token, kind in ((media.IMAGE_TOKEN, "image"), (media.AUDIO_TOKEN, "audio")):
+            parts = [
+                (i, j)
+                for i, m in enumerate(messages)
+                for j, p in enumerate(m.get("content") if isinstance(m.get("content"), list) else [])
+                if isinstance(p, Mapping) and p.get("type") == kind
+            ]
+            if len(parts) > found.count(token):
+                i, j = parts[found.count(token)]
+                raise media.MediaError(
+                    f"message {i}, part {j}: the chat template ({self.chat_template.origin}) has no "
+                    f"{token} placeholder for an {kind} part, so the {kind} would be dropped: this model "
+                    f"takes no {kind} input (a Gemma 4 model does)"
+                )
 
     def encode_text(self, text: str, add_bos: bool = True) -> list[int]:
         """Token ids of `text`, BOS first (once: not again when the text already starts with it).
@@ -246,6 +299,7 @@ class Processor:
         add_bos: bool = True,
         tools: Sequence[dict] | None = None,
         token_budget: int | None = None,
+        media_budget: media.MediaBudget | None = None,
     ) -> Inputs:
         """Token ids plus image/audio tensors. Media come as parts of chat messages
         (`{"type": "image", "image": path | PIL image | array}`, `{"type": "audio", "audio": path |
@@ -257,7 +311,10 @@ class Processor:
 
         `token_budget`: the tokens the context has left; audio that alone needs more is refused
         (`MediaError` with the count) as soon as it is decoded, before any other media work and
-        long before a prefill of thousands of tokens could start."""
+        long before a prefill of thousands of tokens could start.
+
+        `media_budget`: what the media may cost in total (`media.MediaBudget`; its defaults when
+        None), charged from every input's header before any of them is decoded."""
         kind, prompt = classify_prompt(prompt)
         if kind == "ids":
             if images or audio:
@@ -289,16 +346,28 @@ class Processor:
                 text = media.IMAGE_TOKEN * len(images) + media.AUDIO_TOKEN * len(audio) + text
         if not images and not audio:
             return Inputs(self.encode_text(text, bos))
-        waveforms, audio_tokens = [], 0
-        for a, rate in audio:
-            waveforms.append(media.load_audio(a, rate))
-            audio_tokens += media.audio_token_count(len(waveforms[-1]))
-            if token_budget is not None and audio_tokens > token_budget:
+        budget = media.MediaBudget() if media_budget is None else media_budget
+
+        def check_room(src: Any, seconds: float, tokens: int) -> None:
+            if token_budget is not None and tokens > token_budget:
                 raise media.MediaError(
-                    f"{media.source_name(a)}: {len(waveforms[-1]) / media.SAMPLE_RATE:.1f} s of audio needs "
-                    f"{audio_tokens:,} tokens (with the clips before it), but the context has room for "
+                    f"{media.source_name(src)}: {seconds:.1f} s of audio needs "
+                    f"{tokens:,} tokens (with the clips before it), but the context has room for "
                     f"{token_budget:,}: use a shorter clip"
                 )
+
+        audio_tokens = 0
+        for a, rate in audio:  # headers only: nothing is decoded before every input has been charged
+            seconds = budget.add_audio(a, rate)
+            audio_tokens += media.audio_token_count(math.ceil(seconds * media.SAMPLE_RATE))
+            check_room(a, seconds, audio_tokens)
+        for i in images:
+            budget.add_image(i)
+        waveforms, audio_tokens = [], 0
+        for a, rate in audio:  # again with the decoded lengths: a compressed file's header may estimate
+            waveforms.append(media.load_audio(a, rate))
+            audio_tokens += media.audio_token_count(len(waveforms[-1]))
+            check_room(a, len(waveforms[-1]) / media.SAMPLE_RATE, audio_tokens)
         clips = [[media.preprocess_audio(c) for c in media.split_audio(w)] for w in waveforms]
         image_inputs = [media.preprocess_image(i, max_soft_tokens) for i in images]
         text = media.expand_media_tokens(

@@ -48,6 +48,9 @@ class PromptKey:
 
     tokens: np.ndarray
     blocks: list[tuple[int, int, str, int]]
+    # whose prompts these are: a prompt resumes only from entries of its own partition, so the
+    # reused length (cached_tokens) tells nothing about other partitions' prompts
+    partition: str = ""
 
     @classmethod
     def of(cls, inputs: Inputs, image_token: int | None, audio_token: int | None) -> PromptKey:
@@ -97,6 +100,7 @@ class _Entry:
     states: list
     max_trim: int  # how far the snapshot can be rolled back exactly
     nbytes: int
+    partition: str = ""
 
 
 class PromptCache:
@@ -121,6 +125,8 @@ class PromptCache:
         `limit` tokens and never ending inside a media block; returns its length (0: nothing)."""
         best, best_n = None, 0
         for name, e in self._entries.items():
+            if e.partition != key.partition:
+                continue
             n = min(len(e.tokens), len(key.tokens), limit)
             diff = np.flatnonzero(e.tokens[:n] != key.tokens[:n])
             n = key.cut(int(diff[0]) if diff.size else n)
@@ -135,11 +141,11 @@ class PromptCache:
             c.trim(len(e.tokens) - best_n)
         return best_n
 
-    def store(self, tokens: np.ndarray, cache: list) -> None:
-        """Snapshot `cache`, which holds exactly the key tokens `tokens`."""
+    def store(self, tokens: np.ndarray, cache: list, partition: str = "") -> None:
+        """Snapshot `cache`, which holds exactly the key tokens `tokens` (of `partition`'s prompts)."""
         if not len(tokens) or self.max_bytes <= 0:
             return
-        name = hashlib.blake2b(tokens.tobytes(), digest_size=16).digest()
+        name = hashlib.blake2b(tokens.tobytes() + partition.encode(), digest_size=16).digest()
         if name in self._entries:
             self._entries.move_to_end(name)
             return
@@ -151,9 +157,13 @@ class PromptCache:
         # a snapshot equal to a stored one extended is cheap, but keep the set small: drop stored
         # snapshots this one extends and could replace (it can be rolled back to them)
         trim = min(c.max_trim for c in cache)
-        for k in [k for k, e in self._entries.items() if _extends(tokens, trim, e.tokens)]:
+        for k in [
+            k
+            for k, e in self._entries.items()
+            if e.partition == partition and _extends(tokens, trim, e.tokens)
+        ]:
             del self._entries[k]
-        self._entries[name] = _Entry(tokens.copy(), states, trim, size)
+        self._entries[name] = _Entry(tokens.copy(), states, trim, size, partition)
         while self.nbytes > self.max_bytes:
             self._entries.popitem(last=False)
 

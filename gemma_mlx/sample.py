@@ -8,6 +8,8 @@ sorts only the k candidates (Gemma's defaults are top_k=64, top_p=0.95), not the
 from __future__ import annotations
 
 import hashlib
+import math
+import numbers
 import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -21,9 +23,9 @@ NEG_INF = float("-inf")
 
 def check_sampling_args(temperature: float, top_k: int, top_p: float, min_p: float) -> None:
     """Raise ValueError naming the first argument outside its range (`not` form also rejects NaN)."""
-    if not temperature >= 0:
-        raise ValueError(f"temperature={temperature}: must be >= 0 (0 = greedy)")
-    if top_k < 0 or int(top_k) != top_k:
+    if not 0 <= temperature < math.inf:  # logits / inf are 0 or NaN: the audit got the last id every time
+        raise ValueError(f"temperature={temperature}: must be >= 0 and finite (0 = greedy)")
+    if not (isinstance(top_k, numbers.Real) and 0 <= top_k < math.inf and int(top_k) == top_k):
         raise ValueError(f"top_k={top_k}: must be an integer >= 0 (0 = off)")
     if not 0 < top_p <= 1:
         raise ValueError(f"top_p={top_p}: must be in (0, 1] (1 = off)")

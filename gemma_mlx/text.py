@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import operator
 import re
@@ -34,6 +35,9 @@ def read_json(path: Path) -> Any:
 LITERAL_OPEN, LITERAL_CLOSE = "\ue000", "\ue001"
 _LITERAL = re.compile(f"{LITERAL_OPEN}([^{LITERAL_OPEN}{LITERAL_CLOSE}]+){LITERAL_CLOSE}")
 _MARKS = str.maketrans("", "", LITERAL_OPEN + LITERAL_CLOSE)
+# In generated text as the output parser reads it (`GenerationChunk.markup`): a "<" that plain tokens
+# wrote, so that only the special tokens the model sampled spell markup there.
+PLAIN_LT = "\ue002"
 
 
 def _token_str(value: Any) -> str | None:
@@ -101,6 +105,14 @@ class Tokenizer:
             return cls(sp, config)
         return None
 
+    @functools.cached_property
+    def special_ids(self) -> frozenset[int]:
+        """Ids of the special tokens (control pieces): the only ids whose text is markup."""
+        if self._sp:
+            sp = self._backend
+            return frozenset(i for i in range(sp.get_piece_size()) if sp.is_control(i) or sp.is_unknown(i))
+        return frozenset(i for i, t in self._backend.get_added_tokens_decoder().items() if t.special)
+
     @property
     def vocab_size(self) -> int:
         return self._backend.get_piece_size() if self._sp else self._backend.get_vocab_size()
@@ -126,6 +138,19 @@ class Tokenizer:
         if self._escape_re is None:
             return text
         return self._escape_re.sub(lambda m: LITERAL_OPEN + m.group() + LITERAL_CLOSE, text)
+
+    def escape_generated(self, markup: str) -> str:
+        """Generated text as `GenerationChunk.markup` spells it, made a chat message again: the
+        special tokens the model sampled stay markup, special-token text it wrote with plain
+        tokens is escaped, so re-encoding gives back plain tokens, never control ones."""
+        if self._escape_re is None:
+            return markup.replace(PLAIN_LT, "<")
+        out, pos = [], 0
+        for m in self._escape_re.finditer(markup):  # only sampled specials: plain "<"s are PLAIN_LT
+            out += [self.escape(markup[pos : m.start()].replace(PLAIN_LT, "<")), m.group()]
+            pos = m.end()
+        out.append(self.escape(markup[pos:].replace(PLAIN_LT, "<")))
+        return "".join(out)
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         """Token ids of `text`; with `add_special_tokens`, BOS first when `add_bos_token` says so.

@@ -11,7 +11,13 @@ Wire format (ai.google.dev "function calling with Gemma 4"; the official chat te
 - the answer ends at ``<turn|>``, ``<eos>`` or ``<|tool_response>`` (the model stops there to wait for
   a tool's result); nothing after them is part of the answer.
 
-Parsing works on text decoded with the special tokens kept. The visible answer (``content``) never
+Parsing works on text decoded with the special tokens kept. Generated text comes with a second spelling,
+`GenerationChunk.markup`, in which only the special tokens the model sampled spell markup: every ``<``
+written by plain tokens is `PLAIN_LT` there, so a model that repeats the *text* ``<|tool_call>call:...``
+or ``<turn|>`` (say, from a prompt-injected document) produces text, never a call, a thought or an end of
+the answer. Generation (`generate`, `ChatSession`, the server) parses that spelling; a plain string given
+to `parse_output` is read as it stands. With `tools` (the declared function names), a call of any other
+name stays text too. The visible answer (``content``) never
 holds control markup: thoughts go to ``reasoning``, calls to ``tool_calls``, other special-token text
 (``<bos>``, ``<|image|>``, a stray ``<|"|>`` ...) is dropped, and content/reasoning are trimmed of
 surrounding whitespace. A call that is cut off (no ``<tool_call|>`` before the end) or does not parse is
@@ -25,9 +31,11 @@ import json
 import math
 import re
 import secrets
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+from .text import PLAIN_LT
 
 QUOTE = '<|"|>'
 CALL_OPEN, CALL_CLOSE = "<|tool_call>", "<tool_call|>"
@@ -253,8 +261,9 @@ class OutputParser:
     (the model opens it itself), so the text is read the same way either way.
     """
 
-    def __init__(self, thinking: bool = False):
+    def __init__(self, thinking: bool = False, tools: Iterable[str] | None = None):
         self.thinking = thinking
+        self.tools = None if tools is None else frozenset(tools)  # None: any name is a call
         self._buffer = ""
         self._state = "content"  # | "reasoning" | "call" | "done"
         self._channel_name: str | None = None  # text after <|channel> until the name line is settled
@@ -289,6 +298,11 @@ class OutputParser:
 
     def _take(self) -> list[Delta]:
         out, self._out = self._out, []
+        for d in out:
+            d.text = d.text.replace(PLAIN_LT, "<")
+            if d.tool_call is not None:
+                d.tool_call.name = _plain(d.tool_call.name)
+                d.tool_call.arguments = _plain(d.tool_call.arguments)
         return out
 
     def _consume(self, final: bool) -> None:
@@ -359,11 +373,14 @@ class OutputParser:
         except ValueError:
             self._give_up_call()
             return
+        if self.tools is not None and any(_plain(c.name) not in self.tools for c in calls):
+            self._give_up_call(malformed=False)  # a call of an undeclared function stays text
+            return
         self._out += [Delta("tool_call", tool_call=call) for call in calls]
         self._state = "content"
 
-    def _give_up_call(self) -> None:
-        self._malformed = True
+    def _give_up_call(self, malformed: bool = True) -> None:
+        self._malformed |= malformed
         text = self._call.replace(QUOTE, '"')
         while _MARKUP.search(text):  # removing one piece of markup may join another
             text = _MARKUP.sub("", text)
@@ -403,9 +420,33 @@ class OutputParser:
         self._tail[kind] = (self._tail[kind] + out)[-_MAX_MARKUP:]
 
 
-def parse_output(text: str) -> ParsedOutput:
-    """Split the whole generated text of one answer into content, reasoning and tool calls."""
-    parser = OutputParser()
+def _plain(value: Any) -> Any:
+    """`value` (a str, or JSON data) with `PLAIN_LT` written as "<" again."""
+    if isinstance(value, str):
+        return value.replace(PLAIN_LT, "<")
+    if isinstance(value, dict):
+        return {_plain(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def tool_names(tools: Iterable[Any]) -> list[str]:
+    """The function names of OpenAI tool schemas (``{"type": "function", "function": {"name": ...}}``,
+    or the bare function object)."""
+    names = []
+    for t in tools:
+        f = t.get("function", t) if isinstance(t, Mapping) else None
+        if isinstance(f, Mapping) and isinstance(f.get("name"), str):
+            names.append(f["name"])
+    return names
+
+
+def parse_output(text: str, tools: Iterable[str] | None = None) -> ParsedOutput:
+    """Split the whole generated text of one answer into content, reasoning and tool calls (only
+    of functions in `tools`, when given). Give it `GenerationResult.markup` (or the chunks'
+    `markup`) for generated text: see the module doc."""
+    parser = OutputParser(tools=tools)
     deltas = parser.feed(text) + parser.finish()
     return ParsedOutput(
         content="".join(d.text for d in deltas if d.kind == "content"),

@@ -131,7 +131,8 @@ def serve_requests(model, processor, requests: list[dict]) -> list[dict]:
     from gemma_mlx.server import create_app
 
     out = []
-    with TestClient(create_app(model, processor, model_id="t")) as client:
+    # the server accepts Host names of loopback and IP addresses only (TestClient says "testserver")
+    with TestClient(create_app(model, processor, model_id="t"), base_url="http://localhost") as client:
         for body in requests:
             answer = out[-1]["text"] if out else ""
             messages = [{**m, "content": answer} if m["content"] == "ANSWER" else m for m in body["messages"]]

@@ -22,7 +22,7 @@ def positive(d: dict, *keys: str) -> None:
 
 
 def test_bench_json(checkpoint):
-    args = ["bench", "--model", str(checkpoint), "-p", "4,9", "-g", "3", "-n", "1", "-d", "0,20", "--json"]
+    args = ["bench", "--model", str(checkpoint), "-p", "4,9", "-g", "3", "-r", "1", "-d", "0,20", "--json"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
@@ -70,7 +70,7 @@ def test_bench_plot(checkpoint, tmp_path):
         "4",
         "-g",
         "3",
-        "-n",
+        "-r",
         "1",
         "-d",
         "0,8,16",

@@ -71,7 +71,7 @@ def test_convert_info_bench(model_dir, tmp_path):
     data = json.loads(info.stdout)
     assert data["quantization"] == {"mode": "affine", "bits": 4, "group_size": 32}
     assert isinstance(data["fits"], bool) and data["context"] == 4096
-    bench = runner.invoke(app, ["bench", "--model", str(out), "-p", "16", "-g", "4", "-n", "1", "--json"])
+    bench = runner.invoke(app, ["bench", "--model", str(out), "-p", "16", "-g", "4", "-r", "1", "--json"])
     assert bench.exit_code == 0, bench.output
     assert json.loads(bench.stdout)["generation_tps"] > 0
     gen = runner.invoke(app, ["generate", "--model", str(out), "-n", "4", "--json", "Hello"])

@@ -220,7 +220,7 @@ def test_tiny_float_import_is_the_original(tiny, tmp_path):
     assert rel_err(load_model(out)(mx.array([IDS])), ref) <= 1e-5
     got, sd = mx.load(str(next(out.glob("*.safetensors")))), original.state_dict()
     for name in ("model.norm.weight", "model.layers.2.self_attn.q_norm.weight"):
-        np.testing.assert_array_equal(np.array(got["language_model." + name[6:]]), sd[name].numpy())
+        np.testing.assert_array_equal(np.array(got[name]), sd[name].numpy())  # mlx-lm's names, as HF's
 
 
 def test_tiny_config_and_files(imported):
@@ -476,3 +476,45 @@ def test_cache_verify_and_restamp(cache):
     assert check_cache(path, "v1") is None
     stamped = json.loads((path / "MANIFEST.json").read_text())["files"][weights.name]["mtime_ns"]
     assert stamped == weights.stat().st_mtime_ns and len(builds) == 2
+
+
+# One checkpoint layout everywhere (issue 27 item 9): the GGUF import and the default model's cache
+# were written under `language_model.*`, which mlx-lm ("236 parameters not in model") and mlx-vlm
+# (KeyError) refused; they now go through the converter's writer like `gemma-mlx convert`.
+
+
+def peer_logits(peer: str, path: Path) -> np.ndarray:
+    if peer == "mlx_lm":
+        from mlx_lm.utils import load_model as peer_load
+
+        model = peer_load(path)[0]
+    else:
+        from mlx_vlm.utils import load_model as peer_load
+
+        model = peer_load(path)
+    out = model(mx.array([IDS]))
+    return np.array(getattr(out, "logits", out).astype(mx.float32))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("peer", ["mlx_lm", "mlx_vlm"])
+def test_peers_load_the_gguf_import_and_the_default_model_cache(tiny, imported, cache, peer):
+    pytest.importorskip(peer)
+    names = mx.load(str(next(imported.glob("*.safetensors"))))
+    assert names and all(k.startswith("model.") for k in names)  # mlx-lm's layout, as convert writes
+    ours = np.array(load_model(imported)(mx.array([IDS])))
+    # mlx-lm and mlx-vlm round Gemma 3's embedding scale sqrt(64) = 8 exactly: same logits
+    for path in (imported, cache[0]()):
+        diff = np.abs(peer_logits(peer, path) - ours).max()
+        assert diff <= 1e-4, (path, diff)
+
+
+def test_a_cache_of_the_old_layout_is_rebuilt(cache):
+    """A cache written before the layout change (format 2, `language_model.*` names) is rebuilt."""
+    get, builds = cache
+    path = get()
+    manifest = json.loads((path / "MANIFEST.json").read_text())
+    (path / "MANIFEST.json").write_text(json.dumps({**manifest, "format": 2}))
+    assert "another version" in check_cache(path, "v1")
+    assert get() == path and len(builds) == 2 and check_cache(path, "v1") is None
+    assert all(k.startswith("model.") for k in mx.load(str(next(path.glob("*.safetensors")))))

@@ -634,8 +634,7 @@ def test_convert_report_info_and_estimate_agree_on_bytes_per_token(source, tmp_p
 # ---------------------------------------------------------------------------------------------
 # 6. Property-based: only the documented error types come out, quickly
 
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+from hypothesis_or_skip import HealthCheck, given, settings, st  # noqa: E402
 
 FUZZ = settings(max_examples=500, deadline=2000, suppress_health_check=[HealthCheck.function_scoped_fixture])
 JSON_VALUES = st.recursive(
@@ -885,7 +884,7 @@ def small_gguf(
     path: Path, *, sizes: dict | None = None, tokens="default", scores="default", types="default", ids=None
 ):
     """A metadata-only gemma3 GGUF (no tensors) with the tokenizer fields as given (None: left out)."""
-    import gguf
+    gguf = pytest.importorskip("gguf")
 
     w = gguf.GGUFWriter(str(path), "gemma3")
     base = {

@@ -6,8 +6,7 @@ import json
 import re
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis_or_skip import given, settings, st
 
 from gemma_mlx.text import ChatTemplate
 from gemma_mlx.tools import (

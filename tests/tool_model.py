@@ -6,8 +6,9 @@ How: the next token is a fixed function of the last one. Embeddings are one-hot 
 matter), and the MLP maps the slot of token t to the slot of its successor, which the post-MLP norm
 makes dominate the residual; the tied LM head reads the slot back as that token's logit. A token can
 have only one successor, so the second `<|"|>` (the real special token is used for the first) comes
-from an extra plain token `<|"|>,days:3}` appended to the tiny test tokenizer; decoding keeps
-special tokens as text, so the text is exactly what the real model writes.
+from an extra *special* token `<|"|>,days:3}` appended to the tiny test tokenizer (markup counts
+only when a special token spells it); decoding keeps special tokens as text, so the text is exactly
+what the real model writes.
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ TOOL = {
 CALL_NAME, CALL_ARGUMENTS = "get_weather", {"city": "Paris", "days": 3}
 # the generated pieces, in order; <|tool_response> ends generation (an EOS id, as in Gemma 4's config)
 PIECES = ["<|tool_call>", "call:get_weather{city:", '<|"|>', "Paris", '<|"|>,days:3}', "<tool_call|>"]
-NEW_PIECES = [PIECES[1], PIECES[3], PIECES[4]]  # plain tokens the tiny tokenizer lacks
+NEW_PIECES = [PIECES[1], PIECES[3]]  # plain tokens the tiny tokenizer lacks
+NEW_SPECIAL = [PIECES[4]]  # the closing quote, fused with the text after it
 STOP = "<|tool_response>"
 HIDDEN = 16
 # a text-only Gemma 4 (Gemma4UnifiedForCausalLM's config.json): one full-attention layer
@@ -63,34 +65,43 @@ CONFIG = {
 }
 
 
-def _append_pieces(path: Path, pieces: list[str]) -> None:
-    """Append `pieces` to `path/tokenizer.json` as plain (non-special) added tokens, after every
+def _append_pieces(path: Path, pieces: list[str], special: list[str]) -> None:
+    """Append `pieces` (plain) and `special` to `path/tokenizer.json` as added tokens, after every
     existing id, so the ids other tests know stay as they are."""
     from tokenizers import AddedToken, Tokenizer
 
     tok = Tokenizer.from_file(str(path / "tokenizer.json"))
     tok.add_tokens([AddedToken(p, special=False, normalized=False) for p in pieces])
+    tok.add_special_tokens([AddedToken(p, special=True, normalized=False) for p in special])
     tok.save(str(path / "tokenizer.json"))
 
 
-def build_tool_model(path: Path, answer: str | None = None) -> str:
+def build_tool_model(
+    path: Path, tool: str = CALL_NAME, again: bool = False, vision: bool = False, answer: str | None = None
+) -> str:
     """Write the checkpoint (config, weights, tokenizer) to `path`; returns the text greedy decoding
     produces after a chat prompt (thinking on or off), the stop token excluded. Needs MLX only.
-    `answer`: after a tool's result (a prompt ending in "<tool_response|>") the model writes this
-    text and ends its turn, so an agent loop finishes."""
+    `tool`: the tool it calls (same arguments); `again`: after a tool's result (a prompt ending in
+    "<tool_response|>") it calls once more, endlessly; `answer`: after a tool's result it writes
+    this text instead and ends its turn, so an agent loop finishes; `vision`: a unified model with a
+    (zero) vision embedder, so that prompts can hold images."""
     from tokenizers import Tokenizer
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     save_tokenizer(path)
-    _append_pieces(path, NEW_PIECES + ([answer] if answer else []))
+    pieces = [p.replace(CALL_NAME, tool) for p in PIECES]
+    plain = [p.replace(CALL_NAME, tool) for p in NEW_PIECES] + ([answer] if answer else [])
+    _append_pieces(path, plain, NEW_SPECIAL)
     tok = Tokenizer.from_file(str(path / "tokenizer.json"))
-    ids = [tok.token_to_id(p) for p in PIECES]
+    ids = [tok.token_to_id(p) for p in pieces]
     stop, newline = tok.token_to_id(STOP), tok.encode("\n").ids
     assert None not in ids and stop is not None and len(newline) == 1
     assert len(ids) == len(set(ids)), "a token with two successors cannot be expressed"
     # the prompt ends in "<channel|>" (thinking off) or "<|turn>model\n" (thinking on)
     successor = {tok.token_to_id("<channel|>"): ids[0], newline[0]: ids[0]}
+    if again:
+        successor[tok.token_to_id("<tool_response|>")] = ids[0]
     successor.update(zip(ids, [*ids[1:], stop], strict=True))
     if answer:
         said = tok.token_to_id(answer)
@@ -98,7 +109,20 @@ def build_tool_model(path: Path, answer: str | None = None) -> str:
     slots = {t: i for i, t in enumerate(dict.fromkeys([*successor, *successor.values()]))}
     assert len(slots) <= HIDDEN
 
-    model = Model(parse_config(CONFIG))
+    config = CONFIG
+    if vision:
+        text = {**CONFIG, "model_type": "gemma4_unified_text"}
+        del text["architectures"]
+        vision_config = {
+            **UNIFIED_CONFIG["vision_config"],
+            "output_proj_dims": HIDDEN,
+            "mm_embed_dim": HIDDEN,
+        }
+        config = {**copy.deepcopy(UNIFIED_CONFIG), "text_config": text, "vision_config": vision_config}
+        config["image_token_id"] = tok.token_to_id("<|image|>")
+        config["audio_token_id"] = tok.token_to_id("<|audio|>")
+        config.pop("audio_config")
+    model = Model(parse_config(config))
     weights = {name: np.zeros(p.shape, np.float32) for name, p in tree_flatten(model.parameters())}
     prefix = "language_model."
     layer = prefix + "layers.0."
@@ -115,8 +139,8 @@ def build_tool_model(path: Path, answer: str | None = None) -> str:
     # the MLP's one-hot output, normed to sqrt(hidden) and scaled x4, outweighs the input token
     weights[layer + "post_feedforward_layernorm.weight"].fill(4.0)
     mx.save_safetensors(str(path / "model.safetensors"), {k: mx.array(v) for k, v in weights.items()})
-    (path / "config.json").write_text(json.dumps(CONFIG, indent=2))
+    (path / "config.json").write_text(json.dumps(config, indent=2))
     # Gemma 4 also stops at <|tool_response>
     eos = [1, tok.token_to_id("<turn|>"), stop]
     (path / "generation_config.json").write_text(json.dumps({"bos_token_id": 2, "eos_token_id": eos}))
-    return "".join(PIECES)
+    return "".join(pieces)

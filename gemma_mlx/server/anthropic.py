@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 
-from .conversation import Answer, Conversation, Engine, Prompt, new_id, sse, typed_event
+from .conversation import Answer, Conversation, Engine, Prompt, internal_error, new_id, sse, typed_event
 from .front import Front
 from .messages import image_part
 from .schema import APIError, Config, FunctionDef
@@ -35,6 +35,14 @@ def error_body(e: APIError) -> dict:
     """An error as Anthropic's error object (the field it names is in the message)."""
     kind = ERROR_TYPES.get(e.status, "invalid_request_error" if e.status < 500 else "api_error")
     return {"type": "error", "error": {"type": kind, "message": e.message}}
+
+
+def guard_error_body(path: str, body: dict, status: int) -> dict:
+    """The `guard` middleware's refusals (OpenAI's shape) in Anthropic's shape under /v1/messages."""
+    if not path.startswith("/v1/messages"):
+        return body
+    error = body["error"]
+    return error_body(APIError(status, error["message"], error.get("param"), error.get("code")))
 
 
 # --- request ------------------------------------------------------------------------------------
@@ -177,8 +185,8 @@ def _tools(tools: list[dict] | None) -> list[dict] | None:
 def _image(block: ImageBlock, param: str, allow_files: Sequence[Path]) -> dict:
     source = block.source
     if isinstance(source, URLSource):
-        return image_part(source.url, f"{param}.source.url", allow_files)  # remote URLs are refused there
-    return image_part(f"data:{source.media_type};base64,{source.data}", f"{param}.source.data", allow_files)
+        return image_part(source.url, param, ".source.url", allow_files)  # remote URLs are refused there
+    return image_part(f"data:{source.media_type};base64,{source.data}", param, ".source.data", allow_files)
 
 
 def _result(block: ToolResultBlock, param: str) -> str | dict:
@@ -191,9 +199,13 @@ def _result(block: ToolResultBlock, param: str) -> str | dict:
     return {"error": content} if block.is_error else content
 
 
-def to_messages(req: CountRequest, allow_files: Sequence[Path]) -> list[dict]:
+def to_messages(
+    req: CountRequest, allow_files: Sequence[Path], escape: Callable[[str], str] = str
+) -> list[dict]:
     """System, then the turns: tool results become tool messages (before the user's own text),
-    an assistant's thinking its `reasoning_content`, tool_use blocks its calls."""
+    an assistant's thinking its `reasoning_content`, tool_use blocks its calls. `escape`: the
+    tokenizer's, for an assistant's text given back (answers never hold markup in text blocks,
+    so special-token text there must not come back as control tokens)."""
     out: list[dict] = []
     if req.system:
         system = req.system if isinstance(req.system, str) else "\n\n".join(b.text for b in req.system)
@@ -206,7 +218,7 @@ def to_messages(req: CountRequest, allow_files: Sequence[Path]) -> list[dict]:
             msg: dict = {"role": "assistant", "content": ""}
             for j, b in enumerate(blocks):
                 if isinstance(b, TextBlock):
-                    msg["content"] += b.text
+                    msg["content"] += escape(b.text)
                 elif isinstance(b, ThinkingBlock):
                     msg["reasoning_content"] = msg.get("reasoning_content", "") + b.thinking
                 elif isinstance(b, ToolUseBlock):
@@ -250,7 +262,9 @@ def to_messages(req: CountRequest, allow_files: Sequence[Path]) -> list[dict]:
     return out
 
 
-def conversation(req: CountRequest, allow_files: Sequence[Path]) -> Conversation:
+def conversation(
+    req: CountRequest, allow_files: Sequence[Path], escape: Callable[[str], str] = str
+) -> Conversation:
     choice = req.tool_choice
     tool_choice: str | dict | None = None
     if choice is not None:
@@ -273,7 +287,7 @@ def conversation(req: CountRequest, allow_files: Sequence[Path]) -> Conversation
             stop=list(req.stop_sequences or []),
         )
     return Conversation(
-        to_messages(req, allow_files),
+        to_messages(req, allow_files, escape),
         tools=_tools(req.tools),
         tool_choice=tool_choice,
         parallel_tool_calls=not (choice and choice.disable_parallel_tool_use),
@@ -281,6 +295,7 @@ def conversation(req: CountRequest, allow_files: Sequence[Path]) -> Conversation
         response_format=fmt,
         limit_param="max_tokens",
         format_param="output_config.format",
+        thinking_param="thinking",
         **sampling,
     )
 
@@ -318,7 +333,8 @@ def content_blocks(answer: Answer) -> list[dict]:
 # --- routes -------------------------------------------------------------------------------------
 
 
-def router(engine: Engine, front: Front) -> APIRouter:
+def router(engine: Engine, front: Front, escape: Callable[[str], str] = str) -> APIRouter:
+    """The routes; `escape`: the tokenizer's, for assistant text given back in `messages`."""
     api = APIRouter()
 
     def message(mid: str, model: str, content: list[dict], stop: Answer | None, prompt_tokens: int) -> dict:
@@ -335,10 +351,10 @@ def router(engine: Engine, front: Front) -> APIRouter:
 
     @api.post("/v1/messages")
     async def create(request: Request):
-        front.authorize(request)
+        partition = front.authorize(request)
         req: MessagesRequest = front.parse(MessagesRequest, await front.read_json(request))
-        conv = await asyncio.to_thread(conversation, req, engine.allow_files)
-        prompt, job = await engine.start(conv)
+        conv = await asyncio.to_thread(conversation, req, engine.allow_files, escape)
+        prompt, job = await engine.start(conv, partition)
         mid = new_id("msg_")
         if req.stream:
             start = message(mid, req.model, [], None, len(prompt.inputs.ids))
@@ -382,10 +398,7 @@ def router(engine: Engine, front: Front) -> APIRouter:
                     delta = {"type": "text_delta", "text": d.text}
                 yield {"type": "content_block_delta", "index": index, "delta": delta}
         except Exception as e:  # noqa: BLE001 (a failure of ours, reported in the stream)
-            yield {
-                "type": "error",
-                "error": {"type": "api_error", "message": f"internal error: {type(e).__name__}: {e}"},
-            }
+            yield {"type": "error", "error": {"type": "api_error", "message": internal_error(e).message}}
 
     @api.post("/v1/messages/count_tokens")
     async def count_tokens(request: Request) -> dict:
@@ -393,8 +406,8 @@ def router(engine: Engine, front: Front) -> APIRouter:
         req: CountRequest = front.parse(CountRequest, await front.read_json(request))
 
         def count() -> int:
-            return len(engine.prepare(conversation(req, engine.allow_files)).inputs.ids)
+            return len(engine.prepare(conversation(req, engine.allow_files, escape)).inputs.ids)
 
-        return {"input_tokens": await asyncio.to_thread(count)}
+        return {"input_tokens": await engine.prepared(count)}
 
     return api

@@ -3,7 +3,10 @@ Anthropic Messages APIs), error shapes, streaming.
 
 Requests are validated and their prompts prepared (template, media decoding, tokenizing) on the
 event loop's thread pool, so a bad request is answered with a 4xx before it waits for the model;
-the generation itself runs on the single `Worker` thread.
+the generation itself runs on the single `Worker` thread. Browser checks (Origin, Host, content
+type) are the `guard` middleware's; the bounds on a request's work are in `limits`, applied to every
+chat API by the shared `conversation` layer; running on uvicorn with timeouts and signal handling is
+`serving`'s.
 """
 
 from __future__ import annotations
@@ -12,23 +15,38 @@ import asyncio
 import contextlib
 import secrets
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..generate import GenerationStats
 from ..processor import Inputs, Processor
-from . import anthropic, responses
-from .conversation import Answer, Conversation, Engine, Prompt, data_line, sse
+from . import anthropic, limits, responses
+from .conversation import (
+    DEFAULT_MAX_TOKENS,
+    PREPARE_SLOTS,
+    Answer,
+    ClientGone,
+    Conversation,
+    Engine,
+    Prompt,
+    data_line,
+    internal_error,
+    sse,
+)
 from .front import Front
+from .guard import Guard
 from .messages import convert_messages
 from .responses import STORE_BYTES, STORE_RESPONSES, ResponseStore
 from .schema import APIError, ChatRequest, CompletionRequest
+from .webui import add_webui
 from .worker import Job, Worker
+
+__all__ = ["ClientGone", "create_app", "internal_error"]
 
 DONE = "data: [DONE]\n\n"
 MAX_BODY_BYTES = 32 << 20  # room for a few base64 images or a 30 s WAV clip
@@ -54,13 +72,27 @@ def create_app(
     any_model: bool = False,
     store_responses: int = STORE_RESPONSES,
     store_bytes: int = STORE_BYTES,
+    ui: bool = True,
+    api_keys: Sequence[str] = (),
+    default_max_tokens: int | None = DEFAULT_MAX_TOKENS,
+    allow_origins: Sequence[str] = (),
+    allow_hosts: Sequence[str] = (),
+    prepare_slots: int = PREPARE_SLOTS,
 ) -> FastAPI:
     """The server for one loaded model. `kv_bits`: quantized KV caches (see `make_cache`);
     `api_key`: required as a bearer token (or `x-api-key`) when set; `allow_files`: directories
     whose files may be sent as image paths; `cache_gb`: bound of the prefix cache; `max_queue`:
     requests that may wait for the model (beyond: 429); `max_body_bytes`: largest request body
     (beyond: 413); `model_aliases`: more names the model answers to; `any_model`: answer any
-    name; `store_responses`/`store_bytes`: bounds of the Responses API's stored responses (LRU)."""
+    name; `store_responses`/`store_bytes`: bounds of the Responses API's stored responses (LRU).
+    `api_keys`: more accepted keys (each key's clients get their own prefix-cache entries);
+    `default_max_tokens`: an answer's length when a request sets none; `allow_origins` /
+    `allow_hosts`: browser origins and Host names accepted beside the server's own (see `guard`);
+    `prepare_slots`: requests prepared at once (others wait, counted against `max_queue`); `ui`: serve
+    the chat page at `/`."""
+    keys = ([api_key] if api_key is not None else []) + list(api_keys)
+    if any(not k for k in keys):
+        raise ValueError("an API key must not be empty")
     worker = Worker(
         model,
         processor,
@@ -73,10 +105,17 @@ def create_app(
     )
     roots = [Path(d).expanduser().resolve() for d in allow_files]
     engine = Engine(
-        model, processor, worker, allow_files=roots, max_soft_tokens=max_soft_tokens, max_queue=max_queue
+        model,
+        processor,
+        worker,
+        allow_files=roots,
+        max_soft_tokens=max_soft_tokens,
+        max_queue=max_queue,
+        default_max_tokens=default_max_tokens,
+        prepare_slots=prepare_slots,
     )
     model_ids = list(dict.fromkeys([model_id, *model_aliases]))
-    front = Front(model_ids=model_ids, any_model=any_model, api_key=api_key, max_body_bytes=max_body_bytes)
+    front = Front(model_ids=model_ids, any_model=any_model, keys=keys, max_body_bytes=max_body_bytes)
     context = engine.context
     created = int(time.time())
 
@@ -90,6 +129,9 @@ def create_app(
 
     app = FastAPI(title="gemma-mlx", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.worker = worker
+    app.add_middleware(
+        Guard, allow_origins=allow_origins, allow_hosts=allow_hosts, error_body=anthropic.guard_error_body
+    )
 
     def error_response(request: Request, e: APIError) -> JSONResponse:
         """Each API's own error shape (Anthropic's under /v1/messages, OpenAI's elsewhere)."""
@@ -106,6 +148,10 @@ def create_app(
         code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
         return error_response(request, APIError(e.status_code, str(e.detail), None, code))
 
+    @app.exception_handler(ClientGone)
+    async def _gone(request: Request, e: ClientGone) -> Response:
+        return Response(status_code=499)  # never sent: the connection is closed
+
     @app.exception_handler(Exception)
     async def _internal(request: Request, e: Exception) -> JSONResponse:
         return error_response(request, internal_error(e))
@@ -117,6 +163,9 @@ def create_app(
     authorize, read_json, parse = front.authorize, front.read_json, front.parse
 
     # --- routes --------------------------------------------------------------------------------
+
+    if ui:
+        add_webui(app)
 
     @app.get("/health")
     async def health() -> dict:
@@ -145,10 +194,10 @@ def create_app(
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        authorize(request)
+        partition = authorize(request)
         req: ChatRequest = parse(ChatRequest, await read_json(request))
-        conv = await asyncio.to_thread(chat_conversation, req, roots)
-        prompt, job = await engine.start(conv)
+        conv = await asyncio.to_thread(chat_conversation, req, roots, processor.tokenizer.escape)
+        prompt, job = await engine.start(conv, partition)
         rid, now = "chatcmpl-" + secrets.token_hex(12), int(time.time())
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -173,9 +222,9 @@ def create_app(
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        authorize(request)
+        partition = authorize(request)
         req: CompletionRequest = parse(CompletionRequest, await read_json(request))
-        inputs = await asyncio.to_thread(prepare_text, req)
+        inputs = await engine.prepared(lambda: prepare_text(req))
         conv = Conversation(
             [],
             max_tokens=req.limit,
@@ -187,7 +236,7 @@ def create_app(
             stop=req.stops(),
             messages_param="prompt",
         )
-        job = await engine.submit(inputs, engine.sampling(conv, len(inputs.ids)))
+        job = await engine.submit(inputs, engine.sampling(conv, len(inputs.ids)), partition)
         rid, now = "cmpl-" + secrets.token_hex(12), int(time.time())
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -202,8 +251,12 @@ def create_app(
             "timings": timings(result.stats),
         }
 
-    app.include_router(responses.router(engine, front, ResponseStore(store_responses, store_bytes)))
-    app.include_router(anthropic.router(engine, front))
+    app.include_router(
+        responses.router(
+            engine, front, ResponseStore(store_responses, store_bytes), processor.tokenizer.escape
+        )
+    )
+    app.include_router(anthropic.router(engine, front, processor.tokenizer.escape))
 
     # --- prompts -------------------------------------------------------------------------------
 
@@ -215,7 +268,13 @@ def create_app(
             prompt = prompt[0]
         if isinstance(prompt, list) and any(not 0 <= i < model.config.text.vocab_size for i in prompt):
             raise APIError(400, "prompt: token ids must be within the vocabulary", "prompt")
-        return processor.prepare(prompt)
+        if isinstance(prompt, str):
+            engine.check_length(len(prompt), "prompt")
+            limits.check_text(processor, prompt, context, "prompt")
+        try:
+            return processor.prepare(prompt)
+        except ValueError as e:  # an empty prompt ([""]) and the like
+            raise APIError(400, f"prompt: {e}", "prompt", "invalid_value") from None
 
     # --- streaming -----------------------------------------------------------------------------
 
@@ -274,11 +333,6 @@ def create_app(
     return app
 
 
-def internal_error(e: BaseException) -> APIError:
-    """A failure of ours (500), as an OpenAI error object; the server keeps serving."""
-    return APIError(500, f"internal error: {type(e).__name__}: {e}", None, None, "server_error")
-
-
 def usage(stats: GenerationStats) -> dict:
     return {
         "prompt_tokens": stats.prompt_tokens + stats.cached_prompt_tokens,
@@ -299,11 +353,14 @@ def timings(stats: GenerationStats) -> dict:
     }
 
 
-def chat_conversation(req: ChatRequest, allow_files: Sequence[Path]) -> Conversation:
-    """A Chat Completions request as the shared conversation (media decoded: run in a thread)."""
+def chat_conversation(
+    req: ChatRequest, allow_files: Sequence[Path], escape: Callable[[str], str] = str
+) -> Conversation:
+    """A Chat Completions request as the shared conversation (base64 decoded: run in a thread);
+    `escape`: the tokenizer's, for assistant text given back."""
     choice = req.tool_choice
     return Conversation(
-        convert_messages(req.messages, allow_files),
+        convert_messages(req.messages, allow_files, escape),
         tools=[t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None,
         tool_choice=choice if choice is None or isinstance(choice, str) else {"name": choice.function.name},
         parallel_tool_calls=req.parallel_tool_calls is not False,
@@ -317,6 +374,8 @@ def chat_conversation(req: ChatRequest, allow_files: Sequence[Path]) -> Conversa
         stop=req.stops(),
         response_format=getattr(req, "response_format", None),
         limit_param="max_completion_tokens" if req.max_completion_tokens else "max_tokens",
+        thinking_param=req.thinking_param,
+        message_params=[f"messages[{i}]" for i in range(len(req.messages))],
     )
 
 

@@ -4,13 +4,17 @@ Each wire format converts its request into a `Conversation` (processor messages 
 decoded, tools, tool choice, thinking, sampling) and reads the model's answer back as the same
 output events: the streaming parser's `Delta`s (content, reasoning, tool calls) and a final
 `Answer` (with finish reason and stats). Prompt building, checks, queueing, cancellation and
-server-sent events live here once; the API modules only translate JSON.
+server-sent events live here once; the API modules only translate JSON. So do the bounds on a
+request's work (`limits`: capabilities, the prompt's length before tokenizing, the preparation gate,
+the media budget) and the rules of the answer (markup read from the sampled token ids, calls of
+undeclared tools kept as text, the default answer length, cancellation when the client leaves).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import secrets
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
@@ -21,20 +25,42 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 
 from ..generate import GenerationStats
-from ..media import MediaError
+from ..media import MediaBudget, MediaError
 from ..processor import Inputs, Processor
 from ..prompt_cache import PromptKey
 from ..tools import Delta, OutputParser, ToolCall
+from . import limits
+from .messages import decode_media
 from .schema import APIError
 from .worker import Job, QueueFull, Worker
+
+log = logging.getLogger("gemma_mlx.server")
+DEFAULT_MAX_TOKENS = 8192  # an answer's length when a request gives none (the context is the hard limit)
+PREPARE_SLOTS = 2  # requests whose prompts are prepared (template, media, tokenizer) at once
+
+
+class ClientGone(Exception):
+    """The client disconnected before its answer was ready."""
+
+
+def internal_error(e: BaseException) -> APIError:
+    """A failure of ours (500), as an OpenAI error object; the server keeps serving. The message
+    names the exception's type only (its text may hold server paths); the log has the traceback."""
+    log.error("internal error", exc_info=e)
+    return APIError(
+        500, f"internal error ({type(e).__name__}); see the server log", None, None, "server_error"
+    )
 
 
 @dataclass
 class Conversation:
     """A chat request, whatever API it came in: what the prompt and the sampler need.
 
-    `messages` are the processor's (roles system/developer/user/assistant/tool; images as PIL,
-    audio as waveforms; assistant `tool_calls` with object arguments and `reasoning_content`);
+    `messages` are the processor's (roles system/user/assistant/tool; images and audio as the
+    undecoded parts of `messages.image_part`/`audio_part`, decoded by `Engine.prepare` within the
+    request's media budget; assistant text escaped, `tool_calls` with object arguments and
+    `reasoning_content`); `message_params` name each message in errors where the request's
+    messages map one to one (Chat Completions), else errors name `messages_param`;
     `tools` are OpenAI function schemas; `tool_choice` is None, "auto", "none", "required" or a
     function name given as {"name": ...}. The `*_param` fields name the request's own fields in
     errors (`input` on Responses, `max_output_tokens` ...)."""
@@ -57,6 +83,12 @@ class Conversation:
     tools_param: str = "tools"
     tool_choice_param: str = "tool_choice"
     format_param: str = "response_format"
+    thinking_param: str = "reasoning_effort"
+    message_params: list[str] | None = None
+
+    def tool_names(self) -> list[str]:
+        """The declared functions' names: calls of any other stay text."""
+        return [t["function"]["name"] for t in self.tools or ()]
 
 
 @dataclass
@@ -140,10 +172,12 @@ def tool_setup(conv: Conversation) -> tuple[list[dict] | None, str]:
     return conv.tools, ""
 
 
-def make_parser(thinking: bool, forced: str = "") -> OutputParser:
-    """A streaming parser of one answer; `forced` is text written after the generation prompt
-    (the start of a required tool call), which it reads before the model's own output."""
-    parser = OutputParser(thinking=thinking)
+def make_parser(thinking: bool, forced: str = "", tools: Sequence[str] = ()) -> OutputParser:
+    """A streaming parser of one answer, fed the generation's markup (`GenerationChunk.markup`:
+    markup only where special tokens were sampled); `forced` is text written after the generation
+    prompt (the start of a required tool call), which it reads before the model's own output;
+    calls of functions not in `tools` (the request's declared names) stay text."""
+    parser = OutputParser(thinking=thinking, tools=tools)
     if forced:
         parser.feed(forced)
     return parser
@@ -154,7 +188,8 @@ def new_id(prefix: str) -> str:
 
 
 class Engine:
-    """Prompts, sampling, the queue and cancellation, shared by all the chat APIs of one app."""
+    """Prompts, sampling, the queue and cancellation, shared by all the chat APIs of one app; every
+    bound on a request's work that does not depend on its wire format is checked here."""
 
     def __init__(
         self,
@@ -165,35 +200,56 @@ class Engine:
         allow_files: Sequence[Path],
         max_soft_tokens: int,
         max_queue: int,
+        default_max_tokens: int | None = DEFAULT_MAX_TOKENS,
+        prepare_slots: int = PREPARE_SLOTS,
     ) -> None:
         self.model, self.processor, self.worker = model, processor, worker
         self.allow_files = list(allow_files)
         self.max_soft_tokens, self.max_queue = max_soft_tokens, max_queue
+        self.default_max_tokens = default_max_tokens
         self.context = model.config.text.max_position_embeddings
+        self.gate = limits.PrepareGate(prepare_slots, max_queue)
+        self._longest: int | None = None  # the vocabulary's longest token, measured on first use
 
     # --- the prompt ------------------------------------------------------------------------------
 
+    def check_length(self, chars: int, param: str) -> None:
+        """Refuse text of `chars` characters that cannot fit the context, before any tokenizing."""
+        if self._longest is None:
+            self._longest = limits.longest_token(self.processor)
+        limits.check_chars(chars, self._longest, self.context, param)
+
     def prepare(self, conv: Conversation) -> Prompt:
-        """The conversation's prompt: checked, templated, media encoded (runs in a thread)."""
+        """The conversation's prompt: checked, templated, media decoded within the request's
+        `MediaBudget` and encoded (runs in a thread, behind the gate)."""
         param = conv.messages_param
+        limits.check_capabilities(self.model, self.processor, conv)
         check_response_format(conv)
         check_tool_results(conv.messages, param)
+        self.check_length(limits.text_chars(conv), param)
         tools, forced = tool_setup(conv)
+        messages = decode_media(conv.messages, MediaBudget())
         extra = {"tools": tools} if tools else {}
         try:
-            text = self.processor.apply_chat_template(conv.messages, enable_thinking=conv.thinking, **extra)
+            text = self.processor.apply_chat_template(messages, enable_thinking=conv.thinking, **extra)
         except ValueError as e:
             raise APIError(400, f"{param}: {e}", param) from None
         except Exception as e:  # the template's own raise_exception (jinja) for unsupported shapes
             if type(e).__module__.startswith("jinja2"):
                 raise APIError(400, f"{param}: {e}", param) from None
             raise
-        parts = [p for m in conv.messages if isinstance(m["content"], list) for p in m["content"]]
+        parts = [p for m in messages if isinstance(m["content"], list) for p in m["content"]]
         images = [p["image"] for p in parts if p["type"] == "image"]
         audio = [(p["audio"], p["sampling_rate"]) for p in parts if p["type"] == "audio"]
+        limits.check_text(self.processor, text, self.context, param)
         try:
             inputs = self.processor.prepare(
-                text + forced, images, audio, add_bos=False, max_soft_tokens=self.max_soft_tokens
+                text + forced,
+                images,
+                audio,
+                add_bos=False,
+                max_soft_tokens=self.max_soft_tokens,
+                token_budget=self.context,
             )
         except MediaError as e:
             raise APIError(400, f"{param}: {e}", param, "invalid_value") from None
@@ -216,7 +272,7 @@ class Engine:
         gen = self.processor.generation_config
         greedy_default = not gen.get("do_sample", False)
         return {
-            "max_tokens": min(limit or context, context - prompt_tokens),
+            "max_tokens": min(limit or self.default_max_tokens or context, context - prompt_tokens),
             "temperature": conv.temperature
             if conv.temperature is not None
             else (0.0 if greedy_default else float(gen.get("temperature", 1.0))),
@@ -235,8 +291,10 @@ class Engine:
             inputs, getattr(cfg, "image_token_id", None), getattr(cfg, "audio_token_id", None)
         )
 
-    async def submit(self, inputs: Inputs, kwargs: dict) -> Job:
+    async def submit(self, inputs: Inputs, kwargs: dict, partition: str = "") -> Job:
+        """Queue a prompt; `partition`: the prefix-cache partition of the client's API key."""
         key = await asyncio.to_thread(self.key_of, inputs)
+        key.partition = partition
         job = Job(inputs, key, kwargs, asyncio.get_running_loop())
         try:
             self.worker.submit(job)
@@ -250,16 +308,23 @@ class Engine:
             ) from None
         return job
 
-    async def start(self, conv: Conversation) -> tuple[Prompt, Job]:
+    async def prepared(self, work: Callable[[], Any]) -> Any:
+        """Run a preparation step in a thread behind the gate (a few at once; the waiting ones
+        count against `max_queue`)."""
+        async with self.gate.enter():
+            return await asyncio.to_thread(work)
+
+    async def start(self, conv: Conversation, partition: str = "") -> tuple[Prompt, Job]:
         """Prepare the conversation's prompt (4xx before it waits) and queue it."""
-        prompt = await asyncio.to_thread(self.prepare, conv)
-        job = await self.submit(prompt.inputs, self.sampling(conv, len(prompt.inputs.ids)))
+        prompt = await self.prepared(lambda: self.prepare(conv))
+        job = await self.submit(prompt.inputs, self.sampling(conv, len(prompt.inputs.ids)), partition)
         return prompt, job
 
     # --- the answer ------------------------------------------------------------------------------
 
-    async def texts(self, request: Request, job: Job) -> tuple[list[str], Any]:
-        """All text of a job, cancelling it when the client goes away first."""
+    async def texts(self, request: Request, job: Job, markup: bool = False) -> tuple[list[str], Any]:
+        """All text of a job (`markup`: as the output parser reads it), cancelling it when the
+        client goes away first (then `ClientGone`: nobody reads an answer)."""
 
         async def gone() -> None:
             while (await request.receive())["type"] != "http.disconnect":
@@ -270,7 +335,7 @@ class Engine:
             async for ev in job.stream():
                 if ev.error is not None:
                     raise ev.error
-                texts.append(ev.text)
+                texts.append(ev.markup if markup else ev.text)
                 if ev.done:
                     return texts, ev.result
             raise RuntimeError("the job ended without a result")
@@ -283,23 +348,25 @@ class Engine:
             if not main.done():
                 job.cancel()
                 main.cancel()
+        if not main.done() or main.cancelled():
+            raise ClientGone
         return main.result()
 
     async def answer(self, request: Request, job: Job, prompt: Prompt, conv: Conversation) -> Answer:
         """The whole answer of a non-streaming request."""
-        texts, result = await self.texts(request, job)
-        parser = make_parser(conv.thinking, prompt.forced)
+        texts, result = await self.texts(request, job, markup=True)
+        parser = make_parser(conv.thinking, prompt.forced, conv.tool_names())
         deltas = [d for t in texts for d in parser.feed(t)] + parser.finish()
         return self._answer(deltas, result, conv)
 
     async def deltas(self, job: Job, prompt: Prompt, conv: Conversation) -> AsyncIterator[Delta | Answer]:
         """The answer as it is generated: `Delta`s, then the `Answer` (errors are raised)."""
-        parser = make_parser(conv.thinking, prompt.forced)
+        parser = make_parser(conv.thinking, prompt.forced, conv.tool_names())
         seen: list[Delta] = []
         async for ev in job.stream():
             if ev.error is not None:
                 raise ev.error
-            for d in parser.feed(ev.text) if not ev.done else parser.finish():
+            for d in parser.feed(ev.markup) if not ev.done else parser.finish():
                 if d.kind == "tool_call" and not conv.parallel_tool_calls and _calls(seen):
                     continue  # one call per turn was asked for: later ones are dropped
                 seen.append(d)

@@ -9,7 +9,7 @@ import json
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -17,7 +17,17 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, Discriminator, Field, Tag
 
 from ..tools import Delta
-from .conversation import Answer, Conversation, Engine, Prompt, leading_system, new_id, sse, typed_event
+from .conversation import (
+    Answer,
+    Conversation,
+    Engine,
+    Prompt,
+    internal_error,
+    leading_system,
+    new_id,
+    sse,
+    typed_event,
+)
 from .front import Front
 from .messages import audio_part, image_part, parse_arguments_json
 from .schema import APIError, Config, FunctionDef
@@ -218,18 +228,22 @@ def _text_of(parts: str | list, param: str, allow_files: Sequence[Path], media: 
                     f"{where}.image_url: send the image as a data: URI (file_id uploads are not supported)",
                     f"{where}.image_url",
                 )
-            out.append(image_part(p.image_url, f"{where}.image_url", allow_files))
+            out.append(image_part(p.image_url, where, ".image_url", allow_files))
         else:
-            out.append(audio_part(p.input_audio.data, f"{where}.input_audio.data"))
+            out.append(audio_part(p.input_audio.data, where, ".input_audio.data"))
     if all(p["type"] == "text" for p in out):
         return "".join(p["text"] for p in out)
     return out
 
 
-def items_to_messages(items: list, allow_files: Sequence[Path], start: int = 0) -> list[dict]:
+def items_to_messages(
+    items: list, allow_files: Sequence[Path], start: int = 0, escape: Callable[[str], str] = str
+) -> list[dict]:
     """Responses input items as the processor's messages. Calls and reasoning join the assistant
     turn they belong to (Gemma's template writes calls, their results and the thought of a
-    tool-calling turn inside one model turn); `start`: the index of the first item in errors."""
+    tool-calling turn inside one model turn); `start`: the index of the first item in errors;
+    `escape`: the tokenizer's, for assistant text given back (answers never hold markup in
+    `output_text`, so special-token text there must not come back as control tokens)."""
     out: list[dict] = []
 
     def assistant() -> dict:
@@ -247,7 +261,7 @@ def items_to_messages(items: list, allow_files: Sequence[Path], start: int = 0) 
                 if msg.get("tool_calls"):  # text after a call: a turn of its own
                     msg = {"role": "assistant", "content": ""}
                     out.append(msg)
-                msg["content"] = (msg["content"] + "\n" if msg["content"] else "") + content
+                msg["content"] = (msg["content"] + "\n" if msg["content"] else "") + escape(content)
             else:
                 out.append({"role": item.role, "content": content})
         elif isinstance(item, FunctionCallItem):
@@ -342,11 +356,13 @@ def response_usage(answer: Answer) -> dict:
 class ResponseStore:
     """Stored responses, bounded by count and bytes (least recently used go first). Each keeps
     its response object and the conversation's items up to and including its output, so a
-    request naming it as `previous_response_id` continues from there."""
+    request naming it as `previous_response_id` continues from there. Each entry belongs to the
+    API-key partition that made it (`Front.authorize`): another key's clients get a 404, as for an
+    id never stored."""
 
     def __init__(self, max_items: int = STORE_RESPONSES, max_bytes: int = STORE_BYTES) -> None:
         self.max_items, self.max_bytes = max_items, max_bytes
-        self._entries: OrderedDict[str, tuple[dict, list[dict], int]] = OrderedDict()
+        self._entries: OrderedDict[str, tuple[dict, list[dict], int, str]] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
 
@@ -357,21 +373,21 @@ class ResponseStore:
     def nbytes(self) -> int:
         return self._bytes
 
-    def put(self, response: dict, items: list[dict]) -> None:
+    def put(self, response: dict, items: list[dict], partition: str = "") -> None:
         size = len(json.dumps(response)) + len(json.dumps(items))
         with self._lock:
             self._drop(response["id"])
             if size > self.max_bytes or self.max_items == 0:
                 return
-            self._entries[response["id"]] = (response, items, size)
+            self._entries[response["id"]] = (response, items, size, partition)
             self._bytes += size
             while len(self._entries) > self.max_items or self._bytes > self.max_bytes:
                 self._drop(next(iter(self._entries)))
 
-    def get(self, rid: str) -> tuple[dict, list[dict]]:
+    def get(self, rid: str, partition: str = "") -> tuple[dict, list[dict]]:
         with self._lock:
             entry = self._entries.get(rid)
-            if entry is None:
+            if entry is None or entry[3] != partition:
                 raise APIError(
                     404,
                     f"response {rid!r} not found (never stored, deleted, or evicted from this server's "
@@ -382,9 +398,10 @@ class ResponseStore:
             self._entries.move_to_end(rid)
             return entry[0], entry[1]
 
-    def delete(self, rid: str) -> bool:
+    def delete(self, rid: str, partition: str = "") -> bool:
         with self._lock:
-            return self._drop(rid)
+            entry = self._entries.get(rid)
+            return entry is not None and entry[3] == partition and self._drop(rid)
 
     def _drop(self, rid: str) -> bool:
         entry = self._entries.pop(rid, None)
@@ -396,7 +413,10 @@ class ResponseStore:
 # --- routes -------------------------------------------------------------------------------------
 
 
-def router(engine: Engine, front: Front, store: ResponseStore) -> APIRouter:
+def router(
+    engine: Engine, front: Front, store: ResponseStore, escape: Callable[[str], str] = str
+) -> APIRouter:
+    """The routes; `escape`: the tokenizer's, for assistant text given back in `input`."""
     api = APIRouter()
 
     def conversation(req: ResponsesRequest, history: list[dict]) -> tuple[Conversation, list[dict]]:
@@ -409,7 +429,7 @@ def router(engine: Engine, front: Front, store: ResponseStore) -> APIRouter:
         if not history and not new:
             raise APIError(400, "input: is required (a string or a list of items)", "input")
         parsed = ResponsesRequest.model_validate({"model": req.model, "input": history + new}).input
-        messages = items_to_messages(parsed, engine.allow_files, start=-len(history))
+        messages = items_to_messages(parsed, engine.allow_files, start=-len(history), escape=escape)
         if req.instructions:
             messages.insert(0, {"role": "system", "content": req.instructions})
         messages = leading_system(messages)
@@ -429,6 +449,7 @@ def router(engine: Engine, front: Front, store: ResponseStore) -> APIRouter:
             messages_param="input",
             limit_param="max_output_tokens",
             format_param="text.format",
+            thinking_param="reasoning.effort",
         )
         return conv, history + new
 
@@ -462,7 +483,12 @@ def router(engine: Engine, front: Front, store: ResponseStore) -> APIRouter:
         }
 
     def finished(
-        resp: dict, answer: Answer, output: list[dict], items: list[dict], req: ResponsesRequest
+        resp: dict,
+        answer: Answer,
+        output: list[dict],
+        items: list[dict],
+        req: ResponsesRequest,
+        partition: str,
     ) -> dict:
         if answer.finish_reason == "length":
             resp.update(status="incomplete", incomplete_details={"reason": "max_output_tokens"})
@@ -472,25 +498,26 @@ def router(engine: Engine, front: Front, store: ResponseStore) -> APIRouter:
             resp["status"] = "completed"
         resp.update(output=output, usage=response_usage(answer))
         if req.store:
-            store.put(resp, items + [_as_input(o) for o in output])
+            store.put(resp, items + [_as_input(o) for o in output], partition)
         return resp
 
     @api.post("/v1/responses")
     async def create(request: Request):
-        front.authorize(request)
+        partition = front.authorize(request)
         req: ResponsesRequest = front.parse(ResponsesRequest, await front.read_json(request))
-        history = store.get(req.previous_response_id)[1] if req.previous_response_id else []
+        history = store.get(req.previous_response_id, partition)[1] if req.previous_response_id else []
         conv, items = await asyncio.to_thread(conversation, req, history)
-        prompt, job = await engine.start(conv)
+        prompt, job = await engine.start(conv, partition)
         rid, now = new_id("resp_"), time.time()
         ids = {"reasoning": new_id("rs_"), "message": new_id("msg_")}
         if req.stream:
-            events = stream(req, job, prompt, conv, rid, now, ids, items)
+            events = stream(req, job, prompt, conv, rid, now, ids, items, partition)
             return sse(job, _numbered(events), typed_event)
         answer = await engine.answer(request, job, prompt, conv)
         status = "incomplete" if answer.finish_reason == "length" else "completed"
         output = output_items(answer, ids, status, namespaces(req.tools))
-        return finished(response_object(req, rid, now, "in_progress", []), answer, output, items, req)
+        resp = response_object(req, rid, now, "in_progress", [])
+        return finished(resp, answer, output, items, req, partition)
 
     async def stream(
         req: ResponsesRequest,
@@ -501,6 +528,7 @@ def router(engine: Engine, front: Front, store: ResponseStore) -> APIRouter:
         now: float,
         ids: dict[str, str],
         items: list[dict],
+        partition: str,
     ) -> AsyncIterator[dict]:
         resp = response_object(req, rid, now, "in_progress", [])
         spaces = namespaces(req.tools)
@@ -567,7 +595,7 @@ def router(engine: Engine, front: Front, store: ResponseStore) -> APIRouter:
                     for e in close("incomplete" if d.finish_reason == "length" else "completed"):
                         yield e
                     open_kind = None
-                    final = finished(resp, d, output, items, req)
+                    final = finished(resp, d, output, items, req, partition)
                     kind = {"completed": "response.completed", "incomplete": "response.incomplete"}.get(
                         final["status"], "response.failed"
                     )
@@ -599,22 +627,19 @@ def router(engine: Engine, front: Front, store: ResponseStore) -> APIRouter:
                     **({} if kind == "reasoning" else {"logprobs": []}),
                 }
         except Exception as e:  # noqa: BLE001 (a failure of ours, reported in the stream)
-            resp.update(
-                status="failed",
-                error={"code": "server_error", "message": f"internal error: {type(e).__name__}: {e}"},
-            )
+            resp.update(status="failed", error={"code": "server_error", "message": internal_error(e).message})
             yield {"type": "response.failed", "response": resp}
 
     @api.get("/v1/responses/{rid}")
     async def retrieve(rid: str, request: Request) -> dict:
-        front.authorize(request)
-        return _not_found_as_path(lambda: store.get(rid)[0])
+        partition = front.authorize(request)
+        return _not_found_as_path(lambda: store.get(rid, partition)[0])
 
     @api.delete("/v1/responses/{rid}")
     async def delete(rid: str, request: Request) -> dict:
-        front.authorize(request)
-        if not store.delete(rid):
-            _not_found_as_path(lambda: store.get(rid))
+        partition = front.authorize(request)
+        if not store.delete(rid, partition):
+            _not_found_as_path(lambda: store.get(rid, partition))
         return {"id": rid, "object": "response.deleted", "deleted": True}
 
     return api

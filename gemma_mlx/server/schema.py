@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, model_validator
 
 # Fields OpenAI clients send that change nothing here are accepted and ignored (extra="ignore");
 # fields that would change the result and are not supported are refused by name.
@@ -175,6 +175,12 @@ class Sampling(BaseModel):
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
 
+class TemplateKwargs(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    # a JSON boolean only: "false" is a truthy string that used to switch thinking on
+    enable_thinking: StrictBool | None = None
+
+
 class ChatRequest(Sampling):
     messages: list[Message] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
@@ -183,7 +189,7 @@ class ChatRequest(Sampling):
     tool_choice: Literal["auto", "none", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
     reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
-    chat_template_kwargs: dict[str, Any] | None = None
+    chat_template_kwargs: TemplateKwargs | None = None
 
     @property
     def limit(self) -> int | None:
@@ -191,10 +197,17 @@ class ChatRequest(Sampling):
 
     @property
     def thinking(self) -> bool:
-        kwargs = self.chat_template_kwargs or {}
-        if "enable_thinking" in kwargs:
-            return bool(kwargs["enable_thinking"])
+        switch = self.chat_template_kwargs.enable_thinking if self.chat_template_kwargs else None
+        if switch is not None:
+            return switch
         return self.reasoning_effort not in (None, "none")
+
+    @property
+    def thinking_param(self) -> str:
+        """The field that asked for thinking (for errors)."""
+        if self.chat_template_kwargs and self.chat_template_kwargs.enable_thinking is not None:
+            return "chat_template_kwargs.enable_thinking"
+        return "reasoning_effort"
 
 
 class CompletionRequest(Sampling):

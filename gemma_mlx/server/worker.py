@@ -37,6 +37,7 @@ class _Cancelled(Exception):
 @dataclass
 class Event:
     text: str = ""
+    markup: str = ""  # the text as the output parser reads it (GenerationChunk.markup)
     done: bool = False
     result: GenerationResult | None = None  # with the last event: tokens, stats, finish reason
     error: BaseException | None = None
@@ -96,6 +97,8 @@ class Worker:
         self._lock = threading.Lock()
         self._waiting = 0  # submitted and not yet started
         self._thread: threading.Thread | None = None
+        self._current: Job | None = None
+        self._closing = threading.Event()
         self.last: GenerationResult | None = None  # of the last job run (finished or cancelled)
 
     def start(self) -> None:
@@ -117,9 +120,17 @@ class Worker:
     def idle(self) -> bool:
         return self._jobs.unfinished_tasks == 0
 
+    def close(self) -> None:
+        """Shutting down: cancel the running job and every queued one (each ends with finish
+        reason "cancelled" at its next token), and refuse new ones. Safe from a signal handler."""
+        self._closing.set()
+        job = self._current
+        if job is not None:
+            job.cancel()
+
     def submit(self, job: Job) -> None:
         with self._lock:
-            if self._waiting >= self.max_queue:
+            if self._waiting >= self.max_queue or self._closing.is_set():
                 raise QueueFull
             self._waiting += 1
         self._jobs.put(job)
@@ -131,10 +142,15 @@ class Worker:
             try:
                 self._serve(job)
             finally:
+                self._current = None
                 self._jobs.task_done()
 
     def _serve(self, job: Job) -> None:
-        if job.cancelled.is_set():
+        self._current = job
+        if self._closing.is_set():
+            job.cancel()
+        if job.cancelled.is_set():  # its client left, or the server is shutting down
+            job.emit(Event(done=True, result=GenerationResult(finish_reason="cancelled")))
             return
         try:
             self.last = self._run(job)
@@ -169,7 +185,7 @@ class Worker:
             prefill(model, chunk, cache, media=media or None, step=self.prefill_step_size, progress=check)
             done = stop
             if all(c.offset == stop for c in cache):
-                self.prompt_cache.store(job.key.tokens[:stop], cache)
+                self.prompt_cache.store(job.key.tokens[:stop], cache, job.key.partition)
         stats.prompt_tps = (len(ids) - reused) / max(time.perf_counter() - tic, 1e-9)
 
         tokens = result.tokens
@@ -190,16 +206,16 @@ class Worker:
                 stats.generation_tps = chunk.stats.generation_tps
                 stats.drafted, stats.accepted = chunk.stats.drafted, chunk.stats.accepted
                 result.finish_reason = chunk.finish_reason
-                job.emit(Event(text=chunk.text))
+                job.emit(Event(text=chunk.text, markup=chunk.markup))
                 if job.cancelled.is_set() and chunk.finish_reason is None:
                     result.finish_reason = "cancelled"
                     break
         finally:
             chunks.close()
-            self._store_answer(job.key.tokens, tokens, cache)
+            self._store_answer(job.key.tokens, tokens, cache, job.key.partition)
         return result
 
-    def _store_answer(self, prompt: np.ndarray, answer: list[int], cache: list) -> None:
+    def _store_answer(self, prompt: np.ndarray, answer: list[int], cache: list, partition: str) -> None:
         """Snapshot the cache after an answer, for a next request that continues it."""
         offsets = {c.offset for c in cache}
         if len(offsets) != 1:
@@ -212,4 +228,4 @@ class Worker:
             for c in cache:
                 c.trim(extra)
             extra = 0
-        self.prompt_cache.store(held[: len(held) + extra], cache)
+        self.prompt_cache.store(held[: len(held) + extra], cache, partition)

@@ -4,7 +4,6 @@ Anthropic's server-sent events; errors in Anthropic's shape."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
@@ -353,8 +352,9 @@ def router(engine: Engine, front: Front, escape: Callable[[str], str] = str) -> 
     async def create(request: Request):
         partition = front.authorize(request)
         req: MessagesRequest = front.parse(MessagesRequest, await front.read_json(request))
-        conv = await asyncio.to_thread(conversation, req, engine.allow_files, escape)
-        prompt, job = await engine.start(conv, partition)
+        conv, prompt, job = await engine.start(
+            lambda: conversation(req, engine.allow_files, escape), partition
+        )
         mid = new_id("msg_")
         if req.stream:
             start = message(mid, req.model, [], None, len(prompt.inputs.ids))

@@ -11,7 +11,6 @@ chat API by the shared `conversation` layer; running on uvicorn with timeouts an
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import secrets
 import time
@@ -196,8 +195,9 @@ def create_app(
     async def chat_completions(request: Request):
         partition = authorize(request)
         req: ChatRequest = parse(ChatRequest, await read_json(request))
-        conv = await asyncio.to_thread(chat_conversation, req, roots, processor.tokenizer.escape)
-        prompt, job = await engine.start(conv, partition)
+        conv, prompt, job = await engine.start(
+            lambda: chat_conversation(req, roots, processor.tokenizer.escape), partition
+        )
         rid, now = "chatcmpl-" + secrets.token_hex(12), int(time.time())
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)

@@ -314,11 +314,20 @@ class Engine:
         async with self.gate.enter():
             return await asyncio.to_thread(work)
 
-    async def start(self, conv: Conversation, partition: str = "") -> tuple[Prompt, Job]:
-        """Prepare the conversation's prompt (4xx before it waits) and queue it."""
-        prompt = await self.prepared(lambda: self.prepare(conv))
+    async def start(
+        self, build: Callable[[], Conversation], partition: str = ""
+    ) -> tuple[Conversation, Prompt, Job]:
+        """Build the conversation (an API's conversion: base64 decoding, escaping) and prepare
+        its prompt, both behind the gate (4xx before it waits), and queue it; `partition`: the
+        prefix-cache partition of the client's key."""
+
+        def work() -> tuple[Conversation, Prompt]:
+            conv = build()
+            return conv, self.prepare(conv)
+
+        conv, prompt = await self.prepared(work)
         job = await self.submit(prompt.inputs, self.sampling(conv, len(prompt.inputs.ids)), partition)
-        return prompt, job
+        return conv, prompt, job
 
     # --- the answer ------------------------------------------------------------------------------
 

@@ -4,7 +4,6 @@ server-sent events; stored responses (for `previous_response_id`) in a bounded L
 
 from __future__ import annotations
 
-import asyncio
 import json
 import threading
 import time
@@ -419,8 +418,8 @@ def router(
     """The routes; `escape`: the tokenizer's, for assistant text given back in `input`."""
     api = APIRouter()
 
-    def conversation(req: ResponsesRequest, history: list[dict]) -> tuple[Conversation, list[dict]]:
-        """The request as the shared conversation, and its items (for the store) as JSON."""
+    def input_items(req: ResponsesRequest, history: list[dict]) -> list[dict]:
+        """The conversation's items (for the store) as JSON: the history's, then the request's."""
         new = (
             [{"type": "message", "role": "user", "content": req.input}]
             if isinstance(req.input, str)
@@ -428,8 +427,12 @@ def router(
         )
         if not history and not new:
             raise APIError(400, "input: is required (a string or a list of items)", "input")
-        parsed = ResponsesRequest.model_validate({"model": req.model, "input": history + new}).input
-        messages = items_to_messages(parsed, engine.allow_files, start=-len(history), escape=escape)
+        return history + new
+
+    def conversation(req: ResponsesRequest, items: list[dict], history: int) -> Conversation:
+        """The request as the shared conversation (`history`: how many items came from the store)."""
+        parsed = ResponsesRequest.model_validate({"model": req.model, "input": items}).input
+        messages = items_to_messages(parsed, engine.allow_files, start=-history, escape=escape)
         if req.instructions:
             messages.insert(0, {"role": "system", "content": req.instructions})
         messages = leading_system(messages)
@@ -451,7 +454,7 @@ def router(
             format_param="text.format",
             thinking_param="reasoning.effort",
         )
-        return conv, history + new
+        return conv
 
     def response_object(req: ResponsesRequest, rid: str, now: float, status: str, output: list[dict]) -> dict:
         return {
@@ -506,8 +509,8 @@ def router(
         partition = front.authorize(request)
         req: ResponsesRequest = front.parse(ResponsesRequest, await front.read_json(request))
         history = store.get(req.previous_response_id, partition)[1] if req.previous_response_id else []
-        conv, items = await asyncio.to_thread(conversation, req, history)
-        prompt, job = await engine.start(conv, partition)
+        items = input_items(req, history)
+        conv, prompt, job = await engine.start(lambda: conversation(req, items, len(history)), partition)
         rid, now = new_id("resp_"), time.time()
         ids = {"reasoning": new_id("rs_"), "message": new_id("msg_")}
         if req.stream:

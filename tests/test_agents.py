@@ -754,3 +754,38 @@ def test_evicted_response_is_a_clear_404(loaded):
         assert "evicted" in e.value.body["message"] and e.value.body["param"] == "previous_response_id"
     finally:
         srv.close()
+
+
+def test_messages_thinking_budget_closes_the_thought_channel(tmp_path):
+    """budget_tokens bounds the thought channel: once it is spent, <channel|> is written and the
+    model answers. This model thinks "Hmm." and " Let me think." (one token each) before answering."""
+    import tool_model
+
+    pieces = ["<|channel>", "thought\nHmm.", " Let me think.", "<channel|>", "Sunny."]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tool_model, "PIECES", pieces)
+        mp.setattr(tool_model, "NEW_PIECES", [pieces[1], pieces[2], pieces[4]])
+        mp.setattr(tool_model, "STOP", "<turn|>")
+        tool_model.build_tool_model(tmp_path)
+    model, processor = load(tmp_path)
+    srv = Server(create_app(model, processor, model_id="m"))
+    try:
+        client = claude(srv)
+        kw = {"model": "m", "messages": [{"role": "user", "content": "Weather?"}], "max_tokens": 10}
+        full = client.messages.create(thinking={"type": "enabled", "budget_tokens": 2}, **kw)
+        assert [(b.type, getattr(b, "thinking", None) or b.text) for b in full.content] == [
+            ("thinking", "Hmm. Let me think."),
+            ("text", "Sunny."),
+        ]
+        cut = client.messages.create(thinking={"type": "enabled", "budget_tokens": 1}, **kw)
+        assert [(b.type, getattr(b, "thinking", None) or b.text) for b in cut.content] == [
+            ("thinking", "Hmm."),
+            ("text", "Sunny."),
+        ]
+        # <|channel>, Hmm., <channel|> (written for the model), Sunny., <turn|>: one token fewer
+        assert cut.usage.output_tokens == full.usage.output_tokens - 1 == 5
+        with client.messages.stream(thinking={"type": "enabled", "budget_tokens": 1}, **kw) as s:
+            streamed = s.get_final_message()
+        assert [b.model_dump() for b in streamed.content] == [b.model_dump() for b in cut.content]
+    finally:
+        srv.close()

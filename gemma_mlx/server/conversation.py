@@ -44,6 +44,7 @@ class Conversation:
     tool_choice: str | dict | None = None
     parallel_tool_calls: bool = True
     thinking: bool = False
+    thinking_budget: int | None = None  # tokens the thought channel may take (then it is closed)
     max_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
@@ -235,9 +236,9 @@ class Engine:
             inputs, getattr(cfg, "image_token_id", None), getattr(cfg, "audio_token_id", None)
         )
 
-    async def submit(self, inputs: Inputs, kwargs: dict) -> Job:
+    async def submit(self, inputs: Inputs, kwargs: dict, thinking_budget: int | None = None) -> Job:
         key = await asyncio.to_thread(self.key_of, inputs)
-        job = Job(inputs, key, kwargs, asyncio.get_running_loop())
+        job = Job(inputs, key, kwargs, asyncio.get_running_loop(), thinking_budget=thinking_budget)
         try:
             self.worker.submit(job)
         except QueueFull:
@@ -253,7 +254,8 @@ class Engine:
     async def start(self, conv: Conversation) -> tuple[Prompt, Job]:
         """Prepare the conversation's prompt (4xx before it waits) and queue it."""
         prompt = await asyncio.to_thread(self.prepare, conv)
-        job = await self.submit(prompt.inputs, self.sampling(conv, len(prompt.inputs.ids)))
+        kwargs = self.sampling(conv, len(prompt.inputs.ids))
+        job = await self.submit(prompt.inputs, kwargs, conv.thinking_budget if conv.thinking else None)
         return prompt, job
 
     # --- the answer ------------------------------------------------------------------------------

@@ -250,6 +250,12 @@ def test_responses_function_tool_round_trip(tool_server):
     check_response_events(raw)
     done = [e for e in raw if e["type"] == "response.function_call_arguments.done"]
     assert [json.loads(e["arguments"]) for e in done] == [CALL_ARGUMENTS]
+    with client.responses.stream(
+        model="tool-model", input=[question], tools=[tool], max_output_tokens=30
+    ) as s:
+        final = s.get_final_response()
+    [streamed] = [o for o in final.output if o.type == "function_call"]
+    assert (streamed.name, json.loads(streamed.arguments)) == (CALL_NAME, CALL_ARGUMENTS)
 
     result = {"temperature": 21}
     follow = [question, call.model_dump(exclude_none=True)]

@@ -7,20 +7,20 @@ from __future__ import annotations
 import asyncio
 import json
 
-import httpx
 import pytest
-from pydantic import TypeAdapter
-from test_server import KEY, Server, png_uri, wav_b64
-from tiny import save_checkpoint
-
-from gemma_mlx import load
-from gemma_mlx.server import create_app
-from gemma_mlx.server.responses import ResponseStore
 
 openai = pytest.importorskip("openai")
 anthropic = pytest.importorskip("anthropic")
+httpx = pytest.importorskip("httpx")
 
 from openai.types.responses import ResponseStreamEvent  # noqa: E402
+from pydantic import TypeAdapter  # noqa: E402
+from test_server import KEY, Server, png_uri, wav_b64  # noqa: E402
+from tiny import save_checkpoint  # noqa: E402
+
+from gemma_mlx import load  # noqa: E402
+from gemma_mlx.server import create_app  # noqa: E402
+from gemma_mlx.server.responses import ResponseStore  # noqa: E402
 
 MODEL = "tiny-gemma"
 
@@ -399,8 +399,6 @@ def test_responses_bad_requests(server, case, body, status, named):
 
 
 # --- Anthropic Messages API ---------------------------------------------------------------------
-
-STREAM_EVENT = None
 
 
 def check_anthropic_events(events: list[dict]) -> None:

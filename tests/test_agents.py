@@ -7,20 +7,20 @@ from __future__ import annotations
 import asyncio
 import json
 
-import httpx
 import pytest
-from pydantic import TypeAdapter
-from test_server import KEY, Server, png_uri, wav_b64
-from tiny import save_checkpoint
-
-from gemma_mlx import load
-from gemma_mlx.server import create_app
-from gemma_mlx.server.responses import ResponseStore
 
 openai = pytest.importorskip("openai")
 anthropic = pytest.importorskip("anthropic")
+httpx = pytest.importorskip("httpx")
 
 from openai.types.responses import ResponseStreamEvent  # noqa: E402
+from pydantic import TypeAdapter  # noqa: E402
+from test_server import KEY, Server, png_uri, wav_b64  # noqa: E402
+from tiny import save_checkpoint  # noqa: E402
+
+from gemma_mlx import load  # noqa: E402
+from gemma_mlx.server import create_app  # noqa: E402
+from gemma_mlx.server.responses import ResponseStore  # noqa: E402
 
 MODEL = "tiny-gemma"
 
@@ -250,6 +250,12 @@ def test_responses_function_tool_round_trip(tool_server):
     check_response_events(raw)
     done = [e for e in raw if e["type"] == "response.function_call_arguments.done"]
     assert [json.loads(e["arguments"]) for e in done] == [CALL_ARGUMENTS]
+    with client.responses.stream(
+        model="tool-model", input=[question], tools=[tool], max_output_tokens=30
+    ) as s:
+        final = s.get_final_response()
+    [streamed] = [o for o in final.output if o.type == "function_call"]
+    assert (streamed.name, json.loads(streamed.arguments)) == (CALL_NAME, CALL_ARGUMENTS)
 
     result = {"temperature": 21}
     follow = [question, call.model_dump(exclude_none=True)]
@@ -393,8 +399,6 @@ def test_responses_bad_requests(server, case, body, status, named):
 
 
 # --- Anthropic Messages API ---------------------------------------------------------------------
-
-STREAM_EVENT = None
 
 
 def check_anthropic_events(events: list[dict]) -> None:
@@ -752,5 +756,40 @@ def test_evicted_response_is_a_clear_404(loaded):
                 model=MODEL, input="x", previous_response_id=first.id, max_output_tokens=1
             )
         assert "evicted" in e.value.body["message"] and e.value.body["param"] == "previous_response_id"
+    finally:
+        srv.close()
+
+
+def test_messages_thinking_budget_closes_the_thought_channel(tmp_path):
+    """budget_tokens bounds the thought channel: once it is spent, <channel|> is written and the
+    model answers. This model thinks "Hmm." and " Let me think." (one token each) before answering."""
+    import tool_model
+
+    pieces = ["<|channel>", "thought\nHmm.", " Let me think.", "<channel|>", "Sunny."]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tool_model, "PIECES", pieces)
+        mp.setattr(tool_model, "NEW_PIECES", [pieces[1], pieces[2], pieces[4]])
+        mp.setattr(tool_model, "STOP", "<turn|>")
+        tool_model.build_tool_model(tmp_path)
+    model, processor = load(tmp_path)
+    srv = Server(create_app(model, processor, model_id="m"))
+    try:
+        client = claude(srv)
+        kw = {"model": "m", "messages": [{"role": "user", "content": "Weather?"}], "max_tokens": 10}
+        full = client.messages.create(thinking={"type": "enabled", "budget_tokens": 2}, **kw)
+        assert [(b.type, getattr(b, "thinking", None) or b.text) for b in full.content] == [
+            ("thinking", "Hmm. Let me think."),
+            ("text", "Sunny."),
+        ]
+        cut = client.messages.create(thinking={"type": "enabled", "budget_tokens": 1}, **kw)
+        assert [(b.type, getattr(b, "thinking", None) or b.text) for b in cut.content] == [
+            ("thinking", "Hmm."),
+            ("text", "Sunny."),
+        ]
+        # <|channel>, Hmm., <channel|> (written for the model), Sunny., <turn|>: one token fewer
+        assert cut.usage.output_tokens == full.usage.output_tokens - 1 == 5
+        with client.messages.stream(thinking={"type": "enabled", "budget_tokens": 1}, **kw) as s:
+            streamed = s.get_final_message()
+        assert [b.model_dump() for b in streamed.content] == [b.model_dump() for b in cut.content]
     finally:
         srv.close()

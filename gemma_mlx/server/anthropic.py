@@ -291,6 +291,7 @@ def conversation(
         tool_choice=tool_choice,
         parallel_tool_calls=not (choice and choice.disable_parallel_tool_use),
         thinking=req.thinking is not None and req.thinking.type != "disabled",
+        thinking_budget=req.thinking.budget_tokens if req.thinking is not None else None,
         response_format=fmt,
         limit_param="max_tokens",
         format_param="output_config.format",

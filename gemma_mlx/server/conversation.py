@@ -70,6 +70,7 @@ class Conversation:
     tool_choice: str | dict | None = None
     parallel_tool_calls: bool = True
     thinking: bool = False
+    thinking_budget: int | None = None  # tokens the thought channel may take (then it is closed)
     max_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
@@ -291,11 +292,14 @@ class Engine:
             inputs, getattr(cfg, "image_token_id", None), getattr(cfg, "audio_token_id", None)
         )
 
-    async def submit(self, inputs: Inputs, kwargs: dict, partition: str = "") -> Job:
-        """Queue a prompt; `partition`: the prefix-cache partition of the client's API key."""
+    async def submit(
+        self, inputs: Inputs, kwargs: dict, partition: str = "", thinking_budget: int | None = None
+    ) -> Job:
+        """Queue a prompt; `partition`: the prefix-cache partition of the client's API key;
+        `thinking_budget`: tokens the thought channel may take (then the worker closes it)."""
         key = await asyncio.to_thread(self.key_of, inputs)
         key.partition = partition
-        job = Job(inputs, key, kwargs, asyncio.get_running_loop())
+        job = Job(inputs, key, kwargs, asyncio.get_running_loop(), thinking_budget=thinking_budget)
         try:
             self.worker.submit(job)
         except QueueFull:
@@ -326,7 +330,9 @@ class Engine:
             return conv, self.prepare(conv)
 
         conv, prompt = await self.prepared(work)
-        job = await self.submit(prompt.inputs, self.sampling(conv, len(prompt.inputs.ids)), partition)
+        kwargs = self.sampling(conv, len(prompt.inputs.ids))
+        budget = conv.thinking_budget if conv.thinking else None
+        job = await self.submit(prompt.inputs, kwargs, partition, budget)
         return conv, prompt, job
 
     # --- the answer ------------------------------------------------------------------------------

@@ -37,7 +37,8 @@ def serve(
         typer.Option(
             "--api-key",
             envvar="GEMMA_MLX_API_KEY",
-            help="Require 'Authorization: Bearer KEY' (repeatable: each key gets its own prefix cache).",
+            help="Require 'Authorization: Bearer KEY' or 'x-api-key: KEY' "
+            "(repeatable: each key gets its own prefix cache).",
         ),
     ] = None,
     api_keys_file: Annotated[
@@ -84,13 +85,24 @@ def serve(
     model_id: Annotated[
         str | None, typer.Option("--model-id", help="The model name clients send (default: the directory's).")
     ] = None,
+    model_alias: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--model-alias",
+            help="Another name the model answers to (repeatable), e.g. a claude-... name for Claude Code.",
+        ),
+    ] = None,
+    any_model: Annotated[
+        bool, typer.Option("--any-model", help="Answer whatever model name a client sends.")
+    ] = False,
     ui: Annotated[
         bool, typer.Option("--ui/--no-ui", help="Serve the chat page at / (on by default).")
     ] = True,
     distributed: DistributedOpt = False,
     layers_per_rank: LayersPerRankOpt = None,
 ) -> None:
-    """Serve the model over HTTP with OpenAI's API (/v1/chat/completions, /v1/completions, /v1/models)."""
+    """Serve the model over HTTP: OpenAI's API (/v1/chat/completions, /v1/responses, /v1/completions,
+    /v1/models), Anthropic's (/v1/messages) and a chat page at /."""
     keys = list(api_key or [])
     if api_keys_file is not None:
         try:
@@ -132,6 +144,8 @@ def serve(
         allow_files=allow_files or (),
         cache_gb=cache_gb,
         max_queue=max_queue,
+        model_aliases=model_alias or (),
+        any_model=any_model,
         ui=ui,
     )
     shown = f"[{host}]" if ":" in host else host

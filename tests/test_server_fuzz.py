@@ -1,6 +1,7 @@
-"""Random request bodies against every endpoint: random JSON types at every known field, random
-nesting, random unicode with lone surrogates. Only 2xx or 4xx may come back, each within a time
-bound, and the server answers a normal request afterwards."""
+"""Random request bodies against every endpoint (Chat Completions, Completions, Responses, Messages):
+random JSON types at every known field, random nesting, random unicode with lone surrogates. Only
+2xx or 4xx may come back, each within a time bound, and the server answers a normal request
+afterwards."""
 
 from __future__ import annotations
 
@@ -192,6 +193,152 @@ MUTATED_COMPLETION = VALID_COMPLETION | one_field_replaced(
     VALID_COMPLETION, [*COMMON, "prompt", "echo", "suffix"]
 )
 
+# The Responses API: input items (messages with typed parts, calls, results, reasoning), tools
+# (functions, namespaces, hosted), reasoning, text.format, previous_response_id.
+INPUT_PART = obj(
+    {
+        "type": field(
+            st.sampled_from(["input_text", "output_text", "input_image", "input_audio", "refusal"])
+        ),
+        "text": field(TEXT),
+        "image_url": field(DATA_URI),
+        "input_audio": field(obj({"data": field(st.sampled_from(["UklGRg==", "AAAA", ""])), "format": JSON})),
+    }
+)
+ITEM = obj(
+    {
+        "type": field(st.sampled_from(["message", "function_call", "function_call_output", "reasoning"])),
+        "role": likely(st.sampled_from(["system", "developer", "user", "assistant"])),
+        "content": likely(TEXT | st.lists(INPUT_PART, max_size=3)),
+        "call_id": field(st.sampled_from(["c1", "c2", ""])),
+        "name": field(st.sampled_from(["f", "get_weather", ""])),
+        "arguments": field(st.sampled_from(["{}", '{"a": 1}', "{", ""])),
+        "output": field(TEXT),
+        "summary": JSON,
+    }
+)
+RESPONSE_TOOL = obj(
+    {
+        "type": field(st.sampled_from(["function", "namespace", "web_search"])),
+        "name": field(st.sampled_from(["f", "get_weather", "ns", ""])),
+        "parameters": JSON,
+        "tools": field(st.lists(obj({"type": field(st.just("function")), "name": field(TEXT)}), max_size=2)),
+    }
+)
+RESPONSES = obj(
+    {
+        "instructions": field(TEXT),
+        "tools": field(st.lists(RESPONSE_TOOL, max_size=2)),
+        "tool_choice": field(
+            st.sampled_from(["auto", "none", "required"]) | obj({"type": JSON, "name": TEXT})
+        ),
+        "parallel_tool_calls": field(st.booleans()),
+        "max_output_tokens": field(st.integers(-2, 20)),
+        "temperature": field(st.floats(-1, 3)),
+        "top_p": field(st.floats(-1, 2)),
+        "reasoning": field(obj({"effort": field(st.sampled_from(["none", "low", "high"]))})),
+        "text": field(obj({"format": field(obj({"type": field(st.sampled_from(["text", "json_object"]))}))})),
+        "previous_response_id": field(TEXT),
+        "store": field(st.booleans()),
+        "stream": field(st.booleans()),
+    },
+    {"model": likely(st.just(MODEL)), "input": likely(TEXT | st.lists(ITEM, max_size=3))},
+)
+VALID_RESPONSES = st.fixed_dictionaries(
+    {
+        "model": st.just(MODEL),
+        "input": TEXT.filter(str.strip)
+        | st.lists(st.fixed_dictionaries({"role": st.just("user"), "content": TEXT}), min_size=1, max_size=2),
+    },
+    optional={
+        "max_output_tokens": st.integers(1, 12),
+        "stream": st.booleans(),
+        "instructions": TEXT,
+        "reasoning": st.fixed_dictionaries({"effort": st.sampled_from(["none", "high"])}),
+    },
+)
+MUTATED_RESPONSES = VALID_RESPONSES | one_field_replaced(
+    VALID_RESPONSES,
+    ["input", "instructions", "tools", "tool_choice", "max_output_tokens", "reasoning", "text"],
+)
+
+# The Messages API: content blocks (text, image, tool_use, tool_result, thinking), system, tools,
+# tool_choice, thinking, stop_sequences.
+BLOCK = obj(
+    {
+        "type": field(st.sampled_from(["text", "image", "tool_use", "tool_result", "thinking", "document"])),
+        "text": field(TEXT),
+        "source": field(
+            obj(
+                {
+                    "type": field(st.sampled_from(["base64", "url"])),
+                    "media_type": field(st.just("image/png")),
+                    "data": field(st.sampled_from(["iVBORw0KGgo=", "@@", ""])),
+                    "url": field(DATA_URI),
+                }
+            )
+        ),
+        "id": field(st.sampled_from(["t1", ""])),
+        "tool_use_id": field(st.sampled_from(["t1", "t2"])),
+        "name": field(st.sampled_from(["f", ""])),
+        "input": JSON,
+        "content": field(TEXT),
+        "thinking": field(TEXT),
+    }
+)
+MESSAGES = obj(
+    {
+        "system": field(TEXT),
+        "tools": field(st.lists(obj({"name": field(TEXT), "input_schema": JSON, "type": JSON}), max_size=2)),
+        "tool_choice": field(
+            obj({"type": field(st.sampled_from(["auto", "any", "tool", "none"])), "name": TEXT})
+        ),
+        "thinking": field(
+            obj({"type": field(st.sampled_from(["enabled", "disabled"])), "budget_tokens": JSON})
+        ),
+        "stop_sequences": field(st.lists(TEXT, max_size=3)),
+        "temperature": field(st.floats(-1, 2)),
+        "top_k": field(st.integers(-1, 50)),
+        "stream": field(st.booleans()),
+    },
+    {
+        "model": likely(st.just(MODEL)),
+        "max_tokens": likely(st.integers(-1, 12)),
+        "messages": likely(
+            st.lists(
+                obj(
+                    {},
+                    {
+                        "role": likely(st.sampled_from(["user", "assistant"])),
+                        "content": likely(TEXT | st.lists(BLOCK, max_size=3)),
+                    },
+                ),
+                min_size=1,
+                max_size=3,
+            )
+        ),
+    },
+)
+VALID_MESSAGES = st.fixed_dictionaries(
+    {
+        "model": st.just(MODEL),
+        "max_tokens": st.integers(1, 12),
+        "messages": st.lists(
+            st.fixed_dictionaries({"role": st.just("user"), "content": TEXT.filter(str.strip)}),
+            min_size=1,
+            max_size=2,
+        ),
+    },
+    optional={
+        "stream": st.booleans(),
+        "system": TEXT,
+        "stop_sequences": st.lists(TEXT.filter(bool), max_size=2),
+    },
+)
+MUTATED_MESSAGES = VALID_MESSAGES | one_field_replaced(
+    VALID_MESSAGES, ["messages", "system", "tools", "tool_choice", "thinking", "stop_sequences", "max_tokens"]
+)
+
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
@@ -213,7 +360,9 @@ def send(server, method, path, body=None):
     took = time.perf_counter() - tic
     assert r.status_code < 500, (path, r.status_code, r.text[:300])
     assert 200 <= r.status_code, (path, r.status_code)
-    assert "server_error" not in r.text, r.text[:300]  # a stream's in-band error
+    assert "server_error" not in r.text and "api_error" not in r.text, r.text[
+        :300
+    ]  # a stream's in-band error
     assert took < SECONDS
     return r
 
@@ -231,6 +380,18 @@ def test_chat_completions(server, body):
 @given(body=MUTATED_COMPLETION | COMPLETION | JSON)
 def test_completions(server, body):
     send(server, "POST", "/v1/completions", body)
+
+
+@FUZZ
+@given(body=MUTATED_RESPONSES | RESPONSES | JSON)
+def test_responses(server, body):
+    send(server, "POST", "/v1/responses", body)
+
+
+@FUZZ
+@given(body=MUTATED_MESSAGES | MESSAGES | JSON)
+def test_messages(server, body):
+    send(server, "POST", "/v1/messages", body)
 
 
 @settings(max_examples=30, deadline=None, database=None, suppress_health_check=list(HealthCheck))

@@ -151,6 +151,7 @@ def test_page_and_files_carry_a_strict_csp_and_can_be_turned_off(server, media_m
         js.headers["content-type"].startswith("text/javascript") and "content-security-policy" in js.headers
     )
     assert httpx.get(server.url + "/ui/missing.js").status_code == 404
+    # the Host guard accepts loopback names and IP addresses only (TestClient says "testserver")
     with TestClient(
         create_app(*media_model, model_id=MODEL, ui=False), base_url="http://localhost"
     ) as client:
@@ -159,7 +160,7 @@ def test_page_and_files_carry_a_strict_csp_and_can_be_turned_off(server, media_m
 
 
 def test_serve_no_ui(tmp_path, monkeypatch):
-    """`gemma-mlx serve` serves the page unless --no-ui (the server's run replaced: the app is kept)."""
+    """`gemma-mlx serve` serves the page unless --no-ui (serving.run replaced: the app is kept)."""
     from starlette.testclient import TestClient
     from typer.testing import CliRunner
 
@@ -167,16 +168,14 @@ def test_serve_no_ui(tmp_path, monkeypatch):
     from gemma_mlx.cli.app import app as cli
 
     apps = []
-    monkeypatch.setattr(serve_cli, "run", lambda app, *args, **kw: apps.append(app))
+    monkeypatch.setattr(serve_cli, "run", lambda app, *a, **kw: apps.append(app))
     ckpt = save_checkpoint(tmp_path / "ckpt")
     for flags in ([], ["--no-ui"]):
         result = CliRunner().invoke(cli, ["serve", "--model", str(ckpt), *flags])
         assert result.exit_code == 0, result.output
         assert ("Chat page: http://127.0.0.1:8080/" in result.output) == (not flags)
-    with (
-        TestClient(apps[0], base_url="http://localhost") as on,
-        TestClient(apps[1], base_url="http://localhost") as off,
-    ):
+    local = "http://localhost"
+    with TestClient(apps[0], base_url=local) as on, TestClient(apps[1], base_url=local) as off:
         assert on.get("/").status_code == 200 and off.get("/").status_code == 404
 
 
@@ -344,7 +343,9 @@ def test_a_wrong_api_key_shows_the_servers_error(browser, server):
     p = Page(browser, server, key=None)
     page = p.page
     page.goto(server.url + "/")
-    expect(page.locator("#key-error")).to_have_text("missing API key (send 'Authorization: Bearer KEY')")
+    expect(page.locator("#key-error")).to_have_text(
+        "missing API key (send 'Authorization: Bearer KEY' or 'x-api-key: KEY')"
+    )
     page.fill("#key-input", "sk-wrong")
     page.press("#key-input", "Enter")
     expect(page.locator("#key-error")).to_have_text("incorrect API key")

@@ -76,19 +76,23 @@ def _append_pieces(path: Path, pieces: list[str], special: list[str]) -> None:
     tok.save(str(path / "tokenizer.json"))
 
 
-def build_tool_model(path: Path, tool: str = CALL_NAME, again: bool = False, vision: bool = False) -> str:
+def build_tool_model(
+    path: Path, tool: str = CALL_NAME, again: bool = False, vision: bool = False, answer: str | None = None
+) -> str:
     """Write the checkpoint (config, weights, tokenizer) to `path`; returns the text greedy decoding
     produces after a chat prompt (thinking on or off), the stop token excluded. Needs MLX only.
     `tool`: the tool it calls (same arguments); `again`: after a tool's result (a prompt ending in
-    "<tool_response|>") it calls once more, endlessly; `vision`: a unified model with a (zero)
-    vision embedder, so that prompts can hold images."""
+    "<tool_response|>") it calls once more, endlessly; `answer`: after a tool's result it writes
+    this text instead and ends its turn, so an agent loop finishes; `vision`: a unified model with a
+    (zero) vision embedder, so that prompts can hold images."""
     from tokenizers import Tokenizer
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     save_tokenizer(path)
     pieces = [p.replace(CALL_NAME, tool) for p in PIECES]
-    _append_pieces(path, [p.replace(CALL_NAME, tool) for p in NEW_PIECES], NEW_SPECIAL)
+    plain = [p.replace(CALL_NAME, tool) for p in NEW_PIECES] + ([answer] if answer else [])
+    _append_pieces(path, plain, NEW_SPECIAL)
     tok = Tokenizer.from_file(str(path / "tokenizer.json"))
     ids = [tok.token_to_id(p) for p in pieces]
     stop, newline = tok.token_to_id(STOP), tok.encode("\n").ids
@@ -99,6 +103,9 @@ def build_tool_model(path: Path, tool: str = CALL_NAME, again: bool = False, vis
     if again:
         successor[tok.token_to_id("<tool_response|>")] = ids[0]
     successor.update(zip(ids, [*ids[1:], stop], strict=True))
+    if answer:
+        said = tok.token_to_id(answer)
+        successor.update({tok.token_to_id("<tool_response|>"): said, said: tok.token_to_id("<turn|>")})
     slots = {t: i for i, t in enumerate(dict.fromkeys([*successor, *successor.values()]))}
     assert len(slots) <= HIDDEN
 

@@ -8,7 +8,11 @@
   Cross-site form posts and `fetch` calls from other pages are refused before anything runs.
 - Requests with a body (POST) must say `Content-Type: application/json`, so no browser "simple
   request" (`text/plain`, forms) reaches an endpoint without a CORS preflight.
-- CORS headers are sent only for origins in `--allow-origin`, which also get preflights answered.
+- CORS headers are sent only for origins in `--allow-origin`, which also get preflights answered
+  (the headers the OpenAI and Anthropic SDKs send are allowed: `x-api-key`, `anthropic-version` ...).
+
+What SDK clients send passes: they are not browsers (no `Origin`), name the host they connect to,
+and post `application/json`.
 """
 
 from __future__ import annotations
@@ -23,7 +27,10 @@ ASGIApp = Callable[[Scope, Callable, Callable], Awaitable[None]]
 
 LOCAL_NAMES = ("localhost",)
 CORS_METHODS = "GET, POST, OPTIONS"
-CORS_HEADERS = "Authorization, Content-Type"
+CORS_HEADERS = (
+    "Authorization, Content-Type, x-api-key, anthropic-version, anthropic-beta, "
+    "anthropic-dangerous-direct-browser-access, OpenAI-Organization, OpenAI-Project"
+)
 
 
 def host_name(host: str) -> str:
@@ -45,8 +52,17 @@ def is_ip(name: str) -> bool:
 class Guard:
     """The middleware; `allow_origins` and `allow_hosts` extend the defaults (see the module doc)."""
 
-    def __init__(self, app: ASGIApp, allow_origins: Sequence[str] = (), allow_hosts: Sequence[str] = ()):
+    def __init__(
+        self,
+        app: ASGIApp,
+        allow_origins: Sequence[str] = (),
+        allow_hosts: Sequence[str] = (),
+        error_body: Callable[[str, dict, int], dict] | None = None,
+    ):
+        """`error_body(path, body, status)`: a refusal's body in the shape of the API at `path`
+        (OpenAI's error object by default)."""
         self.app = app
+        self.error_body = error_body
         self.origins = {o.rstrip("/").lower() for o in allow_origins}
         self.hosts = {host_name(h) for h in allow_hosts}  # "name:port" allows the name
 
@@ -57,16 +73,20 @@ class Guard:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         host = headers.get("host")
         if host is not None and not self.host_ok(host_name(host)):
-            await refuse(
-                send, 403, "host", f"the Host header {host!r} does not name this server (--allow-host)"
+            await self.refuse(
+                scope, send, 403, "host", f"the Host header {host!r} does not name this server (--allow-host)"
             )
             return
         origin = headers.get("origin")
         cross = origin is not None and not self.same_origin(origin, host, scope)
         allowed = origin is not None and ("*" in self.origins or origin.rstrip("/").lower() in self.origins)
         if cross and not allowed:
-            await refuse(
-                send, 403, "origin", f"cross-origin requests from {origin!r} are refused (--allow-origin)"
+            await self.refuse(
+                scope,
+                send,
+                403,
+                "origin",
+                f"cross-origin requests from {origin!r} are refused (--allow-origin)",
             )
             return
         cors = [] if not (cross and allowed) else [(b"access-control-allow-origin", origin.encode("latin-1"))]
@@ -76,8 +96,12 @@ class Guard:
         if scope["method"] in ("POST", "PUT", "PATCH"):
             kind = headers.get("content-type", "").split(";")[0].strip().lower()
             if kind != "application/json" and not kind.endswith("+json"):
-                await refuse(
-                    send, 415, "content-type", "send the body as JSON with 'Content-Type: application/json'"
+                await self.refuse(
+                    scope,
+                    send,
+                    415,
+                    "content-type",
+                    "send the body as JSON with 'Content-Type: application/json'",
                 )
                 return
         if not cors:
@@ -91,6 +115,12 @@ class Guard:
 
         await self.app(scope, receive, send_with_cors)
 
+    async def refuse(self, scope: Scope, send: Callable, status: int, what: str, message: str) -> None:
+        body = {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": what}}
+        if self.error_body is not None:
+            body = self.error_body(scope.get("path", ""), body, status)
+        await send_json(send, status, body)
+
     def host_ok(self, name: str) -> bool:
         return name in LOCAL_NAMES or is_ip(name) or name in self.hosts or "*" in self.hosts
 
@@ -100,10 +130,8 @@ class Guard:
         return host is not None and origin.rstrip("/").lower() == f"{scheme}://{host.strip().lower()}"
 
 
-async def refuse(send: Callable, status: int, what: str, message: str) -> None:
-    body = json.dumps(
-        {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": what}}
-    ).encode()
+async def send_json(send: Callable, status: int, value: dict) -> None:
+    body = json.dumps(value).encode()
     await send(
         {
             "type": "http.response.start",

@@ -73,18 +73,24 @@ def longest_token(processor: Processor) -> int:
     return longest
 
 
-def text_chars(req: Any) -> int:
-    """Characters of a chat request's text (message text, tool-call arguments, tool declarations),
-    media data excluded: what becomes prompt tokens one way or another."""
+def text_chars(conv: Any) -> int:
+    """Characters of a conversation's text (message text, thoughts, tool-call names and arguments,
+    tool declarations), media data excluded: what becomes prompt tokens one way or another."""
     total = 0
-    for m in req.messages:
-        if isinstance(m.content, str):
-            total += len(m.content)
-        elif isinstance(m.content, list):
-            total += sum(len(p.text) for p in m.content if p.type == "text")
-        total += sum(len(c.function.arguments) + len(c.function.name) for c in m.tool_calls or [])
-    for t in req.tools or []:
-        total += len(json.dumps(t.model_dump(exclude_none=True)))
+    for m in conv.messages:
+        content = m.get("content")
+        if isinstance(content, str):
+            total += len(content)
+        elif isinstance(content, list):
+            total += sum(len(p.get("text", "")) for p in content if p.get("type") == "text")
+        elif content is not None:  # a structured tool result ({"error": ...})
+            total += len(json.dumps(content))
+        total += len(m.get("reasoning_content") or "")
+        for c in m.get("tool_calls") or ():
+            fn = c.get("function", {})
+            total += len(fn.get("name", "")) + len(json.dumps(fn.get("arguments", {})))
+    for t in conv.tools or []:
+        total += len(json.dumps(t))
     return total
 
 
@@ -154,31 +160,38 @@ class PrepareGate:
             self._sem.release()
 
 
-def check_capabilities(model: Any, processor: Processor, req: Any, param_of_thinking: str) -> None:
+def check_capabilities(model: Any, processor: Processor, conv: Any) -> None:
     """400s naming the field for what the loaded model cannot do (instead of a template that drops
-    tools, or media with no place in the prompt): tools, tool turns, thinking, images, audio."""
+    tools, or media with no place in the prompt): tools, tool turns, thinking, images, audio.
+    `conv` is the shared `Conversation`, so every API gets the same checks under its own names."""
     tok = processor.tokenizer
     tools_ok = "tools" in processor.chat_template.source and tok.token_to_id("<|tool_call>") is not None
+    where = conv.message_params or [conv.messages_param] * len(conv.messages)
     if not tools_ok:
-        if req.tools:
-            raise APIError(400, f"tools: {_GEMMA4}", "tools", "unsupported_value")
-        if req.tool_choice not in (None, "none", "auto"):
-            raise APIError(400, f"tool_choice: {_GEMMA4}", "tool_choice", "unsupported_value")
-        for i, m in enumerate(req.messages):
-            if m.role == "tool" or m.tool_calls:
-                field = "role" if m.role == "tool" else "tool_calls"
-                raise APIError(400, f"messages[{i}].{field}: {_GEMMA4}", f"messages[{i}].{field}")
-    if req.thinking and not processor.supports_thinking:
-        raise APIError(400, f"{param_of_thinking}: {_GEMMA4}", param_of_thinking, "unsupported_value")
+        if conv.tools:
+            raise APIError(400, f"{conv.tools_param}: {_GEMMA4}", conv.tools_param, "unsupported_value")
+        if conv.tool_choice not in (None, "none", "auto"):
+            param = conv.tool_choice_param
+            raise APIError(400, f"{param}: {_GEMMA4}", param, "unsupported_value")
+        for i, m in enumerate(conv.messages):
+            if m["role"] == "tool" or m.get("tool_calls"):
+                field = "role" if m["role"] == "tool" else "tool_calls"
+                param = f"{where[i]}.{field}" if conv.message_params else where[i]
+                what = "a tool result" if m["role"] == "tool" else "a tool call"
+                raise APIError(400, f"{param}: {what}: {_GEMMA4}", param)
+    if conv.thinking and not processor.supports_thinking:
+        param = conv.thinking_param
+        raise APIError(400, f"{param}: {_GEMMA4}", param, "unsupported_value")
     cfg = model.config
-    kinds = {"image_url": getattr(cfg, "vision", None), "input_audio": getattr(cfg, "audio", None)}
-    for i, m in enumerate(req.messages):
-        for j, p in enumerate(m.content if isinstance(m.content, list) else []):
-            if p.type in kinds and kinds[p.type] is None:
-                what = "images" if p.type == "image_url" else "audio"
+    kinds = {"image": getattr(cfg, "vision", None), "audio": getattr(cfg, "audio", None)}
+    for m in conv.messages:
+        for p in m["content"] if isinstance(m.get("content"), list) else []:
+            if p["type"] in kinds and kinds[p["type"]] is None:
+                what = "images" if p["type"] == "image" else "audio"
+                param = p.get("part") or conv.messages_param
                 raise APIError(
                     400,
-                    f"messages[{i}].content[{j}]: the loaded model takes no {what} (a Gemma 4 model does)",
-                    f"messages[{i}].content[{j}]",
+                    f"{param}: the loaded model takes no {what} (a Gemma 4 model does)",
+                    param,
                     "unsupported_value",
                 )

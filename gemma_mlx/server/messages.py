@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import json
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from ..media import SAMPLE_RATE, MediaError, load_audio, load_image
+from ..media import SAMPLE_RATE, MediaBudget, MediaError, load_audio, load_image
 from ..video import open_video
 from .schema import APIError, AudioPart, ImagePart, Message, TextPart, VideoPart
 
@@ -67,6 +68,75 @@ def _image_source(url: str, param: str, allow_files: Sequence[Path], kind: str =
     return resolved
 
 
+def image_part(url: str, part: str, field: str, allow_files: Sequence[Path]) -> dict:
+    """An image part from a data URI or an allowed local path (every API's images come here).
+    `part` names the part in errors and `part + field` the URL. The part holds the undecoded
+    source: `decode_media` charges the request's `MediaBudget` for every part from its header,
+    then decodes them."""
+    param = part + field
+    return {"type": "image", "image": _image_source(url, param, allow_files), "part": part, "param": param}
+
+
+def audio_part(data: str, part: str, field: str) -> dict:
+    """An audio part from base64 data (WAV, MP3, FLAC...: the container is read from the data),
+    undecoded like `image_part`'s."""
+    param = part + field
+    return {"type": "audio", "audio": _b64(data, param), "part": part, "param": param}
+
+
+def media_parts(messages: Sequence[dict]) -> list[dict]:
+    """The image and audio parts of processor messages, in prompt order."""
+    return [
+        p
+        for m in messages
+        if isinstance(m.get("content"), list)
+        for p in m["content"]
+        if p["type"] in ("image", "audio")
+    ]
+
+
+def decode_media(messages: Sequence[dict], budget: MediaBudget) -> list[dict]:
+    """The messages with their media decoded (images as PIL images, audio as 16 kHz waveforms).
+    Every part is charged to `budget` from its header before any is decoded, so one request cannot
+    make the server decode more than the budget; errors are 400s naming the part."""
+    parts = media_parts(messages)
+    for p in parts:
+        with _named(p):
+            if p["type"] == "image":
+                budget.add_image(p["image"])
+            else:
+                budget.add_audio(p["audio"])
+    decoded = {}
+    for p in parts:
+        with _named(p):
+            if p["type"] == "image":
+                decoded[id(p)] = {"type": "image", "image": load_image(p["image"])}
+            else:
+                clip = load_audio(p["audio"])
+                decoded[id(p)] = {"type": "audio", "audio": clip, "sampling_rate": SAMPLE_RATE}
+    if not parts:
+        return list(messages)
+    return [
+        {**m, "content": [decoded.get(id(p), p) for p in m["content"]]}
+        if isinstance(m.get("content"), list)
+        else m
+        for m in messages
+    ]
+
+
+@contextlib.contextmanager
+def _named(part: dict) -> Iterator[None]:
+    """A `MediaError` of `part` as a 400 naming its field (never the server's file paths)."""
+    try:
+        yield
+    except MediaError as e:
+        param, source = part.get("param"), part.get(part["type"])
+        message = str(e).replace("<bytes>", "the data")
+        if isinstance(source, Path):  # the resolved path would show the server's directories
+            message = message.replace(str(source), "the file")
+        raise APIError(400, f"{param}: {message}", param, "invalid_value") from None
+
+
 def video_part(url: str, param: str, allow_files: Sequence[Path] = ()) -> dict:
     """A processor message part `{"type": "video", "video": bytes | Path}` from a `video_url` URL (a
     base64 `data:video/...` URI, or a path under one of `allow_files`), its container and video
@@ -86,25 +156,15 @@ def _part(
 ) -> dict:
     if isinstance(part, TextPart):
         return {"type": "text", "text": part.text}
-    source: bytes | Path = b""
-    try:
-        if isinstance(part, VideoPart):
-            return video_part(part.video_url.url, param + ".video_url.url", allow_files)
-        if isinstance(part, ImagePart):
-            param += ".image_url.url"
-            source = _image_source(part.image_url.url, param, allow_files)
-            return {"type": "image", "image": load_image(source)}
-        param += ".input_audio.data"
-        clip = load_audio(_b64(part.input_audio.data, param))
-        return {"type": "audio", "audio": clip, "sampling_rate": SAMPLE_RATE}
-    except MediaError as e:
-        message = str(e).replace("<bytes>", "the data")
-        if isinstance(source, Path):  # the resolved path would show the server's directories
-            message = message.replace(str(source), "the file")
-        raise APIError(400, f"{param}: {message}", param, "invalid_value") from None
+    if isinstance(part, VideoPart):
+        return video_part(part.video_url.url, param + ".video_url.url", allow_files)
+    if isinstance(part, ImagePart):
+        return image_part(part.image_url.url, param, ".image_url.url", allow_files)
+    return audio_part(part.input_audio.data, param, ".input_audio.data")
 
 
-def _arguments(text: str, param: str) -> dict:
+def parse_arguments_json(text: str, param: str) -> dict:
+    """A tool call's JSON arguments text as an object (400 naming `param` otherwise)."""
     try:
         value = json.loads(text) if text.strip() else {}
     except json.JSONDecodeError as e:
@@ -117,10 +177,11 @@ def _arguments(text: str, param: str) -> dict:
 def convert_messages(
     messages: Sequence[Message], allow_files: Sequence[Path] = (), escape: Callable[[str], str] = str
 ) -> list[dict]:
-    """Messages as the processor and chat template take them; media decoded (400s name the part).
+    """Messages as the processor and chat template take them (400s name the part).
 
-    Images become PIL images, audio a 16 kHz waveform, a video its bytes or file (checked to open;
-    frames are sampled when the prompt is prepared); an assistant's `tool_calls` carry their
+    Images and audio stay undecoded parts until `decode_media`; a video is its bytes or file
+    (checked to open; frames are sampled when the prompt is prepared). An assistant's
+    `tool_calls` carry their
     arguments as objects (the template writes them in Gemma's own syntax); a tool message keeps
     its `tool_call_id` and `name`. An assistant's text goes through `escape` (the tokenizer's):
     the chat template keeps assistant text as generated, but this server's answers never hold
@@ -151,7 +212,7 @@ def convert_messages(
                     "type": "function",
                     "function": {
                         "name": c.function.name,
-                        "arguments": _arguments(
+                        "arguments": parse_arguments_json(
                             c.function.arguments, f"{param}.tool_calls[{j}].function.arguments"
                         ),
                     },

@@ -50,6 +50,7 @@ class Job:
     sampling: dict  # stream_generate's keyword arguments (max_tokens, temperature, stop, ...)
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    thinking_budget: int | None = None  # tokens the thought channel may take before it is closed
     cancelled: threading.Event = field(default_factory=threading.Event)
 
     def emit(self, event: Event) -> None:
@@ -100,6 +101,9 @@ class Worker:
         self._current: Job | None = None
         self._closing = threading.Event()
         self.last: GenerationResult | None = None  # of the last job run (finished or cancelled)
+        tok = getattr(processor, "tokenizer", None)
+        ids = [tok.token_to_id(t) if tok is not None else None for t in ("<|channel>", "<channel|>")]
+        self._channel = tuple(ids) if None not in ids else None  # Gemma 4's thought channel markup
 
     def start(self) -> None:
         if self._thread is None:
@@ -189,33 +193,72 @@ class Worker:
         stats.prompt_tps = (len(ids) - reused) / max(time.perf_counter() - tic, 1e-9)
 
         tokens = result.tokens
-        chunks = stream_generate(
-            model,
-            self.processor,
-            Inputs(ids[-1:]),
-            cache=cache,
-            drafter=self.drafter,
-            draft_block_size=self.draft_block_size,
-            draft_control=self.draft_control,
-            **job.sampling,
-        )
+        sampling, feed = dict(job.sampling), ids[-1:]
+        budget = job.thinking_budget if self._channel is not None else None
+        thought = None  # tokens written in the open thought channel
         try:
-            for chunk in chunks:
-                tokens.append(chunk.token)
-                stats.generation_tokens = len(tokens)
-                stats.generation_tps = chunk.stats.generation_tps
-                stats.drafted, stats.accepted = chunk.stats.drafted, chunk.stats.accepted
-                result.finish_reason = chunk.finish_reason
-                if chunk.logprob is not None:
-                    result.logprobs.append(chunk.logprob)
-                job.emit(Event(text=chunk.text, markup=chunk.markup))
-                if job.cancelled.is_set() and chunk.finish_reason is None:
-                    result.finish_reason = "cancelled"
+            while True:
+                chunks = stream_generate(
+                    model,
+                    self.processor,
+                    Inputs(feed),
+                    cache=cache,
+                    drafter=self.drafter,
+                    draft_block_size=self.draft_block_size,
+                    draft_control=self.draft_control,
+                    **sampling,
+                )
+                over = False
+                try:
+                    for chunk in chunks:
+                        tokens.append(chunk.token)
+                        stats.generation_tokens = len(tokens)
+                        stats.generation_tps = chunk.stats.generation_tps
+                        stats.drafted, stats.accepted = chunk.stats.drafted, chunk.stats.accepted
+                        result.finish_reason = chunk.finish_reason
+                        if chunk.logprob is not None:
+                            result.logprobs.append(chunk.logprob)
+                        job.emit(Event(text=chunk.text, markup=chunk.markup))
+                        if job.cancelled.is_set() and chunk.finish_reason is None:
+                            result.finish_reason = "cancelled"
+                            break
+                        if budget is not None:
+                            if chunk.token == self._channel[0]:
+                                thought = 0
+                            elif chunk.token == self._channel[1]:
+                                thought = None
+                            elif thought is not None:
+                                thought += 1
+                            over = thought is not None and thought >= budget and not chunk.finish_reason
+                            if over:
+                                break
+                finally:
+                    chunks.close()
+                if not over:
+                    break
+                # the thinking budget is spent: close the channel and let the model answer
+                feed, budget = self._close_thought(ids, tokens, cache), None
+                closing = self.processor.tokenizer.decode([feed[-1]])  # a special token: markup as written
+                job.emit(Event(text=closing, markup=closing))
+                sampling["max_tokens"] = job.sampling["max_tokens"] - len(tokens)
+                if sampling["max_tokens"] <= 0:
+                    result.finish_reason = "length"
                     break
         finally:
-            chunks.close()
             self._store_answer(job.key.tokens, tokens, cache, job.key.partition)
         return result
+
+    def _close_thought(self, ids: list[int], tokens: list[int], cache: list) -> list[int]:
+        """The thinking budget is spent: the tokens to feed next so that the channel closes (the
+        last generated token when the cache does not hold it yet, then <channel|>)."""
+        held = len(ids) + len(tokens) - 1  # the last generated token is fed with the next step
+        offset = min(c.offset for c in cache)
+        for c in cache:  # speculative decoding may hold drafts past the last token
+            if c.offset > held + 1:
+                c.trim(c.offset - held - 1)
+        close = self._channel[1]
+        tokens.append(close)
+        return [close] if offset > held else [tokens[-2], close]
 
     def _store_answer(self, prompt: np.ndarray, answer: list[int], cache: list, partition: str) -> None:
         """Snapshot the cache after an answer, for a next request that continues it."""

@@ -85,6 +85,11 @@ class Vocabulary:
 
     def __init__(self, tokenizer: Tokenizer, size: int, eos_ids: Sequence[int]):
         llg = _llguidance()
+        if not eos_ids:
+            raise ValueError(
+                "response_format: the model has no end-of-sequence token (generation_config.json "
+                "eos_token_id), so a constrained answer could never end"
+            )
         tokens, special = token_bytes(tokenizer)
         self.tokenizer, self.size, self.eos_ids = tokenizer, max(size, len(tokens)), list(eos_ids)
         tokens = tokens + [b""] * (self.size - len(tokens))  # the model's padding ids: never allowed

@@ -20,6 +20,7 @@ from tiny import save_checkpoint  # noqa: E402
 
 from gemma_mlx import load  # noqa: E402
 from gemma_mlx.server import create_app  # noqa: E402
+from gemma_mlx.server.options import constraints_available  # noqa: E402
 from gemma_mlx.server.responses import ResponseStore  # noqa: E402
 
 MODEL = "tiny-gemma"
@@ -369,8 +370,16 @@ RESPONSES_BAD = [
         "input[0].call_id",
     ),
     (
-        "json schema",
-        responses_body(text={"format": {"type": "json_schema", "name": "x", "schema": {}}}),
+        "schema keyword the engine cannot enforce",
+        responses_body(
+            text={
+                "format": {
+                    "type": "json_schema",
+                    "name": "x",
+                    "schema": {"type": "array", "uniqueItems": True},
+                }
+            }
+        ),
         400,
         "text.format",
     ),
@@ -536,11 +545,13 @@ def test_messages_tool_use_round_trip(tool_server):
     assert r.usage.input_tokens + r.usage.cache_read_input_tokens == len(
         processor.prepare(rendered, tools=[TOOL]).ids
     )
-    # tool_choice "any" / "tool": the call is opened after the generation prompt
+    # tool_choice "any" / "tool": the call grammar forces the call (nothing is added to the prompt);
+    # without the structured extra, the call is opened after the generation prompt
     template = processor.apply_chat_template([question], tools=[TOOL])
+    grammar = constraints_available()
     for choice, forced in (
-        ({"type": "any"}, "<|tool_call>call:"),
-        ({"type": "tool", "name": CALL_NAME}, "<|tool_call>call:get_weather{"),
+        ({"type": "any"}, "" if grammar else "<|tool_call>call:"),
+        ({"type": "tool", "name": CALL_NAME}, "" if grammar else "<|tool_call>call:get_weather{"),
     ):
         r = client.messages.create(
             model="m", messages=[question], tools=[tool], tool_choice=choice, max_tokens=1
@@ -631,8 +642,10 @@ MESSAGES_BAD = [
         "remote URLs are not fetched",
     ),
     (
-        "json output",
-        messages_body(output_config={"format": {"type": "json_schema", "schema": {}}}),
+        "schema keyword the engine cannot enforce",
+        messages_body(
+            output_config={"format": {"type": "json_schema", "schema": {"not": {"type": "string"}}}}
+        ),
         400,
         "output_config.format",
     ),
@@ -793,3 +806,55 @@ def test_messages_thinking_budget_closes_the_thought_channel(tmp_path):
         assert [b.model_dump() for b in streamed.content] == [b.model_dump() for b in cut.content]
     finally:
         srv.close()
+
+
+SCHEMA = {
+    "type": "object",
+    "properties": {"ok": {"type": "boolean"}, "n": {"enum": [1, 2, 3]}},
+    "required": ["ok", "n"],
+    "additionalProperties": False,
+}
+
+
+def test_structured_output_on_responses_and_messages(tmp_path, server):
+    """`text.format` (Responses) and `output_config.format` (Messages) go through the same compiled
+    grammar as Chat Completions' `response_format`: a random tiny model answers schema-valid JSON.
+    A model without an end-of-sequence token (the module's server) cannot end one: a 400."""
+    jsonschema = pytest.importorskip("jsonschema")
+    pytest.importorskip("llguidance")
+    headers = {"Authorization": f"Bearer {KEY}"}
+    fmt = {"type": "json_schema", "name": "answer", "schema": SCHEMA, "strict": True}
+    r = httpx.post(
+        server.url + "/v1/responses",
+        json={"model": MODEL, "input": "Answer.", "text": {"format": fmt}},
+        headers=headers,
+    )
+    assert r.status_code == 400 and "end-of-sequence" in r.json()["error"]["message"], r.text
+    model, processor = load(save_checkpoint(tmp_path / "ckpt"))  # with its end-of-sequence ids
+    server = Server(create_app(model, processor, model_id=MODEL, api_key=KEY))
+    r = httpx.post(
+        server.url + "/v1/responses",
+        json={"model": MODEL, "input": "Answer.", "max_output_tokens": 48, "text": {"format": fmt}},
+        headers=headers,
+        timeout=120,
+    )
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["status"] == "completed"
+    jsonschema.validate(json.loads(body["output"][-1]["content"][0]["text"]), SCHEMA)
+    r = httpx.post(
+        server.url + "/v1/messages",
+        json={
+            "model": MODEL,
+            "messages": [{"role": "user", "content": "Answer."}],
+            "max_tokens": 48,
+            "output_config": {"format": {"type": "json_schema", "schema": SCHEMA}},
+        },
+        headers={"x-api-key": KEY},
+        timeout=120,
+    )
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["stop_reason"] == "end_turn"
+    jsonschema.validate(json.loads(body["content"][-1]["text"]), SCHEMA)
+    server.close()

@@ -12,9 +12,12 @@ from gemma_mlx import load, make_cache
 from gemma_mlx.generate import prefill
 
 # max |diff| / max |logit| of the next-token logits, chunked vs unchunked, measured (MLX 0.32.4
-# CPU): 0.0 in float32 for both chunkings; 8-bit caches 0.0 (16-token chunks) and 5.7e-5 (7-token
-# chunks: the quantized matmul kernel changes with the chunk length, so does the rounding)
-BOUND = {None: 1e-5, 8: 2e-4}
+# CPU): 0.0 in float32 for both chunkings. With 8-bit caches the quantized matmul kernel changes
+# with the chunk length, and so does the rounding, which this random tiny model amplifies as much
+# as it amplifies the quantization itself (8-bit vs float32 caches: 0.28-0.48): over three images
+# the chunked-vs-unchunked difference was 0 to 2.5e-3, at most 0.9 % of the quantization's own
+# effect. So the 8-bit bound is relative to that effect.
+FLOAT_BOUND, QUANTIZED_SHARE = 1e-5, 0.02
 
 
 @pytest.mark.parametrize("kv_bits", [None, 8])
@@ -33,4 +36,9 @@ def test_chunked_prefill_with_media_equals_one_pass(checkpoint, kv_bits):
         prefill(model, ids[:-1], cache, media=inputs.model_kwargs(), step=step)
         assert all(c.offset == len(inputs.ids) - 1 for c in cache)
         logits.append(model(ids[None, -1:], cache))
-    assert rel_err(logits[1], logits[0]) <= BOUND[kv_bits] and rel_err(logits[2], logits[0]) <= BOUND[kv_bits]
+    bound = FLOAT_BOUND
+    if kv_bits is not None:  # the share of the quantization's own effect (see QUANTIZED_SHARE)
+        cache = make_cache(model)
+        prefill(model, ids[:-1], cache, media=inputs.model_kwargs())
+        bound = QUANTIZED_SHARE * rel_err(logits[0], model(ids[None, -1:], cache))
+    assert rel_err(logits[1], logits[0]) <= bound and rel_err(logits[2], logits[0]) <= bound

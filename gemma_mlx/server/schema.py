@@ -235,6 +235,17 @@ class Sampling(BaseModel):
     def stops(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
+    def sampler_fields(self) -> dict:
+        """The fields both completion endpoints hand to the shared `Conversation` as they are."""
+        return dict(
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            min_p=self.min_p,
+            seed=self.seed,
+            stop=self.stops(),
+        )
+
 
 class TemplateKwargs(BaseModel):
     model_config = ConfigDict(extra="allow")

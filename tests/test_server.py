@@ -747,11 +747,17 @@ def test_draft_model_speculates_every_request(causal, tmp_path_factory):
     from test_drafter import pair  # the drafter tests' target + drafter pair (built by transformers)
 
     from gemma_mlx import load_drafter
+    from gemma_mlx.draft_control import DraftControl
 
     target, _, drafter_dir, _ = pair.__wrapped__(causal, tmp_path_factory)
 
     model, processor = load(target)
     srv = Server(create_app(model, processor, model_id="t", drafter=load_drafter(drafter_dir)))
+    # the server's draft controller with a bandwidth-bound cost model (a verify pass about one
+    # step, as on a GPU) instead of this busy CPU's clock: whether it drafts is then free of timing
+    # noise (a loaded CI run once timed drafting as not paying and decoded plainly)
+    worker = srv.app.state.worker
+    worker.draft_control = DraftControl(worker.draft_control.max_drafts, cost=lambda k: 1.0 + 0.1 * k)
     try:
         client = srv.client()
         first = processor.encode_text("The quick brown fox")

@@ -297,6 +297,8 @@ def attention_mask(
     none) is given, bidirectional within each block of new tokens (image soft tokens); then the
     mask is `[B, 1, n, K]`. Returns None or "causal" where the fast kernel's own masking is exact.
     """
+    if isinstance(cache, (BatchKVCache, BatchRingCache)):
+        return cache.mask(window)  # one new token per row, at each row's own position
     start = 0 if cache is None else cache.offset
     if block_ids is None:
         if n == 1 and (window is None or start < window):
@@ -314,3 +316,200 @@ def attention_mask(
     if window is not None:
         keep = keep & (kpos[None] > qpos - window)
     return keep & (kpos[None] >= 0)
+
+
+# -- batches ------------------------------------------------------------------------------------
+#
+# Rows of a batch keep their own positions (per-row offsets), not a left-padded common one: a row
+# joins with the cache it was prefilled into, whatever its length, and leaves without realigning
+# the others. Each decode step writes every row's new key at its own slot (one scatter per array)
+# and masks per row; RoPE takes the per-row offsets. Batch caches take one token per row per
+# step; prefill, rollback and the drafter work on a row's own caches (`split` gives them back).
+
+
+def _copy(x: KV) -> KV:
+    """`x` in its own memory: a row split off a batch must not keep the whole batch alive."""
+    if isinstance(x, QuantizedKV):
+        return x._replace(**{f: getattr(x, f) + 0 for f in ("packed", "scales", "biases")})
+    return x + 0  # a new array (a slice, even made contiguous, may share the batch's buffer)
+
+
+def _pad_slots(x: KV, slots: int) -> KV:
+    """`x` (`[1, H, K, ...]`) with zeroed slots appended up to `slots`."""
+    if x.shape[2] == slots:
+        return x
+    return _concat(x, _empty(x, slots - x.shape[2]))
+
+
+def _stack(rows: list[KV]) -> KV:
+    if isinstance(rows[0], QuantizedKV):
+        return rows[0]._replace(
+            **{f: mx.concatenate([getattr(r, f) for r in rows]) for f in ("packed", "scales", "biases")}
+        )
+    return mx.concatenate(rows)
+
+
+def _row(x: KV, i: int) -> KV:
+    if isinstance(x, QuantizedKV):
+        return x._replace(**{f: getattr(x, f)[i : i + 1] for f in ("packed", "scales", "biases")})
+    return x[i : i + 1]
+
+
+def _scatter(x: KV, slots: mx.array, value: KV) -> KV:
+    """`x [B, H, S, ...]` with row b's slot `slots[b]` set to `value [B, H, 1, ...]`."""
+    if isinstance(x, QuantizedKV):
+        return x._replace(
+            **{f: _scatter(getattr(x, f), slots, getattr(value, f)) for f in ("packed", "scales", "biases")}
+        )
+    index = mx.broadcast_to(slots.reshape(-1, 1, 1, 1), value.shape)
+    return mx.put_along_axis(x, index, value, axis=2)
+
+
+def _like(rows: list, attr: str) -> KV | None:
+    return next((getattr(r, attr) for r in rows if getattr(r, attr) is not None), None)
+
+
+class BatchKVCache:
+    """The growing caches of several rows (one layer), each row at its own offset."""
+
+    step = KVCache.step
+
+    def __init__(self, rows: list[KVCache]) -> None:
+        self.quant = rows[0].quant
+        self.offsets = [c.offset for c in rows]
+        self.keys = self.values = None
+        if _like(rows, "keys") is not None:
+            size = -(-(max(self.offsets) + 1) // self.step) * self.step
+
+            def held(attr: str) -> KV:
+                like = _like(rows, attr)
+                return _stack(
+                    [
+                        _pad_slots(_empty(like, 0) if x is None else _slots(x, 0, c.offset), size)
+                        for c in rows
+                        for x in [getattr(c, attr)]
+                    ]
+                )
+
+            self.keys, self.values = held("keys"), held("values")
+
+    @property
+    def offset(self) -> mx.array:
+        """Every row's position of its next token (what RoPE takes)."""
+        return mx.array(self.offsets, dtype=mx.int32)
+
+    def _size_after(self) -> int:
+        size = 0 if self.keys is None else self.keys.shape[2]
+        return size if max(self.offsets) < size else size + self.step
+
+    def mask(self, window: int | None) -> mx.array:
+        """`[B, 1, 1, K]`: each row's query sees its own keys up to its position."""
+        kpos = mx.arange(self._size_after(), dtype=mx.int32)[None]
+        return (kpos <= self.offset[:, None])[:, None, None]
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[KV, KV]:
+        keys, values = _encode(keys, self.quant), _encode(values, self.quant)
+        size = self._size_after()
+        if self.keys is None:
+            self.keys, self.values = _empty(keys, size), _empty(values, size)
+        elif size > self.keys.shape[2]:
+            self.keys = _concat(self.keys, _empty(self.keys, self.step))
+            self.values = _concat(self.values, _empty(self.values, self.step))
+        slots = self.offset
+        self.keys, self.values = _scatter(self.keys, slots, keys), _scatter(self.values, slots, values)
+        self.offsets = [o + 1 for o in self.offsets]
+        return self.keys, self.values
+
+    def split(self) -> list[KVCache]:
+        """Each row's own cache, in its own memory."""
+        out = []
+        for i, offset in enumerate(self.offsets):
+            c = KVCache(self.quant)
+            if self.keys is not None and offset:
+                c.keys = _copy(_slots(_row(self.keys, i), 0, offset))
+                c.values = _copy(_slots(_row(self.values, i), 0, offset))
+            c.offset = offset
+            out.append(c)
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        return _nbytes(self.keys) + _nbytes(self.values)
+
+
+class BatchRingCache:
+    """The sliding-window rings of several rows (one layer): every row's ring has the same
+    capacity, and row b writes position p at slot `p % capacity` of its own ring."""
+
+    def __init__(self, rows: list[RingKVCache]) -> None:
+        first = rows[0]
+        self.window, self.slack, self.quant, self.capacity = (
+            first.window,
+            first.slack,
+            first.quant,
+            first.capacity,
+        )
+        self.offsets = [c.offset for c in rows]
+        self.written = [c.written for c in rows]
+        like_k, like_v = _like(rows, "keys"), _like(rows, "values")
+        self.keys = self.values = None
+        if like_k is not None:
+            cap = self.capacity
+            self.keys = _stack([c.keys if c.keys is not None else _empty(like_k, cap) for c in rows])
+            self.values = _stack([c.values if c.values is not None else _empty(like_v, cap) for c in rows])
+
+    @property
+    def offset(self) -> mx.array:
+        return mx.array(self.offsets, dtype=mx.int32)
+
+    def mask(self, window: int | None) -> mx.array:
+        """`[B, 1, 1, capacity]`: each row's query sees the slots holding its last `window`
+        positions (as `RingKVCache.key_positions` computes them, per row)."""
+        q = self.offset[:, None]
+        s = mx.arange(self.capacity, dtype=mx.int32)[None]
+        kpos = q - mx.remainder(q - s, self.capacity)
+        keep = kpos >= 0
+        if window is not None:
+            keep = keep & (kpos > q - window)
+        return keep[:, None, None]
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[KV, KV]:
+        keys, values = _encode(keys, self.quant), _encode(values, self.quant)
+        if self.keys is None:
+            self.keys, self.values = _empty(keys, self.capacity), _empty(values, self.capacity)
+        slots = mx.array([o % self.capacity for o in self.offsets], dtype=mx.int32)
+        self.keys, self.values = _scatter(self.keys, slots, keys), _scatter(self.values, slots, values)
+        self.offsets = [o + 1 for o in self.offsets]
+        self.written = [max(w, o) for w, o in zip(self.written, self.offsets, strict=True)]
+        return self.keys, self.values
+
+    def split(self) -> list[RingKVCache]:
+        out = []
+        for i, (offset, written) in enumerate(zip(self.offsets, self.written, strict=True)):
+            c = RingKVCache(self.window, self.slack, self.quant)
+            if self.keys is not None and written:
+                c.keys, c.values = _copy(_row(self.keys, i)), _copy(_row(self.values, i))
+            c.offset, c.written = offset, written
+            out.append(c)
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        return _nbytes(self.keys) + _nbytes(self.values)
+
+
+BatchCache = BatchKVCache | BatchRingCache
+
+
+def merge_caches(rows: list[list[Cache]]) -> list[BatchCache]:
+    """Per layer, one batch cache holding the rows' caches (each row's list from `make_cache`)."""
+    layers = []
+    for caches in zip(*rows, strict=True):
+        kind = BatchRingCache if isinstance(caches[0], RingKVCache) else BatchKVCache
+        layers.append(kind(list(caches)))
+    return layers
+
+
+def split_caches(layers: list[BatchCache]) -> list[list[Cache]]:
+    """The rows' own caches back from `merge_caches`'s (layer-major in, row-major out)."""
+    return [list(row) for row in zip(*(layer.split() for layer in layers), strict=True)]

@@ -7,6 +7,7 @@ processor, the sampler, the detokenizer with stop strings, and the clocks.
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -14,7 +15,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from .cache import Cache, RingKVCache
+from .cache import BatchCache, Cache, RingKVCache, merge_caches, split_caches
 from .constrain import Constraint, make_constraint
 from .draft_control import DraftControl
 from .models.drafter import Drafter
@@ -90,6 +91,21 @@ class GenerationResult:
     tool_calls: list[ToolCall] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
 
+    def add(self, chunk: GenerationChunk) -> None:
+        self.text += chunk.text
+        self.markup += chunk.markup
+        self.tokens.append(chunk.token)
+        self.stats, self.finish_reason = chunk.stats, chunk.finish_reason
+        if chunk.logprob is not None:
+            self.logprobs.append(chunk.logprob)
+
+    def parse(self, tools: Sequence[dict]) -> None:
+        """Split the markup into content, reasoning and calls of the declared `tools`."""
+        parsed = parse_output(self.markup, tool_names(tools))
+        self.content, self.reasoning, self.tool_calls = parsed.content, parsed.reasoning, parsed.tool_calls
+        if parsed.tool_calls:
+            self.finish_reason = "tool_calls"
+
     @property
     def prompt_tps(self) -> float:
         return self.stats.prompt_tps
@@ -133,6 +149,35 @@ def make_cache(
     return model.make_cache(slack, (kv_bits, kv_group_size), quantize_rings)
 
 
+def prefill_plan(
+    model: Model, ids: mx.array, *, media: dict | None = None, step: int = 512, stops: Sequence[int] = ()
+) -> list[tuple[dict, int]]:
+    """`prefill`'s chunks of `ids [L]`: (`Model.forward` keyword arguments, end position) each.
+    With `media` the embeddings are computed once and chunked too; a chunk is extended to the end
+    of an image block it would cut, since an image attends bidirectionally within its block. A
+    chunk ends at each of `stops` (positions where the caller wants to see the cache)."""
+    n = ids.shape[0]
+    embeds = blocks = None
+    if media:
+        embeds, blocks = model.embed_inputs(ids[None], **media)
+    in_block = np.zeros(n + 1, bool)  # position i continues the image block of position i - 1
+    if blocks is not None:
+        b = np.array(blocks[0])
+        in_block[1:n] = (b[1:] >= 0) & (b[1:] == b[:-1])
+    chunks, start = [], 0
+    while start < n:
+        end = min([start + step, n, *(s for s in stops if s > start)])
+        while in_block[end]:
+            end += 1
+        if embeds is None:
+            chunks.append(({"input_ids": ids[None, start:end]}, end))
+        else:
+            chunk_blocks = None if blocks is None else blocks[:, start:end]
+            chunks.append(({"inputs_embeds": embeds[:, start:end], "block_ids": chunk_blocks}, end))
+        start = end
+    return chunks
+
+
 def prefill(
     model: Model,
     ids: mx.array,
@@ -143,36 +188,14 @@ def prefill(
     progress: Progress | None = None,
 ) -> None:
     """Feed `ids [L]` into `cache` in chunks of about `step` tokens (`progress(done, total)` after
-    each). With `media` (pixel_values, input_features, ...) the embeddings are computed once and
-    chunked too; a chunk is extended to the end of an image block it would cut, since an image
-    attends bidirectionally within its block. The caches are evaluated, so the work is done when
-    this returns."""
-    n = ids.shape[0]
-    embeds = blocks = None
-    if media:
-        embeds, blocks = model.embed_inputs(ids[None], **media)
-    in_block = np.zeros(n + 1, bool)  # position i continues the image block of position i - 1
-    if blocks is not None:
-        b = np.array(blocks[0])
-        in_block[1:n] = (b[1:] >= 0) & (b[1:] == b[:-1])
-    chunks, ends, start = [], [], 0
-    while start < n:
-        end = min(start + step, n)
-        while in_block[end]:
-            end += 1
-        if embeds is None:
-            chunks.append({"input_ids": ids[None, start:end]})
-        else:
-            chunk_blocks = None if blocks is None else blocks[:, start:end]
-            chunks.append({"inputs_embeds": embeds[:, start:end], "block_ids": chunk_blocks})
-        ends.append(end)
-        start = end
+    each; see `prefill_plan`). The caches are evaluated, so the work is done when this returns."""
+    chunks = prefill_plan(model, ids, media=media, step=step)
 
     def done(i: int) -> None:
         if progress is not None:
-            progress(ends[i], n)
+            progress(chunks[i][1], ids.shape[0])
 
-    model.prefill_chunks(chunks, cache, done)
+    model.prefill_chunks([c for c, _ in chunks], cache, done)
 
 
 NON_FINITE = 0xFFFFFFFF  # the id a step yields when its token's logit was not finite (no real id is)
@@ -203,15 +226,252 @@ def _feedable(tok: mx.array) -> mx.array:
     return mx.where(tok == mx.array(NON_FINITE).astype(tok.dtype), 0, tok)
 
 
-def _checked(tokens: Iterator[int]) -> Iterator[int]:
-    for n, tok in enumerate(tokens, 1):
-        if tok == NON_FINITE or tok == -1:  # -1: the flag in a signed id dtype
-            raise NonFiniteLogitsError(
-                f"the model's logits turned NaN or infinite at generated token {n}: its weights "
-                "likely hold NaN/inf values; find them with gemma_mlx.load(path, check_finite=True) "
-                "(CLI: --check-finite), or compare a conversion with its source (gemma-mlx convert --check)"
+def _check_finite(token: int, n: int) -> None:
+    if token == NON_FINITE or token == -1:  # -1: the flag in a signed id dtype
+        raise NonFiniteLogitsError(
+            f"the model's logits turned NaN or infinite at generated token {n}: its weights "
+            "likely hold NaN/inf values; find them with gemma_mlx.load(path, check_finite=True) "
+            "(CLI: --check-finite), or compare a conversion with its source (gemma-mlx convert --check)"
+        )
+
+
+class Row:
+    """One sequence of a `Batch`: the prompt it has yet to prefill, its own caches (a batch of
+    several rows holds them merged while they decode together), its sampler and constraint, and
+    what it feeds next. `force` set by the caller makes that token the row's next one instead of a
+    sampled one (the server closes a thought channel whose budget is spent this way)."""
+
+    def __init__(
+        self,
+        ids: mx.array | Sequence[int],
+        cache: list[Cache],
+        sample: Sample,
+        *,
+        media: dict | None = None,
+        constraint: Constraint | None = None,
+        stats: GenerationStats | None = None,
+        progress: Progress | None = None,
+        stops: Sequence[int] = (),
+        draft: bool = True,
+    ) -> None:
+        ids = ids if isinstance(ids, mx.array) else mx.array(list(ids), dtype=mx.int32)
+        if ids.size == 0:
+            raise ValueError("prompt is empty")
+        self.prompt, self.media, self.stops, self.progress = ids[:-1], media, stops, progress
+        self.chunks: list[tuple[dict, int]] | None = None  # the prefill plan, once it started
+        self.cache = cache
+        self.sample, self.constraint = _flag_non_finite(sample), constraint
+        self.stats = stats if stats is not None else GenerationStats()
+        self.draft = draft and constraint is None  # may decode speculatively when alone
+        self.token: mx.array | None = ids[-1:]  # the next token to feed, when it is already chosen
+        self.fresh = True  # `token` is the prompt's last: fed, but not a generated token
+        self.logits: mx.array | None = None  # of the last fed token: the next token is drawn from them
+        self.hidden: mx.array | None = None  # ... and its hidden state (what the drafter starts from)
+        self.number = 0  # tokens generated so far, so the next one's number (its PRNG key)
+        self.force: int | None = None
+        self.error: BaseException | None = None  # why its prefill failed (the batch dropped it)
+
+    def rewind(self, n: int) -> None:
+        """Forget the last `n` generated tokens of a row that decodes alone (the caller discards
+        them: the tail of a speculative round); a `force`d token must follow."""
+        for c in self.cache:
+            c.trim(n)
+        self.token = self.logits = self.hidden = None
+
+
+class Batch:
+    """The generation core: rows decode together, one token each per step, and join or leave
+    between steps. A joining row is prefilled one chunk per step while others decode (at once when
+    none do); a row alone with a `drafter` decodes in speculative rounds whose size `draft_control`
+    chooses (default: a `DraftControl` timing the rounds, which falls back to plain steps when
+    drafting does not pay). A single request is a batch of one.
+
+    Each step queues the next forward pass before the host reads the tokens it hands out, so the
+    caller's work on them (and the constraints' masks for the next tokens) overlaps the device."""
+
+    def __init__(
+        self,
+        model: Model,
+        *,
+        drafter: Drafter | None = None,
+        draft_block_size: int = 4,
+        draft_control: DraftControl | None = None,
+        prefill_step_size: int = 512,
+    ) -> None:
+        if not isinstance(prefill_step_size, int) or prefill_step_size < 1:
+            raise ValueError(f"prefill_step_size={prefill_step_size!r}: must be an integer >= 1")
+        if (
+            drafter is not None
+            and draft_control is not None
+            and draft_control.max_drafts != draft_block_size - 1
+        ):
+            raise ValueError(
+                f"draft_control drafts up to {draft_control.max_drafts} tokens, "
+                f"draft_block_size={draft_block_size} needs {draft_block_size - 1}"
             )
-        yield tok
+        self.model, self.drafter, self.block_size = model, drafter, draft_block_size
+        self.control = draft_control or (DraftControl(draft_block_size - 1) if drafter is not None else None)
+        self.prefill_step_size = prefill_step_size
+        self.rows: list[Row] = []  # decoding
+        self.joining: list[Row] = []  # prefilling, first come first served
+        self._merged: list[BatchCache] | None = None  # the decoding rows' caches, while several decode
+        self._merged_rows: list[Row] = []
+        self._round: tuple[float, int, int] | None = (
+            None  # the last speculative round: start, drafts, accepted
+        )
+
+    def __len__(self) -> int:
+        return len(self.rows) + len(self.joining)
+
+    def add(self, row: Row) -> None:
+        if self.drafter is not None and row.draft:
+            check_block_size(self.block_size, row.cache)
+        self.joining.append(row)
+
+    def remove(self, row: Row) -> None:
+        """Take `row` out now (finished or cancelled); its own caches hold what it fed."""
+        if row in self.joining:
+            self.joining.remove(row)
+        elif row in self.rows:
+            if row in self._merged_rows:
+                self._unmerge()
+            self.rows.remove(row)
+
+    def step(self) -> list[tuple[Row, list[int]]]:
+        """One prefill chunk of the first joining row, then one decode step (or speculative
+        round) of the decoding rows -> (row, the tokens it generated) for each row that did
+        something; a row whose prefill failed is dropped and returned with `error` set."""
+        out = []
+        if self.joining:
+            row = self.joining[0]
+            try:
+                if self._prefill(row, everything=not self.rows):
+                    self.rows.append(self.joining.pop(0))
+            except Exception as e:  # noqa: BLE001 - the row's own failure (bad media, a callback), not the batch's
+                self.joining.pop(0)
+                row.error = e
+                out.append((row, []))
+        if not self.rows:
+            return out
+        row = self.rows[0]
+        if len(self.rows) == 1 and self.drafter is not None and row.draft and row.hidden is not None:
+            return out + self._speculate(row)
+        self._round = None
+        return out + self._step()
+
+    def _prefill(self, row: Row, everything: bool) -> bool:
+        """Run the next chunk of `row`'s prompt (every chunk when `everything`); True when done."""
+        if row.chunks is None:
+            row.chunks = prefill_plan(
+                self.model, row.prompt, media=row.media, step=self.prefill_step_size, stops=row.stops
+            )
+        todo = row.chunks if everything else row.chunks[:1]
+
+        def done(i: int) -> None:
+            if row.progress is not None:
+                row.progress(todo[i][1], row.prompt.shape[0])
+
+        self.model.prefill_chunks([c for c, _ in todo], row.cache, done)
+        del row.chunks[: len(todo)]
+        return not row.chunks
+
+    def _caches(self) -> list[Cache] | list[BatchCache]:
+        if len(self.rows) == 1:
+            self._unmerge()
+            return self.rows[0].cache
+        if self._merged_rows != self.rows:
+            self._unmerge()
+            self._merged, self._merged_rows = merge_caches([r.cache for r in self.rows]), list(self.rows)
+            for r in self.rows:
+                r.cache = []  # held by the merged caches until `_unmerge`
+        return self._merged
+
+    def _unmerge(self) -> None:
+        if self._merged is not None:
+            for row, cache in zip(self._merged_rows, split_caches(self._merged), strict=True):
+                row.cache = cache
+            self._merged, self._merged_rows = None, []
+
+    def _next(self, row: Row) -> mx.array:
+        """The token `row` feeds now: forced, already chosen, or drawn from its last logits."""
+        if row.force is not None:
+            y, row.force, row.token = mx.array([row.force], dtype=mx.uint32), None, None
+            row.number += 1
+        elif row.token is not None:
+            y, row.token = row.token, None
+        else:
+            mask = None if row.constraint is None else row.constraint.mask()
+            y = row.sample(row.logits, row.number, mask=mask)
+            row.number += 1
+        return y
+
+    def _step(self) -> list[tuple[Row, list[int]]]:
+        rows = self.rows
+        cache = self._caches()
+        generated = [not r.fresh for r in rows]
+        ys = [self._next(r) for r in rows]
+        y = ys[0] if len(ys) == 1 else mx.concatenate([a.astype(mx.uint32) for a in ys])
+        out = self.model.forward(_feedable(y).reshape(-1, 1), cache, logits_to_keep=1)
+        logits = out.logits[:, -1]
+        mx.async_eval(logits)
+        tokens = y.tolist()
+        result = []
+        for i, (row, new, token) in enumerate(zip(rows, generated, tokens, strict=True)):
+            one = len(rows) == 1
+            row.logits = logits if one else logits[i : i + 1]
+            row.hidden = out.hidden if one else out.hidden[i : i + 1]
+            row.fresh = False
+            if new:
+                if row.constraint is not None and token not in (NON_FINITE, -1):
+                    row.constraint.advance(token)
+                result.append((row, [token]))
+        return result
+
+    def _speculate(self, row: Row) -> list[tuple[Row, list[int]]]:
+        """One MTP round for a row decoding alone. The drafter proposes `k` tokens (the controller
+        chooses k; 0 is a plain step) after the next token `t0` from the target's hidden state and
+        K/V; the target verifies `[t0, drafts]` in one pass and samples its own token at every
+        position; drafts are accepted while they equal the target's tokens, and the target's
+        token after them is the row's next. Rejected positions are trimmed from the caches (the
+        rings keep rollback slack). Every token is the target's own choice, drawn for its own
+        number, so the output equals plain decoding's (greedy, or sampled with the same seed).
+        A round is timed from one choice to the next, the caller's work on its tokens included,
+        so plain and drafting rounds compare by the throughput the caller sees."""
+        control, now = self.control, self.control.clock()
+        if self._round is not None:
+            tic, drafts, accepted = self._round
+            control.update(drafts, accepted, now - tic)
+        k = control.choose()
+        self._round = (now, 0, 0)
+        if k == 0 or row.force is not None:
+            return self._step()
+        cache = row.cache
+        if row.token is None:
+            t0, number = row.sample(row.logits, row.number), row.number
+            row.number += 1
+        else:
+            t0, number, row.token = row.token, row.number - 1, None
+        first = t0.item()
+        if first in (NON_FINITE, -1):  # the caller raises when it reads the flag
+            return [(row, [first])]
+        block = mx.concatenate(
+            [t0.reshape(1, 1), self.drafter.draft(self.model, cache, first, row.hidden, k)], axis=1
+        )
+        out = self.model.forward(block, cache)
+        targets = row.sample(out.logits[0], number + 1)
+        mx.eval(block, targets)
+        proposed, chosen = block[0, 1:].tolist(), targets.tolist()
+        n = 0
+        while n < k and proposed[n] == chosen[n]:
+            n += 1
+        row.stats.drafted += k
+        row.stats.accepted += n
+        for c in cache:
+            c.trim(k - n)
+        row.token, row.hidden, row.logits = targets[n : n + 1], out.hidden[:, n : n + 1], None
+        row.number = number + n + 2
+        self._round = (now, k, n)
+        return [(row, [first, *proposed[:n]])]
 
 
 def generate_tokens(
@@ -230,138 +490,35 @@ def generate_tokens(
     constraint: Constraint | None = None,
 ) -> Iterator[int]:
     """Yield sampled token ids forever, given prompt `ids [L]` (L >= 1) not yet in `cache`: all
-    but the last are prefilled, then decoding starts from the last. With a `drafter`, decoding is
-    speculative (`stats` counts drafted/accepted tokens), with rounds of at most `draft_block_size`
-    tokens whose size `draft_control` chooses (default: a `DraftControl` timing the rounds, which
-    falls back to plain steps when drafting does not pay). A `constraint` masks every token (see
-    `gemma_mlx.constrain`); decoding is then plain (no drafting). A token chosen from a NaN or
+    but the last are prefilled, then decoding starts from the last: a `Batch` of this one row.
+    With a `drafter`, decoding is speculative (`stats` counts drafted/accepted tokens), with
+    rounds of at most `draft_block_size` tokens (see `Batch`). A `constraint` masks every token
+    (see `gemma_mlx.constrain`); decoding is then plain (no drafting). A token chosen from a NaN or
     infinite logit raises `NonFiniteLogitsError` (checked with each token, without another host sync)."""
-    if constraint is not None:
-        drafter = None
-    if drafter is not None:
-        check_block_size(draft_block_size, cache)
-        if draft_control is not None and draft_control.max_drafts != draft_block_size - 1:
-            raise ValueError(
-                f"draft_control drafts up to {draft_control.max_drafts} tokens, "
-                f"draft_block_size={draft_block_size} needs {draft_block_size - 1}"
-            )
-    if ids.shape[0] > 1:
-        prefill(model, ids[:-1], cache, media=media, step=prefill_step_size, progress=progress)
-    last, sample = ids[-1:], _flag_non_finite(sample)
-    if constraint is not None:
-        tokens = _decode_constrained(model, last, cache, sample, constraint)
-    elif drafter is None:
-        tokens = _decode(model, last, cache, sample)
-    else:
-        control = draft_control or DraftControl(draft_block_size - 1)
-        tokens = _speculate(model, drafter, last, cache, sample, control, stats)
-    try:
-        yield from _checked(tokens)
-    finally:
-        tokens.close()
-
-
-def _decode(model: Model, last: mx.array, cache: list[Cache], sample: Sample) -> Iterator[int]:
-    """Plain decoding. The next step is queued with `mx.async_eval` before the current token is
-    handed out, so the caller's host work overlaps the device computing the next token."""
-
-    def step(tok: mx.array) -> mx.array:
-        return sample(model(_feedable(tok).reshape(1, -1), cache, logits_to_keep=1)[:, -1])
-
-    y = step(last)
-    mx.async_eval(y)
+    batch = Batch(
+        model,
+        drafter=drafter,
+        draft_block_size=draft_block_size,
+        draft_control=draft_control,
+        prefill_step_size=prefill_step_size,
+    )
+    row = Row(ids, cache, sample, media=media, constraint=constraint, stats=stats, progress=progress)
+    batch.add(row)
+    n = 0
     while True:
-        nxt = step(y)
-        mx.async_eval(nxt)
-        yield y.item()
-        y = nxt
-
-
-def _decode_constrained(
-    model: Model, last: mx.array, cache: list[Cache], sample: Sample, constraint: Constraint
-) -> Iterator[int]:
-    """Plain decoding under a constraint, still one step ahead: the forward pass of step t+1 is
-    queued before the host reads token t, advances the constraint with it and computes step
-    t+1's mask while the device works; only the sampling of t+1 waits for the mask."""
-
-    def forward(tok: mx.array) -> mx.array:
-        return model(_feedable(tok).reshape(1, -1), cache, logits_to_keep=1)[:, -1]
-
-    logits = forward(last)
-    mx.async_eval(logits)
-    y = sample(logits, mask=constraint.mask())
-    mx.async_eval(y)
-    while True:
-        logits = forward(y)
-        mx.async_eval(logits)
-        token = y.item()
-        if token in (NON_FINITE, -1):  # the caller raises when it reads the flag
-            yield token
-        constraint.advance(token)
-        y = sample(logits, mask=constraint.mask())
-        mx.async_eval(y)
-        yield token
+        for _, tokens in batch.step():
+            if row.error is not None:
+                raise row.error
+            for token in tokens:
+                n += 1
+                _check_finite(token, n)
+                yield token
 
 
 def check_block_size(block_size: int, cache: list[Cache]) -> None:
     slack = min((c.slack for c in cache if isinstance(c, RingKVCache)), default=block_size)
     if not 2 <= block_size <= 1 + slack:
         raise ValueError(f"draft block size {block_size}: must be 2 .. 1 + the caches' rollback slack")
-
-
-def _speculate(
-    model: Model,
-    drafter: Drafter,
-    last: mx.array,
-    cache: list[Cache],
-    sample: Sample,
-    control: DraftControl,
-    stats: GenerationStats | None,
-) -> Iterator[int]:
-    """MTP speculative rounds. Each round the drafter proposes `k` tokens (`control` chooses k;
-    0 is a plain step) after the last token `t0` from the target's hidden state and K/V; the target
-    verifies `[t0, drafts]` in one pass and samples its own token at every position; drafts are
-    accepted while they equal the target's tokens, then the target's token follows. Rejected
-    positions are trimmed from the caches (the rings keep rollback slack). Every emitted token is
-    the target's own choice, drawn for its own position (`number`), so the output equals plain
-    decoding's (greedy, or sampled with the same seed)."""
-    stats = stats if stats is not None else GenerationStats()
-    out = model.forward(last[None], cache)
-    t0, hidden, number = sample(out.logits[:, -1], 0), out.hidden[:, -1:], 0
-    done: tuple[int, int] | None = None  # the previous round's (drafts, accepted)
-    tic = control.clock()
-    while True:
-        # a round is timed from one choice to the next, the caller's work on its tokens included,
-        # so plain rounds (whose next step runs while the caller works) and drafting rounds compare
-        # by the throughput the caller sees
-        now = control.clock()
-        if done is not None:
-            control.update(*done, now - tic)
-        tic, k = now, control.choose()
-        if k == 0:  # a plain step, queued before `t0` is handed out, as in `_decode`
-            out = model.forward(_feedable(t0).reshape(1, 1), cache)
-            nxt = sample(out.logits[0], number + 1)
-            mx.async_eval(nxt, out.hidden)
-            yield t0.item()
-            t0, hidden, number, done = nxt, out.hidden, number + 1, (0, 0)
-            continue
-        first = t0.item()
-        yield first
-        block = mx.concatenate([t0.reshape(1, 1), drafter.draft(model, cache, first, hidden, k)], axis=1)
-        out = model.forward(block, cache)
-        targets = sample(out.logits[0], number + 1)
-        mx.eval(block, targets)
-        proposed, chosen = block[0, 1:].tolist(), targets.tolist()
-        n = 0
-        while n < k and proposed[n] == chosen[n]:
-            n += 1
-        number += n + 1
-        stats.drafted += k
-        stats.accepted += n
-        yield from proposed[:n]
-        for c in cache:
-            c.trim(k - n)
-        t0, hidden, done = targets[n : n + 1], out.hidden[:, n : n + 1], (k, n)
 
 
 class TextStream:
@@ -438,7 +595,64 @@ def _check_ids(ids: Sequence[int], vocab: int) -> None:
         raise ValueError(f"token id {bad} is outside the model's vocabulary (0 .. {vocab - 1})")
 
 
-def stream_generate(
+class Output:
+    """The host side of one generation: its tokens in, `GenerationChunk`s out (text cut at stop
+    strings, finish reasons, stats and logprobs)."""
+
+    def __init__(
+        self,
+        text: TextStream,
+        eos: set[int],
+        max_tokens: int,
+        stats: GenerationStats,
+        logprobs: deque | None = None,
+    ) -> None:
+        self.text, self.eos, self.max_tokens, self.stats, self.logprobs = (
+            text,
+            eos,
+            max_tokens,
+            stats,
+            logprobs,
+        )
+        self.n = 0
+        self.tic = time.perf_counter()
+
+    def start(self) -> None:
+        """The clock of the prompt's speed starts now (its prefill is about to begin)."""
+        self.tic = time.perf_counter()
+
+    def add(self, token: int) -> GenerationChunk:
+        """The chunk of the next generated token; its `finish_reason` says when it is the last."""
+        self.n += 1
+        n, stats, text = self.n, self.stats, self.text
+        _check_finite(token, n)
+        now = time.perf_counter()
+        if n == 1:  # the first token comes with the prefill
+            stats.prompt_tps, self.tic = stats.prompt_tokens / max(now - self.tic, 1e-9), now
+        stats.generation_tokens = n
+        stats.generation_tps = (n - 1) / (now - self.tic) if n > 1 else 0.0
+        stats.peak_memory_gb = mx.get_peak_memory() / 1e9
+        finish = "stop" if token in self.eos else ("length" if n >= self.max_tokens else None)
+        delta = text.add(None if token in self.eos else token, final=finish is not None)
+        if text.stopped:
+            finish = "stop"
+        logprob = None
+        if self.logprobs is not None:
+            chosen, top_ids, top_lps = self.logprobs.popleft()
+            top = list(zip(top_ids[0].tolist(), top_lps[0].tolist(), strict=True))
+            logprob = TokenLogprob(token, chosen.item(), top)
+        return GenerationChunk(token, delta, replace(stats), finish, text.markup_delta, logprob)
+
+
+@dataclass
+class Request:
+    """A prepared generation: the `Batch` row and the `Output` that reads its tokens."""
+
+    row: Row
+    output: Output
+
+
+def prepare_request(
     model: Model,
     processor: Processor,
     prompt: Prompt,
@@ -451,7 +665,6 @@ def stream_generate(
     seed: int | None = None,
     stop: Sequence[str] | str = (),
     cache: list[Cache] | None = None,
-    prefill_step_size: int = 512,
     images: Sequence = (),
     audio: Sequence = (),
     videos: Sequence = (),
@@ -461,9 +674,6 @@ def stream_generate(
     video_frames: int | None = 32,
     video_fps: float | None = None,
     prefill_progress: Progress | None = None,
-    drafter: Drafter | None = None,
-    draft_block_size: int = 4,
-    draft_control: DraftControl | None = None,
     kv_bits: int | None = None,
     kv_group_size: int = 64,
     tools: Sequence[dict] | None = None,
@@ -475,9 +685,12 @@ def stream_generate(
     logit_bias: dict[int, float] | None = None,
     logprobs: int | None = None,
     context_ids: Sequence[int] = (),
-) -> Iterator[GenerationChunk]:
-    """Stream a completion of `prompt` (text, token ids, or chat messages, whose parts may hold
-    images, audio and videos; a text prompt takes `images`/`audio`/`videos` for its placeholders).
+    prefill_stops: Sequence[int] = (),
+) -> Request | None:
+    """Check and prepare a completion of `prompt` for a `Batch` (None: `max_tokens` leaves
+    nothing to generate); `stream_generate`, `generate` and `batch_generate` take these keyword
+    arguments. `prompt` is text, token ids, or chat messages, whose parts may hold images, audio
+    and videos; a text prompt takes `images`/`audio`/`videos` for its placeholders.
     Videos are sampled to `video_frames` frames (or `video_fps` per second of the clip, at most
     `video_frames`) of `video_soft_tokens` each (see `Processor.prepare`).
 
@@ -485,10 +698,8 @@ def stream_generate(
     string appears (one string or a list of them; the stop string itself is not emitted). Logits
     that turn NaN or infinite (broken weights) end it with a `NonFiniteLogitsError`. A `cache`
     already holding earlier tokens is continued: only `prompt`'s tokens are prefilled (a new cache
-    is quantized with `kv_bits`, see `make_cache`). With a `drafter` (see `load_drafter`),
-    decoding is speculative with blocks of at most `draft_block_size` tokens (greedy output is
-    unchanged); pass the same `draft_control` to successive calls to keep what
-    it has measured (a chat session and the server do). `tools` (OpenAI function schemas) are
+    is quantized with `kv_bits`, see `make_cache`). `prefill_progress(done, total)` is called
+    after each prefill chunk; a chunk ends at each of `prefill_stops`. `tools` (OpenAI function schemas) are
     declared to a chat prompt; the streamed text keeps the model's markup
     (`gemma_mlx.tools.OutputParser` splits it). Arguments are checked before any work; errors are
     ValueErrors naming them.
@@ -526,8 +737,6 @@ def stream_generate(
     text = TextStream(processor.tokenizer, stop)
     if not isinstance(max_tokens, int) or max_tokens < 0:
         raise ValueError(f"max_tokens={max_tokens!r}: must be an integer >= 0")
-    if not isinstance(prefill_step_size, int) or prefill_step_size < 1:
-        raise ValueError(f"prefill_step_size={prefill_step_size!r}: must be an integer >= 1")
     processor.check_media_input(model.config, len(images) > 0, len(audio) > 0)  # before any decoding
     if isinstance(prompt, Inputs):  # already prepared (e.g. by a chat session)
         inputs = prompt
@@ -562,74 +771,121 @@ def stream_generate(
         )
     max_tokens = min(max_tokens, context - used - len(ids))
     if max_tokens == 0:
-        return
-    eos = set(processor.eos_token_ids)
-    stats = GenerationStats(prompt_tokens=len(ids), cached_prompt_tokens=used)
-
-    mx.reset_peak_memory()
-    tic = time.perf_counter()
+        return None
     suppress = suppressed_ids(model, processor)
     if constraint is not None and constraint.grammarless:  # "never <|tool_call>": a suppressed id does it
         banned = [] if constraint.banned is None else [constraint.banned]
         suppress, constraint = sorted({*suppress, *banned}), None
     sample = sampling.token_sampler(suppress, [*context_ids, *ids], logprobs)
-    if sampling.penalized or logprobs is not None:
-        drafter = None  # a verify pass samples several positions at once: penalties and logprobs need one
-    tokens = generate_tokens(
-        model,
-        mx.array(ids, dtype=mx.int32),
+    stats = GenerationStats(prompt_tokens=len(ids), cached_prompt_tokens=used)
+    row = Row(
+        ids,
         cache,
         sample,
+        media=inputs.model_kwargs(),
+        constraint=constraint,
+        stats=stats,
+        progress=prefill_progress,
+        stops=prefill_stops,
+        # a verify pass samples several positions at once: penalties and logprobs need one
+        draft=not sampling.penalized and logprobs is None,
+    )
+    logprob_queue = sample.logprobs if logprobs is not None else None
+    output = Output(text, set(processor.eos_token_ids), max_tokens, stats, logprob_queue)
+    return Request(row, output)
+
+
+def stream_generate(
+    model: Model,
+    processor: Processor,
+    prompt: Prompt,
+    *,
+    drafter: Drafter | None = None,
+    draft_block_size: int = 4,
+    draft_control: DraftControl | None = None,
+    prefill_step_size: int = 512,
+    **kwargs: Any,
+) -> Iterator[GenerationChunk]:
+    """Stream a completion of `prompt`: `prepare_request`'s keyword arguments, decoded as a
+    `Batch` of one. With a `drafter` (see `load_drafter`), decoding is speculative with blocks of
+    at most `draft_block_size` tokens (greedy output is unchanged); pass the same `draft_control`
+    to successive calls to keep what it has measured (a chat session and the server do)."""
+    batch = Batch(
+        model,
         drafter=drafter,
         draft_block_size=draft_block_size,
         draft_control=draft_control,
-        stats=stats,
-        media=inputs.model_kwargs(),
         prefill_step_size=prefill_step_size,
-        progress=prefill_progress,
-        constraint=constraint,
     )
-    try:
-        for n, tok in enumerate(tokens, 1):
-            now = time.perf_counter()
-            if n == 1:  # the first token comes with the prefill
-                stats.prompt_tps, tic = len(ids) / (now - tic), now
-            stats.generation_tokens = n
-            stats.generation_tps = (n - 1) / (now - tic) if n > 1 else 0.0
-            stats.peak_memory_gb = mx.get_peak_memory() / 1e9
-            finish = "stop" if tok in eos else ("length" if n >= max_tokens else None)
-            delta = text.add(None if tok in eos else tok, final=finish is not None)
-            if text.stopped:
-                finish = "stop"
-            logprob = None
-            if logprobs is not None:
-                chosen, top_ids, top_lps = sample.logprobs.popleft()
-                top = list(zip(top_ids[0].tolist(), top_lps[0].tolist(), strict=True))
-                logprob = TokenLogprob(tok, chosen.item(), top)
-            yield GenerationChunk(tok, delta, replace(stats), finish, text.markup_delta, logprob)
-            if finish:
-                break
-    finally:
-        tokens.close()
+    request = prepare_request(model, processor, prompt, **kwargs)
+    if request is None:
+        return
+    mx.reset_peak_memory()
+    request.output.start()
+    batch.add(request.row)
+    while True:
+        for row, tokens in batch.step():
+            if row.error is not None:
+                raise row.error
+            for token in tokens:
+                chunk = request.output.add(token)
+                yield chunk
+                if chunk.finish_reason:
+                    return
 
 
-def generate(model: Model, processor: Processor, prompt: Prompt, **kwargs) -> GenerationResult:
+def batch_generate(
+    model: Model,
+    processor: Processor,
+    prompts: Sequence[Prompt],
+    *,
+    images: Sequence[Sequence] | None = None,
+    audio: Sequence[Sequence] | None = None,
+    prefill_step_size: int = 512,
+    **kwargs: Any,
+) -> list[GenerationResult]:
+    """Complete several prompts together (a `Batch`: each decode step reads the weights once for
+    all rows): a `GenerationResult` per prompt, in order, each equal to what `generate` gives for
+    it alone. Prompts may differ in length and kind; `images[i]` / `audio[i]` are prompt i's (for
+    the placeholders of a text prompt; chat messages carry their own). The other keyword
+    arguments are `prepare_request`'s, the same for every prompt (a `seed` seeds each prompt's
+    sampling alike, as separate calls would)."""
+    prompts = list(prompts)
+    for name, per in (("images", images), ("audio", audio)):
+        if per is not None and len(per) != len(prompts):
+            raise ValueError(f"{name}: {len(per)} lists for {len(prompts)} prompts (one list per prompt)")
+    batch = Batch(model, prefill_step_size=prefill_step_size)
+    requests, results = {}, []
+    for i, prompt in enumerate(prompts):
+        media = {"images": images[i] if images else (), "audio": audio[i] if audio else ()}
+        request = prepare_request(model, processor, prompt, **media, **kwargs)
+        results.append(GenerationResult())
+        if request is not None:
+            request.output.start()
+            batch.add(request.row)
+            requests[request.row] = (request, results[-1])
+    while len(batch):
+        for row, tokens in batch.step():
+            if row.error is not None:
+                raise row.error
+            request, result = requests[row]
+            for token in tokens:
+                chunk = request.output.add(token)
+                result.add(chunk)
+                if chunk.finish_reason:
+                    batch.remove(row)
+                    break
+    if kwargs.get("tools"):
+        for result in results:
+            result.parse(kwargs["tools"])
+    return results
+
+
+def generate(model: Model, processor: Processor, prompt: Prompt, **kwargs: Any) -> GenerationResult:
     """Generate a completion; takes the keyword arguments of `stream_generate`."""
     result = GenerationResult()
     for chunk in stream_generate(model, processor, prompt, **kwargs):
-        result.text += chunk.text
-        result.markup += chunk.markup
-        result.tokens.append(chunk.token)
-        result.stats, result.finish_reason = chunk.stats, chunk.finish_reason
-        if chunk.logprob is not None:
-            result.logprobs.append(chunk.logprob)
+        result.add(chunk)
     if kwargs.get("tools"):
-        parsed = parse_output(result.markup, tool_names(kwargs["tools"]))
-        result.content, result.reasoning, result.tool_calls = (
-            parsed.content,
-            parsed.reasoning,
-            parsed.tool_calls,
-        )
-        if parsed.tool_calls:
-            result.finish_reason = "tool_calls"
+        result.parse(kwargs["tools"])
     return result

@@ -167,9 +167,16 @@ def create_app(
     if ui:
         add_webui(app)
 
+    # like /health, /metrics needs no API key (as vLLM's and llama-server's): it shows counts and
+    # timings of all clients together, never a prompt; the guard's Host and Origin checks still apply
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ok", "model": model_id}
+        return {"status": "ok", "model": model_id, **worker.metrics.snapshot()}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        body, content_type = worker.metrics.render()
+        return Response(body, media_type=content_type)
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict:

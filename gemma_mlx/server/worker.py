@@ -24,6 +24,7 @@ from ..draft_control import DraftControl
 from ..generate import GenerationResult, make_cache, prefill, stream_generate
 from ..processor import Inputs
 from ..prompt_cache import PromptCache, PromptKey
+from .metrics import Metrics
 
 
 class QueueFull(Exception):
@@ -52,6 +53,7 @@ class Job:
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     thinking_budget: int | None = None  # tokens the thought channel may take before it is closed
     cancelled: threading.Event = field(default_factory=threading.Event)
+    submitted: float = field(default_factory=time.perf_counter)  # the start of its time to first token
 
     def emit(self, event: Event) -> None:
         try:
@@ -93,6 +95,7 @@ class Worker:
         self.draft_control = DraftControl(draft_block_size - 1) if drafter is not None else None
         self.kv = dict(kv_bits=kv_bits, kv_group_size=kv_group_size)
         self.prompt_cache = PromptCache(cache_bytes)
+        self.metrics = Metrics()  # the figures of /metrics and /health; `# metrics` marks each report
         self.max_queue = max_queue
         self._jobs: queue.Queue[Job | None] = queue.Queue()
         self._lock = threading.Lock()
@@ -137,32 +140,40 @@ class Worker:
             if self._waiting >= self.max_queue or self._closing.is_set():
                 raise QueueFull
             self._waiting += 1
+            self.metrics.set_waiting(self._waiting)  # metrics
         self._jobs.put(job)
 
     def _loop(self) -> None:
         while (job := self._jobs.get()) is not None:
             with self._lock:
                 self._waiting -= 1
+                self.metrics.set_waiting(self._waiting)  # metrics
             try:
                 self._serve(job)
             finally:
                 self._current = None
+                self.metrics.set_running(0)  # metrics
                 self._jobs.task_done()
 
     def _serve(self, job: Job) -> None:
         self._current = job
+        self.metrics.set_running(1)  # metrics
         if self._closing.is_set():
             job.cancel()
         if job.cancelled.is_set():  # its client left, or the server is shutting down
+            self.metrics.request_finished(0, "cancelled")  # metrics
             job.emit(Event(done=True, result=GenerationResult(finish_reason="cancelled")))
             return
         try:
-            self.last = self._run(job)
+            self.last = result = self._run(job)
+            self.metrics.request_finished(result.stats.generation_tokens, result.finish_reason)  # metrics
             job.emit(Event(done=True, result=self.last))
         except _Cancelled:
             self.last = GenerationResult(finish_reason="cancelled")
+            self.metrics.request_finished(0, "cancelled")  # metrics
             job.emit(Event(done=True, result=self.last))
         except Exception as e:  # reported to the client as a 500; the worker keeps serving
+            self.metrics.request_finished(0, "error")  # metrics
             job.emit(Event(error=e))
 
     def _run(self, job: Job) -> GenerationResult:
@@ -172,6 +183,7 @@ class Worker:
         result = GenerationResult()
         stats = result.stats
         stats.prompt_tokens, stats.cached_prompt_tokens = len(ids) - reused, reused
+        self.metrics.request_started(stats.prompt_tokens, stats.cached_prompt_tokens)  # metrics
 
         def check(done: int = 0, total: int = 0) -> None:
             if job.cancelled.is_set():
@@ -196,6 +208,7 @@ class Worker:
         sampling, feed = dict(job.sampling), ids[-1:]
         budget = job.thinking_budget if self._channel is not None else None
         thought = None  # tokens written in the open thought channel
+        last = job.submitted  # metrics: when the previous token came (the submission, for the first)
         try:
             while True:
                 chunks = stream_generate(
@@ -211,6 +224,10 @@ class Worker:
                 over = False
                 try:
                     for chunk in chunks:
+                        now = time.perf_counter()  # metrics
+                        (self.metrics.token if tokens else self.metrics.first_token)(now - last)  # metrics
+                        last = now  # metrics
+                        self.metrics.batch_step(1)  # metrics: one row per decode step here
                         tokens.append(chunk.token)
                         stats.generation_tokens = len(tokens)
                         stats.generation_tps = chunk.stats.generation_tps

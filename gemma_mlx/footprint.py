@@ -168,3 +168,27 @@ def memory_warning(fp: Footprint) -> str | None:
         f"{total / 1e9:.1f} GB is available: convert with fewer bits (gemma-mlx convert SRC OUT --bits 4), "
         "quantize the KV cache (--kv-bits 8 or 4) or use a shorter context"
     )
+
+
+ROW_CONTEXT = 8192  # the context a concurrent request is budgeted for (the server's default answer length)
+
+
+def default_concurrency(
+    text: TextConfig,
+    available: int,
+    *,
+    kv_bits: int | None = None,
+    kv_group_size: int = 64,
+    dtype_bytes: int = 2,
+    row_context: int = ROW_CONTEXT,
+    cap: int = 8,
+) -> int:
+    """How many requests may decode together: half of the `available` memory (after the weights
+    are loaded; the rest is for the prefix cache, activations and the system) over one row's KV
+    cache at `row_context` tokens, between 1 and `cap` (beyond 8 rows a laptop's decode step stops
+    being bandwidth-bound)."""
+    per_token, fixed = kv_cache_bytes(
+        text, row_context, kv_bits=kv_bits, kv_group_size=kv_group_size, dtype_bytes=dtype_bytes
+    )
+    row = per_token * row_context + fixed
+    return max(1, min(cap, int(available / 2 // max(row, 1))))

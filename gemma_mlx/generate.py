@@ -276,6 +276,7 @@ class Row:
         them: the tail of a speculative round); a `force`d token must follow."""
         for c in self.cache:
             c.trim(n)
+        self.number -= n + (self.token is not None)  # a token chosen after them goes too
         self.token = self.logits = self.hidden = None
 
 
@@ -400,8 +401,10 @@ class Batch:
         elif row.token is not None:
             y, row.token = row.token, None
         else:
-            mask = None if row.constraint is None else row.constraint.mask()
-            y = row.sample(row.logits, row.number, mask=mask)
+            if row.constraint is None:
+                y = row.sample(row.logits, row.number)
+            else:
+                y = row.sample(row.logits, row.number, mask=row.constraint.mask())
             row.number += 1
         return y
 

@@ -87,11 +87,15 @@ class PromptKey:
 
     def media_after(self, inputs: Inputs, n: int) -> dict:
         """The model's media keyword arguments for the blocks at or after position `n`."""
+        return self.rest_of(inputs, n).model_kwargs()
+
+    def rest_of(self, inputs: Inputs, n: int) -> Inputs:
+        """`inputs` from position `n` on: its tokens and the media of the blocks there."""
         first = {"image": None, "audio": None, "video": None}
         for s, _, kind, i in self.blocks:
             if s >= n and first[kind] is None:
                 first[kind] = i
-        rest = Inputs([])
+        rest = Inputs(list(inputs.ids[n:]))
         if first["image"] is not None:
             rest.pixel_values = inputs.pixel_values[first["image"] :]
             rest.image_position_ids = inputs.image_position_ids[first["image"] :]
@@ -102,7 +106,7 @@ class PromptKey:
         if first["video"] is not None:
             rest.pixel_values_videos = inputs.pixel_values_videos[first["video"] :]
             rest.video_position_ids = inputs.video_position_ids[first["video"] :]
-        return rest.model_kwargs()
+        return rest
 
 
 @dataclass

@@ -123,7 +123,8 @@ def test_reports_from_several_threads_all_count():
 @pytest.fixture(scope="module")
 def server(loaded):  # noqa: F811 (the fixture imported above)
     model, processor = loaded
-    srv = Server(create_app(model, processor, model_id=MODEL, api_key=KEY))
+    # one request at a time: a second one shows as waiting (batching is tested in test_batch.py)
+    srv = Server(create_app(model, processor, model_id=MODEL, api_key=KEY, max_concurrency=1))
     yield srv
     srv.close()
 
@@ -171,7 +172,8 @@ def test_metrics_count_what_the_responses_report(server):
     assert delta(TTFT + "_count") == 3 and delta(TTFT + "_sum") > 0
     assert delta(TTFT + "_bucket", le="+Inf") == 3
     assert delta(TPOT + "_count") == generated - 3  # one per token after each request's first
-    assert delta(STEPS + "_count") == generated and delta(STEPS + "_sum") == generated  # rows of 1
+    # one decode step per token, and per request one that feeds its last prompt token; one row each
+    assert delta(STEPS + "_count") == generated + 3 and delta(STEPS + "_sum") == generated + 3
     assert get(after, "gemma_mlx_batch_size") == 1
     assert get(after, "gemma_mlx_requests_running") == 0 and get(after, "gemma_mlx_requests_waiting") == 0
 

@@ -496,7 +496,7 @@ def test_prefix_cache_keys_include_the_media(server, loaded):
 
 def test_queue_limit_answers_429(loaded):
     model, processor = loaded
-    srv = Server(create_app(model, processor, model_id=MODEL, max_queue=1))
+    srv = Server(create_app(model, processor, model_id=MODEL, max_queue=1, max_concurrency=1))
     try:
         worker = srv.app.state.worker
         body = {"model": MODEL, "prompt": "Tell me a long story", "max_tokens": 900, "stream": True}

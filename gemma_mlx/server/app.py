@@ -44,7 +44,7 @@ from .options import chat_logprobs, completion_logprobs, sampler_options
 from .responses import STORE_BYTES, STORE_RESPONSES, ResponseStore
 from .schema import APIError, ChatRequest, CompletionRequest
 from .webui import add_webui
-from .worker import Job, Worker
+from .worker import Job, Worker, serving_concurrency
 
 __all__ = ["ClientGone", "create_app", "internal_error"]
 
@@ -66,6 +66,7 @@ def create_app(
     allow_files: Sequence[str | Path] = (),
     cache_gb: float = 4.0,
     max_queue: int = MAX_QUEUE,
+    max_concurrency: int | None = None,
     max_body_bytes: int = MAX_BODY_BYTES,
     max_soft_tokens: int = 280,
     model_aliases: Sequence[str] = (),
@@ -82,9 +83,12 @@ def create_app(
     """The server for one loaded model. `kv_bits`: quantized KV caches (see `make_cache`);
     `api_key`: required as a bearer token (or `x-api-key`) when set; `allow_files`: directories
     whose files may be sent as image paths; `cache_gb`: bound of the prefix cache; `max_queue`:
-    requests that may wait for the model (beyond: 429); `max_body_bytes`: largest request body
-    (beyond: 413); `model_aliases`: more names the model answers to; `any_model`: answer any
-    name; `store_responses`/`store_bytes`: bounds of the Responses API's stored responses (LRU).
+    requests that may wait for the model (beyond: 429); `max_concurrency`: requests decoded
+    together (None: from the memory available and a request's KV cache, see
+    `footprint.default_concurrency`; a pipeline over several ranks decodes one);
+    `max_body_bytes`: largest request body (beyond: 413); `model_aliases`: more names the model
+    answers to; `any_model`: answer any name; `store_responses`/`store_bytes`: bounds of the
+    Responses API's stored responses (LRU).
     `api_keys`: more accepted keys (each key's clients get their own prefix-cache entries);
     `default_max_tokens`: an answer's length when a request sets none; `allow_origins` /
     `allow_hosts`: browser origins and Host names accepted beside the server's own (see `guard`);
@@ -102,6 +106,7 @@ def create_app(
         kv_group_size=kv_group_size,
         cache_bytes=int(cache_gb * (1 << 30)),
         max_queue=max_queue,
+        max_concurrency=max_concurrency or serving_concurrency(model, kv_bits, kv_group_size),
     )
     roots = [Path(d).expanduser().resolve() for d in allow_files]
     engine = Engine(

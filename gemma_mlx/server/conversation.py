@@ -282,8 +282,6 @@ class Engine:
         """Everything the worker passes to `stream_generate` for this request."""
         kwargs = self.sampling(conv, len(inputs.ids))
         kwargs.update(prompt.options if prompt else {}, **conv.options)
-        if kwargs.get("repetition_penalty", 1) != 1:
-            kwargs["context_ids"] = list(inputs.ids[:-1])  # the worker feeds only the last prompt token
         return kwargs
 
     # --- the queue -------------------------------------------------------------------------------

@@ -1,10 +1,12 @@
-"""The generation worker: one thread owns the model and runs queued requests one at a time.
+"""The generation worker: one thread owns the model and runs the requests as rows of a `Batch`.
 
-MLX must not be driven from several threads at once, and one request at a time keeps outputs
-from interleaving. Requests wait in a bounded queue (beyond it the server answers 429). Events
-go back to each request's asyncio queue; a request whose client went away is cancelled and
-stops at the next token (or prefill chunk), leaving the prefix cache consistent: snapshots are
-only taken of caches that hold exactly a known token sequence.
+MLX must not be driven from several threads at once. Up to `max_concurrency` requests decode
+together (each step reads the weights once for all of them); a new one is prefilled a chunk per
+step in between, resuming from its prefix-cache snapshot. The others wait in a bounded queue
+(beyond it the server answers 429). Events go back to each request's asyncio queue; a request
+whose client went away is cancelled and leaves the batch before the next step, leaving the
+prefix cache consistent: snapshots are only taken of caches that hold exactly a known token
+sequence.
 """
 
 from __future__ import annotations
@@ -21,17 +23,21 @@ import mlx.core as mx
 import numpy as np
 
 from ..draft_control import DraftControl
-from ..generate import GenerationResult, make_cache, prefill, stream_generate
+from ..generate import (
+    Batch,
+    GenerationResult,
+    NonFiniteLogitsError,
+    Request,
+    Row,
+    make_cache,
+    prepare_request,
+)
 from ..processor import Inputs
 from ..prompt_cache import PromptCache, PromptKey
 from .metrics import Metrics
 
 
 class QueueFull(Exception):
-    pass
-
-
-class _Cancelled(Exception):
     pass
 
 
@@ -73,8 +79,38 @@ class Job:
                 return
 
 
+def serving_concurrency(model: Any, kv_bits: int | None, kv_group_size: int) -> int:
+    """The default `max_concurrency`: `footprint.default_concurrency` of the memory available now
+    (the model loaded), or 1 for a pipeline over several ranks (its caches live on the other
+    ranks, one request at a time)."""
+    from ..distributed import PipelineModel
+    from ..footprint import default_concurrency, memory_bytes
+    from ..models.gemma import float_dtype
+
+    if isinstance(model, PipelineModel):
+        return 1
+    dtype = float_dtype(model.language_model.embed_tokens) or mx.bfloat16
+    _, available = memory_bytes()
+    return default_concurrency(
+        model.config.text, available, kv_bits=kv_bits, kv_group_size=kv_group_size, dtype_bytes=dtype.size
+    )
+
+
+@dataclass
+class _Slot:
+    """A job in the batch: its request (row and output), what it generated, its thought budget."""
+
+    job: Job
+    request: Request
+    result: GenerationResult
+    budget: int | None  # thinking budget left to enforce (None: none)
+    thought: int | None = None  # tokens written in the open thought channel
+    last: float = 0.0  # when its previous token came (its submission, before the first)
+
+
 class Worker:
-    """Runs jobs on one thread, with a prefix cache of `cache_bytes`; at most `max_queue` wait."""
+    """Runs jobs on one thread, up to `max_concurrency` at once in one `Batch`, with a prefix
+    cache of `cache_bytes`; at most `max_queue` wait."""
 
     def __init__(
         self,
@@ -87,23 +123,26 @@ class Worker:
         kv_group_size: int = 64,
         cache_bytes: int = 4 << 30,
         max_queue: int = 32,
+        max_concurrency: int = 1,
         prefill_step_size: int = 512,
     ) -> None:
-        self.model, self.processor, self.drafter = model, processor, drafter
-        self.draft_block_size, self.prefill_step_size = draft_block_size, prefill_step_size
-        # one draft controller for all requests: what it measured carries over between them
-        self.draft_control = DraftControl(draft_block_size - 1) if drafter is not None else None
+        if max_concurrency < 1:
+            raise ValueError(f"max_concurrency={max_concurrency}: must be >= 1")
+        self.model, self.processor = model, processor
+        self.batch = Batch(
+            model, drafter=drafter, draft_block_size=draft_block_size, prefill_step_size=prefill_step_size
+        )
         self.kv = dict(kv_bits=kv_bits, kv_group_size=kv_group_size)
         self.prompt_cache = PromptCache(cache_bytes)
-        self.metrics = Metrics()  # the figures of /metrics and /health; `# metrics` marks each report
-        self.max_queue = max_queue
+        self.metrics = Metrics()  # the figures of /metrics and /health
+        self.max_queue, self.max_concurrency = max_queue, max_concurrency
         self._jobs: queue.Queue[Job | None] = queue.Queue()
         self._lock = threading.Lock()
         self._waiting = 0  # submitted and not yet started
         self._thread: threading.Thread | None = None
-        self._current: Job | None = None
+        self._active: dict[Row, _Slot] = {}
         self._closing = threading.Event()
-        self.last: GenerationResult | None = None  # of the last job run (finished or cancelled)
+        self.last: GenerationResult | None = None  # of the last job that ended (finished or cancelled)
         tok = getattr(processor, "tokenizer", None)
         ids = [tok.token_to_id(t) if tok is not None else None for t in ("<|channel>", "<channel|>")]
         self._channel = tuple(ids) if None not in ids else None  # Gemma 4's thought channel markup
@@ -115,174 +154,197 @@ class Worker:
 
     def stop(self) -> None:
         if self._thread is not None:
+            self._closing.set()
             self._jobs.put(None)
             self._thread.join()
             self._thread = None
+
+    @property
+    def draft_control(self) -> DraftControl | None:
+        """The draft controller of every request: what it measured carries over between them."""
+        return self.batch.control
+
+    @draft_control.setter
+    def draft_control(self, control: DraftControl) -> None:
+        self.batch.control = control
 
     @property
     def waiting(self) -> int:
         return self._waiting
 
     @property
+    def running(self) -> int:
+        return len(self._active)
+
+    @property
     def idle(self) -> bool:
         return self._jobs.unfinished_tasks == 0
 
     def close(self) -> None:
-        """Shutting down: cancel the running job and every queued one (each ends with finish
-        reason "cancelled" at its next token), and refuse new ones. Safe from a signal handler."""
+        """Shutting down: cancel the running jobs and every queued one (each ends with finish
+        reason "cancelled" before the next step), and refuse new ones. Safe from a signal handler."""
         self._closing.set()
-        job = self._current
-        if job is not None:
-            job.cancel()
+        for slot in list(self._active.values()):
+            slot.job.cancel()
 
     def submit(self, job: Job) -> None:
         with self._lock:
             if self._waiting >= self.max_queue or self._closing.is_set():
                 raise QueueFull
             self._waiting += 1
-            self.metrics.set_waiting(self._waiting)  # metrics
+            self.metrics.set_waiting(self._waiting)
         self._jobs.put(job)
 
+    # -- the loop -----------------------------------------------------------------------------
+
     def _loop(self) -> None:
-        while (job := self._jobs.get()) is not None:
+        while self._admit():
+            for slot in [s for s in self._active.values() if s.job.cancelled.is_set()]:
+                slot.result.finish_reason = "cancelled"
+                self._end(slot)
+            if not self._active:
+                continue
+            try:
+                results = self.batch.step()
+            except Exception as e:  # the step itself failed: every row in it fails, the worker goes on
+                for slot in list(self._active.values()):
+                    self._end(slot, e)
+                continue
+            self.metrics.batch_step(len(self.batch.rows))
+            for row, tokens in results:
+                slot = self._active.get(row)
+                if slot is not None:
+                    self._take(slot, tokens) if row.error is None else self._end(slot, row.error)
+        for slot in list(self._active.values()):  # stopped: what still runs is cancelled
+            slot.result.finish_reason = "cancelled"
+            self._end(slot)
+
+    def _admit(self) -> bool:
+        """Start queued jobs while there is room (waiting for one when nothing runs); False: stop."""
+        while len(self._active) < self.max_concurrency:
+            try:
+                job = self._jobs.get(block=not self._active)
+            except queue.Empty:
+                break
+            if job is None:
+                return False
             with self._lock:
                 self._waiting -= 1
-                self.metrics.set_waiting(self._waiting)  # metrics
-            try:
-                self._serve(job)
-            finally:
-                self._current = None
-                self.metrics.set_running(0)  # metrics
-                self._jobs.task_done()
+                self.metrics.set_waiting(self._waiting)
+            self._start(job)
+        self.metrics.set_running(len(self._active))
+        return True
 
-    def _serve(self, job: Job) -> None:
-        self._current = job
-        self.metrics.set_running(1)  # metrics
+    def _start(self, job: Job) -> None:
         if self._closing.is_set():
             job.cancel()
         if job.cancelled.is_set():  # its client left, or the server is shutting down
-            self.metrics.request_finished(0, "cancelled")  # metrics
-            job.emit(Event(done=True, result=GenerationResult(finish_reason="cancelled")))
+            self.last = GenerationResult(finish_reason="cancelled")
+            self.metrics.request_finished(0, "cancelled")
+            job.emit(Event(done=True, result=self.last))
+            self._jobs.task_done()
             return
         try:
-            self.last = result = self._run(job)
-            self.metrics.request_finished(result.stats.generation_tokens, result.finish_reason)  # metrics
-            job.emit(Event(done=True, result=self.last))
-        except _Cancelled:
-            self.last = GenerationResult(finish_reason="cancelled")
-            self.metrics.request_finished(0, "cancelled")  # metrics
-            job.emit(Event(done=True, result=self.last))
+            request = self._prepare(job)
         except Exception as e:  # reported to the client as a 500; the worker keeps serving
-            self.metrics.request_finished(0, "error")  # metrics
+            self.metrics.request_finished(0, "error")
             job.emit(Event(error=e))
-
-    def _run(self, job: Job) -> GenerationResult:
-        model, ids = self.model, job.inputs.ids
-        cache = make_cache(model, **self.kv)
-        reused = self.prompt_cache.fetch(job.key, cache, len(ids) - 1)
-        result = GenerationResult()
-        stats = result.stats
-        stats.prompt_tokens, stats.cached_prompt_tokens = len(ids) - reused, reused
-        self.metrics.request_started(stats.prompt_tokens, stats.cached_prompt_tokens)  # metrics
-
-        def check(done: int = 0, total: int = 0) -> None:
-            if job.cancelled.is_set():
-                raise _Cancelled
-
-        tic = time.perf_counter()
-        end = len(ids) - 1  # the last prompt token starts decoding
-        # stop before the first new media block too: a request with the same text and another
-        # image (or an edit after it) resumes there
-        stops = [s for s, _, _, _ in job.key.blocks if reused < s < end][:1] + [end]
-        done = reused
-        for stop in stops:
-            media = job.key.media_after(job.inputs, done) if stop == end else {}
-            chunk = mx.array(ids[done:stop], dtype=mx.int32)
-            prefill(model, chunk, cache, media=media or None, step=self.prefill_step_size, progress=check)
-            done = stop
-            if all(c.offset == stop for c in cache):
-                self.prompt_cache.store(job.key.tokens[:stop], cache, job.key.partition)
-        stats.prompt_tps = (len(ids) - reused) / max(time.perf_counter() - tic, 1e-9)
-
-        tokens = result.tokens
-        sampling, feed = dict(job.sampling), ids[-1:]
+            self._jobs.task_done()
+            return
+        stats = request.row.stats
+        self.metrics.request_started(stats.prompt_tokens, stats.cached_prompt_tokens)
         budget = job.thinking_budget if self._channel is not None else None
-        thought = None  # tokens written in the open thought channel
-        last = job.submitted  # metrics: when the previous token came (the submission, for the first)
-        try:
-            while True:
-                chunks = stream_generate(
-                    model,
-                    self.processor,
-                    Inputs(feed),
-                    cache=cache,
-                    drafter=self.drafter,
-                    draft_block_size=self.draft_block_size,
-                    draft_control=self.draft_control,
-                    **sampling,
-                )
-                over = False
-                try:
-                    for chunk in chunks:
-                        now = time.perf_counter()  # metrics
-                        (self.metrics.token if tokens else self.metrics.first_token)(now - last)  # metrics
-                        last = now  # metrics
-                        self.metrics.batch_step(1)  # metrics: one row per decode step here
-                        tokens.append(chunk.token)
-                        stats.generation_tokens = len(tokens)
-                        stats.generation_tps = chunk.stats.generation_tps
-                        stats.drafted, stats.accepted = chunk.stats.drafted, chunk.stats.accepted
-                        result.finish_reason = chunk.finish_reason
-                        if chunk.logprob is not None:
-                            result.logprobs.append(chunk.logprob)
-                        job.emit(Event(text=chunk.text, markup=chunk.markup))
-                        if job.cancelled.is_set() and chunk.finish_reason is None:
-                            result.finish_reason = "cancelled"
-                            break
-                        if budget is not None:
-                            if chunk.token == self._channel[0]:
-                                thought = 0
-                            elif chunk.token == self._channel[1]:
-                                thought = None
-                            elif thought is not None:
-                                thought += 1
-                            over = thought is not None and thought >= budget and not chunk.finish_reason
-                            if over:
-                                break
-                finally:
-                    chunks.close()
-                if not over:
-                    break
+        slot = _Slot(job, request, GenerationResult(stats=stats), budget, last=job.submitted)
+        request.output.start()
+        self.batch.add(request.row)
+        self._active[request.row] = slot
+
+    def _prepare(self, job: Job) -> Request:
+        """The job's request, resuming from the longest cached prefix of its prompt; its prefill
+        stops (and the cache is snapshot) before the first new media block too, so a request with
+        the same text and another image (or an edit after it) resumes there."""
+        ids, key = job.inputs.ids, job.key
+        cache = make_cache(self.model, **self.kv)
+        reused = self.prompt_cache.fetch(key, cache, len(ids) - 1)
+        end = len(ids) - 1  # the last prompt token starts decoding
+        stops = [s for s, _, _, _ in key.blocks if reused < s < end][:1] + [end]
+
+        def snapshot(done: int, total: int) -> None:
+            held = reused + done
+            if held in stops and all(c.offset == held for c in cache):
+                self.prompt_cache.store(key.tokens[:held], cache, key.partition)
+
+        request = prepare_request(
+            self.model,
+            self.processor,
+            key.rest_of(job.inputs, reused),
+            cache=cache,
+            context_ids=ids[:reused],
+            prefill_progress=snapshot,
+            prefill_stops=[s - reused for s in stops],
+            **job.sampling,
+        )
+        if request is None:
+            raise ValueError("max_tokens leaves nothing to generate")
+        return request
+
+    def _take(self, slot: _Slot, tokens: list[int]) -> None:
+        """Hand a row's new tokens to its client; end it when it is done."""
+        job, row = slot.job, slot.request.row
+        for i, token in enumerate(tokens):
+            try:
+                chunk = slot.request.output.add(token)
+            except NonFiniteLogitsError as e:
+                self._end(slot, e)
+                return
+            now = time.perf_counter()
+            (self.metrics.token if slot.result.tokens else self.metrics.first_token)(now - slot.last)
+            slot.last = now
+            slot.result.add(chunk)
+            job.emit(Event(text=chunk.text, markup=chunk.markup))
+            if chunk.finish_reason:
+                self._end(slot)
+                return
+            if slot.budget is not None and self._thought_over(slot, token):
                 # the thinking budget is spent: close the channel and let the model answer
-                feed, budget = self._close_thought(ids, tokens, cache), None
-                closing = self.processor.tokenizer.decode([feed[-1]])  # a special token: markup as written
-                job.emit(Event(text=closing, markup=closing))
-                sampling["max_tokens"] = job.sampling["max_tokens"] - len(tokens)
-                if sampling["max_tokens"] <= 0:
-                    result.finish_reason = "length"
-                    break
-        finally:
-            self._store_answer(job.key.tokens, tokens, cache, job.key.partition)
-        return result
+                if i < len(tokens) - 1:  # a speculative round went past it
+                    row.rewind(len(tokens) - 1 - i)
+                row.force, slot.budget = self._channel[1], None
+                return
 
-    def _close_thought(self, ids: list[int], tokens: list[int], cache: list) -> list[int]:
-        """The thinking budget is spent: the tokens to feed next so that the channel closes (the
-        last generated token when the cache does not hold it yet, then <channel|>)."""
-        held = len(ids) + len(tokens) - 1  # the last generated token is fed with the next step
-        offset = min(c.offset for c in cache)
-        for c in cache:  # speculative decoding may hold drafts past the last token
-            if c.offset > held + 1:
-                c.trim(c.offset - held - 1)
-        close = self._channel[1]
-        tokens.append(close)
-        return [close] if offset > held else [tokens[-2], close]
+    def _thought_over(self, slot: _Slot, token: int) -> bool:
+        if token == self._channel[0]:
+            slot.thought = 0
+        elif token == self._channel[1]:
+            slot.thought = None
+        elif slot.thought is not None:
+            slot.thought += 1
+        return slot.thought is not None and slot.thought >= slot.budget
 
-    def _store_answer(self, prompt: np.ndarray, answer: list[int], cache: list, partition: str) -> None:
+    def _end(self, slot: _Slot, error: BaseException | None = None) -> None:
+        """Take a job out of the batch (its row's slot is free at once) and tell its client."""
+        row, result = slot.request.row, slot.result
+        decoded = row in self.batch.rows
+        self.batch.remove(row)
+        del self._active[row]
+        self.metrics.set_running(len(self._active))
+        if error is not None:
+            self.metrics.request_finished(0, "error")
+            slot.job.emit(Event(error=error))
+        else:
+            if decoded:
+                self._store_answer(slot.job.key, result.tokens, row.cache)
+            self.last = result
+            self.metrics.request_finished(result.stats.generation_tokens, result.finish_reason or "stop")
+            slot.job.emit(Event(done=True, result=result))
+        self._jobs.task_done()
+
+    def _store_answer(self, key: PromptKey, answer: list[int], cache: list) -> None:
         """Snapshot the cache after an answer, for a next request that continues it."""
         offsets = {c.offset for c in cache}
         if len(offsets) != 1:
             return
-        held = np.concatenate([prompt, np.asarray(answer, np.int64)])
+        held = np.concatenate([key.tokens, np.asarray(answer, np.int64)])
         extra = offsets.pop() - len(held)  # speculative decoding may hold drafts past a stop
         if extra > 0:
             if extra > min(c.max_trim for c in cache):
@@ -290,4 +352,4 @@ class Worker:
             for c in cache:
                 c.trim(extra)
             extra = 0
-        self.prompt_cache.store(held[: len(held) + extra], cache, partition)
+        self.prompt_cache.store(held[: len(held) + extra], cache, key.partition)

@@ -82,6 +82,15 @@ def serve(
     max_queue: Annotated[
         int, typer.Option("--max-queue", min=0, help="Requests that may wait for the model (beyond: 429).")
     ] = 32,
+    max_concurrency: Annotated[
+        int | None,
+        typer.Option(
+            "--max-concurrency",
+            min=1,
+            help="Requests decoded together (default: from free memory and a request's KV cache at 8K "
+            "tokens, at most 8; 1 with --distributed).",
+        ),
+    ] = None,
     model_id: Annotated[
         str | None, typer.Option("--model-id", help="The model name clients send (default: the directory's).")
     ] = None,
@@ -144,6 +153,7 @@ def serve(
         allow_files=allow_files or (),
         cache_gb=cache_gb,
         max_queue=max_queue,
+        max_concurrency=max_concurrency,
         model_aliases=model_alias or (),
         any_model=any_model,
         ui=ui,

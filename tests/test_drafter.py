@@ -150,3 +150,41 @@ def test_chat_and_cli_with_drafter(pair):
     with_draft = runner.invoke(app, [*args, "--draft", str(drafter_dir), "--draft-block-size", "3"])
     assert without.exit_code == with_draft.exit_code == 0
     assert with_draft.stdout == without.stdout and "drafts accepted" in with_draft.stderr
+
+
+def test_a_drafting_row_joins_a_batch_and_drafts_again_when_alone(pair):
+    """Drafting while a row decodes alone, plain steps while another shares the batch (its caches
+    merged, then split back with the rings' rollback state), drafting again once it is alone."""
+    from gemma_mlx.draft_control import DraftControl
+    from gemma_mlx.generate import Batch, prepare_request
+
+    target_dir, _, _, _ = pair
+    model, processor = load(target_dir)
+    prompt = list(np.random.default_rng(5).integers(5, 300, size=9))
+    plain = generate(model, processor, prompt, max_tokens=48)
+    other = generate(model, processor, "Hello there", max_tokens=10)
+    control = DraftControl(3, cost=lambda k: 1.0 + 0.1 * k)  # drafting pays, whatever the clock says
+    batch = Batch(
+        model, drafter=Oracle(prompt + plain.tokens, model.config.text.vocab_size), draft_control=control
+    )
+    a = prepare_request(model, processor, prompt, max_tokens=48, cache=make_cache(model, slack=8))
+    b = prepare_request(model, processor, "Hello there", max_tokens=10, cache=make_cache(model, slack=8))
+    batch.add(a.row)
+    got = {a.row: [], b.row: []}
+    drafted = []
+    while len(batch):
+        if len(got[a.row]) >= 12 and b.row not in got.get("added", []):
+            batch.add(b.row)
+            got["added"] = [b.row]
+            drafted.append(a.row.stats.drafted)
+        for row, tokens in batch.step():
+            for t in tokens:
+                got[row].append(t)
+                request = a if row is a.row else b
+                if request.output.add(t).finish_reason:
+                    batch.remove(row)
+                    if row is b.row:
+                        drafted.append(a.row.stats.drafted)
+                    break
+    assert got[a.row] == plain.tokens and got[b.row] == other.tokens
+    assert 0 < drafted[0] == drafted[1] < a.row.stats.drafted  # drafts before and after, none while batched

@@ -106,7 +106,7 @@ def create_app(
         kv_group_size=kv_group_size,
         cache_bytes=int(cache_gb * (1 << 30)),
         max_queue=max_queue,
-        max_concurrency=max_concurrency or serving_concurrency(model, kv_bits, kv_group_size),
+        max_concurrency=serving_concurrency(model, kv_bits, kv_group_size, max_concurrency),
     )
     roots = [Path(d).expanduser().resolve() for d in allow_files]
     engine = Engine(

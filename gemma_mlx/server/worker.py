@@ -79,16 +79,20 @@ class Job:
                 return
 
 
-def serving_concurrency(model: Any, kv_bits: int | None, kv_group_size: int) -> int:
-    """The default `max_concurrency`: `footprint.default_concurrency` of the memory available now
-    (the model loaded), or 1 for a pipeline over several ranks (its caches live on the other
-    ranks, one request at a time)."""
+def serving_concurrency(model: Any, kv_bits: int | None, kv_group_size: int, asked: int | None = None) -> int:
+    """`max_concurrency`: `asked`, or by default `footprint.default_concurrency` of the memory
+    available now (the model loaded); 1 for a pipeline over several ranks (its caches live on the
+    other ranks and are not batched)."""
     from ..distributed import PipelineModel
     from ..footprint import default_concurrency, memory_bytes
     from ..models.gemma import float_dtype
 
     if isinstance(model, PipelineModel):
+        if asked not in (None, 1):
+            raise ValueError(f"max_concurrency={asked}: a pipeline over ranks decodes one request at a time")
         return 1
+    if asked is not None:
+        return asked
     dtype = float_dtype(model.language_model.embed_tokens) or mx.bfloat16
     _, available = memory_bytes()
     return default_concurrency(

@@ -145,6 +145,28 @@ class Server:
         self.close()
         raise RuntimeError(f"{self.name} did not answer within {timeout:.0f} s (log: {self.log})")
 
+    def cpu_seconds(self) -> float | None:
+        """CPU time the server process has used (Linux /proc; None elsewhere)."""
+        try:
+            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, AttributeError, IndexError):
+            return None
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+    def wait_idle(self, timeout: float = 600.0) -> float:
+        """Wait until the server uses under 20 % of a core (a hung-up stream may still be
+        generating): the next measurement, maybe of the other server, must not share the CPU with
+        it. Returns the seconds waited (0 where CPU time cannot be read)."""
+        start = time.monotonic()
+        before = self.cpu_seconds()
+        while before is not None and time.monotonic() - start < timeout:
+            time.sleep(1.0)
+            now = self.cpu_seconds()
+            if now is None or now - before < 0.2:
+                break
+            before = now
+        return time.monotonic() - start
+
     def close(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
@@ -153,6 +175,13 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+def settle(servers: list[Server]) -> None:
+    for s in servers:
+        waited = s.wait_idle()
+        if waited > 3:
+            print(f"({s.name} was busy for {waited:.0f} s after the last measurement)", flush=True)
 
 
 def make_servers(args, help_text: str, peak: int, chunk: int, logs: Path) -> tuple[list[Server], str]:
@@ -321,6 +350,7 @@ def concurrency_matrix(servers: list[Server], levels: list[int], rounds: int, ma
         for round_ in range(rounds):
             order = servers if round_ % 2 == 0 else servers[::-1]
             for s in order:
+                settle(servers)
                 results = burst(s, prompts_for(level, round_, level), max_tokens)
                 runs[s.name].append(results)
                 ttfts = [f"{r.ttft:.2f}" if r.ttft is not None else "-" for r in results]
@@ -413,6 +443,7 @@ def arrival_runs(servers: list[Server], args, chunk: int) -> dict:
     out = {s.name: [] for s in servers}
     for round_ in range(args.rounds):
         for s in servers if round_ % 2 == 0 else servers[::-1]:
+            settle(servers)
             r = arrival(s, args.arrival_prompt_tokens, args.arrival_decode_tokens, round_, 3)
             n, n_alone = r["prompt_tokens"], r["alone"]["prompt_tokens"]
             r["chunk"] = chunk

@@ -46,6 +46,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import socket
 import statistics
 import subprocess
@@ -613,6 +614,8 @@ def main() -> None:
     if min(levels) < 1:
         ap.error("--concurrency: client counts must be >= 1")
 
+    # a terminated run still stops its servers (the `finally` below)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     help_text = serve_help()
     default_chunk, _ = our_prefill_chunk(help_text)
     chunk = args.prefill_chunk or default_chunk

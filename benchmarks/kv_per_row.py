@@ -1,6 +1,6 @@
 """Memory per extra batch row for the Gemma 4 12B, from its config, and the rows a 16 GB Mac holds.
 
-    python benchmarks/kv_per_row.py [--free-gb 11.45] [--out benchmarks/results/kv_per_row_gemma4_12b.md]
+    python benchmarks/kv_per_row.py [--free-gb 11.45] [--bandwidth-gb 120] [--out FILE]
 
 A row (one request in a batch) holds its own KV cache: the 8 global layers grow with its context,
 the 40 sliding layers hold rings of window + rollback slack (1024 + 128) tokens at most. Bytes
@@ -97,13 +97,55 @@ def report(free_gb: float, reserve_gb: float) -> str:
     return "\n".join(lines)
 
 
+def bandwidth_bound(bandwidth_gb: float, model_270m: Path | None) -> str:
+    """Aggregate decode tok/s a bandwidth-bound device would give B rows: each step reads the
+    weights once and every row's KV cache; B tokens per step."""
+    config = parse_config(json.loads(CONFIG.read_text()))
+    cases = [
+        (
+            "Gemma 4 12B, 4-bit weights, bf16 KV, 8K context per row",
+            estimate(config, bits=4, group_size=64).bytes_per_token,
+            row_bytes(config.text, 8192, None),
+        )
+    ]
+    if model_270m is not None and model_270m.is_dir():
+        from gemma_mlx.footprint import footprint
+
+        fp = footprint(model_270m, 64, kv_dtype_bytes=4)  # concurrency.py: ~30 + 24 tokens, float32
+        cases.insert(
+            0, (f"{model_270m.name}, float32 KV, 64 tokens per row", fp.bytes_per_token, fp.kv_bytes)
+        )
+    batches = (1, 2, 4, 8)
+    lines = [
+        f"## Decode bound of a batch on a bandwidth-bound device ({bandwidth_gb:.0f} GB/s)",
+        "",
+        "Bytes per step = weights one decoded token reads (`decode_bytes`: text weights, the tied "
+        "embedding once as the LM head) + B x KV cache of a row; aggregate tok/s <= B x bandwidth / "
+        f"bytes per step. {bandwidth_gb:.0f} GB/s is an assumption (`--bandwidth-gb`; a base M4 is "
+        "quoted at 120 GB/s). Compute and per-step overhead come on top.",
+        "",
+        "| model | weights read / step | KV / row | " + " | ".join(f"B={b} tok/s" for b in batches) + " |",
+        "|---|---|---|" + "---|" * len(batches),
+    ]
+    for name, weights, kv in cases:
+        rates = [b * bandwidth_gb * 1e9 / (weights + b * kv) for b in batches]
+        lines.append(
+            f"| {name} | {weights / 1e9:.3f} GB | {kv / 1e6:.1f} MB | "
+            + " | ".join(f"{r:.0f}" for r in rates)
+            + " |"
+        )
+    return "\n".join([*lines, ""])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--free-gb", type=float, default=16 * 2**30 * 2 / 3 / 1e9)
     ap.add_argument("--reserve-gb", type=float, default=0.0)
+    ap.add_argument("--bandwidth-gb", type=float, default=120.0)
+    ap.add_argument("--model-270m", type=Path, default=Path.home() / ".cache/gemma-mlx/gemma-3-270m-float32")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/kv_per_row_gemma4_12b.md")
     args = ap.parse_args()
-    text = report(args.free_gb, args.reserve_gb)
+    text = report(args.free_gb, args.reserve_gb) + "\n" + bandwidth_bound(args.bandwidth_gb, args.model_270m)
     args.out.write_text(text)
     print(text)
 

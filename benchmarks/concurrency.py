@@ -419,7 +419,8 @@ def arrival(server: Server, prompt_tokens: int, decode_tokens: int, round_: int,
         t.join()
     running = [d[0] for d in decoders if d and d[0].stamps]
     t0, t1 = late.submit, late.first or late.end
-    still = sum(1 for d in running if d.stamps[-1] > t1) if t1 else 0
+    # running at its first token: streaming before it and not ended before it (a hang-up ends later)
+    still = sum(1 for d in running if t1 and d.stamps[0] < t1 and (d.end is None or d.end > t1))
     gaps = []  # pauses of the running streams while the 4th request waited for its first token
     for d in running:
         gaps += [b - a for a, b in zip(d.stamps, d.stamps[1:], strict=False) if b > t0 and a < (t1 or b)]

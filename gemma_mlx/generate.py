@@ -6,6 +6,7 @@ processor, the sampler, the detokenizer with stop strings, and the clocks.
 
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -259,6 +260,7 @@ class Row:
             raise ValueError("prompt is empty")
         self.prompt, self.media, self.stops, self.progress = ids[:-1], media, stops, progress
         self.chunks: list[tuple[dict, int]] | None = None  # the prefill plan, once it started
+        self.prefilled = 0  # prompt tokens in the cache
         self.cache = cache
         self.sample, self.constraint = _flag_non_finite(sample), constraint
         self.stats = stats if stats is not None else GenerationStats()
@@ -339,19 +341,27 @@ class Batch:
             self.rows.remove(row)
 
     def step(self) -> list[tuple[Row, list[int]]]:
-        """One prefill chunk of the first joining row, then one decode step (or speculative
-        round) of the decoding rows -> (row, the tokens it generated) for each row that did
-        something; a row whose prefill failed is dropped and returned with `error` set."""
+        """Prefill joining rows, first come first served, up to `prefill_step_size` tokens (one
+        chunk; with no row decoding, every joining row whole: nobody waits on them), then one
+        decode step (or speculative round) of the decoding rows -> (row, the tokens it generated)
+        for each row that did something; a row whose prefill failed is dropped and returned with
+        `error` set."""
         out = []
-        if self.joining:
-            row = self.joining[0]
+        budget = self.prefill_step_size if self.rows else math.inf
+        for row in list(self.joining):
+            if budget <= 0:
+                break
             try:
-                if self._prefill(row, everything=not self.rows):
-                    self.rows.append(self.joining.pop(0))
+                done, used = self._prefill(row, budget)
             except Exception as e:  # noqa: BLE001 - the row's own failure (bad media, a callback), not the batch's
-                self.joining.pop(0)
+                self.joining.remove(row)
                 row.error = e
                 out.append((row, []))
+                continue
+            budget -= used
+            if done:
+                self.joining.remove(row)
+                self.rows.append(row)
         if not self.rows:
             return out
         row = self.rows[0]
@@ -360,13 +370,20 @@ class Batch:
         self._round = None
         return out + self._step()
 
-    def _prefill(self, row: Row, everything: bool) -> bool:
-        """Run the next chunk of `row`'s prompt (every chunk when `everything`); True when done."""
+    def _prefill(self, row: Row, budget: float) -> tuple[bool, int]:
+        """Run `row`'s next prompt chunks while `budget` tokens last (at least one chunk) ->
+        (whether its prompt is all in, tokens run)."""
         if row.chunks is None:
             row.chunks = prefill_plan(
                 self.model, row.prompt, media=row.media, step=self.prefill_step_size, stops=row.stops
             )
-        todo = row.chunks if everything else row.chunks[:1]
+        start = end = row.prefilled
+        todo = []
+        for chunk in row.chunks:
+            if todo and chunk[1] - start > budget:
+                break
+            todo.append(chunk)
+            end = chunk[1]
 
         def done(i: int) -> None:
             if row.progress is not None:
@@ -374,7 +391,8 @@ class Batch:
 
         self.model.prefill_chunks([c for c, _ in todo], row.cache, done)
         del row.chunks[: len(todo)]
-        return not row.chunks
+        row.prefilled = end
+        return not row.chunks, end - start
 
     def _caches(self) -> list[Cache] | list[BatchCache]:
         if len(self.rows) == 1:

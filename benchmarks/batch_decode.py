@@ -68,17 +68,49 @@ def measure(model, processor, rows: int, tokens: int, kv_bits: int | None) -> di
     return out
 
 
+def measure_peer(path: Path, rows: int, tokens: int) -> dict:
+    """The same measurement with mlx-lm's `BatchGenerator` (continuous batching, left-padded
+    batch caches) on the same weights: decode steps after every row has its first token."""
+    from mlx_lm import load as lm_load
+    from mlx_lm.generate import BatchGenerator
+
+    model, tokenizer = lm_load(str(path))
+    gen = BatchGenerator(model, max_tokens=tokens + 4, completion_batch_size=rows, prefill_batch_size=rows)
+    prompts = [
+        tokenizer.encode(" ".join(WORDS[(i + j) % len(WORDS)] for j in range(20 + 3 * i)))
+        for i in range(rows)
+    ]
+    gen.insert(prompts)
+    started: set[int] = set()
+    while len(started) < rows:
+        started.update(r.uid for r in gen.next()[1])  # (prompt responses, generation responses)
+    tic = time.perf_counter()
+    for _ in range(tokens):
+        gen.next()
+    elapsed = time.perf_counter() - tic
+    gen.close()
+    return {"rows": rows, "tok_s": rows * tokens / elapsed, "step_ms": 1000 * elapsed / tokens}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--rows", default="1,2,4,8")
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--kv-bits", type=int, default=None)
+    ap.add_argument("--peer", action="store_true", help="also mlx-lm's BatchGenerator (270M)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     (model, processor), name = model_and_name(args.tiny)
     measure(model, processor, 2, 4, args.kv_bits)  # warm up
-    results = [measure(model, processor, int(b), args.tokens, args.kv_bits) for b in args.rows.split(",")]
+    results, peer = [], []
+    for b in args.rows.split(","):
+        results.append(measure(model, processor, int(b), args.tokens, args.kv_bits))
+        if args.peer:
+            from gemma_mlx.convert.default_model import default_model_path
+
+            peer.append(measure_peer(default_model_path(), int(b), args.tokens))
+            print(results[-1], peer[-1], flush=True)
     base = results[0]["tok_s"]
     report = {
         "model": name,
@@ -87,6 +119,9 @@ def main() -> None:
         "kv_bits": args.kv_bits,
         "results": [{**r, "vs_one_row": r["tok_s"] / base} for r in results],
     }
+    if peer:
+        report["mlx_lm"] = peer
+        report["ours_over_mlx_lm"] = [r["tok_s"] / p["tok_s"] for r, p in zip(results, peer, strict=True)]
     print(json.dumps(report, indent=1))
     if args.out:
         args.out.write_text(json.dumps(report, indent=1) + "\n")

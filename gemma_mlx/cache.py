@@ -403,8 +403,9 @@ class BatchKVCache:
         return size if max(self.offsets) < size else size + self.step
 
     def mask(self, window: int | None) -> mx.array:
-        """`[B, 1, 1, K]`: each row's query sees its own keys up to its position."""
-        kpos = mx.arange(self._size_after(), dtype=mx.int32)[None]
+        """`[B, 1, 1, K]`: each row's query sees its own keys up to its position (K: the longest
+        row's keys, which is all `update_and_fetch` returns)."""
+        kpos = mx.arange(max(self.offsets) + 1, dtype=mx.int32)[None]
         return (kpos <= self.offset[:, None])[:, None, None]
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[KV, KV]:
@@ -415,10 +416,10 @@ class BatchKVCache:
         elif size > self.keys.shape[2]:
             self.keys = _concat(self.keys, _empty(self.keys, self.step))
             self.values = _concat(self.values, _empty(self.values, self.step))
-        slots = self.offset
+        slots, held = self.offset, max(self.offsets) + 1
         self.keys, self.values = _scatter(self.keys, slots, keys), _scatter(self.values, slots, values)
         self.offsets = [o + 1 for o in self.offsets]
-        return self.keys, self.values
+        return _slots(self.keys, 0, held), _slots(self.values, 0, held)
 
     def split(self) -> list[KVCache]:
         """Each row's own cache, in its own memory."""
@@ -463,10 +464,10 @@ class BatchRingCache:
         return mx.array(self.offsets, dtype=mx.int32)
 
     def mask(self, window: int | None) -> mx.array:
-        """`[B, 1, 1, capacity]`: each row's query sees the slots holding its last `window`
-        positions (as `RingKVCache.key_positions` computes them, per row)."""
+        """`[B, 1, 1, K]`: each row's query sees the slots holding its last `window` positions
+        (as `RingKVCache.key_positions` computes them, per row) among the K slots held."""
         q = self.offset[:, None]
-        s = mx.arange(self.capacity, dtype=mx.int32)[None]
+        s = mx.arange(self._held(), dtype=mx.int32)[None]
         kpos = q - mx.remainder(q - s, self.capacity)
         keep = kpos >= 0
         if window is not None:
@@ -477,11 +478,15 @@ class BatchRingCache:
         keys, values = _encode(keys, self.quant), _encode(values, self.quant)
         if self.keys is None:
             self.keys, self.values = _empty(keys, self.capacity), _empty(values, self.capacity)
-        slots = mx.array([o % self.capacity for o in self.offsets], dtype=mx.int32)
+        slots, held = mx.array([o % self.capacity for o in self.offsets], dtype=mx.int32), self._held()
         self.keys, self.values = _scatter(self.keys, slots, keys), _scatter(self.values, slots, values)
         self.offsets = [o + 1 for o in self.offsets]
         self.written = [max(w, o) for w, o in zip(self.written, self.offsets, strict=True)]
-        return self.keys, self.values
+        return _slots(self.keys, 0, held), _slots(self.values, 0, held)
+
+    def _held(self) -> int:
+        """Slots holding a key once this step's are written (the first ones, until a ring wraps)."""
+        return min(max(self.offsets) + 1, self.capacity)
 
     def split(self) -> list[RingKVCache]:
         out = []

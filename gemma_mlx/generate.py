@@ -1,7 +1,10 @@
-"""Generation: one prefill, then a pipelined decode loop or MTP speculative rounds, streamed as text.
+"""Generation: requests as rows of a `Batch` (prefill in chunks, then pipelined decode steps of all
+rows together, or MTP speculative rounds for a row alone), streamed as text.
 
-`generate_tokens` is the core (prompt ids in, token ids out); `stream_generate` wires it to the
-processor, the sampler, the detokenizer with stop strings, and the clocks.
+`Batch` is the one core (a single request is a batch of one); `prepare_request` checks a
+request and builds its row (prompt, caches, sampler, constraint) and its `Output` (detokenizer
+with stop strings, finish reasons, clocks); `stream_generate`, `generate`, `batch_generate`,
+`generate_tokens` and the server drive it.
 """
 
 from __future__ import annotations
@@ -284,10 +287,10 @@ class Row:
 
 class Batch:
     """The generation core: rows decode together, one token each per step, and join or leave
-    between steps. A joining row is prefilled one chunk per step while others decode (at once when
-    none do); a row alone with a `drafter` decodes in speculative rounds whose size `draft_control`
-    chooses (default: a `DraftControl` timing the rounds, which falls back to plain steps when
-    drafting does not pay). A single request is a batch of one.
+    between steps. Joining rows are prefilled within one chunk's worth of tokens per step while
+    others decode (whole when none do); a row alone with a `drafter` decodes in speculative
+    rounds whose size `draft_control` chooses (default: a `DraftControl` timing the rounds, which
+    falls back to plain steps when drafting does not pay). A single request is a batch of one.
 
     Each step queues the next forward pass before the host reads the tokens it hands out, so the
     caller's work on them (and the constraints' masks for the next tokens) overlaps the device."""

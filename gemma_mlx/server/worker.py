@@ -214,11 +214,16 @@ class Worker:
                 for slot in list(self._active.values()):
                     self._end(slot, e)
                 continue
-            self.metrics.batch_step(len(self.batch.rows))
+            if self.batch.rows:
+                self.metrics.batch_step(len(self.batch.rows))
             for row, tokens in results:
                 slot = self._active.get(row)
-                if slot is not None:
-                    self._take(slot, tokens) if row.error is None else self._end(slot, row.error)
+                if slot is None:
+                    continue
+                if row.error is not None:
+                    self._end(slot, row.error)
+                else:
+                    self._take(slot, tokens)
         for slot in list(self._active.values()):  # stopped: what still runs is cancelled
             slot.result.finish_reason = "cancelled"
             self._end(slot)

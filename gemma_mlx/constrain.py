@@ -16,6 +16,7 @@ tool: the answer must start with a call; "none" or no tools: `<|tool_call>` is n
 from __future__ import annotations
 
 import json
+import logging
 import re
 import threading
 import weakref
@@ -28,6 +29,7 @@ import numpy as np
 from .text import Tokenizer
 
 EXTRA = "structured"
+_log = logging.getLogger(__name__)
 _BYTE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 
@@ -43,6 +45,15 @@ def _llguidance() -> Any:
             f"structured outputs and constrained tool calls need llguidance: pip install 'gemma-mlx[{EXTRA}]'"
         ) from None
     return llguidance
+
+
+def available() -> bool:
+    """Whether the engine (the `structured` extra) is installed."""
+    try:
+        _llguidance()
+    except ConstraintUnavailable:
+        return False
+    return True
 
 
 def token_bytes(tokenizer: Tokenizer) -> tuple[list[bytes], list[int]]:
@@ -517,12 +528,20 @@ def make_constraint(
     thinking: bool = False,
 ) -> Constraint | None:
     """The constraint of one request, None when there is nothing to enforce. `tool_choice`:
-    None (tools are not checked), "auto" (calls are checked), "required", a tool's name or
-    `{"type": "function", "function": {"name"}}` (the answer starts with a call), "none" (no
-    call can open; also what an explicit tool_choice without tools means)."""
+    "auto" (calls are checked), "required", a tool's name or `{"type": "function", "function":
+    {"name"}}` (the answer starts with a call), "none" (no call can open; also what an explicit
+    tool_choice without tools means), None: "auto" when tools are declared, except that without
+    the `structured` extra, or with a tool schema the grammar cannot enforce (logged), calls are
+    only parsed (the tolerant parser, declared names only) instead of raising."""
     answer = response_format_grammar(response_format) if response_format is not None else None
     if isinstance(tool_choice, Mapping):
         tool_choice = (tool_choice.get("function") or {}).get("name")
+    if tool_choice is None and tools and answer is None and available():
+        try:
+            return make_constraint(processor, size, tools=tools, tool_choice="auto", thinking=thinking)
+        except ValueError as e:
+            _log.warning("tool calls are parsed, not grammar-checked: %s", e)
+            return None
     if tool_choice is None and answer is None:
         return None
     if tool_choice not in (None, "none", "auto", "required") and not isinstance(tool_choice, str):

@@ -495,6 +495,28 @@ def test_server_tool_choice_and_refusals(served):
         )
 
 
+def test_server_checks_calls_when_tool_choice_is_omitted(served, small):
+    """Tools declared, no tool_choice: every call returned is a declared tool's with valid arguments
+    (a bias makes <|tool_call> the model's first choice wherever a call may open)."""
+    _, processor = small
+    call_open = processor.tokenizer.token_to_id("<|tool_call>")
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+    for seed in range(3):
+        r = served.client().chat.completions.create(
+            model="small",
+            messages=[{"role": "user", "content": "weather?"}],
+            tools=TOOLS,
+            logit_bias={str(call_open): 100},
+            max_tokens=120,
+            temperature=1.0,
+            seed=seed,
+        )
+        calls = r.choices[0].message.tool_calls
+        assert calls, (seed, r.choices[0])
+        for call in calls:
+            jsonschema.validate(json.loads(call.function.arguments), schemas[call.function.name])
+
+
 def test_server_logprobs_and_length(served):
     client = served.client()
     r = client.chat.completions.create(

@@ -384,7 +384,11 @@ def tool_call_grammar(
             continue
         lark = _Lark(ids[QUOTE], params) if lark is None else lark
         lark.root = params
-        args = lark.value({"type": "object", **params}, f"tools[{i}].function.parameters")
+        where = f"tools[{i}].function.parameters"
+        try:
+            args = lark.value({"type": "object", **params}, where)
+        except (TypeError, AttributeError) as e:  # a malformed schema (a list where an object goes...)
+            raise ValueError(f"{where}: not a valid JSON schema ({e})") from None
         alts.append(f"{json.dumps(fn)} {args}")
     if not alts:
         raise ValueError(f"tool_choice: {name!r} is not one of the tools" if name else "tools: none declared")

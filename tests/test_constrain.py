@@ -258,8 +258,8 @@ def test_declared_tools_are_checked_by_default(small, monkeypatch):
 
 
 def test_a_tool_schema_the_grammar_cannot_enforce_is_parsed_by_default(small, caplog):
-    """tool_choice omitted: the unenforceable keyword is logged and calls are parsed; "auto" said
-    explicitly: a ValueError naming the keyword."""
+    """tool_choice omitted: the unenforceable keyword (or a malformed schema) is logged and calls
+    are parsed; "auto" said explicitly: a ValueError naming the keyword (or the schema)."""
     model, processor = small
     tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "not": {}}}}]
     size = model.config.text.vocab_size
@@ -267,6 +267,11 @@ def test_a_tool_schema_the_grammar_cannot_enforce_is_parsed_by_default(small, ca
         assert make_constraint(processor, size, tools=tools) is None
     assert "'not'" in caplog.text
     with pytest.raises(ValueError, match="'not'"):
+        make_constraint(processor, size, tools=tools, tool_choice="auto")
+    malformed = {"type": "object", "properties": {"a": {"type": "string", "minLength": None}}}
+    tools = [{"type": "function", "function": {"name": "f", "parameters": malformed}}]
+    assert make_constraint(processor, size, tools=tools) is None
+    with pytest.raises(ValueError, match=r"tools\[0\].function.parameters: not a valid JSON schema"):
         make_constraint(processor, size, tools=tools, tool_choice="auto")
 
 

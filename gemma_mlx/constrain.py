@@ -30,6 +30,7 @@ from .text import Tokenizer
 
 EXTRA = "structured"
 _log = logging.getLogger(__name__)
+_warned: set[str] = set()
 _BYTE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 
@@ -544,7 +545,9 @@ def make_constraint(
         try:
             return make_constraint(processor, size, tools=tools, tool_choice="auto", thinking=thinking)
         except ValueError as e:
-            _log.warning("tool calls are parsed, not grammar-checked: %s", e)
+            if str(e) not in _warned:  # once per schema problem, not at every turn of a chat
+                _warned.add(str(e))
+                _log.warning("tool calls are parsed, not grammar-checked: %s", e)
             return None
     if tool_choice is None and answer is None:
         return None

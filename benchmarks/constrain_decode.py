@@ -7,7 +7,8 @@ varied): how many parse and validate with jsonschema, constrained and, for contr
 prompts unconstrained. Run on the offline 270M (default) or a random tiny model (`--tiny`).
 
     python benchmarks/constrain_decode.py overhead
-    python benchmarks/constrain_decode.py reliability --n 200 [--tiny]
+    python benchmarks/constrain_decode.py reliability --n 200 [--tiny] [--start N] [--contrast M]
+    python benchmarks/constrain_decode.py summary   # merges the 270M's reliability parts
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import re
 import statistics
 import sys
 import tempfile
@@ -122,9 +124,56 @@ def reliability(args) -> dict:
     return out
 
 
+def summary() -> dict:
+    """The reliability parts on the 270M (`constrain_reliability.json`, `..._fromN.json`), merged:
+    counts over every generation, and which generation numbers each kind covers."""
+    out: dict = {"model": None, "parts": []}
+    covered: dict[str, list[int]] = {"constrained": [], "unconstrained": []}
+    totals = {k: {"n": 0, "parsed": 0, "valid": 0, "cut_off": 0, "seconds": 0.0} for k in covered}
+    failures = []
+    for path in sorted(RESULTS.glob("constrain_reliability*.json")):
+        if not re.fullmatch(r"constrain_reliability(_from\d+)?\.json", path.name):
+            continue
+        part = json.loads(path.read_text())
+        start = part.get("start", 0)
+        out["model"] = out["model"] or part["model"]
+        if part["model"] != out["model"] or part["max_tokens"] != 64:
+            raise SystemExit(f"{path.name}: another model or max_tokens than the other parts")
+        for kind, count in (("constrained", part["n"]), ("unconstrained", part["contrast_n"])):
+            if not count:
+                continue
+            covered[kind] += range(start, start + count)
+            t = totals[kind]
+            t["n"] += count
+            for key in ("parsed", "valid", "cut_off", "seconds"):
+                t[key] += part[kind][key]
+            failures += [{"kind": kind, "file": path.name, **f} for f in part[kind]["failures"]]
+        out["parts"].append(
+            {"file": path.name, "start": start, "n": part["n"], "contrast_n": part["contrast_n"]}
+        )
+    for kind, idx in covered.items():
+        if len(idx) != len(set(idx)):
+            raise SystemExit(f"{kind}: a generation number is counted twice")
+        totals[kind]["numbers"] = _ranges(sorted(idx))
+        totals[kind]["seconds"] = round(totals[kind]["seconds"], 1)
+    out.update(totals, max_tokens=64, failures_shown=failures)
+    return out
+
+
+def _ranges(idx: list[int]) -> str:
+    """ "0-22, 30-39" from sorted numbers."""
+    runs, first = [], None
+    for i, k in enumerate(idx):
+        first = k if first is None else first
+        if i + 1 == len(idx) or idx[i + 1] != k + 1:
+            runs.append(f"{first}-{k}" if k != first else str(k))
+            first = None
+    return ", ".join(runs)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("what", choices=["overhead", "reliability"])
+    ap.add_argument("what", choices=["overhead", "reliability", "summary"])
     ap.add_argument("--tiny", action="store_true", help="a random tiny model instead of the 270M")
     ap.add_argument("--n", type=int, default=200)
     ap.add_argument("--contrast", type=int, default=None, help="unconstrained generations (default: --n)")
@@ -132,6 +181,11 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--max-tokens", type=int, default=None)
     args = ap.parse_args()
+    if args.what == "summary":
+        result = summary()
+        (RESULTS / "constrain_reliability_summary.json").write_text(json.dumps(result, indent=1) + "\n")
+        print(json.dumps({k: v for k, v in result.items() if k != "failures_shown"}, indent=1))
+        return
     args.max_tokens = args.max_tokens or (128 if args.what == "overhead" else 200)
     result = overhead(args) if args.what == "overhead" else reliability(args)
     result["machine"] = f"{platform.machine()} {platform.system()}, MLX CPU, shared 2-core box (loaded)"

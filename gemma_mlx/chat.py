@@ -47,7 +47,8 @@ class ChatSession:
     kv_bits: int | None = None  # quantized KV cache (8 or 4 bits)
     kv_group_size: int = 64
     response_format: Any = None  # every answer as JSON (see stream_generate); thoughts stay free
-    tool_choice: str | dict | None = None  # "auto"/"required"/a name/"none": calls checked by grammar
+    # "auto" (None: the same where it can be, see make_constraint)/"required"/a name/"none"
+    tool_choice: str | dict | None = None
 
     def __post_init__(self) -> None:
         self.pending: list[dict] = []

@@ -16,6 +16,7 @@ tool: the answer must start with a call; "none" or no tools: `<|tool_call>` is n
 from __future__ import annotations
 
 import json
+import logging
 import re
 import threading
 import weakref
@@ -28,6 +29,8 @@ import numpy as np
 from .text import Tokenizer
 
 EXTRA = "structured"
+_log = logging.getLogger(__name__)
+_warned: set[str] = set()
 _BYTE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 
@@ -43,6 +46,15 @@ def _llguidance() -> Any:
             f"structured outputs and constrained tool calls need llguidance: pip install 'gemma-mlx[{EXTRA}]'"
         ) from None
     return llguidance
+
+
+def available() -> bool:
+    """Whether the engine (the `structured` extra) is installed."""
+    try:
+        _llguidance()
+    except ConstraintUnavailable:
+        return False
+    return True
 
 
 def token_bytes(tokenizer: Tokenizer) -> tuple[list[bytes], list[int]]:
@@ -373,7 +385,11 @@ def tool_call_grammar(
             continue
         lark = _Lark(ids[QUOTE], params) if lark is None else lark
         lark.root = params
-        args = lark.value({"type": "object", **params}, f"tools[{i}].function.parameters")
+        where = f"tools[{i}].function.parameters"
+        try:
+            args = lark.value({"type": "object", **params}, where)
+        except (TypeError, AttributeError) as e:  # a malformed schema (a list where an object goes...)
+            raise ValueError(f"{where}: not a valid JSON schema ({e})") from None
         alts.append(f"{json.dumps(fn)} {args}")
     if not alts:
         raise ValueError(f"tool_choice: {name!r} is not one of the tools" if name else "tools: none declared")
@@ -517,12 +533,22 @@ def make_constraint(
     thinking: bool = False,
 ) -> Constraint | None:
     """The constraint of one request, None when there is nothing to enforce. `tool_choice`:
-    None (tools are not checked), "auto" (calls are checked), "required", a tool's name or
-    `{"type": "function", "function": {"name"}}` (the answer starts with a call), "none" (no
-    call can open; also what an explicit tool_choice without tools means)."""
+    "auto" (calls are checked), "required", a tool's name or `{"type": "function", "function":
+    {"name"}}` (the answer starts with a call), "none" (no call can open; also what an explicit
+    tool_choice without tools means), None: "auto" when tools are declared, except that without
+    the `structured` extra, or with a tool schema the grammar cannot enforce (logged), calls are
+    only parsed (the tolerant parser, declared names only) instead of raising."""
     answer = response_format_grammar(response_format) if response_format is not None else None
     if isinstance(tool_choice, Mapping):
         tool_choice = (tool_choice.get("function") or {}).get("name")
+    if tool_choice is None and tools and answer is None and available():
+        try:
+            return make_constraint(processor, size, tools=tools, tool_choice="auto", thinking=thinking)
+        except ValueError as e:
+            if str(e) not in _warned:  # once per schema problem, not at every turn of a chat
+                _warned.add(str(e))
+                _log.warning("tool calls are parsed, not grammar-checked: %s", e)
+            return None
     if tool_choice is None and answer is None:
         return None
     if tool_choice not in (None, "none", "auto", "required") and not isinstance(tool_choice, str):

@@ -136,10 +136,14 @@ def test_loop_asks_runs_gives_results_back_and_stops_at_the_limit(models, tmp_pa
         ("crash", "error", "error: crash failed: the MCP server 'weather' exited"),
     ],
 )
-def test_failures_become_tool_results(models, tmp_path, tool, status, text):
+def test_failures_become_tool_results(models, tmp_path, monkeypatch, tool, status, text):
     """A raising tool, a timeout, arguments failing the schema, and a server that
-    dies: each is the call's result (the model reads it) and a notice, never an exception."""
+    dies: each is the call's result (the model reads it) and a notice, never an exception.
+    Arguments that fail the schema: the call grammar (llguidance) never lets the model write them,
+    so this one runs without it, where the agent's own check is what catches them."""
     model, processor, _ = models(tool)
+    if tool == "strict":
+        monkeypatch.setitem(sys.modules, "llguidance", None)  # as if it were not installed
     with MCPTools([server()], timeout=1.0 if tool == "nap" else 30.0, log_dir=tmp_path) as tools:
         session = ChatSession(model, processor, max_tokens=16)
         agent = Agent(session, tools, max_tool_calls=1)
@@ -158,10 +162,12 @@ def test_failures_become_tool_results(models, tmp_path, tool, status, text):
             assert tools.call("get_weather", {"city": "Rome", "days": 1}).status == "ok"
 
 
-def test_a_call_of_an_undeclared_tool_is_never_run(models, tmp_path):
+def test_a_call_of_an_undeclared_tool_is_never_run(models, tmp_path, monkeypatch):
     """The model calls `missing`, which no server declares: the output parser keeps calls of
     undeclared names as text (as the server does), so nothing runs and no result is owed; a direct
-    call of that name is answered as unknown, never raised."""
+    call of that name is answered as unknown, never raised. (The call grammar, llguidance, never
+    lets the model write an undeclared name; this runs without it, where only the parser guards.)"""
+    monkeypatch.setitem(sys.modules, "llguidance", None)  # as if it were not installed
     model, processor, _ = models("missing")
     with MCPTools([server()], timeout=30.0, log_dir=tmp_path) as tools:
         session = ChatSession(model, processor, max_tokens=16)

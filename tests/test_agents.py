@@ -67,7 +67,6 @@ def thinking_server(tmp_path_factory):
     pieces = ["<|channel>", "thought\nHmm.", "<channel|>", "Sunny."]
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(tool_model, "PIECES", pieces)
-        mp.setattr(tool_model, "NEW_PIECES", [pieces[1], pieces[3]])
         mp.setattr(tool_model, "STOP", "<turn|>")
         tool_model.build_tool_model(path)
     model, processor = load(path)
@@ -781,7 +780,6 @@ def test_messages_thinking_budget_closes_the_thought_channel(tmp_path):
     pieces = ["<|channel>", "thought\nHmm.", " Let me think.", "<channel|>", "Sunny."]
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(tool_model, "PIECES", pieces)
-        mp.setattr(tool_model, "NEW_PIECES", [pieces[1], pieces[2], pieces[4]])
         mp.setattr(tool_model, "STOP", "<turn|>")
         tool_model.build_tool_model(tmp_path)
     model, processor = load(tmp_path)

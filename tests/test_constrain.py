@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import json
 import socket
+import sys
 import threading
 import time
 from pathlib import Path
@@ -221,7 +222,61 @@ def test_no_call_without_tools_or_with_none(small):
     assert r.tokens[0] == call_open and _calls(r)[0].name in ("get_weather", "add")
 
 
-def test_no_call_inside_the_thought(small):
+def _declared_and_valid(r, processor) -> int:
+    """The number of calls in `r`; each is a declared tool's, with arguments valid against its schema,
+    and every call that closed was parsed (none kept as text)."""
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+    calls = _calls(r)
+    assert len(calls) == r.tokens.count(processor.tokenizer.token_to_id("<tool_call|>")), r.text
+    for call in calls:
+        assert call.name in schemas, r.text
+        jsonschema.validate(call.arguments, schemas[call.name])
+    return len(calls)
+
+
+def test_declared_tools_are_checked_by_default(small, monkeypatch):
+    """Tools declared, no tool_choice: "auto". A bias makes <|tool_call> the random model's first
+    choice wherever it may open, so each answer is a run of calls: every one is a declared tool's
+    with valid arguments. Without llguidance the same requests are only parsed (no error): the
+    same model then opens call after call and never closes one, so no call comes back."""
+    model, processor = small
+    call_open = processor.tokenizer.token_to_id("<|tool_call>")
+    kw = {"tools": TOOLS, "max_tokens": 120, "temperature": 1.0, "logit_bias": {call_open: 100.0}}
+    messages = [{"role": "user", "content": "weather?"}]
+    assert make_constraint(processor, model.config.text.vocab_size, tools=TOOLS) is not None
+    for seed in range(4):
+        r = generate(model, processor, messages, seed=seed, **kw)
+        assert r.tokens[0] == call_open
+        assert _declared_and_valid(r, processor) >= 1
+    monkeypatch.setitem(sys.modules, "llguidance", None)  # as if it were not installed
+    assert make_constraint(processor, model.config.text.vocab_size, tools=TOOLS) is None
+    with pytest.raises(ImportError, match=r"gemma-mlx\[structured\]"):
+        make_constraint(processor, model.config.text.vocab_size, tools=TOOLS, tool_choice="required")
+    for seed in range(4):
+        r = generate(model, processor, messages, seed=seed, **kw)
+        assert r.tokens[0] == call_open and not _calls(r), r.text
+
+
+def test_a_tool_schema_the_grammar_cannot_enforce_is_parsed_by_default(small, caplog):
+    """tool_choice omitted: the unenforceable keyword (or a malformed schema) is logged and calls
+    are parsed; "auto" said explicitly: a ValueError naming the keyword (or the schema)."""
+    model, processor = small
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "not": {}}}}]
+    size = model.config.text.vocab_size
+    with caplog.at_level("WARNING", logger="gemma_mlx.constrain"):
+        assert make_constraint(processor, size, tools=tools) is None
+    assert "'not'" in caplog.text
+    with pytest.raises(ValueError, match="'not'"):
+        make_constraint(processor, size, tools=tools, tool_choice="auto")
+    malformed = {"type": "object", "properties": {"a": {"type": "string", "minLength": None}}}
+    tools = [{"type": "function", "function": {"name": "f", "parameters": malformed}}]
+    assert make_constraint(processor, size, tools=tools) is None
+    with pytest.raises(ValueError, match=r"tools\[0\].function.parameters: not a valid JSON schema"):
+        make_constraint(processor, size, tools=tools, tool_choice="auto")
+
+
+@pytest.mark.parametrize("tool_choice", ["auto", None])
+def test_no_call_inside_the_thought(small, tool_choice):
     model, processor = small
     tok = processor.tokenizer
     channel_open, call_open = tok.token_to_id("<|channel>"), tok.token_to_id("<|tool_call>")
@@ -231,7 +286,7 @@ def test_no_call_inside_the_thought(small):
         processor,
         [{"role": "user", "content": "hi"}],
         tools=TOOLS,
-        tool_choice="auto",
+        tool_choice=tool_choice,
         enable_thinking=True,
         max_tokens=12,
         temperature=1.0,
@@ -284,7 +339,8 @@ def test_tool_grammar_accepts_what_format_arguments_writes(small):
 
 
 def test_unconstrained_paths_ignore_the_constraint_module(small):
-    """Without a response format or tool_choice nothing is masked: same tokens as before."""
+    """Without a response format nothing is masked; with tools and no tool_choice ("auto") nothing
+    is masked until a call opens: the same tokens as without tools."""
     model, processor = small
     a = generate(model, processor, "x", max_tokens=12, temperature=1.0, seed=5)
     b = generate(model, processor, "x", max_tokens=12, temperature=1.0, seed=5, tools=TOOLS)
@@ -442,6 +498,28 @@ def test_server_tool_choice_and_refusals(served):
             tools=TOOLS,
             tool_choice={"type": "function", "function": {"name": "zz"}},
         )
+
+
+def test_server_checks_calls_when_tool_choice_is_omitted(served, small):
+    """Tools declared, no tool_choice: every call returned is a declared tool's with valid arguments
+    (a bias makes <|tool_call> the model's first choice wherever a call may open)."""
+    _, processor = small
+    call_open = processor.tokenizer.token_to_id("<|tool_call>")
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+    for seed in range(3):
+        r = served.client().chat.completions.create(
+            model="small",
+            messages=[{"role": "user", "content": "weather?"}],
+            tools=TOOLS,
+            logit_bias={str(call_open): 100},
+            max_tokens=120,
+            temperature=1.0,
+            seed=seed,
+        )
+        calls = r.choices[0].message.tool_calls
+        assert calls, (seed, r.choices[0])
+        for call in calls:
+            jsonschema.validate(json.loads(call.function.arguments), schemas[call.function.name])
 
 
 def test_server_logprobs_and_length(served):

@@ -609,8 +609,6 @@ def thinking_server(tmp_path_factory):
     pieces = ["<|channel>", "thought\nHmm.", "<channel|>", "Sunny."]
     with pytest.MonkeyPatch.context() as mp:  # build_tool_model reads these module globals
         mp.setattr(tool_model, "PIECES", pieces)
-        mp.setattr(tool_model, "NEW_PIECES", [pieces[1], pieces[3]])
-        mp.setattr(tool_model, "NEW_SPECIAL", [])
         mp.setattr(tool_model, "STOP", "<turn|>")
         tool_model.build_tool_model(path)
     model, processor = load(path)

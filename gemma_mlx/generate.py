@@ -322,9 +322,8 @@ class Batch:
         self.joining: list[Row] = []  # prefilling, first come first served
         self._merged: list[BatchCache] | None = None  # the decoding rows' caches, while several decode
         self._merged_rows: list[Row] = []
-        self._round: tuple[float, int, int] | None = (
-            None  # the last speculative round: start, drafts, accepted
-        )
+        # the last speculative round: its start, drafts and accepted drafts
+        self._round: tuple[float, int, int] | None = None
 
     def __len__(self) -> int:
         return len(self.rows) + len(self.joining)
@@ -439,9 +438,8 @@ class Batch:
         logits = out.logits[:, -1]
         mx.async_eval(logits)
         tokens = y.tolist()
-        result = []
+        result, one = [], len(rows) == 1
         for i, (row, new, token) in enumerate(zip(rows, generated, tokens, strict=True)):
-            one = len(rows) == 1
             row.logits = logits if one else logits[i : i + 1]
             row.hidden = out.hidden if one else out.hidden[i : i + 1]
             row.fresh = False

@@ -478,6 +478,13 @@ class Constraint:
             if matcher.is_stopped() and self.answer is None and token == self.ids[CALL_CLOSE]:
                 self.phase, self._matcher = "free", None  # a call closed: free text again
 
+    @property
+    def steady(self) -> bool:
+        """Whether the mask stays what `mask()` gives until the phase changes (free text or a
+        thought: nothing, or only `<|tool_call>`, forbidden), so that several tokens can be drawn
+        under it at once (a speculative round), up to the first that changes the phase."""
+        return not (self.phase == "grammar" or (self.phase == "start" and self._matcher is not None))
+
     def mask(self) -> mx.array | None:
         """The packed mask of the next token (int32 words, bit i = token i allowed), None: any."""
         phase = self.phase

@@ -267,7 +267,7 @@ class Row:
         self.cache = cache
         self.sample, self.constraint = _flag_non_finite(sample), constraint
         self.stats = stats if stats is not None else GenerationStats()
-        self.draft = draft and constraint is None  # may decode speculatively when alone
+        self.draft = draft  # may decode speculatively when alone (and its constraint is steady)
         self.token: mx.array | None = ids[-1:]  # the next token to feed, when it is already chosen
         self.fresh = True  # `token` is the prompt's last: fed, but not a generated token
         self.logits: mx.array | None = None  # of the last fed token: the next token is drawn from them
@@ -368,7 +368,8 @@ class Batch:
             return out
         row = self.rows[0]
         if len(self.rows) == 1 and self.drafter is not None and row.draft and row.hidden is not None:
-            return out + self._speculate(row)
+            if row.constraint is None or row.constraint.steady:
+                return out + self._speculate(row)
         self._round = None
         return out + self._step()
 
@@ -467,9 +468,10 @@ class Batch:
         self._round = (now, 0, 0)
         if k == 0 or row.force is not None:
             return self._step()
-        cache = row.cache
+        cache, mask = row.cache, None if row.constraint is None else row.constraint.mask()
+        masked = {} if mask is None else {"mask": mask}  # the mask of every position of the round
         if row.token is None:
-            t0, number = row.sample(row.logits, row.number), row.number
+            t0, number = row.sample(row.logits, row.number, **masked), row.number
             row.number += 1
         else:
             t0, number, row.token = row.token, row.number - 1, None
@@ -480,7 +482,7 @@ class Batch:
             [t0.reshape(1, 1), self.drafter.draft(self.model, cache, first, row.hidden, k)], axis=1
         )
         out = self.model.forward(block, cache)
-        targets = row.sample(out.logits[0], number + 1)
+        targets = row.sample(out.logits[0], number + 1, **masked)
         mx.eval(block, targets)
         proposed, chosen = block[0, 1:].tolist(), targets.tolist()
         n = 0
@@ -488,12 +490,31 @@ class Batch:
             n += 1
         row.stats.drafted += k
         row.stats.accepted += n
+        tokens, kept, changed = [first, *proposed[:n]], n + 1, False
+        if row.constraint is not None:
+            kept, changed = self._constrained(row, tokens)
         for c in cache:
-            c.trim(k - n)
-        row.token, row.hidden, row.logits = targets[n : n + 1], out.hidden[:, n : n + 1], None
-        row.number = number + n + 2
+            c.trim(k + 1 - kept)
+        if not changed:  # the target's token after the accepted drafts is the row's next
+            row.token, row.hidden, row.logits = targets[n : n + 1], out.hidden[:, n : n + 1], None
+            row.number = number + n + 2
+        else:  # the constraint's phase changed at token `kept - 1`: the next is drawn under its new mask
+            row.token, row.hidden = None, out.hidden[:, kept - 1 : kept]
+            row.logits, row.number = out.logits[:, kept - 1], number + kept
         self._round = (now, k, n)
-        return [(row, [first, *proposed[:n]])]
+        return [(row, tokens[:kept])]
+
+    @staticmethod
+    def _constrained(row: Row, tokens: list[int]) -> tuple[int, bool]:
+        """Advance `row`'s constraint with a round's tokens, all drawn under one mask (free text or a
+        thought) -> (how many to keep, whether its phase changed): up to the first token that
+        changes the phase (a call or thought opens, a thought closes), after which the mask differs."""
+        phase = row.constraint.phase
+        for i, token in enumerate(tokens):
+            row.constraint.advance(token)
+            if row.constraint.phase != phase:
+                return i + 1, True
+        return len(tokens), False
 
 
 def generate_tokens(
@@ -515,7 +536,7 @@ def generate_tokens(
     but the last are prefilled, then decoding starts from the last: a `Batch` of this one row.
     With a `drafter`, decoding is speculative (`stats` counts drafted/accepted tokens), with
     rounds of at most `draft_block_size` tokens (see `Batch`). A `constraint` masks every token
-    (see `gemma_mlx.constrain`); decoding is then plain (no drafting). A token chosen from a NaN or
+    (see `gemma_mlx.constrain`; drafting only where its mask is steady). A token chosen from a NaN or
     infinite logit raises `NonFiniteLogitsError` (checked with each token, without another host sync)."""
     batch = Batch(
         model,
@@ -733,8 +754,8 @@ def prepare_request(
     finish_reason "length" and may be incomplete JSON. Penalties and `logit_bias` as in
     `SamplingParams`; `logprobs` (0 or the number of alternatives) fills each chunk's `logprob`.
     The repetition penalty counts the prompt's tokens and `context_ids` (what a continued cache
-    holds). Constrained, penalized or logprob requests decode without drafting.
-    """
+    holds). Penalized or logprob requests decode without drafting, constrained ones only
+    draft while their mask is steady (free text, a thought; see `Batch._speculate`)."""
     sampling = SamplingParams(
         temperature,
         top_k,

@@ -622,3 +622,46 @@ def test_generate_and_chat_session_with_tools(tool_model):
     assert fresh.text == answer
     with pytest.raises(ValueError, match="tool results need an answer with tool calls"):
         ChatSession(model, processor, tools=[TOOL]).send_tool_results([{"name": CALL_NAME, "content": "x"}])
+
+
+@pytest.mark.parametrize("wrong", [0, 3])
+@pytest.mark.parametrize("name", ["get_weather", "get_time"])
+def test_tool_requests_draft_in_free_text_and_equal_plain_decoding(tool_model, wrong, name):
+    """Tools declared (tool_choice omitted: the `auto` grammar): a speculative round drawn under the
+    free-text mask ends at `<|tool_call>`, the call decodes plainly under the grammar, and the
+    output is plain decoding's; the drafter is an oracle (3: every third draft wrong). Declared as
+    `get_time`, the grammar overrules the model's `get_weather` two tokens into the call, so a
+    round that ran on into the call unmasked would differ."""
+    pytest.importorskip("llguidance")
+    import copy
+
+    from tiny import Oracle
+    from tool_model import TOOL
+
+    TOOL = copy.deepcopy(TOOL)
+    TOOL["function"]["name"] = name
+
+    from gemma_mlx import generate, load, make_cache
+    from gemma_mlx.draft_control import DraftControl
+
+    path, _ = tool_model
+    model, processor = load(path)
+    messages = [{"role": "user", "content": "Weather in Paris?"}]
+    plain = generate(model, processor, messages, tools=[TOOL], max_tokens=40)
+    assert plain.tool_calls  # the scripted model calls the tool
+    sequence = list(processor.prepare(messages, tools=[TOOL]).ids) + plain.tokens
+    spec = generate(
+        model,
+        processor,
+        messages,
+        tools=[TOOL],
+        max_tokens=40,
+        drafter=Oracle(sequence, model.config.text.vocab_size, wrong=wrong),
+        draft_control=DraftControl(3, cost=lambda k: 1.0 + 0.1 * k),  # drafting pays, whatever the clock
+        cache=make_cache(model, slack=8),
+    )
+    assert spec.tokens == plain.tokens
+    assert [(c.name, c.arguments) for c in spec.tool_calls] == [
+        (c.name, c.arguments) for c in plain.tool_calls
+    ]
+    assert spec.stats.drafted > 0

@@ -1,6 +1,7 @@
 """Decode throughput of the generation core against the number of rows it decodes together.
 
-    python benchmarks/batch_decode.py [--tiny] [--rows 1,2,4,8] [--tokens 32] [--kv-bits 8]
+    python benchmarks/batch_decode.py [--tiny | --model DIR] [--rows 1,2,4,8] [--tokens 32] [--kv-bits 8]
+        [--peer]
 
 For each batch size B: B different prompts are prefilled (not timed), then B rows decode
 `--tokens` tokens each in one `Batch`; aggregate generated tok/s = B x tokens / decode time, and
@@ -29,7 +30,9 @@ from gemma_mlx.generate import Batch, make_cache, prepare_request
 WORDS = "alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november".split()
 
 
-def model_and_name(tiny: bool):
+def model_and_name(tiny: bool, path: Path | None = None):
+    if path is not None:
+        return load(path), str(path)
     if tiny:
         sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
         from tiny import save_checkpoint
@@ -95,13 +98,14 @@ def measure_peer(path: Path, rows: int, tokens: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--model", type=Path, default=None, help="a checkpoint (default: the offline 270M)")
     ap.add_argument("--rows", default="1,2,4,8")
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--kv-bits", type=int, default=None)
     ap.add_argument("--peer", action="store_true", help="also mlx-lm's BatchGenerator (270M)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
-    (model, processor), name = model_and_name(args.tiny)
+    (model, processor), name = model_and_name(args.tiny, args.model)
     measure(model, processor, 2, 4, args.kv_bits)  # warm up
     results, peer = [], []
     for b in args.rows.split(","):
@@ -109,7 +113,7 @@ def main() -> None:
         if args.peer:
             from gemma_mlx.convert.default_model import default_model_path
 
-            peer.append(measure_peer(default_model_path(), int(b), args.tokens))
+            peer.append(measure_peer(args.model or default_model_path(), int(b), args.tokens))
             print(results[-1], peer[-1], flush=True)
     base = results[0]["tok_s"]
     report = {

@@ -8,7 +8,8 @@
 # already), environment, build the random Gemma-4-shaped 4-bit model and drafter
 # (benchmarks/gemma4_shaped.py), `gemma-mlx bench --json` on the 270M default and on the
 # Gemma-4-shaped model (plain and with the drafter), the peer comparison
-# (benchmarks/compare_peers.py) and the verify cost (benchmarks/verify_cost.py). Each step has its
+# (benchmarks/compare_peers.py), the verify cost (benchmarks/verify_cost.py) and batched decode
+# steps against mlx-lm's (benchmarks/batch_decode.py). Each step has its
 # own time limit; a failing step is recorded (exit status, seconds, log tail) and the suite goes
 # on. Everything lands in $OUT/benchmarks/results/device/ when $OUT is set (the device tool
 # returns files from $OUT), else in benchmarks/results/device/; suite.json sums it up.
@@ -37,12 +38,14 @@ if [ "$QUICK" = 1 ]; then
   PEERS=(--rounds 1 --prompt-tokens 8 --generation-tokens 4 --g4-prompt-tokens 8
     --g4-generation-tokens 4 --g4-layers 2 --g4-vocab 2048 --g4-hidden 256)
   VERIFY=(--depths 0 --sizes 1,2 --passes 1)
+  BATCH=(--tiny --rows 1,2 --tokens 4)
 else
   G4=(--layers "${G4_LAYERS:-6}" --vocab "${G4_VOCAB:-262144}")
   BENCH=(-p 128,512,2048 -g 64 -n 3 -d 0,1024,4096)
   PEERS=(--rounds 5 --prompt-tokens 512 --generation-tokens 64 --g4-prompt-tokens 512
     --g4-generation-tokens 64 --g4-layers "${G4_LAYERS:-6}" --g4-vocab "${G4_VOCAB:-262144}")
   VERIFY=(--depths 0,1024,4096 --sizes 1,2,4,8 --passes 5)
+  BATCH=(--rows 1,2,4,8 --tokens 32 --peer)
 fi
 
 # step NAME SECONDS CMD...: run CMD with a time limit, its output in NAME.log; never stops the suite
@@ -131,6 +134,12 @@ json_step bench_gemma4_shaped_mtp 60 bench_gemma4_shaped_mtp.json \
 step compare_peers 180 "$PY" benchmarks/compare_peers.py ${M270:+--model "$M270"} --g4-dir "$WORK/g4" "${PEERS[@]}" \
   --out "$RESULTS/peers"
 step verify_cost 45 "$PY" benchmarks/verify_cost.py --model "$WORK/g4/target" "${VERIFY[@]}"
+# decode steps of 1-8 rows in one batch (issue 23), against mlx-lm's BatchGenerator on the 270M
+if [ "$QUICK" = 1 ]; then
+  step batch_decode 60 "$PY" benchmarks/batch_decode.py "${BATCH[@]}" --out "$RESULTS/batch_decode.json"
+elif [ -n "$M270" ]; then
+  step batch_decode 60 "$PY" benchmarks/batch_decode.py "${BATCH[@]}" --model "$M270" --out "$RESULTS/batch_decode.json"
+fi
 
 "$PY" - "$RESULTS" <<'EOF'
 import json, sys

@@ -85,10 +85,6 @@ class PromptKey:
                 return s
         return n
 
-    def media_after(self, inputs: Inputs, n: int) -> dict:
-        """The model's media keyword arguments for the blocks at or after position `n`."""
-        return self.rest_of(inputs, n).model_kwargs()
-
     def rest_of(self, inputs: Inputs, n: int) -> Inputs:
         """`inputs` from position `n` on: its tokens and the media of the blocks there."""
         first = {"image": None, "audio": None, "video": None}

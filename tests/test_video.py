@@ -462,8 +462,8 @@ def test_generate_with_a_video_part(tiny, tmp_path):
     key = PromptKey.of(inputs, model.config.image_token_id, model.config.audio_token_id, vid)
     frames = [b for b in key.blocks if b[2] == "video"]
     assert [b[3] for b in frames] == [0, 1, 2] and len({int(key.tokens[b[0]]) for b in frames}) == 3
-    rest = key.media_after(inputs, frames[1][0])  # a cached prefix ending before the second frame
-    assert rest["pixel_values_videos"].shape[0] == 2
+    rest = key.rest_of(inputs, frames[1][0])  # a cached prefix ending before the second frame
+    assert rest.model_kwargs()["pixel_values_videos"].shape[0] == 2
     with pytest.raises(
         MediaError, match=r"v.mp4: 3 frames of \d+ soft tokens need \d+ tokens, .* room for 100"
     ):

@@ -398,10 +398,6 @@ class BatchKVCache:
         """Every row's position of its next token (what RoPE takes)."""
         return mx.array(self.offsets, dtype=mx.int32)
 
-    def _size_after(self) -> int:
-        size = 0 if self.keys is None else self.keys.shape[2]
-        return size if max(self.offsets) < size else size + self.step
-
     def mask(self, window: int | None) -> mx.array:
         """`[B, 1, 1, K]`: each row's query sees its own keys up to its position (K: the longest
         row's keys, which is all `update_and_fetch` returns)."""
@@ -410,13 +406,13 @@ class BatchKVCache:
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[KV, KV]:
         keys, values = _encode(keys, self.quant), _encode(values, self.quant)
-        size = self._size_after()
+        slots, held = self.offset, max(self.offsets) + 1
         if self.keys is None:
+            size = -(-held // self.step) * self.step
             self.keys, self.values = _empty(keys, size), _empty(values, size)
-        elif size > self.keys.shape[2]:
+        elif held > self.keys.shape[2]:
             self.keys = _concat(self.keys, _empty(self.keys, self.step))
             self.values = _concat(self.values, _empty(self.values, self.step))
-        slots, held = self.offset, max(self.offsets) + 1
         self.keys, self.values = _scatter(self.keys, slots, keys), _scatter(self.values, slots, values)
         self.offsets = [o + 1 for o in self.offsets]
         return _slots(self.keys, 0, held), _slots(self.values, 0, held)
